@@ -1,0 +1,173 @@
+#!/usr/bin/env bash
+# softhsm-setup.sh [DIR]: a private SoftHSM token with the demo seals, and a daemon
+# configuration that uses it. DIR defaults to ./.demo.
+#
+# Idempotent: every step checks whether its result is already there; a second run changes
+# nothing. It makes, under DIR:
+#   softhsm2.conf   a private SoftHSM configuration (export SOFTHSM2_CONF=DIR/softhsm2.conf)
+#   tokens/         the token "sealgate-demo"
+#   user.pin        the token's user PIN (mode 0600); so.pin, its security officer PIN
+#   ca/             a demo certificate authority and the seals' certificates
+#   sealgate.toml   the daemon's configuration
+# The token holds three seals, each a key pair whose private half is sensitive and
+# non-extractable, with an X.509 certificate from the demo CA:
+#   contract-seal   ECDSA P-256  (合同专用章, contract seal)
+#   finance-seal    Ed25519      (财务专用章, finance seal)
+#   official-seal   RSA-2048     (公章, official seal)
+set -euo pipefail
+
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+dir=${1:-./.demo}
+mkdir -p "$dir"
+dir=$(cd "$dir" && pwd)
+label=sealgate-demo
+
+say() { printf 'softhsm-setup: %s\n' "$*"; }
+
+# --- packages ---------------------------------------------------------------------------------
+need=()
+command -v softhsm2-util >/dev/null || need+=(softhsm2)
+command -v pkcs11-tool >/dev/null || need+=(opensc)
+command -v openssl >/dev/null || need+=(openssl)
+if [ ${#need[@]} -gt 0 ]; then
+  say "installing ${need[*]} with apt-get"
+  sudo=""
+  [ "$(id -u)" -eq 0 ] || sudo=sudo
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+
+module=""
+for m in /usr/lib/softhsm/libsofthsm2.so /usr/lib/x86_64-linux-gnu/softhsm/libsofthsm2.so \
+         /usr/lib/aarch64-linux-gnu/softhsm/libsofthsm2.so; do
+  if [ -e "$m" ]; then module=$m; break; fi
+done
+[ -n "$module" ] || { say "no libsofthsm2.so found"; exit 1; }
+
+# --- private SoftHSM configuration and PINs ---------------------------------------------------
+umask 077
+mkdir -p "$dir/tokens" "$dir/ca"
+if [ ! -f "$dir/softhsm2.conf" ]; then
+  cat >"$dir/softhsm2.conf" <<EOF
+directories.tokendir = $dir/tokens
+objectstore.backend = file
+log.level = ERROR
+slots.removable = false
+EOF
+fi
+export SOFTHSM2_CONF="$dir/softhsm2.conf"
+
+new_pin() { od -An -N4 -tu4 /dev/urandom | tr -d ' \n' | cut -c1-8; }
+[ -s "$dir/user.pin" ] || { new_pin >"$dir/user.pin"; echo >>"$dir/user.pin"; }
+[ -s "$dir/so.pin" ] || { new_pin >"$dir/so.pin"; echo >>"$dir/so.pin"; }
+pin=$(head -n1 "$dir/user.pin")
+so_pin=$(head -n1 "$dir/so.pin")
+
+# --- token ------------------------------------------------------------------------------------
+if ! softhsm2-util --show-slots 2>/dev/null | grep -q "Label: *$label *\$"; then
+  say "creating token $label"
+  softhsm2-util --init-token --free --label "$label" --pin "$pin" --so-pin "$so_pin" >/dev/null
+fi
+
+p11() { pkcs11-tool --module "$module" --token-label "$label" --login --pin "$pin" "$@"; }
+
+has_object() { # TYPE LABEL
+  p11 --list-objects --type "$1" 2>/dev/null | grep -q "label: *$2\$"
+}
+
+# --- demo certificate authority ---------------------------------------------------------------
+if [ ! -f "$dir/ca/ca.crt" ]; then
+  say "creating the demo certificate authority"
+  openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256 -out "$dir/ca/ca.key" 2>/dev/null
+  openssl req -new -x509 -key "$dir/ca/ca.key" -days 3650 -subj "/O=sealgate demo/CN=sealgate demo CA" \
+    -out "$dir/ca/ca.crt"
+fi
+
+# --- seals ------------------------------------------------------------------------------------
+seal() { # LABEL ID KEYTYPE COMMON-NAME
+  local name=$1 id=$2 type=$3 cn=$4
+  if ! has_object privkey "$name"; then
+    say "generating $name ($type) inside the token"
+    p11 --keypairgen --key-type "$type" --label "$name" --id "$id" --usage-sign >/dev/null
+  fi
+  if ! has_object cert "$name"; then
+    say "certifying $name with the demo CA"
+    local pub="$dir/ca/$name.pub"
+    pkcs11-tool --module "$module" --token-label "$label" --read-object --type pubkey \
+      --id "$id" -o "$pub.raw" >/dev/null
+    # pkcs11-tool writes some key types as PEM and others as DER.
+    openssl pkey -pubin -in "$pub.raw" -out "$pub.pem" 2>/dev/null ||
+      openssl pkey -pubin -inform DER -in "$pub.raw" -out "$pub.pem"
+    openssl req -new -key "$dir/ca/ca.key" -subj "/O=sealgate demo/CN=$cn" -out "$dir/ca/$name.csr"
+    printf 'keyUsage=critical,digitalSignature,nonRepudiation\nbasicConstraints=critical,CA:FALSE\n' \
+      >"$dir/ca/$name.ext"
+    openssl x509 -req -in "$dir/ca/$name.csr" -CA "$dir/ca/ca.crt" -CAkey "$dir/ca/ca.key" \
+      -CAcreateserial -force_pubkey "$pub.pem" -days 3650 -extfile "$dir/ca/$name.ext" \
+      -out "$dir/ca/$name.crt" 2>/dev/null
+    openssl x509 -in "$dir/ca/$name.crt" -outform DER -out "$dir/ca/$name.crt.der"
+    p11 --write-object "$dir/ca/$name.crt.der" --type cert --id "$id" --label "$name" >/dev/null
+    rm -f "$pub.raw" "$dir/ca/$name.csr" "$dir/ca/$name.ext"
+  fi
+}
+seal contract-seal 01 EC:prime256v1 "contract seal"
+seal finance-seal 02 EC:edwards25519 "finance seal"
+seal official-seal 03 rsa:2048 "official seal"
+
+# --- daemon configuration ---------------------------------------------------------------------
+if [ ! -f "$dir/sealgate.toml" ]; then
+  uid=$(id -u)
+  root_line="allow_root = false"
+  if [ "$uid" -eq 0 ]; then
+    root_line="allow_root = true   # set up as root for the demo; run as a dedicated user in production"
+  fi
+  cat >"$dir/sealgate.toml" <<EOF
+# sealgate demo configuration, written by softhsm-setup.sh.
+[daemon]
+socket = "$dir/sealgated.sock"
+profiles_dir = "$here/device-profiles"
+max_frame_bytes = 1048576
+max_connections = 64
+request_timeout_ms = 5000
+$root_line
+
+# The user who ran the set-up may use every demo seal.
+[[caller]]
+name = "demo-office-app"
+uids = [$uid]
+seals = ["contract", "finance", "official"]
+
+[[device]]
+id = "demo-hsm"
+profile = "softhsm2"
+token_label = "$label"
+pin_file = "$dir/user.pin"
+
+[[seal]]
+id = "contract"
+name = "合同专用章 (contract seal)"
+device = "demo-hsm"
+key_label = "contract-seal"
+algorithm = "ecdsa-p256-sha256"
+
+[[seal]]
+id = "finance"
+name = "财务专用章 (finance seal)"
+device = "demo-hsm"
+key_label = "finance-seal"
+algorithm = "ed25519"
+
+[[seal]]
+id = "official"
+name = "公章 (official seal)"
+device = "demo-hsm"
+key_label = "official-seal"
+algorithm = "rsa-pss-sha256"
+EOF
+fi
+
+say "ready in $dir"
+cat <<EOF
+Start the daemon:
+  SOFTHSM2_CONF=$dir/softhsm2.conf cargo run --release --bin sealgated -- --config $dir/sealgate.toml
+Its socket: $dir/sealgated.sock   (for sealctl: export SEALGATE_SOCKET=$dir/sealgated.sock)
+EOF

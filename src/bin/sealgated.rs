@@ -1,0 +1,125 @@
+//! sealgated: args → config → logging → devices → socket → serve until SIGTERM.
+//!
+//! Start-up is all or nothing: any problem (config, module, token, PIN, key, socket) ends the
+//! process with one line on stderr naming it and a non-zero exit, before the socket exists.
+
+use anyhow::{bail, Context};
+use clap::Parser;
+use sealgate::config::Config;
+use sealgate::device::{Health, Registry};
+use sealgate::server::{self, Limits, Listener};
+use sealgate::service::Service;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+#[derive(Parser)]
+#[command(name = "sealgated", version, about = "The sealgate daemon")]
+struct Args {
+    /// Configuration file.
+    #[arg(
+        long,
+        env = "SEALGATE_CONFIG",
+        default_value = "/etc/sealgate/sealgate.toml"
+    )]
+    config: PathBuf,
+    /// Check the configuration and open every device, then exit.
+    #[arg(long)]
+    check: bool,
+}
+
+fn main() {
+    let args = Args::parse();
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("SEALGATE_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    if let Err(e) = run(args) {
+        eprintln!("sealgated: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(args: Args) -> anyhow::Result<()> {
+    let config = Config::load(&args.config)?;
+    if nix::unistd::geteuid().is_root() && !config.daemon.allow_root {
+        bail!(
+            "refusing to run as root; run as a dedicated user, or set daemon.allow_root = true in {}",
+            args.config.display()
+        );
+    }
+    let registry = Registry::open(&config)?;
+    if args.check {
+        println!(
+            "configuration {} is valid; {} device(s) and {} seal(s) ready",
+            args.config.display(),
+            registry.devices.len(),
+            registry.seals.len()
+        );
+        return Ok(());
+    }
+    let limits = Limits {
+        max_frame: config.daemon.max_frame_bytes,
+        max_connections: config.daemon.max_connections,
+        request_timeout: Duration::from_millis(config.daemon.request_timeout_ms),
+    };
+    let service = Arc::new(Service::new(&config, registry));
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(async move {
+        let listener = match Listener::from_systemd()? {
+            Some(l) => {
+                tracing::info!("using the socket passed by systemd");
+                l
+            }
+            None => Listener::bind(&config.daemon.socket, config.daemon.socket_group.as_deref())?,
+        };
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .context("cannot watch SIGTERM")?;
+        let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
+            .context("cannot watch SIGINT")?;
+        tokio::spawn(watch_devices(service.clone()));
+        tracing::info!(
+            socket = %config.daemon.socket.display(),
+            seals = config.seals.len(),
+            "sealgated ready"
+        );
+        let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
+        let shutdown = async move {
+            tokio::select! {
+                _ = term.recv() => tracing::info!("SIGTERM received"),
+                _ = int.recv() => tracing::info!("SIGINT received"),
+            }
+            let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
+        };
+        server::run(listener.listener, service, limits, shutdown).await;
+        if let Some(path) = listener.owned_path {
+            let _ = std::fs::remove_file(path);
+        }
+        tracing::info!("sealgated stopped");
+        Ok::<(), anyhow::Error>(())
+    })?;
+    // Devices close (sessions, logout, C_Finalize) when the service is dropped with the runtime.
+    Ok(())
+}
+
+/// Tries to bring back unavailable devices, so that their status clears without waiting for a
+/// stamp to ask.
+async fn watch_devices(service: Arc<Service>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tick.tick().await;
+        for device in service.devices() {
+            if device.health() != Health::Ready {
+                let device = device.clone();
+                let _ = tokio::task::spawn_blocking(move || device.recover()).await;
+            }
+        }
+    }
+}

@@ -1,0 +1,388 @@
+//! The daemon's configuration: one TOML file, read once at start-up, checked whole.
+//!
+//! Owns: parsing (`deny_unknown_fields` everywhere, so a misspelt key is an error, not a silent
+//! default), cross-checks between sections (every seal names a known device, every caller names
+//! known seals), and reading PINs from files or systemd credentials.
+//! Never: logs or formats a PIN; a PIN lives in a [`Pin`], wiped on drop.
+
+use serde::Deserialize;
+use std::collections::{BTreeMap, HashSet};
+use std::path::{Path, PathBuf};
+use zeroize::Zeroizing;
+
+/// Everything that can be wrong with a configuration, each naming the file or key at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path} is not a valid configuration: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("{0}")]
+    Invalid(String),
+    #[error("cannot read the PIN for device {device}: {detail}")]
+    Pin { device: String, detail: String },
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub daemon: DaemonConfig,
+    #[serde(default, rename = "caller")]
+    pub callers: Vec<CallerConfig>,
+    #[serde(default, rename = "device")]
+    pub devices: Vec<DeviceConfig>,
+    #[serde(default, rename = "seal")]
+    pub seals: Vec<SealConfig>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DaemonConfig {
+    /// Path of the Unix socket to create (ignored when systemd hands over a socket).
+    pub socket: PathBuf,
+    /// Group that owns the socket; its members may connect (mode 0660).
+    #[serde(default)]
+    pub socket_group: Option<String>,
+    /// Largest frame accepted, in bytes.
+    #[serde(default = "default_max_frame")]
+    pub max_frame_bytes: usize,
+    /// Connections served at once; further ones are told BUSY and closed.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+    /// Time allowed for a whole request to arrive, and for it to be carried out.
+    #[serde(default = "default_request_timeout")]
+    pub request_timeout_ms: u64,
+    /// Directory holding the device profiles; relative paths are taken from the config's folder.
+    pub profiles_dir: PathBuf,
+    /// Running as root is refused unless this is true.
+    #[serde(default)]
+    pub allow_root: bool,
+}
+
+fn default_max_frame() -> usize {
+    1024 * 1024
+}
+fn default_max_connections() -> usize {
+    64
+}
+fn default_request_timeout() -> u64 {
+    5000
+}
+
+/// A named caller, recognised by the uid or gid of the connecting process.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CallerConfig {
+    pub name: String,
+    #[serde(default)]
+    pub uids: Vec<u32>,
+    #[serde(default)]
+    pub gids: Vec<u32>,
+    /// Seal ids this caller may list, describe and stamp with.
+    #[serde(default)]
+    pub seals: Vec<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeviceConfig {
+    pub id: String,
+    /// Name of a profile in `profiles_dir` (file name without `.toml`).
+    pub profile: String,
+    /// PKCS#11: the module to load instead of the profile's.
+    #[serde(default)]
+    pub module: Option<PathBuf>,
+    /// PKCS#11: the token, by label or by serial number (at least one).
+    #[serde(default)]
+    pub token_label: Option<String>,
+    #[serde(default)]
+    pub token_serial: Option<String>,
+    /// The user PIN, from a file...
+    #[serde(default)]
+    pub pin_file: Option<PathBuf>,
+    /// ...or from a systemd credential of this name (`$CREDENTIALS_DIRECTORY/NAME`).
+    #[serde(default)]
+    pub pin_credential: Option<String>,
+    /// Sessions opened on the token, i.e. signatures in flight at once.
+    #[serde(default)]
+    pub sessions: Option<usize>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SealConfig {
+    pub id: String,
+    /// Display name, e.g. "合同专用章".
+    #[serde(default)]
+    pub name: String,
+    pub device: String,
+    /// The key, by label or by id (hex); at least one.
+    #[serde(default)]
+    pub key_label: Option<String>,
+    #[serde(default)]
+    pub key_id: Option<String>,
+    /// ecdsa-p256-sha256 | ed25519 | rsa-pss-sha256 | rsa-pkcs1-sha256
+    pub algorithm: String,
+}
+
+impl Config {
+    /// Reads and checks a configuration file. Relative paths inside it are resolved against the
+    /// file's folder.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        let mut config: Config = toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: path.to_owned(),
+            message: e.message().to_owned() + &location(&text, e.span()),
+        })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        config.resolve_paths(base);
+        config.check()?;
+        Ok(config)
+    }
+
+    fn resolve_paths(&mut self, base: &Path) {
+        let fix = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        };
+        fix(&mut self.daemon.socket);
+        fix(&mut self.daemon.profiles_dir);
+        for d in &mut self.devices {
+            if let Some(p) = d.pin_file.as_mut() {
+                fix(p);
+            }
+        }
+    }
+
+    fn check(&self) -> Result<(), ConfigError> {
+        let invalid = |m: String| Err(ConfigError::Invalid(m));
+        if self.daemon.max_frame_bytes < 64 || self.daemon.max_frame_bytes > 64 * 1024 * 1024 {
+            return invalid("daemon.max_frame_bytes must be between 64 and 67108864".into());
+        }
+        if self.daemon.max_connections == 0 {
+            return invalid("daemon.max_connections must be at least 1".into());
+        }
+        if self.daemon.request_timeout_ms == 0 {
+            return invalid("daemon.request_timeout_ms must be at least 1".into());
+        }
+        let mut devices = HashSet::new();
+        for d in &self.devices {
+            if !devices.insert(d.id.as_str()) {
+                return invalid(format!("device {:?} is defined twice", d.id));
+            }
+            if d.pin_file.is_some() == d.pin_credential.is_some() {
+                return invalid(format!(
+                    "device {:?} needs exactly one of pin_file and pin_credential",
+                    d.id
+                ));
+            }
+            if d.sessions == Some(0) {
+                return invalid(format!("device {:?}: sessions must be at least 1", d.id));
+            }
+        }
+        let mut seals = HashSet::new();
+        for s in &self.seals {
+            if !seals.insert(s.id.as_str()) {
+                return invalid(format!("seal {:?} is defined twice", s.id));
+            }
+            if !devices.contains(s.device.as_str()) {
+                return invalid(format!(
+                    "seal {:?} names device {:?}, which is not configured",
+                    s.id, s.device
+                ));
+            }
+            if s.key_label.is_none() && s.key_id.is_none() {
+                return invalid(format!("seal {:?} needs key_label or key_id", s.id));
+            }
+            if let Some(id) = &s.key_id {
+                if hex::decode(id).is_err() {
+                    return invalid(format!("seal {:?}: key_id {:?} is not hex", s.id, id));
+                }
+            }
+        }
+        let mut callers = HashSet::new();
+        for c in &self.callers {
+            if !callers.insert(c.name.as_str()) {
+                return invalid(format!("caller {:?} is defined twice", c.name));
+            }
+            if c.uids.is_empty() && c.gids.is_empty() {
+                return invalid(format!("caller {:?} names no uid and no gid", c.name));
+            }
+            for s in &c.seals {
+                if !seals.contains(s.as_str()) {
+                    return invalid(format!(
+                        "caller {:?} names seal {:?}, which is not configured",
+                        c.name, s
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Seals grouped by the device that holds them, in configuration order.
+    pub fn seals_by_device(&self) -> BTreeMap<&str, Vec<&SealConfig>> {
+        let mut map: BTreeMap<&str, Vec<&SealConfig>> = BTreeMap::new();
+        for s in &self.seals {
+            map.entry(s.device.as_str()).or_default().push(s);
+        }
+        map
+    }
+}
+
+fn location(text: &str, span: Option<std::ops::Range<usize>>) -> String {
+    match span {
+        Some(span) => {
+            let line = text[..span.start.min(text.len())].matches('\n').count() + 1;
+            format!(" (line {line})")
+        }
+        None => String::new(),
+    }
+}
+
+/// A PIN, wiped from memory when dropped; its `Debug` shows nothing of it.
+pub struct Pin(Zeroizing<String>);
+
+impl Pin {
+    pub fn new(value: String) -> Pin {
+        Pin(Zeroizing::new(value))
+    }
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Pin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Pin(<redacted>)")
+    }
+}
+
+impl DeviceConfig {
+    /// Reads this device's user PIN from its file or systemd credential. A trailing newline is
+    /// not part of the PIN.
+    pub fn read_pin(&self) -> Result<Pin, ConfigError> {
+        let path = match (&self.pin_file, &self.pin_credential) {
+            (Some(p), _) => p.clone(),
+            (None, Some(name)) => {
+                let dir =
+                    std::env::var_os("CREDENTIALS_DIRECTORY").ok_or_else(|| ConfigError::Pin {
+                        device: self.id.clone(),
+                        detail: format!(
+                            "pin_credential {name:?} is set but $CREDENTIALS_DIRECTORY is not"
+                        ),
+                    })?;
+                if name.contains('/') {
+                    return Err(ConfigError::Pin {
+                        device: self.id.clone(),
+                        detail: format!("credential name {name:?} contains '/'"),
+                    });
+                }
+                PathBuf::from(dir).join(name)
+            }
+            (None, None) => unreachable!("checked when the configuration was loaded"),
+        };
+        let bytes = Zeroizing::new(std::fs::read(&path).map_err(|e| ConfigError::Pin {
+            device: self.id.clone(),
+            detail: format!("{}: {e}", path.display()),
+        })?);
+        let text = std::str::from_utf8(&bytes).map_err(|_| ConfigError::Pin {
+            device: self.id.clone(),
+            detail: format!("{} is not UTF-8", path.display()),
+        })?;
+        let pin = text.trim_end_matches(['\n', '\r']);
+        if pin.is_empty() {
+            return Err(ConfigError::Pin {
+                device: self.id.clone(),
+                detail: format!("{} is empty", path.display()),
+            });
+        }
+        Ok(Pin::new(pin.to_owned()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, text).unwrap();
+        Config::load(&path)
+    }
+
+    const GOOD: &str = r#"
+[daemon]
+socket = "s.sock"
+profiles_dir = "profiles"
+
+[[caller]]
+name = "oa"
+uids = [1000]
+seals = ["contract"]
+
+[[device]]
+id = "hsm"
+profile = "softhsm2"
+token_label = "t"
+pin_file = "pin"
+
+[[seal]]
+id = "contract"
+device = "hsm"
+key_label = "k"
+algorithm = "ecdsa-p256-sha256"
+"#;
+
+    #[test]
+    fn good_config_loads_with_paths_resolved() {
+        let c = parse(GOOD).unwrap();
+        assert!(c.daemon.socket.is_absolute());
+        assert_eq!(c.daemon.max_frame_bytes, 1024 * 1024);
+        assert_eq!(c.seals_by_device()["hsm"].len(), 1);
+    }
+
+    #[test]
+    fn unknown_key_is_an_error_with_its_line() {
+        let text = GOOD.replace("profiles_dir", "profile_dir");
+        let err = parse(&text).unwrap_err().to_string();
+        assert!(
+            err.contains("profile_dir") && err.contains("line 4"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn caller_naming_unknown_seal_is_refused() {
+        let text = GOOD.replace("seals = [\"contract\"]", "seals = [\"nope\"]");
+        let err = parse(&text).unwrap_err().to_string();
+        assert!(err.contains("\"nope\""), "{err}");
+    }
+
+    #[test]
+    fn seal_on_unknown_device_is_refused() {
+        let text = GOOD.replace("device = \"hsm\"", "device = \"other\"");
+        assert!(parse(&text).unwrap_err().to_string().contains("\"other\""));
+    }
+
+    #[test]
+    fn pin_debug_is_redacted_and_newline_trimmed() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("pin"), "123456\n").unwrap();
+        let text = GOOD.to_string();
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, text).unwrap();
+        let c = Config::load(&path).unwrap();
+        let pin = c.devices[0].read_pin().unwrap();
+        assert_eq!(pin.expose(), "123456");
+        assert!(!format!("{pin:?}").contains("123456"));
+    }
+}

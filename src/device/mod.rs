@@ -1,0 +1,219 @@
+//! Seal devices: the things that hold seal keys and sign.
+//!
+//! Owns: the [`SealDevice`] trait every backend implements, the algorithms a seal can use, the
+//! device errors, and the [`Registry`] that opens every configured device at start-up.
+//! Never: decides whether a stamp is allowed (that is the service's job) and never sees a
+//! document, only its digest. Device calls block; callers run them off the async executor.
+
+pub mod keys;
+#[cfg(feature = "pkcs11")]
+pub mod pkcs11;
+pub mod profile;
+
+use crate::config::Config;
+use profile::{DeviceKind, DeviceProfile};
+use std::collections::HashMap;
+use std::sync::Arc;
+
+/// What a device can go wrong with, each variant worded to complete "the device ...".
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum DeviceError {
+    /// The device is absent, was removed, or cannot be logged in to right now.
+    #[error("{0}")]
+    Unavailable(String),
+    /// The device is there but refused or failed the operation.
+    #[error("{0}")]
+    Failed(String),
+    /// The device could not be set up at start-up (module, token, PIN or key missing or wrong).
+    #[error("{0}")]
+    Setup(String),
+}
+
+/// Signature algorithms a seal can use. The wire names are stable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Algorithm {
+    /// ECDSA on P-256 over SHA-256; signature DER-encoded.
+    EcdsaP256Sha256,
+    /// Ed25519 whose message is the 32-byte SHA-256 digest of the document.
+    Ed25519,
+    /// RSA-PSS with SHA-256, MGF1-SHA-256 and a 32-byte salt.
+    RsaPssSha256,
+    /// RSA PKCS#1 v1.5 with SHA-256.
+    RsaPkcs1Sha256,
+}
+
+impl Algorithm {
+    pub const ALL: [Algorithm; 4] = [
+        Algorithm::EcdsaP256Sha256,
+        Algorithm::Ed25519,
+        Algorithm::RsaPssSha256,
+        Algorithm::RsaPkcs1Sha256,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Algorithm::EcdsaP256Sha256 => "ecdsa-p256-sha256",
+            Algorithm::Ed25519 => "ed25519",
+            Algorithm::RsaPssSha256 => "rsa-pss-sha256",
+            Algorithm::RsaPkcs1Sha256 => "rsa-pkcs1-sha256",
+        }
+    }
+
+    pub fn parse(name: &str) -> Result<Algorithm, String> {
+        Algorithm::ALL
+            .into_iter()
+            .find(|a| a.name() == name)
+            .ok_or_else(|| {
+                let known: Vec<_> = Algorithm::ALL.iter().map(|a| a.name()).collect();
+                format!("unknown algorithm {name:?} (known: {})", known.join(", "))
+            })
+    }
+}
+
+/// Whether a device can sign now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Health {
+    Ready,
+    Unavailable(String),
+}
+
+/// The public side of one seal key, read from the device at start-up.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SealKey {
+    pub algorithm: Algorithm,
+    /// X.509 SubjectPublicKeyInfo, DER.
+    pub spki_der: Vec<u8>,
+    /// The key's certificate, DER, when the device holds one.
+    pub certificate_der: Option<Vec<u8>>,
+}
+
+/// Where a seal's key is found on its device.
+#[derive(Debug, Clone)]
+pub struct KeySpec {
+    pub label: Option<String>,
+    pub id: Option<Vec<u8>>,
+    pub algorithm: Algorithm,
+}
+
+impl std::fmt::Display for KeySpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match (&self.label, &self.id) {
+            (Some(l), Some(id)) => write!(f, "label {l:?} id {}", hex::encode(id)),
+            (Some(l), None) => write!(f, "label {l:?}"),
+            (None, Some(id)) => write!(f, "id {}", hex::encode(id)),
+            (None, None) => f.write_str("(no key)"),
+        }
+    }
+}
+
+/// One device holding one or more seal keys. Keys are addressed by their index in the list the
+/// device was opened with.
+pub trait SealDevice: Send + Sync {
+    fn id(&self) -> &str;
+    fn profile(&self) -> &DeviceProfile;
+    /// Current health; cheap, never touches the device.
+    fn health(&self) -> Health;
+    /// The public side of key `key`, as read at start-up.
+    fn key(&self, key: usize) -> &SealKey;
+    /// Signs a SHA-256 digest with key `key`. Blocks.
+    fn sign(&self, key: usize, digest: &[u8; 32]) -> Result<Vec<u8>, DeviceError>;
+    /// If the device is unavailable, tries once to reach it again. Blocks.
+    fn recover(&self);
+    /// Signatures this device can have in flight at once.
+    fn parallelism(&self) -> usize;
+}
+
+/// A configured seal bound to its device and key.
+#[derive(Clone)]
+pub struct SealBinding {
+    pub id: String,
+    pub name: String,
+    pub device: Arc<dyn SealDevice>,
+    pub key: usize,
+}
+
+/// Every configured device, opened, and every seal bound to one.
+pub struct Registry {
+    pub devices: Vec<Arc<dyn SealDevice>>,
+    pub seals: HashMap<String, SealBinding>,
+    /// Seal ids in configuration order.
+    pub seal_order: Vec<String>,
+}
+
+impl Registry {
+    /// Opens every device of the configuration and finds every seal's key. Any failure stops
+    /// start-up with an error naming the device and the problem.
+    pub fn open(config: &Config) -> Result<Registry, DeviceError> {
+        let by_device = config.seals_by_device();
+        let mut devices: Vec<Arc<dyn SealDevice>> = Vec::new();
+        let mut seals = HashMap::new();
+        for dc in &config.devices {
+            let profile = DeviceProfile::load(&config.daemon.profiles_dir, &dc.profile)
+                .map_err(|e| DeviceError::Setup(format!("device {:?}: {e}", dc.id)))?;
+            let seal_cfgs = by_device.get(dc.id.as_str()).cloned().unwrap_or_default();
+            let mut specs = Vec::new();
+            for s in &seal_cfgs {
+                let algorithm = Algorithm::parse(&s.algorithm)
+                    .map_err(|e| DeviceError::Setup(format!("seal {:?}: {e}", s.id)))?;
+                if !profile.supports(algorithm) {
+                    return Err(DeviceError::Setup(format!(
+                        "seal {:?}: device profile {:?} does not offer {}",
+                        s.id,
+                        profile.name,
+                        algorithm.name()
+                    )));
+                }
+                specs.push(KeySpec {
+                    label: s.key_label.clone(),
+                    id: s
+                        .key_id
+                        .as_deref()
+                        .map(|h| hex::decode(h).expect("checked in config")),
+                    algorithm,
+                });
+            }
+            let device: Arc<dyn SealDevice> = match profile.kind {
+                #[cfg(feature = "pkcs11")]
+                DeviceKind::Pkcs11 => Arc::new(pkcs11::Pkcs11Device::open(dc, profile, specs)?),
+                #[cfg(not(feature = "pkcs11"))]
+                DeviceKind::Pkcs11 => {
+                    return Err(DeviceError::Setup(format!(
+                        "device {:?}: this build has no PKCS#11 support (feature pkcs11)",
+                        dc.id
+                    )))
+                }
+            };
+            for (i, s) in seal_cfgs.iter().enumerate() {
+                seals.insert(
+                    s.id.clone(),
+                    SealBinding {
+                        id: s.id.clone(),
+                        name: s.name.clone(),
+                        device: device.clone(),
+                        key: i,
+                    },
+                );
+            }
+            devices.push(device);
+        }
+        let seal_order = config.seals.iter().map(|s| s.id.clone()).collect();
+        Ok(Registry {
+            devices,
+            seals,
+            seal_order,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn algorithm_names_round_trip() {
+        for a in Algorithm::ALL {
+            assert_eq!(Algorithm::parse(a.name()).unwrap(), a);
+        }
+        assert!(Algorithm::parse("rsa-md5").unwrap_err().contains("known:"));
+    }
+}

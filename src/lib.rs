@@ -1,0 +1,16 @@
+//! sealgate: a local daemon that stands between an enterprise's seals and everyone who wants to
+//! use them.
+//!
+//! Rooms, in the order a request passes through them:
+//! - [`server`]: the Unix socket, peer credentials, frames, connection limits, shutdown.
+//! - [`protocol`]: the wire contract (generated from `proto/`), the frame codec, a client.
+//! - [`service`]: the stamp pipeline and the one mapping of errors to wire status codes.
+//! - [`device`]: the seal devices behind one trait (PKCS#11 today), and device profiles.
+//! - [`config`]: the daemon's TOML configuration and the PINs it points to.
+#![deny(unsafe_code)]
+
+pub mod config;
+pub mod device;
+pub mod protocol;
+pub mod server;
+pub mod service;

@@ -1,0 +1,98 @@
+//! A client for the daemon's socket, used by sealctl and the tests.
+
+use super::codec::{FrameCodec, FrameError};
+use super::pb;
+use super::{request, Request, Response, DEFAULT_MAX_FRAME, PROTOCOL_VERSION};
+use futures_util::{SinkExt, StreamExt};
+use prost::Message;
+use std::path::Path;
+use tokio::net::UnixStream;
+use tokio_util::codec::Framed;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("cannot connect to {path}: {source}")]
+    Connect {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("connection error: {0}")]
+    Frame(#[from] FrameError),
+    #[error("the daemon closed the connection")]
+    Closed,
+    #[error("the daemon sent a reply that does not decode: {0}")]
+    Decode(#[from] prost::DecodeError),
+}
+
+pub struct Client {
+    framed: Framed<UnixStream, FrameCodec>,
+    next_id: u64,
+}
+
+impl Client {
+    pub async fn connect(path: &Path) -> Result<Client, ClientError> {
+        let stream = UnixStream::connect(path)
+            .await
+            .map_err(|source| ClientError::Connect {
+                path: path.display().to_string(),
+                source,
+            })?;
+        Ok(Client {
+            framed: Framed::new(stream, FrameCodec::new(DEFAULT_MAX_FRAME)),
+            next_id: 1,
+        })
+    }
+
+    /// Sends one request and waits for its response.
+    pub async fn call(&mut self, body: request::Body) -> Result<Response, ClientError> {
+        let id = self.next_id;
+        self.next_id += 1;
+        let req = Request {
+            request_id: id,
+            body: Some(body),
+        };
+        self.framed.send(req.encode_to_vec().into()).await?;
+        let frame = self.framed.next().await.ok_or(ClientError::Closed)??;
+        Ok(Response::decode(frame)?)
+    }
+
+    pub async fn hello(&mut self, client_name: &str) -> Result<Response, ClientError> {
+        self.call(request::Body::Hello(pb::HelloRequest {
+            protocol_version: PROTOCOL_VERSION,
+            client_name: client_name.to_owned(),
+        }))
+        .await
+    }
+
+    pub async fn list_seals(&mut self) -> Result<Response, ClientError> {
+        self.call(request::Body::ListSeals(pb::ListSealsRequest {}))
+            .await
+    }
+
+    pub async fn describe_seal(&mut self, seal_id: &str) -> Result<Response, ClientError> {
+        self.call(request::Body::DescribeSeal(pb::DescribeSealRequest {
+            seal_id: seal_id.to_owned(),
+        }))
+        .await
+    }
+
+    pub async fn stamp(
+        &mut self,
+        seal_id: &str,
+        document_sha256: &[u8],
+        approval_token: &[u8],
+        purpose: &str,
+    ) -> Result<Response, ClientError> {
+        self.call(request::Body::Stamp(pb::StampRequest {
+            seal_id: seal_id.to_owned(),
+            document_sha256: document_sha256.to_vec(),
+            approval_token: approval_token.to_vec(),
+            purpose: purpose.to_owned(),
+        }))
+        .await
+    }
+
+    pub async fn status(&mut self) -> Result<Response, ClientError> {
+        self.call(request::Body::Status(pb::StatusRequest {})).await
+    }
+}

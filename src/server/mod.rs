@@ -1,0 +1,296 @@
+//! The listener and the per-connection loop.
+//!
+//! Owns: creating the Unix socket (mode 0660, its group, a stale file replaced only when nobody
+//! listens on it) or adopting one from systemd, the connection cap, reading frames with a time
+//! limit, peer credentials, and graceful shutdown (stop accepting, let requests in flight finish,
+//! close idle connections).
+//! Never: interprets a request beyond decoding it; the service does that.
+
+use crate::protocol::codec::{FrameCodec, FrameError};
+use crate::protocol::{Request, Response};
+use crate::service::{Service, ServiceError};
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
+use prost::Message;
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::{watch, Semaphore};
+use tokio_util::codec::Framed;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("{path} exists and is not a socket; not replacing it")]
+    NotASocket { path: PathBuf },
+    #[error("another process is listening on {path}")]
+    InUse { path: PathBuf },
+    #[error("cannot create socket {path}: {source}")]
+    Bind {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("socket group {0:?} does not exist")]
+    UnknownGroup(String),
+    #[error("cannot adopt the socket passed by systemd: {0}")]
+    Adopt(std::io::Error),
+}
+
+/// Limits applied to every connection.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub max_frame: usize,
+    pub max_connections: usize,
+    pub request_timeout: Duration,
+}
+
+/// A listening socket, and whether we made its file (and so remove it on exit).
+pub struct Listener {
+    pub listener: UnixListener,
+    pub owned_path: Option<PathBuf>,
+}
+
+impl Listener {
+    /// Adopts the first socket systemd passed (LISTEN_FDS), if any.
+    pub fn from_systemd() -> Result<Option<Listener>, ServerError> {
+        let mut fds = listenfd::ListenFd::from_env();
+        match fds.take_unix_listener(0).map_err(ServerError::Adopt)? {
+            Some(std_listener) => {
+                std_listener
+                    .set_nonblocking(true)
+                    .map_err(ServerError::Adopt)?;
+                let listener = UnixListener::from_std(std_listener).map_err(ServerError::Adopt)?;
+                Ok(Some(Listener {
+                    listener,
+                    owned_path: None,
+                }))
+            }
+            None => Ok(None),
+        }
+    }
+
+    /// Creates the socket at `path` with mode 0660 and, if given, group `group`.
+    pub fn bind(path: &Path, group: Option<&str>) -> Result<Listener, ServerError> {
+        let gid = match group {
+            Some(g) => Some(
+                nix::unistd::Group::from_name(g)
+                    .ok()
+                    .flatten()
+                    .ok_or_else(|| ServerError::UnknownGroup(g.to_owned()))?
+                    .gid,
+            ),
+            None => None,
+        };
+        replace_stale(path)?;
+        let bind_err = |source| ServerError::Bind {
+            path: path.to_owned(),
+            source,
+        };
+        // The socket must never exist with wider permissions than 0660, even for a moment.
+        let old = nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o117));
+        let bound = UnixListener::bind(path);
+        nix::sys::stat::umask(old);
+        let listener = bound.map_err(bind_err)?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660)).map_err(bind_err)?;
+        if let Some(gid) = gid {
+            nix::unistd::chown(path, None, Some(gid))
+                .map_err(|e| bind_err(std::io::Error::from(e)))?;
+        }
+        Ok(Listener {
+            listener,
+            owned_path: Some(path.to_owned()),
+        })
+    }
+}
+
+fn replace_stale(path: &Path) -> Result<(), ServerError> {
+    let meta = match std::fs::symlink_metadata(path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(source) => {
+            return Err(ServerError::Bind {
+                path: path.to_owned(),
+                source,
+            })
+        }
+    };
+    if !meta.file_type().is_socket() {
+        return Err(ServerError::NotASocket {
+            path: path.to_owned(),
+        });
+    }
+    match std::os::unix::net::UnixStream::connect(path) {
+        Ok(_) => Err(ServerError::InUse {
+            path: path.to_owned(),
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+            tracing::info!(path = %path.display(), "replacing stale socket");
+            std::fs::remove_file(path).map_err(|source| ServerError::Bind {
+                path: path.to_owned(),
+                source,
+            })
+        }
+        Err(source) => Err(ServerError::Bind {
+            path: path.to_owned(),
+            source,
+        }),
+    }
+}
+
+/// Serves connections until `shutdown` resolves, then waits for requests in flight to finish.
+pub async fn run(
+    listener: UnixListener,
+    service: Arc<Service>,
+    limits: Limits,
+    shutdown: impl std::future::Future<Output = ()>,
+) {
+    let slots = Arc::new(Semaphore::new(limits.max_connections));
+    let tracker = TaskTracker::new();
+    let (stop_tx, stop_rx) = watch::channel(false);
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => break,
+            accepted = listener.accept() => {
+                let stream = match accepted {
+                    Ok((stream, _)) => stream,
+                    Err(e) => {
+                        // EMFILE and friends: back off briefly rather than spin.
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+                match slots.clone().try_acquire_owned() {
+                    Ok(permit) => {
+                        let service = service.clone();
+                        let stop = stop_rx.clone();
+                        tracker.spawn(async move {
+                            serve(stream, service, limits, stop).await;
+                            drop(permit);
+                        });
+                    }
+                    Err(_) => {
+                        tracker.spawn(refuse_busy(stream, limits));
+                    }
+                }
+            }
+        }
+    }
+    tracing::info!("shutting down: no new connections; finishing requests in flight");
+    let _ = stop_tx.send(true);
+    tracker.close();
+    tracker.wait().await;
+}
+
+async fn refuse_busy(stream: UnixStream, limits: Limits) {
+    let mut framed = Framed::new(stream, FrameCodec::new(limits.max_frame));
+    let e = ServiceError::Busy(format!(
+        "the daemon serves at most {} connections at once",
+        limits.max_connections
+    ));
+    let _ = send(&mut framed, e.into_response(0)).await;
+}
+
+async fn send(framed: &mut Framed<UnixStream, FrameCodec>, resp: Response) -> bool {
+    framed.send(Bytes::from(resp.encode_to_vec())).await.is_ok()
+}
+
+async fn serve(
+    stream: UnixStream,
+    service: Arc<Service>,
+    limits: Limits,
+    mut stop: watch::Receiver<bool>,
+) {
+    let peer = match stream.peer_cred() {
+        Ok(c) => service.identify(c.uid(), c.gid(), c.pid()),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read peer credentials; closing");
+            return;
+        }
+    };
+    let span = tracing::info_span!(
+        "conn",
+        pid = peer.pid.unwrap_or(0),
+        uid = peer.uid,
+        caller = peer.caller.as_ref().map(|c| c.name.as_str()).unwrap_or("-")
+    );
+    service.connection_opened();
+    connection(stream, &service, &peer, limits, &mut stop)
+        .instrument(span)
+        .await;
+    service.connection_closed();
+}
+
+async fn connection(
+    stream: UnixStream,
+    service: &Service,
+    peer: &crate::service::Peer,
+    limits: Limits,
+    stop: &mut watch::Receiver<bool>,
+) {
+    if peer.caller.is_none() {
+        tracing::warn!("connection from a uid/gid that is not a configured caller");
+    }
+    let mut framed = Framed::new(stream, FrameCodec::new(limits.max_frame));
+    loop {
+        if *stop.borrow() {
+            return;
+        }
+        let next = tokio::select! {
+            _ = stop.changed() => return,
+            next = tokio::time::timeout(limits.request_timeout, framed.next()) => next,
+        };
+        let frame = match next {
+            Err(_) => {
+                let e = ServiceError::Timeout(format!(
+                    "no complete request within {} ms; closing",
+                    limits.request_timeout.as_millis()
+                ));
+                tracing::info!("idle connection timed out");
+                send(&mut framed, e.into_response(0)).await;
+                return;
+            }
+            Ok(None) => return,
+            Ok(Some(Err(FrameError::Io(e)))) => {
+                tracing::debug!(error = %e, "connection error");
+                return;
+            }
+            Ok(Some(Err(e @ FrameError::TooLarge { .. }))) => {
+                tracing::info!(error = %e, "frame refused");
+                let e = ServiceError::FrameTooLarge(format!("{e}; closing"));
+                send(&mut framed, e.into_response(0)).await;
+                return;
+            }
+            Ok(Some(Err(e @ FrameError::Truncated { .. }))) => {
+                let e = ServiceError::Malformed(e.to_string());
+                send(&mut framed, e.into_response(0)).await;
+                return;
+            }
+            Ok(Some(Ok(frame))) => frame,
+        };
+        let response = match Request::decode(frame.freeze()) {
+            Err(e) => {
+                ServiceError::Malformed(format!("frame is not a Request: {e}")).into_response(0)
+            }
+            Ok(req) => {
+                let id = req.request_id;
+                match tokio::time::timeout(limits.request_timeout, service.handle(peer, req)).await
+                {
+                    Ok(resp) => resp,
+                    Err(_) => ServiceError::Timeout(format!(
+                        "the request did not finish within {} ms",
+                        limits.request_timeout.as_millis()
+                    ))
+                    .into_response(id),
+                }
+            }
+        };
+        if !send(&mut framed, response).await {
+            return;
+        }
+    }
+}

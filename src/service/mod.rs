@@ -1,0 +1,372 @@
+//! The request pipeline: who is calling, may they, and what the seal's device says.
+//!
+//! Owns: caller identification from peer credentials, per-seal permission, request validation,
+//! bounding each device's queue, running device calls off the async executor, and the one
+//! mapping from [`ServiceError`] to wire status codes ([`ServiceError::status`]).
+//! Never: blocks the executor on a device, or puts a token, PIN or key in a log line or reply.
+//!
+//! Approval tokens travel in every Stamp request; this version does not yet verify them (see
+//! README, "What is not there yet").
+
+use crate::config::Config;
+use crate::device::{DeviceError, Health, Registry, SealBinding, SealDevice};
+use crate::protocol::{pb, request, response, Request, Response, Status, PROTOCOL_VERSION};
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use tokio::sync::Semaphore;
+
+/// Longest purpose text accepted, in bytes.
+pub const MAX_PURPOSE_BYTES: usize = 4096;
+/// Requests waiting for a device, per unit of the device's parallelism.
+const QUEUE_PER_SESSION: usize = 64;
+
+/// Why a request was not carried out. Each variant maps to one wire status in
+/// [`ServiceError::status`], the only place where that mapping is made.
+#[derive(Debug, thiserror::Error)]
+pub enum ServiceError {
+    #[error("malformed request: {0}")]
+    Malformed(String),
+    #[error("{0}")]
+    FrameTooLarge(String),
+    #[error("the request carries no request this daemon knows (protocol {PROTOCOL_VERSION})")]
+    UnknownRequest,
+    #[error("{0}")]
+    InvalidArgument(String),
+    #[error("{0}")]
+    PermissionDenied(String),
+    #[error("no seal {0:?} is configured")]
+    UnknownSeal(String),
+    #[error("{0}")]
+    Device(#[from] DeviceError),
+    #[error("{0}")]
+    Timeout(String),
+    #[error("{0}")]
+    Busy(String),
+    #[error("the daemon is shutting down")]
+    ShuttingDown,
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl ServiceError {
+    pub fn status(&self) -> Status {
+        match self {
+            ServiceError::Malformed(_) => Status::MalformedRequest,
+            ServiceError::FrameTooLarge(_) => Status::FrameTooLarge,
+            ServiceError::UnknownRequest => Status::UnknownRequest,
+            ServiceError::InvalidArgument(_) => Status::InvalidArgument,
+            ServiceError::PermissionDenied(_) => Status::PermissionDenied,
+            ServiceError::UnknownSeal(_) => Status::UnknownSeal,
+            ServiceError::Device(DeviceError::Unavailable(_)) => Status::DeviceUnavailable,
+            ServiceError::Device(DeviceError::Failed(_) | DeviceError::Setup(_)) => {
+                Status::DeviceError
+            }
+            ServiceError::Timeout(_) => Status::Timeout,
+            ServiceError::Busy(_) => Status::Busy,
+            ServiceError::ShuttingDown => Status::ShuttingDown,
+            ServiceError::Internal(_) => Status::Internal,
+        }
+    }
+
+    /// The response carrying this error.
+    pub fn into_response(self, request_id: u64) -> Response {
+        Response {
+            request_id,
+            status: self.status() as i32,
+            message: self.to_string(),
+            body: None,
+        }
+    }
+}
+
+/// A configured caller.
+#[derive(Debug)]
+pub struct Caller {
+    pub name: String,
+    uids: Vec<u32>,
+    gids: Vec<u32>,
+    seals: HashSet<String>,
+}
+
+/// Who is on the other end of a connection.
+#[derive(Debug, Clone)]
+pub struct Peer {
+    pub uid: u32,
+    pub gid: u32,
+    pub pid: Option<i32>,
+    /// None when no configured caller matches the uid or gid.
+    pub caller: Option<Arc<Caller>>,
+}
+
+pub struct Service {
+    registry: Registry,
+    callers: Vec<Arc<Caller>>,
+    /// Signatures in flight per device, and requests allowed to wait for one.
+    slots: HashMap<String, (Arc<Semaphore>, Arc<Semaphore>)>,
+    started: Instant,
+    connections: AtomicUsize,
+}
+
+impl Service {
+    pub fn new(config: &Config, registry: Registry) -> Service {
+        let callers = config
+            .callers
+            .iter()
+            .map(|c| {
+                Arc::new(Caller {
+                    name: c.name.clone(),
+                    uids: c.uids.clone(),
+                    gids: c.gids.clone(),
+                    seals: c.seals.iter().cloned().collect(),
+                })
+            })
+            .collect();
+        let slots = registry
+            .devices
+            .iter()
+            .map(|d| {
+                let n = d.parallelism();
+                (
+                    d.id().to_owned(),
+                    (
+                        Arc::new(Semaphore::new(n)),
+                        Arc::new(Semaphore::new(n * QUEUE_PER_SESSION)),
+                    ),
+                )
+            })
+            .collect();
+        Service {
+            registry,
+            callers,
+            slots,
+            started: Instant::now(),
+            connections: AtomicUsize::new(0),
+        }
+    }
+
+    /// Names the caller behind a connection: a uid match wins over a gid match.
+    pub fn identify(&self, uid: u32, gid: u32, pid: Option<i32>) -> Peer {
+        let caller = self
+            .callers
+            .iter()
+            .find(|c| c.uids.contains(&uid))
+            .or_else(|| self.callers.iter().find(|c| c.gids.contains(&gid)))
+            .cloned();
+        Peer {
+            uid,
+            gid,
+            pid,
+            caller,
+        }
+    }
+
+    pub fn devices(&self) -> &[Arc<dyn SealDevice>] {
+        &self.registry.devices
+    }
+
+    /// Counts open connections, for Status.
+    pub fn connection_opened(&self) {
+        self.connections.fetch_add(1, Ordering::Relaxed);
+    }
+    pub fn connection_closed(&self) {
+        self.connections.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    /// Carries out one request and builds its response.
+    pub async fn handle(&self, peer: &Peer, req: Request) -> Response {
+        let id = req.request_id;
+        let result = match req.body {
+            None => Err(ServiceError::UnknownRequest),
+            Some(request::Body::Hello(h)) => Ok(self.hello(peer, h)),
+            Some(body) => match &peer.caller {
+                None => Err(ServiceError::PermissionDenied(format!(
+                    "uid {} gid {} is not a configured caller",
+                    peer.uid, peer.gid
+                ))),
+                Some(caller) => self.handle_known(caller, body).await,
+            },
+        };
+        match result {
+            Ok(body) => Response {
+                request_id: id,
+                status: Status::Ok as i32,
+                message: String::new(),
+                body: Some(body),
+            },
+            Err(e) => {
+                tracing::info!(status = e.status().as_str_name(), error = %e, "request refused");
+                e.into_response(id)
+            }
+        }
+    }
+
+    async fn handle_known(
+        &self,
+        caller: &Caller,
+        body: request::Body,
+    ) -> Result<response::Body, ServiceError> {
+        match body {
+            request::Body::Hello(_) => unreachable!("handled before the caller check"),
+            request::Body::ListSeals(_) => Ok(response::Body::ListSeals(pb::ListSealsResponse {
+                seals: self.summaries(caller),
+            })),
+            request::Body::DescribeSeal(d) => {
+                let seal = self.seal_for(caller, &d.seal_id)?;
+                Ok(response::Body::DescribeSeal(describe(seal)))
+            }
+            request::Body::Stamp(s) => self.stamp(caller, s).await,
+            request::Body::Status(_) => Ok(response::Body::StatusReport(self.status(caller))),
+        }
+    }
+
+    fn hello(&self, peer: &Peer, _h: pb::HelloRequest) -> response::Body {
+        response::Body::Hello(pb::HelloResponse {
+            protocol_version: PROTOCOL_VERSION,
+            daemon_version: env!("CARGO_PKG_VERSION").to_owned(),
+            caller: peer
+                .caller
+                .as_ref()
+                .map(|c| c.name.clone())
+                .unwrap_or_default(),
+        })
+    }
+
+    fn seal_for(&self, caller: &Caller, seal_id: &str) -> Result<&SealBinding, ServiceError> {
+        let seal = self
+            .registry
+            .seals
+            .get(seal_id)
+            .ok_or_else(|| ServiceError::UnknownSeal(seal_id.to_owned()))?;
+        if !caller.seals.contains(seal_id) {
+            return Err(ServiceError::PermissionDenied(format!(
+                "caller {:?} may not use seal {seal_id:?}",
+                caller.name
+            )));
+        }
+        Ok(seal)
+    }
+
+    fn summaries(&self, caller: &Caller) -> Vec<pb::SealSummary> {
+        self.registry
+            .seal_order
+            .iter()
+            .filter(|id| caller.seals.contains(*id))
+            .filter_map(|id| self.registry.seals.get(id))
+            .map(|s| pb::SealSummary {
+                id: s.id.clone(),
+                name: s.name.clone(),
+                algorithm: s.device.key(s.key).algorithm.name().to_owned(),
+                available: s.device.health() == Health::Ready,
+            })
+            .collect()
+    }
+
+    fn status(&self, caller: &Caller) -> pb::StatusResponse {
+        pb::StatusResponse {
+            daemon_version: env!("CARGO_PKG_VERSION").to_owned(),
+            uptime_seconds: self.started.elapsed().as_secs(),
+            connections: self.connections.load(Ordering::Relaxed) as u32,
+            devices: self
+                .registry
+                .devices
+                .iter()
+                .map(|d| {
+                    let (status, detail) = health_fields(d.health());
+                    pb::DeviceReport {
+                        id: d.id().to_owned(),
+                        profile: d.profile().name.clone(),
+                        status: status as i32,
+                        detail,
+                    }
+                })
+                .collect(),
+            seals: self.summaries(caller),
+        }
+    }
+
+    async fn stamp(
+        &self,
+        caller: &Caller,
+        req: pb::StampRequest,
+    ) -> Result<response::Body, ServiceError> {
+        let seal = self.seal_for(caller, &req.seal_id)?;
+        let digest: [u8; 32] = req.document_sha256.as_slice().try_into().map_err(|_| {
+            ServiceError::InvalidArgument(format!(
+                "document_sha256 must be 32 bytes, got {}",
+                req.document_sha256.len()
+            ))
+        })?;
+        if req.purpose.len() > MAX_PURPOSE_BYTES {
+            return Err(ServiceError::InvalidArgument(format!(
+                "purpose is {} bytes; at most {MAX_PURPOSE_BYTES} are accepted",
+                req.purpose.len()
+            )));
+        }
+        let (in_flight, queue) = &self.slots[seal.device.id()];
+        let _queued = queue.clone().try_acquire_owned().map_err(|_| {
+            ServiceError::Busy(format!(
+                "device {:?} has too many requests waiting",
+                seal.device.id()
+            ))
+        })?;
+        let permit = in_flight
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| ServiceError::ShuttingDown)?;
+        let device = seal.device.clone();
+        let key = seal.key;
+        let started = Instant::now();
+        let signature = tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            if device.health() != Health::Ready {
+                device.recover();
+            }
+            device.sign(key, &digest)
+        })
+        .await
+        .map_err(|e| ServiceError::Internal(format!("signing task failed: {e}")))??;
+        let stamped_at_unix_ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0);
+        tracing::info!(
+            caller = %caller.name,
+            seal = %seal.id,
+            document = %hex::encode(digest),
+            micros = started.elapsed().as_micros() as u64,
+            "stamped"
+        );
+        Ok(response::Body::Stamp(pb::StampResponse {
+            seal_id: seal.id.clone(),
+            algorithm: seal.device.key(key).algorithm.name().to_owned(),
+            signature,
+            stamped_at_unix_ms,
+        }))
+    }
+}
+
+fn health_fields(h: Health) -> (pb::DeviceStatus, String) {
+    match h {
+        Health::Ready => (pb::DeviceStatus::Ready, String::new()),
+        Health::Unavailable(reason) => (pb::DeviceStatus::Unavailable, reason),
+    }
+}
+
+fn describe(seal: &SealBinding) -> pb::DescribeSealResponse {
+    let key = seal.device.key(seal.key);
+    let (status, detail) = health_fields(seal.device.health());
+    pb::DescribeSealResponse {
+        id: seal.id.clone(),
+        name: seal.name.clone(),
+        algorithm: key.algorithm.name().to_owned(),
+        device_id: seal.device.id().to_owned(),
+        device_profile: seal.device.profile().name.clone(),
+        device_status: status as i32,
+        device_detail: detail,
+        public_key_spki: key.spki_der.clone(),
+        certificate_der: key.certificate_der.clone().unwrap_or_default(),
+    }
+}
