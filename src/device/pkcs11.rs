@@ -306,9 +306,11 @@ impl Pkcs11Device {
                         "the key with {spec} may not sign (CKA_SIGN is false)"
                     )))
                 }
-                Attribute::Extractable(true) => return Err(ConnectError::setup(format!(
+                Attribute::Extractable(true) => {
+                    return Err(ConnectError::setup(format!(
                     "the key with {spec} is extractable; seal keys must be CKA_EXTRACTABLE=false"
-                ))),
+                )))
+                }
                 _ => {}
             }
         }

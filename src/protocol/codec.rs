@@ -18,6 +18,8 @@ pub enum FrameError {
 pub struct FrameCodec {
     inner: LengthDelimitedCodec,
     max: usize,
+    /// Declared length of the frame whose header has been read and whose body has not.
+    pending: Option<usize>,
 }
 
 impl FrameCodec {
@@ -29,6 +31,7 @@ impl FrameCodec {
                 .max_frame_length(max)
                 .new_codec(),
             max,
+            pending: None,
         }
     }
 }
@@ -43,22 +46,35 @@ impl Decoder for FrameCodec {
     type Error = FrameError;
 
     fn decode(&mut self, buf: &mut BytesMut) -> Result<Option<BytesMut>, FrameError> {
-        if let Some(len) = declared_len(buf) {
-            if len > self.max {
-                return Err(FrameError::TooLarge { len, max: self.max });
+        if self.pending.is_none() {
+            if let Some(len) = declared_len(buf) {
+                if len > self.max {
+                    return Err(FrameError::TooLarge { len, max: self.max });
+                }
+                self.pending = Some(len);
             }
         }
-        Ok(self.inner.decode(buf)?)
+        let frame = self.inner.decode(buf)?;
+        if frame.is_some() {
+            self.pending = None;
+        }
+        Ok(frame)
     }
 
     fn decode_eof(&mut self, buf: &mut BytesMut) -> Result<Option<BytesMut>, FrameError> {
         match self.decode(buf)? {
             Some(frame) => Ok(Some(frame)),
-            None if buf.is_empty() => Ok(None),
-            None => Err(FrameError::Truncated {
-                have: buf.len().saturating_sub(4),
-                want: declared_len(buf).unwrap_or(0),
-            }),
+            None => match self.pending {
+                Some(want) => Err(FrameError::Truncated {
+                    have: buf.len(),
+                    want,
+                }),
+                None if buf.is_empty() => Ok(None),
+                None => Err(FrameError::Truncated {
+                    have: 0,
+                    want: buf.len().max(4),
+                }),
+            },
         }
     }
 }
@@ -95,12 +111,22 @@ mod tests {
             Err(FrameError::TooLarge { len: 17, max: 16 })
         ));
 
+        let mut c = FrameCodec::new(16);
+        // A body whose first bytes would read as an over-limit length is still a body.
+        let mut split = BytesMut::from(&[0u8, 0, 0, 9, 0xff, 0xff][..]);
+        assert!(c.decode(&mut split).unwrap().is_none());
+        split.extend_from_slice(&[0xff, 0xff, 1, 2, 3, 4, 5]);
+        assert_eq!(c.decode(&mut split).unwrap().unwrap().len(), 9);
+
         let mut short = BytesMut::from(&[0u8, 0, 0, 9, 1, 2][..]);
         assert!(c.decode(&mut short).unwrap().is_none());
         assert!(matches!(
             c.decode_eof(&mut short),
             Err(FrameError::Truncated { have: 2, want: 9 })
         ));
-        assert!(c.decode_eof(&mut BytesMut::new()).unwrap().is_none());
+        assert!(FrameCodec::new(16)
+            .decode_eof(&mut BytesMut::new())
+            .unwrap()
+            .is_none());
     }
 }
