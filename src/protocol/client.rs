@@ -24,6 +24,21 @@ pub enum ClientError {
     Decode(#[from] prost::DecodeError),
 }
 
+/// A peer that hung up shows as a broken pipe or a reset, depending on timing; both are a close.
+fn closed_or(e: FrameError) -> ClientError {
+    match &e {
+        FrameError::Io(io)
+            if matches!(
+                io.kind(),
+                std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionReset
+            ) =>
+        {
+            ClientError::Closed
+        }
+        _ => ClientError::Frame(e),
+    }
+}
+
 pub struct Client {
     framed: Framed<UnixStream, FrameCodec>,
     next_id: u64,
@@ -51,8 +66,16 @@ impl Client {
             request_id: id,
             body: Some(body),
         };
-        self.framed.send(req.encode_to_vec().into()).await?;
-        let frame = self.framed.next().await.ok_or(ClientError::Closed)??;
+        self.framed
+            .send(req.encode_to_vec().into())
+            .await
+            .map_err(closed_or)?;
+        let frame = self
+            .framed
+            .next()
+            .await
+            .ok_or(ClientError::Closed)?
+            .map_err(closed_or)?;
         Ok(Response::decode(frame)?)
     }
 
