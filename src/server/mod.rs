@@ -168,10 +168,7 @@ pub async fn run(
                     Ok(permit) => {
                         let service = service.clone();
                         let stop = stop_rx.clone();
-                        tracker.spawn(async move {
-                            serve(stream, service, limits, stop).await;
-                            drop(permit);
-                        });
+                        tracker.spawn(serve(stream, service, limits, stop, permit));
                     }
                     Err(_) => {
                         tracker.spawn(refuse_busy(stream, limits));
@@ -204,6 +201,7 @@ async fn serve(
     service: Arc<Service>,
     limits: Limits,
     mut stop: watch::Receiver<bool>,
+    slot: tokio::sync::OwnedSemaphorePermit,
 ) {
     let peer = match stream.peer_cred() {
         Ok(c) => service.identify(c.uid(), c.gid(), c.pid()),
@@ -219,10 +217,14 @@ async fn serve(
         caller = peer.caller.as_ref().map(|c| c.name.as_str()).unwrap_or("-")
     );
     service.connection_opened();
-    connection(stream, &service, &peer, limits, &mut stop)
+    let framed = connection(stream, &service, &peer, limits, &mut stop)
         .instrument(span)
         .await;
     service.connection_closed();
+    // The slot is free before the peer sees the close, so a client that reconnects at once is
+    // never refused for a slot its own old connection still held.
+    drop(slot);
+    drop(framed);
 }
 
 async fn connection(
@@ -231,17 +233,17 @@ async fn connection(
     peer: &crate::service::Peer,
     limits: Limits,
     stop: &mut watch::Receiver<bool>,
-) {
+) -> Framed<UnixStream, FrameCodec> {
     if peer.caller.is_none() {
         tracing::warn!("connection from a uid/gid that is not a configured caller");
     }
     let mut framed = Framed::new(stream, FrameCodec::new(limits.max_frame));
     loop {
         if *stop.borrow() {
-            return;
+            return framed;
         }
         let next = tokio::select! {
-            _ = stop.changed() => return,
+            _ = stop.changed() => return framed,
             next = tokio::time::timeout(limits.request_timeout, framed.next()) => next,
         };
         let frame = match next {
@@ -252,23 +254,23 @@ async fn connection(
                 ));
                 tracing::info!("idle connection timed out");
                 send(&mut framed, e.into_response(0)).await;
-                return;
+                return framed;
             }
-            Ok(None) => return,
+            Ok(None) => return framed,
             Ok(Some(Err(FrameError::Io(e)))) => {
                 tracing::debug!(error = %e, "connection error");
-                return;
+                return framed;
             }
             Ok(Some(Err(e @ FrameError::TooLarge { .. }))) => {
                 tracing::info!(error = %e, "frame refused");
                 let e = ServiceError::FrameTooLarge(format!("{e}; closing"));
                 send(&mut framed, e.into_response(0)).await;
-                return;
+                return framed;
             }
             Ok(Some(Err(e @ FrameError::Truncated { .. }))) => {
                 let e = ServiceError::Malformed(e.to_string());
                 send(&mut framed, e.into_response(0)).await;
-                return;
+                return framed;
             }
             Ok(Some(Ok(frame))) => frame,
         };
@@ -290,7 +292,7 @@ async fn connection(
             }
         };
         if !send(&mut framed, response).await {
-            return;
+            return framed;
         }
     }
 }

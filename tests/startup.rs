@@ -1,0 +1,244 @@
+//! Start-up is all or nothing: each broken setting ends the daemon with one line on stderr naming
+//! the problem, a non-zero exit, and no socket left behind.
+
+mod common;
+
+use common::*;
+
+/// Runs the daemon on `config` and checks it fails with one line containing every `expect`.
+fn fails_with(config: &str, expect: &[&str]) {
+    let dir = tempfile::tempdir().unwrap();
+    let config = config.replace("@SOCKET@", &dir.path().join("s.sock").display().to_string());
+    let (status, stderr) = run_to_exit(dir.path(), &config);
+    assert!(!status.success(), "daemon started on a broken config");
+    let lines: Vec<_> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 1, "expected one line, got: {stderr}");
+    assert!(lines[0].starts_with("sealgated: "), "{stderr}");
+    for e in expect {
+        assert!(lines[0].contains(e), "{e:?} not in: {stderr}");
+    }
+    assert!(!dir.path().join("s.sock").exists(), "socket created");
+}
+
+fn base() -> String {
+    config_text(demo(), std::path::Path::new("@SOCKET@"), &Opts::default())
+}
+
+#[test]
+fn missing_module() {
+    let c = base().replace(
+        "profile = \"softhsm2\"",
+        "profile = \"softhsm2\"\nmodule = \"/nonexistent/libnothing.so\"",
+    );
+    fails_with(
+        &c,
+        &[
+            "demo-hsm",
+            "cannot load PKCS#11 module /nonexistent/libnothing.so",
+        ],
+    );
+}
+
+#[test]
+fn missing_token() {
+    let c = base().replace(
+        "token_label = \"sealgate-demo\"",
+        "token_label = \"no-such-token\"",
+    );
+    fails_with(
+        &c,
+        &["token \"no-such-token\" is not present", "sealgate-demo"],
+    );
+}
+
+/// A token of its own for PIN tests, so that a wrong PIN never touches the shared demo token.
+fn pin_test_token(label: &str, pin: &str) {
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new(args[0])
+            .args(&args[1..])
+            .env("SOFTHSM2_CONF", demo().softhsm_conf())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    run(&[
+        "softhsm2-util",
+        "--init-token",
+        "--free",
+        "--label",
+        label,
+        "--pin",
+        pin,
+        "--so-pin",
+        "87654321",
+    ]);
+    run(&[
+        "pkcs11-tool",
+        "--module",
+        SOFTHSM,
+        "--token-label",
+        label,
+        "--login",
+        "--pin",
+        pin,
+        "--keypairgen",
+        "--key-type",
+        "EC:prime256v1",
+        "--label",
+        "k",
+        "--usage-sign",
+    ]);
+}
+
+fn pin_config(dir: &std::path::Path, label: &str, pin: &str) -> String {
+    let pin_file = dir.join("pin");
+    std::fs::write(&pin_file, format!("{pin}\n")).unwrap();
+    format!(
+        r#"
+[daemon]
+socket = "{socket}"
+profiles_dir = "{profiles}"
+allow_root = true
+
+[[device]]
+id = "pin-test"
+profile = "softhsm2"
+token_label = "{label}"
+pin_file = "{pin_file}"
+
+[[seal]]
+id = "s"
+device = "pin-test"
+key_label = "k"
+algorithm = "ecdsa-p256-sha256"
+"#,
+        socket = dir.join("s.sock").display(),
+        profiles = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("device-profiles")
+            .display(),
+        pin_file = pin_file.display(),
+    )
+}
+
+#[test]
+fn wrong_pin_is_tried_once_and_a_low_count_is_never_spent() {
+    let (label, right) = ("pin-test", "11223344");
+    pin_test_token(label, right);
+    let dir = tempfile::tempdir().unwrap();
+
+    // A wrong PIN: refused, named, and not tried again.
+    let (status, stderr) = run_to_exit(dir.path(), &pin_config(dir.path(), label, "99999999"));
+    assert!(!status.success());
+    assert!(stderr.contains("refused the PIN (wrong PIN)"), "{stderr}");
+    assert!(!stderr.contains("99999999"), "the PIN leaked: {stderr}");
+
+    // The token now reports its PIN count low: even the right PIN is not tried automatically.
+    let (status, stderr) = run_to_exit(dir.path(), &pin_config(dir.path(), label, right));
+    assert!(!status.success());
+    assert!(stderr.contains("few PIN tries left"), "{stderr}");
+
+    // An operator logs in once by hand; the count resets and the daemon starts.
+    let out = std::process::Command::new("pkcs11-tool")
+        .args([
+            "--module",
+            SOFTHSM,
+            "--token-label",
+            label,
+            "--login",
+            "--pin",
+            right,
+            "--list-objects",
+        ])
+        .env("SOFTHSM2_CONF", demo().softhsm_conf())
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let dir2 = tempfile::tempdir().unwrap();
+    let text = pin_config(dir2.path(), label, right);
+    let d = Daemon::start_with(dir2, &text, &[]).expect("starts with the right PIN");
+    assert!(d.stop().success());
+}
+
+#[test]
+fn missing_pin_file() {
+    let c = base().replace(&demo().pin_file().display().to_string(), "/nonexistent/pin");
+    fails_with(&c, &["PIN for device demo-hsm", "/nonexistent/pin"]);
+}
+
+#[test]
+fn missing_key() {
+    let c = base().replace(
+        "key_label = \"finance-seal\"",
+        "key_label = \"no-such-key\"",
+    );
+    fails_with(&c, &["no private key with label \"no-such-key\""]);
+}
+
+#[test]
+fn key_type_and_algorithm_disagree() {
+    let c = base().replace(
+        "key_label = \"finance-seal\"\nalgorithm = \"ed25519\"",
+        "key_label = \"finance-seal\"\nalgorithm = \"rsa-pss-sha256\"",
+    );
+    fails_with(&c, &["cannot sign rsa-pss-sha256"]);
+}
+
+#[test]
+fn unknown_profile() {
+    let c = base().replace("profile = \"softhsm2\"", "profile = \"no-such-model\"");
+    fails_with(&c, &["no-such-model.toml"]);
+}
+
+#[test]
+fn malformed_config() {
+    fails_with("[daemon\nsocket = ", &["is not a valid configuration"]);
+    let c = base().replace("[daemon]", "[daemon]\ncolour = \"red\"");
+    fails_with(&c, &["colour"]);
+}
+
+#[test]
+fn refuses_root_unless_allowed() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("not root: the refusal to run as root cannot be observed here");
+        return;
+    }
+    let c = base().replace("allow_root = true", "allow_root = false");
+    fails_with(&c, &["refusing to run as root", "allow_root"]);
+}
+
+#[test]
+fn socket_path_that_is_a_file_or_in_use_is_refused_and_a_stale_one_replaced() {
+    // A regular file where the socket should go is never removed.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s.sock");
+    std::fs::write(&path, "keep me").unwrap();
+    let c = base().replace("@SOCKET@", &path.display().to_string());
+    let (status, stderr) = run_to_exit(dir.path(), &c);
+    assert!(!status.success());
+    assert!(stderr.contains("is not a socket"), "{stderr}");
+    assert_eq!(std::fs::read_to_string(&path).unwrap(), "keep me");
+
+    // A live daemon's socket is not taken over.
+    let live = Daemon::start(&Opts::default());
+    let c = base().replace("@SOCKET@", &live.socket.display().to_string());
+    let (status, stderr) = run_to_exit(dir.path(), &c);
+    assert!(!status.success());
+    assert!(stderr.contains("another process is listening"), "{stderr}");
+    drop(live);
+
+    // A stale socket file (nobody listening) is replaced.
+    let dir = tempfile::tempdir().unwrap();
+    let stale = dir.path().join("sealgated.sock");
+    drop(std::os::unix::net::UnixListener::bind(&stale).unwrap());
+    assert!(stale.exists());
+    let text = config_text(demo(), &stale, &Opts::default());
+    let d = Daemon::start_with(dir, &text, &[]).expect("starts over a stale socket");
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&d.socket).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o660);
+    assert!(d.stop().success());
+}
