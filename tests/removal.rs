@@ -1,0 +1,169 @@
+//! A PKCS#11 token that goes away and comes back. The demo token is exported by a real
+//! `p11-kit server` and reached through p11-kit's client module; killing the server is the
+//! token's removal, starting it again its return.
+
+mod common;
+
+use common::*;
+use sealgate::protocol::{pb, response, Status};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const CLIENT_MODULE: &str = "/usr/lib/x86_64-linux-gnu/pkcs11/p11-kit-client.so";
+
+/// A p11-kit server exporting the demo token, in its own process group so that it and the
+/// per-connection helpers it forks are stopped together through this handle.
+struct P11KitServer {
+    child: Child,
+}
+
+impl P11KitServer {
+    fn start(socket: &Path) -> P11KitServer {
+        let _ = std::fs::remove_file(socket);
+        let mut child = Command::new("p11-kit")
+            .args(["server", "-f", "-n"])
+            .arg(socket)
+            .args(["--provider", SOFTHSM, "pkcs11:token=sealgate-demo"])
+            .env("SOFTHSM2_CONF", demo().softhsm_conf())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .process_group(0)
+            .spawn()
+            .expect("p11-kit server");
+        // The server prints its address once it listens.
+        wait_for_line(&mut child, |l| l.starts_with("P11_KIT_SERVER_ADDRESS="));
+        P11KitServer { child }
+    }
+
+    fn kill(mut self) {
+        let group = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        let _ = nix::sys::signal::killpg(group, nix::sys::signal::Signal::SIGKILL);
+        let _ = self.child.wait();
+    }
+}
+
+use std::os::unix::process::CommandExt;
+
+async fn wait_device(d: &Daemon, id: &str, want: pb::DeviceStatus) -> pb::DeviceReport {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut c = d.client().await;
+    loop {
+        let r = c.status().await.unwrap();
+        let Some(response::Body::StatusReport(st)) = r.body else {
+            panic!("{}", r.message)
+        };
+        let dev = st.devices.into_iter().find(|x| x.id == id).unwrap();
+        if dev.status == want as i32 {
+            return dev;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "device {id} never became {want:?}: {dev:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_removed_mid_service_is_unavailable_then_back() {
+    if !Path::new(CLIENT_MODULE).exists() {
+        panic!("{CLIENT_MODULE} missing: install p11-kit-modules");
+    }
+    let work = tempfile::tempdir().unwrap();
+    let p11_socket: PathBuf = work.path().join("p11.sock");
+    let server = P11KitServer::start(&p11_socket);
+
+    let extra = format!(
+        r#"
+[[device]]
+id = "remote-hsm"
+profile = "p11-kit-client"
+token_label = "sealgate-demo"
+pin_file = "{pin}"
+
+[[seal]]
+id = "remote-contract"
+device = "remote-hsm"
+key_label = "contract-seal"
+algorithm = "ecdsa-p256-sha256"
+"#,
+        pin = demo().pin_file().display()
+    );
+    let mut opts = Opts {
+        extra,
+        ..Opts::default()
+    };
+    opts.caller_seals = Some(vec!["contract".into(), "remote-contract".into()]);
+    let dir = tempfile::tempdir().unwrap();
+    let text = config_text(demo(), &dir.path().join("sealgated.sock"), &opts);
+    let address = format!("unix:path={}", p11_socket.display());
+    let daemon = Daemon::start_with(dir, &text, &[("P11_KIT_SERVER_ADDRESS", &address)])
+        .unwrap_or_else(|f| panic!("{f:?}"));
+
+    let mut c = daemon.client().await;
+    let response::Body::DescribeSeal(d) = c
+        .describe_seal("remote-contract")
+        .await
+        .unwrap()
+        .body
+        .unwrap()
+    else {
+        panic!()
+    };
+    let doc = b"before removal";
+    let r = c
+        .stamp("remote-contract", &sha256(doc), b"t", "")
+        .await
+        .unwrap();
+    assert_eq!(r.status, Status::Ok as i32, "{}", r.message);
+    let Some(response::Body::Stamp(s)) = r.body else {
+        panic!()
+    };
+    assert!(openssl_verify(
+        &d.algorithm,
+        &d.public_key_spki,
+        doc,
+        &s.signature
+    ));
+
+    // The token goes away.
+    server.kill();
+    let r = c
+        .stamp("remote-contract", &[1u8; 32], b"t", "")
+        .await
+        .unwrap();
+    assert_eq!(r.status, Status::DeviceUnavailable as i32, "{}", r.message);
+    assert!(r.message.contains("remote-hsm"), "{}", r.message);
+    // Other seals keep working meanwhile, and status says what is wrong.
+    let r = c.stamp("contract", &[2u8; 32], b"t", "").await.unwrap();
+    assert_eq!(r.status, Status::Ok as i32, "{}", r.message);
+    let report = wait_device(&daemon, "remote-hsm", pb::DeviceStatus::Unavailable).await;
+    assert!(!report.detail.is_empty());
+    let r = c
+        .stamp("remote-contract", &[1u8; 32], b"t", "")
+        .await
+        .unwrap();
+    assert_eq!(r.status, Status::DeviceUnavailable as i32, "{}", r.message);
+
+    // The token comes back: the daemon reconnects and logs in again by itself.
+    let server = P11KitServer::start(&p11_socket);
+    wait_device(&daemon, "remote-hsm", pb::DeviceStatus::Ready).await;
+    let doc = b"after return";
+    let r = c
+        .stamp("remote-contract", &sha256(doc), b"t", "")
+        .await
+        .unwrap();
+    assert_eq!(r.status, Status::Ok as i32, "{}", r.message);
+    let Some(response::Body::Stamp(s)) = r.body else {
+        panic!()
+    };
+    assert!(openssl_verify(
+        &d.algorithm,
+        &d.public_key_spki,
+        doc,
+        &s.signature
+    ));
+    assert!(daemon.stop().success());
+    server.kill();
+}
