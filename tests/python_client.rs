@@ -30,7 +30,8 @@ fn python_client_generated_from_proto_stamps() {
     let token = work.path().join("token");
     std::fs::write(&token, "approval").unwrap();
     for seal in ["contract", "finance", "official"] {
-        let out = Command::new("python3")
+        let python = std::env::var("SEALGATE_TEST_PYTHON").unwrap_or_else(|_| "python3".into());
+        let out = Command::new(&python)
             .arg(root.join("tests/python/stamp_client.py"))
             .arg(work.path())
             .arg(&daemon.socket)
