@@ -68,6 +68,12 @@ async fn every_demo_seal_stamps_and_openssl_verifies() {
             );
         }
     }
+    // Neither the PIN nor the approval token reaches the log.
+    let pin = demo().pin();
+    let log = daemon.log();
+    assert!(log.contains("stamped"), "the log is empty: {log}");
+    assert!(!log.contains(&pin));
+    assert!(!log.contains("approval-token-bytes"));
     assert!(daemon.stop().success());
 }
 

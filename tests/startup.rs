@@ -242,3 +242,75 @@ fn socket_path_that_is_a_file_or_in_use_is_refused_and_a_stale_one_replaced() {
     assert_eq!(mode, 0o660);
     assert!(d.stop().success());
 }
+
+#[test]
+fn pin_from_a_systemd_credential_and_socket_group() {
+    let creds = tempfile::tempdir().unwrap();
+    std::fs::copy(demo().pin_file(), creds.path().join("token-pin")).unwrap();
+    let group = nix::unistd::Group::from_name("nogroup")
+        .unwrap()
+        .expect("Debian has a nogroup group");
+    let dir = tempfile::tempdir().unwrap();
+    let text = config_text(demo(), &dir.path().join("sealgated.sock"), &Opts::default())
+        .replace(
+            &format!("pin_file = \"{}\"", demo().pin_file().display()),
+            "pin_credential = \"token-pin\"",
+        )
+        .replace("[daemon]", "[daemon]\nsocket_group = \"nogroup\"");
+    assert!(text.contains("pin_credential"));
+    let creds_dir = creds.path().display().to_string();
+    let d = Daemon::start_with(dir, &text, &[("CREDENTIALS_DIRECTORY", &creds_dir)])
+        .unwrap_or_else(|f| panic!("{f:?}"));
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(&d.socket).unwrap();
+    assert_eq!(meta.gid(), group.gid.as_raw());
+    assert_eq!(meta.mode() & 0o777, 0o660);
+    assert!(d.stop().success());
+
+    // Without $CREDENTIALS_DIRECTORY the credential cannot be found, and the daemon says so.
+    let dir = tempfile::tempdir().unwrap();
+    let text = text.replace(
+        &creds_dir, "unused", // the socket path line is the only other path; keep it
+    );
+    let (status, stderr) = run_to_exit(dir.path(), &text);
+    assert!(!status.success());
+    assert!(stderr.contains("$CREDENTIALS_DIRECTORY is not"), "{stderr}");
+}
+
+#[test]
+fn setup_script_run_twice_changes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let setup = || {
+        let out = std::process::Command::new("bash")
+            .arg(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("softhsm-setup.sh"))
+            .arg(dir.path())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let snapshot = || {
+        let out = std::process::Command::new("bash")
+            .arg("-c")
+            // SoftHSM rewrites its own token record (token.object) at every login; the keys,
+            // certificates and every file the script writes are compared.
+            .arg("find . -type f ! -name token.object -print0 | sort -z | xargs -0 sha256sum")
+            .current_dir(dir.path())
+            .output()
+            .unwrap();
+        String::from_utf8(out.stdout).unwrap()
+    };
+    assert!(setup().contains("generating"));
+    let before = snapshot();
+    assert!(before.contains("./sealgate.toml") && before.contains("./user.pin"));
+    let said = setup();
+    assert!(
+        !said.contains("generating") && !said.contains("creating"),
+        "{said}"
+    );
+    assert_eq!(before, snapshot());
+}
