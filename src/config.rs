@@ -36,6 +36,12 @@ pub struct Config {
     pub devices: Vec<DeviceConfig>,
     #[serde(default, rename = "seal")]
     pub seals: Vec<SealConfig>,
+    /// The trust store: who may approve, with which role, for which department.
+    #[serde(default, rename = "approver")]
+    pub approvers: Vec<ApproverConfig>,
+    /// TOTP for applicants, needed when a rule sets `mfa = true`.
+    #[serde(default)]
+    pub mfa: Option<MfaConfig>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -57,6 +63,8 @@ pub struct DaemonConfig {
     pub request_timeout_ms: u64,
     /// Directory holding the device profiles; relative paths are taken from the config's folder.
     pub profiles_dir: PathBuf,
+    /// Directory of the daemon's durable state (the replay ledger and TOTP state, SQLite).
+    pub state_dir: PathBuf,
     /// Running as root is refused unless this is true.
     #[serde(default)]
     pub allow_root: bool,
@@ -84,6 +92,9 @@ pub struct CallerConfig {
     /// Seal ids this caller may list, describe and stamp with.
     #[serde(default)]
     pub seals: Vec<String>,
+    /// May enroll applicants for TOTP and reset their lockout.
+    #[serde(default)]
+    pub admin: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -109,6 +120,9 @@ pub struct DeviceConfig {
     /// Sessions opened on the token, i.e. signatures in flight at once.
     #[serde(default)]
     pub sessions: Option<usize>,
+    /// PKCS#11: label of an AES key on the token that wraps TOTP secrets (see `[mfa]`).
+    #[serde(default)]
+    pub wrap_key_label: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -126,6 +140,103 @@ pub struct SealConfig {
     pub key_id: Option<String>,
     /// ecdsa-p256-sha256 | ed25519 | rsa-pss-sha256 | rsa-pkcs1-sha256
     pub algorithm: String,
+    /// The seal's policy, first matching rule wins; no rule, no stamp.
+    #[serde(default, rename = "rule")]
+    pub rules: Vec<RuleConfig>,
+}
+
+/// One policy rule of a seal. Empty lists match anything.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RuleConfig {
+    #[serde(default)]
+    pub name: String,
+    #[serde(default)]
+    pub doc_types: Vec<String>,
+    #[serde(default)]
+    pub departments: Vec<String>,
+    #[serde(default)]
+    pub scopes: Vec<String>,
+    /// Inclusive lower bound, minor units; a rule with amount bounds or a currency matches only
+    /// approvals that carry an amount.
+    #[serde(default)]
+    pub amount_min: Option<i64>,
+    /// Exclusive upper bound, minor units.
+    #[serde(default)]
+    pub amount_max: Option<i64>,
+    #[serde(default)]
+    pub currency: Option<String>,
+    /// Roles required, in the order they must approve.
+    #[serde(default)]
+    pub levels: Vec<String>,
+    /// Roles whose approver must belong to the applicant's department.
+    #[serde(default)]
+    pub dept_scoped: Vec<String>,
+    /// Allowed local time of day, "HH:MM-HH:MM".
+    #[serde(default)]
+    pub hours: Option<String>,
+    /// Allowed days: mon, tue, wed, thu, fri, sat, sun.
+    #[serde(default)]
+    pub weekdays: Option<Vec<String>>,
+    /// IANA time zone for `hours` and `weekdays`; UTC when empty.
+    #[serde(default)]
+    pub timezone: String,
+    /// At most this many stamps per applicant on this seal...
+    #[serde(default)]
+    pub rate_limit_count: Option<u32>,
+    /// ...within this many seconds (at most 31 days).
+    #[serde(default)]
+    pub rate_limit_window_seconds: Option<u64>,
+    /// The applicant must give a TOTP code.
+    #[serde(default)]
+    pub mfa: bool,
+}
+
+/// An approver in the trust store.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApproverConfig {
+    pub id: String,
+    #[serde(default)]
+    pub name: String,
+    /// The approval level this person holds, e.g. "dept_head".
+    pub role: String,
+    #[serde(default)]
+    pub department: String,
+    /// Ed25519 or P-256 public key, SPKI PEM, inline...
+    #[serde(default)]
+    pub public_key: Option<String>,
+    /// ...or in a file (relative to the configuration's folder).
+    #[serde(default)]
+    pub public_key_file: Option<PathBuf>,
+    /// RFC 3339 times bounding when this approver's approvals count.
+    #[serde(default)]
+    pub valid_from: Option<String>,
+    #[serde(default)]
+    pub valid_until: Option<String>,
+    #[serde(default)]
+    pub revoked: bool,
+}
+
+/// TOTP (RFC 6238) for applicants.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MfaConfig {
+    /// The device holding the key that wraps TOTP secrets (its `wrap_key_label`).
+    pub device: String,
+    /// Wrong codes in a row before the applicant is locked out.
+    #[serde(default = "default_max_failures")]
+    pub max_failures: u32,
+    /// Issuer shown by authenticator apps.
+    #[serde(default = "default_issuer")]
+    pub issuer: String,
+}
+
+fn default_max_failures() -> u32 {
+    5
+}
+fn default_issuer() -> String {
+    "sealgate".into()
 }
 
 impl Config {
@@ -154,6 +265,7 @@ impl Config {
         };
         fix(&mut self.daemon.socket);
         fix(&mut self.daemon.profiles_dir);
+        fix(&mut self.daemon.state_dir);
         for d in &mut self.devices {
             if let Some(p) = d.pin_file.as_mut() {
                 fix(p);
@@ -204,6 +316,34 @@ impl Config {
             if let Some(id) = &s.key_id {
                 if hex::decode(id).is_err() {
                     return invalid(format!("seal {:?}: key_id {:?} is not hex", s.id, id));
+                }
+            }
+        }
+        let wants_mfa = self.seals.iter().any(|s| s.rules.iter().any(|r| r.mfa));
+        match &self.mfa {
+            None if wants_mfa => {
+                return invalid("a rule asks for mfa but there is no [mfa] section".into())
+            }
+            Some(m) => {
+                let Some(d) = self.devices.iter().find(|d| d.id == m.device) else {
+                    return invalid(format!("mfa.device {:?} is not configured", m.device));
+                };
+                if d.wrap_key_label.is_none() {
+                    return invalid(format!("mfa.device {:?} has no wrap_key_label", m.device));
+                }
+                if m.max_failures == 0 {
+                    return invalid("mfa.max_failures must be at least 1".into());
+                }
+            }
+            None => {}
+        }
+        for s in &self.seals {
+            for r in &s.rules {
+                if r.rate_limit_window_seconds.is_some_and(|w| w > 31 * 86400) {
+                    return invalid(format!(
+                        "seal {:?}: rate_limit_window_seconds is at most 31 days",
+                        s.id
+                    ));
                 }
             }
         }
@@ -323,6 +463,7 @@ mod tests {
 [daemon]
 socket = "s.sock"
 profiles_dir = "profiles"
+state_dir = "state"
 
 [[caller]]
 name = "oa"

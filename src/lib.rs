@@ -5,12 +5,18 @@
 //! - [`server`]: the Unix socket, peer credentials, frames, connection limits, shutdown.
 //! - [`protocol`]: the wire contract (generated from `proto/`), the frame codec, a client.
 //! - [`service`]: the stamp pipeline and the one mapping of errors to wire status codes.
+//! - [`approval`]: approval tokens, the trust store, the replay ledger, TOTP.
+//! - [`policy`]: each seal's rules: which approvals, in which order, when, how often.
+//! - [`store`]: the durable state (SQLite).
 //! - [`device`]: the seal devices behind one trait (PKCS#11 today), and device profiles.
 //! - [`config`]: the daemon's TOML configuration and the PINs it points to.
 #![deny(unsafe_code)]
 
+pub mod approval;
 pub mod config;
 pub mod device;
+pub mod policy;
 pub mod protocol;
 pub mod server;
 pub mod service;
+pub mod store;

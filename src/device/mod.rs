@@ -121,6 +121,25 @@ pub trait SealDevice: Send + Sync {
     fn recover(&self);
     /// Signatures this device can have in flight at once.
     fn parallelism(&self) -> usize;
+    /// Encrypts a small secret under a key that never leaves the device, bound to `context`
+    /// (the same context is needed to open it). Blocks.
+    fn seal_secret(&self, _plaintext: &[u8], _context: &[u8]) -> Result<Vec<u8>, DeviceError> {
+        Err(DeviceError::Failed(format!(
+            "device {:?} cannot wrap secrets",
+            self.id()
+        )))
+    }
+    /// Reverses [`SealDevice::seal_secret`]. Blocks.
+    fn open_secret(
+        &self,
+        _sealed: &[u8],
+        _context: &[u8],
+    ) -> Result<zeroize::Zeroizing<Vec<u8>>, DeviceError> {
+        Err(DeviceError::Failed(format!(
+            "device {:?} cannot wrap secrets",
+            self.id()
+        )))
+    }
 }
 
 /// A configured seal bound to its device and key.

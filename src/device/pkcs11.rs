@@ -16,6 +16,7 @@ use super::{Algorithm, DeviceError, Health, KeySpec, SealDevice, SealKey};
 use crate::config::DeviceConfig;
 use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
 use cryptoki::error::{Error as CkError, RvError};
+use cryptoki::mechanism::aead::GcmParams;
 use cryptoki::mechanism::eddsa::{EddsaParams, EddsaSignatureScheme};
 use cryptoki::mechanism::rsa::{PkcsMgfType, PkcsPssParams};
 use cryptoki::mechanism::{Mechanism, MechanismType};
@@ -37,6 +38,7 @@ pub struct Pkcs11Device {
     module: PathBuf,
     token_label: Option<String>,
     token_serial: Option<String>,
+    wrap_key_label: Option<String>,
     pin: AuthPin,
     specs: Vec<KeySpec>,
     /// Public side of each key, as found at start-up; a token that comes back with other keys
@@ -60,6 +62,8 @@ enum State {
 struct Conn {
     ctx: Pkcs11,
     handles: Vec<ObjectHandle>,
+    /// The AES key that wraps secrets, when the device has one.
+    wrap: Option<ObjectHandle>,
     pool: Mutex<Vec<Session>>,
     slot: Slot,
     /// Holds the login: a token logs the application out when its last session closes. Never
@@ -112,6 +116,7 @@ impl Pkcs11Device {
             module,
             token_label: config.token_label.clone(),
             token_serial: config.token_serial.clone(),
+            wrap_key_label: config.wrap_key_label.clone(),
             pin: AuthPin::from(pin.expose().to_owned()),
             specs,
             keys: Vec::new(),
@@ -195,6 +200,10 @@ impl Pkcs11Device {
             handles.push(handle);
             found.push(key);
         }
+        let wrap = match &self.wrap_key_label {
+            None => None,
+            Some(label) => Some(self.find_wrap_key(&login, label)?),
+        };
         let mut pool = Vec::new();
         for _ in 0..self.sessions {
             pool.push(
@@ -206,6 +215,7 @@ impl Pkcs11Device {
             Conn {
                 ctx: ctx.clone(),
                 handles,
+                wrap,
                 pool: Mutex::new(pool),
                 slot,
                 login: Mutex::new(login),
@@ -372,6 +382,86 @@ impl Pkcs11Device {
         ))
     }
 
+    fn find_wrap_key(&self, session: &Session, label: &str) -> Result<ObjectHandle, ConnectError> {
+        let found = session
+            .find_objects(&[
+                Attribute::Class(ObjectClass::SECRET_KEY),
+                Attribute::Label(label.as_bytes().to_vec()),
+            ])
+            .map_err(|e| ConnectError::lost(format!("cannot search the token: {e}")))?;
+        let [handle] = found.as_slice() else {
+            return Err(ConnectError::setup(format!(
+                "expected one secret key labelled {label:?} on {}, found {}",
+                self.token_name(),
+                found.len()
+            )));
+        };
+        let attrs = session
+            .get_attributes(
+                *handle,
+                &[AttributeType::KeyType, AttributeType::Extractable],
+            )
+            .map_err(|e| ConnectError::lost(format!("cannot read key attributes: {e}")))?;
+        for a in attrs {
+            match a {
+                Attribute::KeyType(t) if t != KeyType::AES => {
+                    return Err(ConnectError::setup(format!(
+                        "wrap key {label:?} is not an AES key"
+                    )))
+                }
+                Attribute::Extractable(true) => {
+                    return Err(ConnectError::setup(format!(
+                        "wrap key {label:?} is extractable; it must be CKA_EXTRACTABLE=false"
+                    )))
+                }
+                _ => {}
+            }
+        }
+        Ok(*handle)
+    }
+
+    /// Runs `op` on a pooled session of the current connection, marking the device down if
+    /// the token went away.
+    fn with_session<T>(
+        &self,
+        op: impl FnOnce(&Conn, &Session) -> Result<T, CkError>,
+    ) -> Result<T, DeviceError> {
+        let state = self.state.read().unwrap_or_else(|p| p.into_inner());
+        let conn = match &*state {
+            State::Up(conn) => conn,
+            State::Down { reason, .. } => return Err(self.unavailable(reason)),
+        };
+        let session = conn.pool.lock().unwrap_or_else(|p| p.into_inner()).pop();
+        let session = match session {
+            Some(s) => s,
+            None => match conn.ctx.open_ro_session(conn.slot) {
+                Ok(s) => s,
+                Err(e) => {
+                    let reason = format!("cannot open a session: {e}");
+                    drop(state);
+                    self.mark_down(reason.clone());
+                    return Err(self.unavailable(&reason));
+                }
+            },
+        };
+        match op(conn, &session) {
+            Err(e) if connection_lost(&e) => {
+                drop(session);
+                drop(state);
+                let reason = format!("{} stopped answering: {e}", self.token_name());
+                self.mark_down(reason.clone());
+                Err(self.unavailable(&reason))
+            }
+            result => {
+                let mut pool = conn.pool.lock().unwrap_or_else(|p| p.into_inner());
+                if pool.len() < self.sessions {
+                    pool.push(session);
+                }
+                result.map_err(|e| DeviceError::Failed(format!("device {:?}: {e}", self.id)))
+            }
+        }
+    }
+
     fn public_spki(
         &self,
         session: &Session,
@@ -500,58 +590,46 @@ impl SealDevice for Pkcs11Device {
             }
         };
 
-        let state = self.state.read().unwrap_or_else(|p| p.into_inner());
-        let conn = match &*state {
-            State::Up(conn) => conn,
-            State::Down { reason, .. } => return Err(self.unavailable(reason)),
-        };
-        let session = conn.pool.lock().unwrap_or_else(|p| p.into_inner()).pop();
-        let session = match session {
-            Some(s) => s,
-            None => match conn.ctx.open_ro_session(conn.slot) {
-                Ok(s) => s,
-                Err(e) => {
-                    let reason = format!("cannot open a session: {e}");
-                    drop(state);
-                    self.mark_down(reason.clone());
-                    return Err(self.unavailable(&reason));
-                }
-            },
-        };
-        let result = session.sign(&mechanism, conn.handles[key], data);
-        match result {
-            Ok(sig) => {
-                let mut pool = conn.pool.lock().unwrap_or_else(|p| p.into_inner());
-                if pool.len() < self.sessions {
-                    pool.push(session);
-                }
-                drop(pool);
-                drop(state);
-                match algorithm {
-                    Algorithm::EcdsaP256Sha256 => {
-                        keys::ecdsa_p256_raw_to_der(&sig).map_err(DeviceError::Failed)
-                    }
-                    _ => Ok(sig),
-                }
+        let sig =
+            self.with_session(|conn, session| session.sign(&mechanism, conn.handles[key], data))?;
+        match algorithm {
+            Algorithm::EcdsaP256Sha256 => {
+                keys::ecdsa_p256_raw_to_der(&sig).map_err(DeviceError::Failed)
             }
-            Err(e) if connection_lost(&e) => {
-                drop(session);
-                drop(state);
-                let reason = format!("{} stopped answering: {e}", self.token_name());
-                self.mark_down(reason.clone());
-                Err(self.unavailable(&reason))
-            }
-            Err(e) => {
-                conn.pool
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .push(session);
-                Err(DeviceError::Failed(format!(
-                    "device {:?} could not sign: {e}",
-                    self.id
-                )))
-            }
+            _ => Ok(sig),
         }
+    }
+
+    fn seal_secret(&self, plaintext: &[u8], context: &[u8]) -> Result<Vec<u8>, DeviceError> {
+        let mut iv = [0u8; 12];
+        getrandom::fill(&mut iv).map_err(|e| DeviceError::Failed(format!("no randomness: {e}")))?;
+        let iv_copy = iv;
+        let ct = self.with_session(|conn, session| {
+            let wrap = conn.wrap.ok_or(CkError::NotSupported)?;
+            let params = GcmParams::new(&mut iv, context, 128u64.into())?;
+            session.encrypt(&Mechanism::AesGcm(params), wrap, plaintext)
+        })?;
+        let mut out = iv_copy.to_vec();
+        out.extend_from_slice(&ct);
+        Ok(out)
+    }
+
+    fn open_secret(
+        &self,
+        sealed: &[u8],
+        context: &[u8],
+    ) -> Result<zeroize::Zeroizing<Vec<u8>>, DeviceError> {
+        if sealed.len() < 12 + 16 {
+            return Err(DeviceError::Failed("sealed secret is too short".into()));
+        }
+        let mut iv = [0u8; 12];
+        iv.copy_from_slice(&sealed[..12]);
+        let pt = self.with_session(|conn, session| {
+            let wrap = conn.wrap.ok_or(CkError::NotSupported)?;
+            let params = GcmParams::new(&mut iv, context, 128u64.into())?;
+            session.decrypt(&Mechanism::AesGcm(params), wrap, &sealed[12..])
+        })?;
+        Ok(zeroize::Zeroizing::new(pt))
     }
 
     fn recover(&self) {

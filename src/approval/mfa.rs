@@ -1,0 +1,179 @@
+//! TOTP (RFC 6238) for applicants: enrollment, verification with each code accepted once, and
+//! lockout after repeated failures.
+//!
+//! Secrets are stored wrapped by a key inside a device (AES-GCM, bound to the user's name), so a
+//! copy of the state directory alone does not reveal them. Unwrapped secrets live in zeroized
+//! buffers for the length of one check.
+
+use super::{Denial, Reason};
+use crate::device::{DeviceError, SealDevice};
+use crate::store::{Store, StoreError};
+use rusqlite::{params, OptionalExtension};
+use std::sync::Arc;
+use totp_rs::{Algorithm, Builder, Secret};
+use zeroize::Zeroizing;
+
+#[derive(Debug, thiserror::Error)]
+pub enum MfaError {
+    #[error("{0}")]
+    Store(#[from] StoreError),
+    #[error("{0}")]
+    Device(#[from] DeviceError),
+    #[error("{0}")]
+    Invalid(String),
+}
+
+pub struct Mfa {
+    device: Arc<dyn SealDevice>,
+    max_failures: u32,
+    issuer: String,
+}
+
+fn context(user: &str) -> Vec<u8> {
+    format!("sealgate totp v1 {user}").into_bytes()
+}
+
+fn totp(secret: &[u8], user: &str, issuer: &str) -> Result<totp_rs::Totp, MfaError> {
+    Builder::new()
+        .with_algorithm(Algorithm::SHA1)
+        .with_digits(6)
+        .with_skew(1)
+        .with_step_duration(30)
+        .with_secret(Secret::from(secret.to_vec()))
+        .with_account_name(user)
+        .with_issuer(Some(issuer))
+        .build()
+        .map_err(|e| MfaError::Invalid(format!("TOTP parameters: {e}")))
+}
+
+fn valid_user(user: &str) -> Result<(), MfaError> {
+    if user.is_empty() || user.len() > 128 || user.contains([':', '/', '?', '#', '&']) {
+        return Err(MfaError::Invalid(format!(
+            "user name {user:?} must be 1-128 characters without : / ? # &"
+        )));
+    }
+    Ok(())
+}
+
+impl Mfa {
+    pub fn new(device: Arc<dyn SealDevice>, max_failures: u32, issuer: String) -> Mfa {
+        Mfa {
+            device,
+            max_failures,
+            issuer,
+        }
+    }
+
+    /// Makes a new secret for `user` (replacing any old one, clearing a lockout) and returns the
+    /// otpauth URI to hand to the user once. Blocks.
+    pub fn enroll(
+        &self,
+        store: &Store,
+        user: &str,
+        now: i64,
+    ) -> Result<Zeroizing<String>, MfaError> {
+        valid_user(user)?;
+        let mut secret = Zeroizing::new(vec![0u8; 20]);
+        getrandom::fill(&mut secret)
+            .map_err(|e| MfaError::Invalid(format!("no randomness: {e}")))?;
+        let sealed = self.device.seal_secret(&secret, &context(user))?;
+        let uri = Zeroizing::new(
+            totp(&secret, user, &self.issuer)?
+                .to_url()
+                .map_err(|e| MfaError::Invalid(format!("otpauth URI: {e}")))?,
+        );
+        store.with(|c| {
+            c.execute(
+                "INSERT INTO mfa_users (user, wrapped_secret, last_step, failures, locked, enrolled_at)
+                 VALUES (?1, ?2, -1, 0, 0, ?3)
+                 ON CONFLICT(user) DO UPDATE SET wrapped_secret = ?2, last_step = -1,
+                     failures = 0, locked = 0, enrolled_at = ?3",
+                params![user, sealed, now],
+            )
+        })?;
+        Ok(uri)
+    }
+
+    /// Clears `user`'s failure count and lockout. Returns false when the user is not enrolled.
+    pub fn reset(&self, store: &Store, user: &str) -> Result<bool, MfaError> {
+        let n = store.with(|c| {
+            c.execute(
+                "UPDATE mfa_users SET failures = 0, locked = 0 WHERE user = ?1",
+                params![user],
+            )
+        })?;
+        Ok(n == 1)
+    }
+
+    /// Checks `code` for `user` at `now`. With `consume`, a good code is spent (a later check
+    /// with a code of the same or an earlier time step fails) and a bad one counts towards the
+    /// lockout; without it (dry runs) nothing changes. Blocks.
+    pub fn check(
+        &self,
+        store: &Store,
+        user: &str,
+        code: &str,
+        now: i64,
+        consume: bool,
+    ) -> Result<Result<(), Denial>, MfaError> {
+        if code.is_empty() {
+            return Ok(Err(Denial::new(
+                Reason::MfaRequired,
+                "this rule requires the applicant's TOTP code",
+            )));
+        }
+        let row: Option<(Vec<u8>, i64, u32, bool)> = store.with(|c| {
+            c.query_row(
+                "SELECT wrapped_secret, last_step, failures, locked FROM mfa_users WHERE user = ?1",
+                params![user],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+            )
+            .optional()
+        })?;
+        let Some((sealed, last_step, failures, locked)) = row else {
+            return Ok(Err(Denial::new(
+                Reason::MfaInvalid,
+                format!("applicant {user:?} is not enrolled for TOTP"),
+            )));
+        };
+        if locked {
+            return Ok(Err(Denial::new(
+                Reason::MfaLocked,
+                format!("applicant {user:?} is locked out after {failures} wrong codes; an administrator must reset it"),
+            )));
+        }
+        let secret = self.device.open_secret(&sealed, &context(user))?;
+        let step = totp(&secret, user, &self.issuer)?.check(code, now.max(0) as u64);
+        let fresh = step.filter(|s| *s as i64 > last_step);
+        if let Some(s) = fresh {
+            if consume {
+                store.with(|c| {
+                    c.execute(
+                        "UPDATE mfa_users SET last_step = ?2, failures = 0 WHERE user = ?1",
+                        params![user, s as i64],
+                    )
+                })?;
+            }
+            return Ok(Ok(()));
+        }
+        let why = if step.is_some() {
+            "this TOTP code was already used"
+        } else {
+            "wrong TOTP code"
+        };
+        if consume {
+            let failures = failures + 1;
+            let lock = failures >= self.max_failures;
+            store.with(|c| {
+                c.execute(
+                    "UPDATE mfa_users SET failures = ?2, locked = ?3 WHERE user = ?1",
+                    params![user, failures, lock],
+                )
+            })?;
+            if lock {
+                tracing::warn!(applicant = %user, failures, "TOTP lockout");
+            }
+        }
+        Ok(Err(Denial::new(Reason::MfaInvalid, why)))
+    }
+}

@@ -1,0 +1,339 @@
+//! Approvals: is this stamp backed by valid, signed approval that satisfies the seal's policy?
+//!
+//! Owns: the refusal reasons (stable codes), the trust store of approvers, the checks that need
+//! only the token, the request and the clock ([`evaluate`]), TOTP for applicants ([`mfa`]) and
+//! the durable replay ledger ([`ledger`]).
+//! Never: takes a role or a department from a token; those come from the trust store. Never
+//! logs a token, a TOTP code or a TOTP secret.
+
+pub mod ledger;
+pub mod mfa;
+pub mod token;
+
+use crate::policy::{ApprovalFact, SealPolicy};
+use std::collections::HashMap;
+use std::path::Path;
+use token::{Token, VerifyingKey};
+
+/// Why an approval does not authorise a stamp. The codes are stable: they appear in responses,
+/// logs and (later) audit records.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Reason {
+    Malformed,
+    BadSignature,
+    UnknownApprover,
+    ApproverRevoked,
+    Expired,
+    NotYetValid,
+    SealMismatch,
+    DigestMismatch,
+    NoRule,
+    MissingLevel,
+    LevelOrder,
+    SelfApproval,
+    DuplicateApprover,
+    DepartmentMismatch,
+    OutsideHours,
+    RateLimited,
+    MfaRequired,
+    MfaInvalid,
+    MfaLocked,
+    Replayed,
+    Exhausted,
+}
+
+impl Reason {
+    pub fn code(self) -> &'static str {
+        match self {
+            Reason::Malformed => "malformed",
+            Reason::BadSignature => "bad_signature",
+            Reason::UnknownApprover => "unknown_approver",
+            Reason::ApproverRevoked => "approver_revoked",
+            Reason::Expired => "expired",
+            Reason::NotYetValid => "not_yet_valid",
+            Reason::SealMismatch => "seal_mismatch",
+            Reason::DigestMismatch => "digest_mismatch",
+            Reason::NoRule => "no_rule",
+            Reason::MissingLevel => "missing_level",
+            Reason::LevelOrder => "level_order",
+            Reason::SelfApproval => "self_approval",
+            Reason::DuplicateApprover => "duplicate_approver",
+            Reason::DepartmentMismatch => "department_mismatch",
+            Reason::OutsideHours => "outside_hours",
+            Reason::RateLimited => "rate_limited",
+            Reason::MfaRequired => "mfa_required",
+            Reason::MfaInvalid => "mfa_invalid",
+            Reason::MfaLocked => "mfa_locked",
+            Reason::Replayed => "replayed",
+            Reason::Exhausted => "exhausted",
+        }
+    }
+}
+
+/// One reason a stamp is refused, with what exactly was wrong.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Denial {
+    pub reason: Reason,
+    pub detail: String,
+}
+
+impl Denial {
+    pub fn new(reason: Reason, detail: impl Into<String>) -> Denial {
+        Denial {
+            reason,
+            detail: detail.into(),
+        }
+    }
+}
+
+impl std::fmt::Display for Denial {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.reason.code(), self.detail)
+    }
+}
+
+/// Accepted clock difference between approvers' machines and this one, in seconds.
+pub const CLOCK_SKEW: i64 = 60;
+
+/// An approver in the trust store.
+#[derive(Debug, Clone)]
+pub struct Approver {
+    pub id: String,
+    pub name: String,
+    pub role: String,
+    pub department: String,
+    pub key: VerifyingKey,
+    pub valid_from: Option<i64>,
+    pub valid_until: Option<i64>,
+    pub revoked: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("approver {id:?}: {detail}")]
+pub struct TrustError {
+    pub id: String,
+    pub detail: String,
+}
+
+/// The approvers this daemon trusts, by id.
+#[derive(Debug, Default, Clone)]
+pub struct TrustStore {
+    approvers: HashMap<String, Approver>,
+}
+
+impl TrustStore {
+    pub fn from_config(
+        approvers: &[crate::config::ApproverConfig],
+        base: &Path,
+    ) -> Result<TrustStore, TrustError> {
+        let mut map = HashMap::new();
+        for a in approvers {
+            let err = |detail: String| TrustError {
+                id: a.id.clone(),
+                detail,
+            };
+            let pem = match (&a.public_key, &a.public_key_file) {
+                (Some(p), None) => p.clone(),
+                (None, Some(f)) => {
+                    let path = if f.is_relative() {
+                        base.join(f)
+                    } else {
+                        f.clone()
+                    };
+                    std::fs::read_to_string(&path)
+                        .map_err(|e| err(format!("cannot read {}: {e}", path.display())))?
+                }
+                _ => {
+                    return Err(err(
+                        "needs exactly one of public_key and public_key_file".into()
+                    ))
+                }
+            };
+            let key = VerifyingKey::from_pem(&pem).map_err(err)?;
+            let time = |s: &Option<String>| -> Result<Option<i64>, TrustError> {
+                s.as_deref()
+                    .map(|s| {
+                        s.parse::<jiff::Timestamp>()
+                            .map(|t| t.as_second())
+                            .map_err(|e| err(format!("time {s:?}: {e}")))
+                    })
+                    .transpose()
+            };
+            let approver = Approver {
+                id: a.id.clone(),
+                name: a.name.clone(),
+                role: a.role.clone(),
+                department: a.department.clone(),
+                key,
+                valid_from: time(&a.valid_from)?,
+                valid_until: time(&a.valid_until)?,
+                revoked: a.revoked,
+            };
+            if map.insert(a.id.clone(), approver).is_some() {
+                return Err(err("defined twice".into()));
+            }
+        }
+        Ok(TrustStore { approvers: map })
+    }
+
+    pub fn get(&self, id: &str) -> Option<&Approver> {
+        self.approvers.get(id)
+    }
+}
+
+/// What the checks that need no state found.
+pub struct Evaluation {
+    /// The parsed token, when it parsed.
+    pub token: Option<Token>,
+    /// Index of the policy rule that matched.
+    pub rule: Option<usize>,
+    /// The approvers whose signatures verified, with the level each fills.
+    pub approvals: Vec<ApprovalFact>,
+    pub denials: Vec<Denial>,
+}
+
+/// Checks a token against the request, the trust store, the seal's policy and the clock.
+/// Every applicable reason is collected (for `sealctl token check`); a stamp is refused on the
+/// first. State (replays, rate limits, TOTP) is checked elsewhere.
+pub fn evaluate(
+    token_bytes: &[u8],
+    seal_id: &str,
+    digest: &[u8; 32],
+    now: i64,
+    trust: &TrustStore,
+    policy: &SealPolicy,
+) -> Evaluation {
+    let mut denials = Vec::new();
+    let token = match Token::parse(token_bytes) {
+        Ok(t) => t,
+        Err(e) => {
+            return Evaluation {
+                token: None,
+                rule: None,
+                approvals: Vec::new(),
+                denials: vec![Denial::new(Reason::Malformed, e.0)],
+            }
+        }
+    };
+    let c = &token.claims;
+
+    // Signatures: every one must verify; a token with a bad signature is refused whole.
+    let mut approvals = Vec::new();
+    let mut seen = HashMap::new();
+    for (i, sig) in token.signatures.iter().enumerate() {
+        let kid = &sig.header.kid;
+        let Some(approver) = trust.get(kid) else {
+            denials.push(Denial::new(
+                Reason::UnknownApprover,
+                format!("no approver {kid:?} in the trust store"),
+            ));
+            continue;
+        };
+        if !token.verify(i, &approver.key) {
+            denials.push(Denial::new(
+                Reason::BadSignature,
+                format!("the signature of {kid:?} does not verify"),
+            ));
+            continue;
+        }
+        let at = sig.header.approved_at;
+        if approver.revoked {
+            denials.push(Denial::new(
+                Reason::ApproverRevoked,
+                format!("approver {kid:?} is revoked"),
+            ));
+            continue;
+        }
+        let active = |t: i64| {
+            approver.valid_from.is_none_or(|f| t >= f)
+                && approver.valid_until.is_none_or(|u| t <= u)
+        };
+        if !active(at) || !active(now) {
+            denials.push(Denial::new(
+                Reason::ApproverRevoked,
+                format!("approver {kid:?} is outside their validity window"),
+            ));
+            continue;
+        }
+        if at > now + CLOCK_SKEW || at + CLOCK_SKEW < c.iat || at > c.exp {
+            denials.push(Denial::new(
+                Reason::Malformed,
+                format!("approval time of {kid:?} is outside the token's life"),
+            ));
+            continue;
+        }
+        if kid == &c.applicant {
+            denials.push(Denial::new(
+                Reason::SelfApproval,
+                format!("applicant {kid:?} approved their own request"),
+            ));
+            continue;
+        }
+        if seen.insert(kid.clone(), ()).is_some() {
+            denials.push(Denial::new(
+                Reason::DuplicateApprover,
+                format!("{kid:?} signed more than once"),
+            ));
+            continue;
+        }
+        approvals.push(ApprovalFact {
+            approver: kid.clone(),
+            role: approver.role.clone(),
+            department: approver.department.clone(),
+            approved_at: at,
+        });
+    }
+
+    if now > c.exp + CLOCK_SKEW {
+        denials.push(Denial::new(
+            Reason::Expired,
+            format!("expired at {}", c.exp),
+        ));
+    }
+    if now + CLOCK_SKEW < c.nbf {
+        denials.push(Denial::new(
+            Reason::NotYetValid,
+            format!("valid from {}", c.nbf),
+        ));
+    }
+    if c.seal != seal_id {
+        denials.push(Denial::new(
+            Reason::SealMismatch,
+            format!("token is for seal {:?}, not {seal_id:?}", c.seal),
+        ));
+    }
+    if c.doc.sha256 != hex::encode(digest) {
+        denials.push(Denial::new(
+            Reason::DigestMismatch,
+            "the token approves another document",
+        ));
+    }
+
+    let rule = policy.match_rule(c);
+    match rule {
+        None => denials.push(Denial::new(
+            Reason::NoRule,
+            format!(
+                "no rule of seal {seal_id:?} covers document type {:?}{}",
+                c.doc.doc_type,
+                c.amount
+                    .as_ref()
+                    .map(|a| format!(" for {} {}", a.value, a.currency))
+                    .unwrap_or_default()
+            ),
+        )),
+        Some(i) => {
+            let r = &policy.rules[i];
+            denials.extend(r.check_levels(c, &approvals));
+            if let Some(d) = r.check_hours(now) {
+                denials.push(d);
+            }
+        }
+    }
+    Evaluation {
+        token: Some(token),
+        rule,
+        approvals,
+        denials,
+    }
+}

@@ -1,0 +1,566 @@
+//! Approval tokens: JWS (RFC 7515) in the general JSON serialization, one signature per
+//! approver over the same payload; the flattened and compact serializations are accepted as the
+//! one-signature case.
+//!
+//! Owns: parsing the envelope and the claims, the signing input, verifying each signature with
+//! the approver's key (Ed25519 or P-256; the arithmetic is ed25519-dalek's and p256's), and
+//! building tokens for sealctl and the tests.
+//! Never: trusts anything in a token about who an approver is; roles and departments come from
+//! the trust store.
+
+use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
+use base64::Engine;
+use serde::{Deserialize, Serialize};
+
+/// Largest token accepted, in bytes; a token is a few hundred bytes per approver.
+pub const MAX_TOKEN_BYTES: usize = 64 * 1024;
+/// Most signatures one token may carry.
+pub const MAX_SIGNATURES: usize = 16;
+/// Protected-header parameters this implementation understands, and so may be listed in `crit`.
+const UNDERSTOOD_CRITICAL: &[&str] = &["approved_at"];
+
+/// Signature algorithms approvers may use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum JwsAlg {
+    EdDSA,
+    ES256,
+}
+
+/// The claims of an approval.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Claims {
+    pub jti: String,
+    pub seal: String,
+    pub doc: DocClaim,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub amount: Option<Amount>,
+    pub dept: String,
+    #[serde(default)]
+    pub scope: String,
+    pub applicant: String,
+    #[serde(default)]
+    pub purpose: String,
+    pub iat: i64,
+    pub nbf: i64,
+    pub exp: i64,
+    #[serde(default = "one")]
+    pub uses: u32,
+}
+
+fn one() -> u32 {
+    1
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DocClaim {
+    /// SHA-256 of the document, 64 lowercase hex digits.
+    pub sha256: String,
+    #[serde(rename = "type")]
+    pub doc_type: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub title: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Amount {
+    /// Integer minor units (fen, cents).
+    pub value: i64,
+    /// ISO 4217 code, e.g. "CNY".
+    pub currency: String,
+}
+
+/// A protected header as sealgate writes and reads it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Header {
+    pub alg: JwsAlg,
+    pub kid: String,
+    /// When this approver approved, Unix seconds.
+    pub approved_at: i64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub crit: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub typ: Option<String>,
+}
+
+/// One signature of a parsed token, not yet verified.
+#[derive(Debug, Clone)]
+pub struct Signature {
+    pub header: Header,
+    /// The protected header exactly as sent (base64url), part of the signing input.
+    protected_b64: String,
+    pub signature: Vec<u8>,
+}
+
+/// A parsed token: claims and signatures. Nothing in it is trusted until verified.
+#[derive(Debug, Clone)]
+pub struct Token {
+    pub claims: Claims,
+    payload_b64: String,
+    pub signatures: Vec<Signature>,
+}
+
+/// Why a token could not be parsed. All of these are reason `malformed`.
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+#[error("{0}")]
+pub struct ParseError(pub String);
+
+fn perr<T>(m: impl Into<String>) -> Result<T, ParseError> {
+    Err(ParseError(m.into()))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct GeneralJson {
+    payload: String,
+    signatures: Vec<SignatureJson>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FlattenedJson {
+    payload: String,
+    protected: String,
+    signature: String,
+    #[serde(default)]
+    header: Option<serde_json::Value>,
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SignatureJson {
+    protected: String,
+    signature: String,
+    /// Unprotected header: accepted for interoperability, never read.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    header: Option<serde_json::Value>,
+}
+
+fn b64(field: &str, s: &str) -> Result<Vec<u8>, ParseError> {
+    B64.decode(s)
+        .map_err(|_| ParseError(format!("{field} is not base64url")))
+}
+
+impl Token {
+    /// Parses a token in any of the three serializations. Bounded: size, signature count, and
+    /// JSON nesting (serde_json refuses nesting deeper than 128).
+    pub fn parse(bytes: &[u8]) -> Result<Token, ParseError> {
+        if bytes.len() > MAX_TOKEN_BYTES {
+            return perr(format!(
+                "token is {} bytes; at most {MAX_TOKEN_BYTES} are accepted",
+                bytes.len()
+            ));
+        }
+        let text = std::str::from_utf8(bytes)
+            .map_err(|_| ParseError("token is not UTF-8".into()))?
+            .trim();
+        if text.is_empty() {
+            return perr("no approval token");
+        }
+        let (payload_b64, sigs): (String, Vec<(String, String)>) = if text.starts_with('{') {
+            let value: serde_json::Value = serde_json::from_str(text)
+                .map_err(|e| ParseError(format!("token is not JSON: {e}")))?;
+            if value.get("signatures").is_some() {
+                let g: GeneralJson = serde_json::from_value(value)
+                    .map_err(|e| ParseError(format!("not a general JWS: {e}")))?;
+                (
+                    g.payload,
+                    g.signatures
+                        .into_iter()
+                        .map(|s| (s.protected, s.signature))
+                        .collect(),
+                )
+            } else {
+                let f: FlattenedJson = serde_json::from_value(value)
+                    .map_err(|e| ParseError(format!("not a flattened JWS: {e}")))?;
+                let _ = f.header;
+                (f.payload, vec![(f.protected, f.signature)])
+            }
+        } else {
+            let parts: Vec<&str> = text.split('.').collect();
+            let [protected, payload, signature] = parts.as_slice() else {
+                return perr("a compact JWS has three dot-separated parts");
+            };
+            (
+                payload.to_string(),
+                vec![(protected.to_string(), signature.to_string())],
+            )
+        };
+        if sigs.is_empty() {
+            return perr("token carries no signature");
+        }
+        if sigs.len() > MAX_SIGNATURES {
+            return perr(format!(
+                "token carries {} signatures; at most {MAX_SIGNATURES}",
+                sigs.len()
+            ));
+        }
+        let payload = b64("payload", &payload_b64)?;
+        let claims: Claims =
+            serde_json::from_slice(&payload).map_err(|e| ParseError(format!("claims: {e}")))?;
+        check_claims(&claims)?;
+        let mut signatures = Vec::with_capacity(sigs.len());
+        for (protected_b64, sig_b64) in sigs {
+            let raw = b64("protected header", &protected_b64)?;
+            let header: Header = serde_json::from_slice(&raw)
+                .map_err(|e| ParseError(format!("protected header: {e}")))?;
+            if let Some(crit) = &header.crit {
+                if crit.is_empty() {
+                    return perr("crit must not be empty");
+                }
+                for c in crit {
+                    if !UNDERSTOOD_CRITICAL.contains(&c.as_str()) {
+                        return perr(format!("unknown critical header parameter {c:?}"));
+                    }
+                }
+            }
+            signatures.push(Signature {
+                header,
+                protected_b64,
+                signature: b64("signature", &sig_b64)?,
+            });
+        }
+        Ok(Token {
+            claims,
+            payload_b64,
+            signatures,
+        })
+    }
+
+    /// A token with these claims and no signature yet.
+    pub fn unsigned(claims: Claims) -> Token {
+        let payload = serde_json::to_vec(&claims).expect("claims serialize");
+        Token {
+            claims,
+            payload_b64: B64.encode(payload),
+            signatures: Vec::new(),
+        }
+    }
+
+    /// Adds one approver's signature.
+    pub fn add_signature(&mut self, key: &SigningKey, kid: &str, approved_at: i64) {
+        let header = Header {
+            alg: key.alg(),
+            kid: kid.to_owned(),
+            approved_at,
+            crit: None,
+            typ: None,
+        };
+        let protected_b64 = B64.encode(serde_json::to_vec(&header).expect("header serializes"));
+        let input = signing_input(&protected_b64, &self.payload_b64);
+        self.signatures.push(Signature {
+            header,
+            protected_b64,
+            signature: key.sign(input.as_bytes()),
+        });
+    }
+
+    /// The general JSON serialization.
+    pub fn to_json(&self) -> String {
+        let sigs: Vec<SignatureJson> = self
+            .signatures
+            .iter()
+            .map(|s| SignatureJson {
+                protected: s.protected_b64.clone(),
+                signature: B64.encode(&s.signature),
+                header: None,
+            })
+            .collect();
+        serde_json::json!({ "payload": self.payload_b64, "signatures": sigs }).to_string()
+    }
+
+    /// Parses an unsigned or partly signed token in the general JSON serialization (for
+    /// `sealctl token sign`, which adds signatures one at a time).
+    pub fn parse_for_signing(bytes: &[u8]) -> Result<Token, ParseError> {
+        let g: GeneralJson = serde_json::from_slice(bytes)
+            .map_err(|e| ParseError(format!("not a general JWS: {e}")))?;
+        let mut t = Token::parse(&make_parseable(&g))?;
+        if g.signatures.is_empty() {
+            t.signatures.clear();
+        }
+        Ok(t)
+    }
+
+    /// Checks signature `i` against `key`. The algorithm in the header must be the key's.
+    pub fn verify(&self, i: usize, key: &VerifyingKey) -> bool {
+        let s = &self.signatures[i];
+        if s.header.alg != key.alg() {
+            return false;
+        }
+        key.verify(
+            signing_input(&s.protected_b64, &self.payload_b64).as_bytes(),
+            &s.signature,
+        )
+    }
+
+    /// SHA-256 of the payload: what a replay ledger entry is bound to.
+    pub fn payload_digest(&self) -> [u8; 32] {
+        use sha2::Digest;
+        sha2::Sha256::digest(self.payload_b64.as_bytes()).into()
+    }
+}
+
+/// `Token::parse` needs at least one signature; an unsigned token gets a placeholder that is
+/// removed again.
+fn make_parseable(g: &GeneralJson) -> Vec<u8> {
+    let mut sigs: Vec<serde_json::Value> = g
+        .signatures
+        .iter()
+        .map(|s| serde_json::json!({"protected": s.protected, "signature": s.signature}))
+        .collect();
+    if sigs.is_empty() {
+        let h = B64.encode(br#"{"alg":"EdDSA","kid":"-","approved_at":0}"#);
+        sigs.push(serde_json::json!({"protected": h, "signature": ""}));
+    }
+    serde_json::json!({"payload": g.payload, "signatures": sigs})
+        .to_string()
+        .into_bytes()
+}
+
+fn signing_input(protected_b64: &str, payload_b64: &str) -> String {
+    format!("{protected_b64}.{payload_b64}")
+}
+
+fn check_claims(c: &Claims) -> Result<(), ParseError> {
+    let sha = &c.doc.sha256;
+    if sha.len() != 64
+        || !sha
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    {
+        return perr("doc.sha256 must be 64 lowercase hex digits");
+    }
+    if c.jti.is_empty() || c.jti.len() > 128 {
+        return perr("jti must be 1 to 128 characters");
+    }
+    if c.uses == 0 {
+        return perr("uses must be at least 1");
+    }
+    if c.nbf > c.exp || c.iat > c.exp {
+        return perr("the validity window is empty (nbf or iat after exp)");
+    }
+    if c.applicant.is_empty() || c.seal.is_empty() || c.doc.doc_type.is_empty() {
+        return perr("applicant, seal and doc.type must not be empty");
+    }
+    if let Some(a) = &c.amount {
+        if a.value < 0 || a.currency.len() != 3 {
+            return perr("amount needs a non-negative value and a 3-letter currency");
+        }
+    }
+    Ok(())
+}
+
+/// An approver's public key.
+#[derive(Clone, Debug)]
+pub enum VerifyingKey {
+    Ed25519(ed25519_dalek::VerifyingKey),
+    P256(p256::ecdsa::VerifyingKey),
+}
+
+impl VerifyingKey {
+    /// From an SPKI public key in PEM.
+    pub fn from_pem(pem: &str) -> Result<VerifyingKey, String> {
+        use spki::DecodePublicKey;
+        if let Ok(k) = ed25519_dalek::VerifyingKey::from_public_key_pem(pem) {
+            return Ok(VerifyingKey::Ed25519(k));
+        }
+        if let Ok(k) = p256::ecdsa::VerifyingKey::from_public_key_pem(pem) {
+            return Ok(VerifyingKey::P256(k));
+        }
+        Err("not an Ed25519 or P-256 public key in PEM (SPKI)".into())
+    }
+
+    pub fn alg(&self) -> JwsAlg {
+        match self {
+            VerifyingKey::Ed25519(_) => JwsAlg::EdDSA,
+            VerifyingKey::P256(_) => JwsAlg::ES256,
+        }
+    }
+
+    fn verify(&self, msg: &[u8], sig: &[u8]) -> bool {
+        match self {
+            VerifyingKey::Ed25519(k) => match ed25519_dalek::Signature::from_slice(sig) {
+                Ok(s) => k.verify_strict(msg, &s).is_ok(),
+                Err(_) => false,
+            },
+            VerifyingKey::P256(k) => {
+                use p256::ecdsa::signature::Verifier;
+                // JWS carries ES256 signatures as r || s (RFC 7518 §3.4), not DER.
+                match p256::ecdsa::Signature::from_slice(sig) {
+                    Ok(s) => k.verify(msg, &s).is_ok(),
+                    Err(_) => false,
+                }
+            }
+        }
+    }
+}
+
+/// An approver's private key, for `sealctl token sign` and the tests.
+pub enum SigningKey {
+    Ed25519(ed25519_dalek::SigningKey),
+    P256(p256::ecdsa::SigningKey),
+}
+
+impl SigningKey {
+    /// From a PKCS#8 private key in PEM.
+    pub fn from_pem(pem: &str) -> Result<SigningKey, String> {
+        use p256::pkcs8::DecodePrivateKey;
+        if let Ok(k) = ed25519_dalek::SigningKey::from_pkcs8_pem(pem) {
+            return Ok(SigningKey::Ed25519(k));
+        }
+        if let Ok(k) = p256::ecdsa::SigningKey::from_pkcs8_pem(pem) {
+            return Ok(SigningKey::P256(k));
+        }
+        Err("not an Ed25519 or P-256 private key in PEM (PKCS#8)".into())
+    }
+
+    pub fn alg(&self) -> JwsAlg {
+        match self {
+            SigningKey::Ed25519(_) => JwsAlg::EdDSA,
+            SigningKey::P256(_) => JwsAlg::ES256,
+        }
+    }
+
+    pub fn verifying_key(&self) -> VerifyingKey {
+        match self {
+            SigningKey::Ed25519(k) => VerifyingKey::Ed25519(k.verifying_key()),
+            SigningKey::P256(k) => VerifyingKey::P256(*k.verifying_key()),
+        }
+    }
+
+    fn sign(&self, msg: &[u8]) -> Vec<u8> {
+        match self {
+            SigningKey::Ed25519(k) => {
+                use ed25519_dalek::Signer;
+                k.sign(msg).to_bytes().to_vec()
+            }
+            SigningKey::P256(k) => {
+                use p256::ecdsa::signature::Signer;
+                let s: p256::ecdsa::Signature = k.sign(msg);
+                s.to_bytes().to_vec()
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    pub(crate) fn claims() -> Claims {
+        Claims {
+            jti: "t-1".into(),
+            seal: "contract".into(),
+            doc: DocClaim {
+                sha256: "ab".repeat(32),
+                doc_type: "contract".into(),
+                title: None,
+            },
+            amount: Some(Amount {
+                value: 1_250_000,
+                currency: "CNY".into(),
+            }),
+            dept: "sales".into(),
+            scope: "procurement".into(),
+            applicant: "zhao".into(),
+            purpose: "supplier".into(),
+            iat: 1000,
+            nbf: 1000,
+            exp: 2000,
+            uses: 1,
+        }
+    }
+
+    fn ed(seed: u8) -> SigningKey {
+        SigningKey::Ed25519(ed25519_dalek::SigningKey::from_bytes(&[seed; 32]))
+    }
+    fn p(seed: u8) -> SigningKey {
+        SigningKey::P256(p256::ecdsa::SigningKey::from_slice(&[seed; 32]).unwrap())
+    }
+
+    #[test]
+    fn general_json_with_two_signatures_round_trips_and_verifies() {
+        let mut t = Token::unsigned(claims());
+        t.add_signature(&ed(1), "a", 1100);
+        t.add_signature(&p(2), "b", 1200);
+        let parsed = Token::parse(t.to_json().as_bytes()).unwrap();
+        assert_eq!(parsed.claims, claims());
+        assert_eq!(parsed.signatures.len(), 2);
+        assert!(parsed.verify(0, &ed(1).verifying_key()));
+        assert!(parsed.verify(1, &p(2).verifying_key()));
+        assert!(!parsed.verify(0, &ed(3).verifying_key()));
+        assert!(
+            !parsed.verify(0, &p(2).verifying_key()),
+            "alg must match key"
+        );
+    }
+
+    #[test]
+    fn compact_is_the_one_signature_case() {
+        let mut t = Token::unsigned(claims());
+        t.add_signature(&p(2), "b", 1200);
+        let s = &t.signatures[0];
+        let compact = format!(
+            "{}.{}.{}",
+            s.protected_b64,
+            t.payload_b64,
+            B64.encode(&s.signature)
+        );
+        let parsed = Token::parse(compact.as_bytes()).unwrap();
+        assert!(parsed.verify(0, &p(2).verifying_key()));
+    }
+
+    #[test]
+    fn a_changed_payload_fails_verification() {
+        let mut t = Token::unsigned(claims());
+        t.add_signature(&ed(1), "a", 1100);
+        let mut other = claims();
+        other.doc.sha256 = "cd".repeat(32);
+        let forged = Token {
+            claims: other.clone(),
+            payload_b64: B64.encode(serde_json::to_vec(&other).unwrap()),
+            signatures: t.signatures.clone(),
+        };
+        let parsed = Token::parse(forged.to_json().as_bytes()).unwrap();
+        assert!(!parsed.verify(0, &ed(1).verifying_key()));
+    }
+
+    #[test]
+    fn unknown_critical_headers_and_junk_are_malformed() {
+        let mut t = Token::unsigned(claims());
+        t.add_signature(&ed(1), "a", 1100);
+        let h = B64.encode(br#"{"alg":"EdDSA","kid":"a","approved_at":1,"crit":["exp-x"]}"#);
+        let bad = format!(
+            r#"{{"payload":"{}","signatures":[{{"protected":"{h}","signature":"AA"}}]}}"#,
+            t.payload_b64
+        );
+        assert!(Token::parse(bad.as_bytes())
+            .unwrap_err()
+            .0
+            .contains("critical"));
+        let ok_crit =
+            B64.encode(br#"{"alg":"EdDSA","kid":"a","approved_at":1,"crit":["approved_at"]}"#);
+        let fine = format!(
+            r#"{{"payload":"{}","signatures":[{{"protected":"{ok_crit}","signature":"AA"}}]}}"#,
+            t.payload_b64
+        );
+        assert!(Token::parse(fine.as_bytes()).is_ok());
+        for junk in [&b""[..], b"a.b", b"{}", b"\xff\xfe", b"[[[[[[", b"x.y.z"] {
+            assert!(Token::parse(junk).is_err());
+        }
+        let deep = "[".repeat(100_000);
+        assert!(Token::parse(deep.as_bytes()).is_err());
+    }
+
+    #[test]
+    fn unsigned_tokens_can_be_signed_later() {
+        let t = Token::unsigned(claims());
+        let mut again = Token::parse_for_signing(t.to_json().as_bytes()).unwrap();
+        assert!(again.signatures.is_empty());
+        again.add_signature(&ed(1), "a", 1100);
+        let parsed = Token::parse(again.to_json().as_bytes()).unwrap();
+        assert!(parsed.verify(0, &ed(1).verifying_key()));
+    }
+}

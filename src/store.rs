@@ -1,0 +1,132 @@
+//! The daemon's durable state: one SQLite database in `state_dir` (WAL, synchronous=FULL), with
+//! a versioned schema.
+//!
+//! Owns: opening the database with the settings that make a commit durable, migrations, and
+//! serialising access. Never: retries a failed write as if it had succeeded.
+
+use rusqlite::Connection;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("cannot open the state database {path}: {detail}")]
+    Open { path: PathBuf, detail: String },
+    #[error("the state database cannot be written: {0}")]
+    Write(String),
+}
+
+impl From<rusqlite::Error> for StoreError {
+    fn from(e: rusqlite::Error) -> Self {
+        StoreError::Write(e.to_string())
+    }
+}
+
+/// Schema migrations; entry i brings `user_version` from i to i + 1.
+const MIGRATIONS: &[&str] = &[r#"
+CREATE TABLE approvals (
+    jti TEXT PRIMARY KEY,
+    payload_sha256 BLOB NOT NULL,
+    seal TEXT NOT NULL,
+    applicant TEXT NOT NULL,
+    uses_allowed INTEGER NOT NULL,
+    uses_consumed INTEGER NOT NULL,
+    exp INTEGER NOT NULL,
+    first_used INTEGER NOT NULL
+);
+CREATE INDEX approvals_exp ON approvals(exp);
+CREATE TABLE stamp_uses (
+    id INTEGER PRIMARY KEY,
+    applicant TEXT NOT NULL,
+    seal TEXT NOT NULL,
+    at INTEGER NOT NULL,
+    jti TEXT NOT NULL
+);
+CREATE INDEX stamp_uses_applicant ON stamp_uses(applicant, seal, at);
+CREATE TABLE mfa_users (
+    user TEXT PRIMARY KEY,
+    wrapped_secret BLOB NOT NULL,
+    last_step INTEGER NOT NULL DEFAULT -1,
+    failures INTEGER NOT NULL DEFAULT 0,
+    locked INTEGER NOT NULL DEFAULT 0,
+    enrolled_at INTEGER NOT NULL
+);
+"#];
+
+pub struct Store {
+    conn: Mutex<Connection>,
+    pub path: PathBuf,
+}
+
+impl Store {
+    /// Opens (creating if needed) `DIR/sealgate.db`; the directory is made mode 0700.
+    pub fn open(dir: &Path) -> Result<Store, StoreError> {
+        let path = dir.join("sealgate.db");
+        let fail = |detail: String| StoreError::Open {
+            path: path.clone(),
+            detail,
+        };
+        std::fs::create_dir_all(dir).map_err(|e| fail(e.to_string()))?;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+            .map_err(|e| fail(e.to_string()))?;
+        let mut conn = Connection::open(&path).map_err(|e| fail(e.to_string()))?;
+        conn.pragma_update(None, "journal_mode", "WAL")
+            .and_then(|_| conn.pragma_update(None, "synchronous", "FULL"))
+            .and_then(|_| conn.busy_timeout(std::time::Duration::from_secs(5)))
+            .map_err(|e| fail(e.to_string()))?;
+        let version: i64 = conn
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .map_err(|e| fail(e.to_string()))?;
+        if version as usize > MIGRATIONS.len() {
+            return Err(fail(format!(
+                "schema version {version} is newer than this daemon knows ({})",
+                MIGRATIONS.len()
+            )));
+        }
+        for (i, m) in MIGRATIONS.iter().enumerate().skip(version as usize) {
+            let tx = conn.transaction().map_err(|e| fail(e.to_string()))?;
+            tx.execute_batch(m)
+                .and_then(|_| tx.pragma_update(None, "user_version", (i + 1) as i64))
+                .and_then(|_| tx.commit())
+                .map_err(|e| fail(format!("migration {}: {e}", i + 1)))?;
+        }
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
+            .map_err(|e| fail(e.to_string()))?;
+        Ok(Store {
+            conn: Mutex::new(conn),
+            path,
+        })
+    }
+
+    /// Runs `f` with the connection. Blocks: call from a blocking context.
+    pub fn with<T>(
+        &self,
+        f: impl FnOnce(&mut Connection) -> Result<T, rusqlite::Error>,
+    ) -> Result<T, StoreError> {
+        let mut conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+        Ok(f(&mut conn)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn opens_migrates_and_reopens() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(&dir.path().join("state")).unwrap();
+        let v: i64 = s
+            .with(|c| c.pragma_query_value(None, "user_version", |r| r.get(0)))
+            .unwrap();
+        assert_eq!(v as usize, MIGRATIONS.len());
+        drop(s);
+        Store::open(&dir.path().join("state")).unwrap();
+        let mode = std::fs::metadata(dir.path().join("state/sealgate.db"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
+}
