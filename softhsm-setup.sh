@@ -8,12 +8,17 @@
 #   tokens/         the token "sealgate-demo"
 #   user.pin        the token's user PIN (mode 0600); so.pin, its security officer PIN
 #   ca/             a demo certificate authority and the seals' certificates
-#   sealgate.toml   the daemon's configuration
+#   approvers/      demo approvers' key pairs (PKCS#8 private keys, SPKI public keys)
+#   state/          the daemon's durable state (replay ledger, TOTP state)
+#   sealgate.toml   the daemon's configuration, with the trust store and seal policies
 # The token holds three seals, each a key pair whose private half is sensitive and
 # non-extractable, with an X.509 certificate from the demo CA:
 #   contract-seal   ECDSA P-256  (合同专用章, contract seal)
 #   finance-seal    Ed25519      (财务专用章, finance seal)
 #   official-seal   RSA-2048     (公章, official seal)
+# and an AES key, sealgate-mfa-wrap, that wraps applicants' TOTP secrets.
+# Demo approvers: zhang.wei (sales department head), liu.yang (finance department head),
+# li.na (executive), wang.fang (finance officer).
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -113,6 +118,31 @@ seal contract-seal 01 EC:prime256v1 "contract seal"
 seal finance-seal 02 EC:edwards25519 "finance seal"
 seal official-seal 03 rsa:2048 "official seal"
 
+if ! has_object secrkey sealgate-mfa-wrap; then
+  say "generating the TOTP wrapping key inside the token"
+  # (pkcs11-tool warns that it cannot print the sensitive key it made; that is the point)
+  p11 --keygen --key-type AES:32 --label sealgate-mfa-wrap --id 10 --sensitive >/dev/null 2>&1
+fi
+
+# --- demo approvers ---------------------------------------------------------------------------
+mkdir -p "$dir/approvers"
+approver() { # ID ALGORITHM
+  local id=$1 alg=$2
+  if [ ! -f "$dir/approvers/$id.key" ]; then
+    say "making approver key $id ($alg)"
+    if [ "$alg" = ed25519 ]; then
+      openssl genpkey -algorithm ED25519 -out "$dir/approvers/$id.key"
+    else
+      openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256 -out "$dir/approvers/$id.key"
+    fi
+    openssl pkey -in "$dir/approvers/$id.key" -pubout -out "$dir/approvers/$id.pub.pem"
+  fi
+}
+approver zhang.wei ed25519
+approver liu.yang ed25519
+approver li.na p256
+approver wang.fang p256
+
 # --- daemon configuration ---------------------------------------------------------------------
 if [ ! -f "$dir/sealgate.toml" ]; then
   uid=$(id -u)
@@ -125,22 +155,59 @@ if [ ! -f "$dir/sealgate.toml" ]; then
 [daemon]
 socket = "$dir/sealgated.sock"
 profiles_dir = "$here/device-profiles"
+state_dir = "$dir/state"
 max_frame_bytes = 1048576
 max_connections = 64
 request_timeout_ms = 5000
 $root_line
 
-# The user who ran the set-up may use every demo seal.
+# The user who ran the set-up may use every demo seal, and enroll applicants for TOTP.
 [[caller]]
 name = "demo-office-app"
 uids = [$uid]
 seals = ["contract", "finance", "official"]
+admin = true
 
 [[device]]
 id = "demo-hsm"
 profile = "softhsm2"
 token_label = "$label"
 pin_file = "$dir/user.pin"
+wrap_key_label = "sealgate-mfa-wrap"
+
+# Applicants' TOTP secrets are wrapped by an AES key inside the demo token.
+[mfa]
+device = "demo-hsm"
+max_failures = 5
+
+# The trust store: who may approve, in which role and department.
+[[approver]]
+id = "zhang.wei"
+name = "张伟"
+role = "dept_head"
+department = "sales"
+public_key_file = "approvers/zhang.wei.pub.pem"
+
+[[approver]]
+id = "liu.yang"
+name = "刘洋"
+role = "dept_head"
+department = "finance"
+public_key_file = "approvers/liu.yang.pub.pem"
+
+[[approver]]
+id = "li.na"
+name = "李娜"
+role = "executive"
+department = "management"
+public_key_file = "approvers/li.na.pub.pem"
+
+[[approver]]
+id = "wang.fang"
+name = "王芳"
+role = "finance"
+department = "finance"
+public_key_file = "approvers/wang.fang.pub.pem"
 
 [[seal]]
 id = "contract"
@@ -149,6 +216,23 @@ device = "demo-hsm"
 key_label = "contract-seal"
 algorithm = "ecdsa-p256-sha256"
 
+# Contracts of CNY 100,000.00 or more: the applicant's department head, then an executive.
+[[seal.rule]]
+name = "large contracts"
+doc_types = ["contract"]
+currency = "CNY"
+amount_min = 10000000
+levels = ["dept_head", "executive"]
+dept_scoped = ["dept_head"]
+# A rule may also limit hours, e.g. hours = "08:00-20:00" with timezone = "Asia/Shanghai".
+
+# Smaller contracts: the applicant's department head.
+[[seal.rule]]
+name = "contracts"
+doc_types = ["contract"]
+levels = ["dept_head"]
+dept_scoped = ["dept_head"]
+
 [[seal]]
 id = "finance"
 name = "财务专用章 (finance seal)"
@@ -156,12 +240,27 @@ device = "demo-hsm"
 key_label = "finance-seal"
 algorithm = "ed25519"
 
+# Invoices: a finance officer; at most 200 an hour per applicant.
+[[seal.rule]]
+name = "invoices"
+doc_types = ["invoice"]
+levels = ["finance"]
+rate_limit_count = 200
+rate_limit_window_seconds = 3600
+
 [[seal]]
 id = "official"
 name = "公章 (official seal)"
 device = "demo-hsm"
 key_label = "official-seal"
 algorithm = "rsa-pss-sha256"
+
+# The official seal: department head then executive, and the applicant's TOTP code.
+[[seal.rule]]
+name = "official use"
+levels = ["dept_head", "executive"]
+dept_scoped = ["dept_head"]
+mfa = true
 EOF
 fi
 

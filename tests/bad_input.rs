@@ -31,7 +31,15 @@ fn frame(payload: &[u8]) -> Vec<u8> {
 /// After a refusal, another client still gets a stamp.
 async fn still_serving(d: &Daemon) {
     let mut c = d.client().await;
-    let r = c.stamp("contract", &[3u8; 32], b"t", "").await.unwrap();
+    let r = c
+        .stamp(
+            "contract",
+            &[3u8; 32],
+            &token_for("contract", &[3u8; 32]),
+            "",
+        )
+        .await
+        .unwrap();
     assert_eq!(r.status, Status::Ok as i32, "{}", r.message);
 }
 
@@ -113,13 +121,37 @@ async fn each_bad_input_gets_its_status_and_service_goes_on() {
 
     // An unknown seal, and a digest of the wrong length.
     let mut c = d.client().await;
-    let r = c.stamp("no-such-seal", &[0u8; 32], b"t", "").await.unwrap();
+    let r = c
+        .stamp(
+            "no-such-seal",
+            &[0u8; 32],
+            &token_for("no-such-seal", &[0u8; 32]),
+            "",
+        )
+        .await
+        .unwrap();
     assert_eq!(r.status, Status::UnknownSeal as i32);
-    let r = c.stamp("contract", &[0u8; 31], b"t", "").await.unwrap();
+    let r = c
+        .stamp(
+            "contract",
+            &[0u8; 31],
+            &token_for("contract", &[0u8; 31]),
+            "",
+        )
+        .await
+        .unwrap();
     assert_eq!(r.status, Status::InvalidArgument as i32);
     assert!(r.message.contains("32 bytes, got 31"), "{}", r.message);
     // The same connection goes on working after refusals.
-    let r = c.stamp("contract", &[0u8; 32], b"t", "").await.unwrap();
+    let r = c
+        .stamp(
+            "contract",
+            &[0u8; 32],
+            &token_for("contract", &[0u8; 32]),
+            "",
+        )
+        .await
+        .unwrap();
     assert_eq!(r.status, Status::Ok as i32);
 }
 
@@ -128,7 +160,12 @@ async fn an_oversized_purpose_is_refused() {
     let d = Daemon::start(&Opts::default());
     let mut c = d.client().await;
     let r = c
-        .stamp("contract", &[0u8; 32], b"t", &"x".repeat(5000))
+        .stamp(
+            "contract",
+            &[0u8; 32],
+            &token_for("contract", &[0u8; 32]),
+            &"x".repeat(5000),
+        )
         .await
         .unwrap();
     assert_eq!(r.status, Status::InvalidArgument as i32);
@@ -153,7 +190,14 @@ async fn a_uid_not_in_config_is_refused_and_learns_nothing() {
     for r in [
         c.list_seals().await.unwrap(),
         c.describe_seal("contract").await.unwrap(),
-        c.stamp("contract", &[0u8; 32], b"t", "").await.unwrap(),
+        c.stamp(
+            "contract",
+            &[0u8; 32],
+            &token_for("contract", &[0u8; 32]),
+            "",
+        )
+        .await
+        .unwrap(),
         c.status().await.unwrap(),
     ] {
         assert_eq!(r.status, Status::PermissionDenied as i32, "{}", r.message);

@@ -28,8 +28,12 @@ fn python_client_generated_from_proto_stamps() {
     let document = work.path().join("contract.txt");
     std::fs::write(&document, "租赁合同 lease agreement, 3 pages").unwrap();
     let token = work.path().join("token");
-    std::fs::write(&token, "approval").unwrap();
     for seal in ["contract", "finance", "official"] {
+        std::fs::write(
+            &token,
+            token_for(seal, &sha256(&std::fs::read(&document).unwrap())),
+        )
+        .unwrap();
         let python = std::env::var("SEALGATE_TEST_PYTHON").unwrap_or_else(|_| "python3".into());
         let out = Command::new(&python)
             .arg(root.join("tests/python/stamp_client.py"))

@@ -87,6 +87,9 @@ id = "remote-contract"
 device = "remote-hsm"
 key_label = "contract-seal"
 algorithm = "ecdsa-p256-sha256"
+
+[[seal.rule]]
+levels = ["dept_head"]
 "#,
         pin = demo().pin_file().display()
     );
@@ -113,7 +116,12 @@ algorithm = "ecdsa-p256-sha256"
     };
     let doc = b"before removal";
     let r = c
-        .stamp("remote-contract", &sha256(doc), b"t", "")
+        .stamp(
+            "remote-contract",
+            &sha256(doc),
+            &token_for("remote-contract", &sha256(doc)),
+            "",
+        )
         .await
         .unwrap();
     assert_eq!(r.status, Status::Ok as i32, "{}", r.message);
@@ -130,18 +138,36 @@ algorithm = "ecdsa-p256-sha256"
     // The token goes away.
     server.kill();
     let r = c
-        .stamp("remote-contract", &[1u8; 32], b"t", "")
+        .stamp(
+            "remote-contract",
+            &[1u8; 32],
+            &token_for("remote-contract", &[1u8; 32]),
+            "",
+        )
         .await
         .unwrap();
     assert_eq!(r.status, Status::DeviceUnavailable as i32, "{}", r.message);
     assert!(r.message.contains("remote-hsm"), "{}", r.message);
     // Other seals keep working meanwhile, and status says what is wrong.
-    let r = c.stamp("contract", &[2u8; 32], b"t", "").await.unwrap();
+    let r = c
+        .stamp(
+            "contract",
+            &[2u8; 32],
+            &token_for("contract", &[2u8; 32]),
+            "",
+        )
+        .await
+        .unwrap();
     assert_eq!(r.status, Status::Ok as i32, "{}", r.message);
     let report = wait_device(&daemon, "remote-hsm", pb::DeviceStatus::Unavailable).await;
     assert!(!report.detail.is_empty());
     let r = c
-        .stamp("remote-contract", &[1u8; 32], b"t", "")
+        .stamp(
+            "remote-contract",
+            &[1u8; 32],
+            &token_for("remote-contract", &[1u8; 32]),
+            "",
+        )
         .await
         .unwrap();
     assert_eq!(r.status, Status::DeviceUnavailable as i32, "{}", r.message);
@@ -151,7 +177,12 @@ algorithm = "ecdsa-p256-sha256"
     wait_device(&daemon, "remote-hsm", pb::DeviceStatus::Ready).await;
     let doc = b"after return";
     let r = c
-        .stamp("remote-contract", &sha256(doc), b"t", "")
+        .stamp(
+            "remote-contract",
+            &sha256(doc),
+            &token_for("remote-contract", &sha256(doc)),
+            "",
+        )
         .await
         .unwrap();
     assert_eq!(r.status, Status::Ok as i32, "{}", r.message);

@@ -46,7 +46,15 @@ async fn stamps_through_a_socket_passed_by_systemd() {
     let mut c = sealgate::protocol::client::Client::connect(&socket)
         .await
         .unwrap();
-    let r = c.stamp("contract", &[5u8; 32], b"t", "").await.unwrap();
+    let r = c
+        .stamp(
+            "contract",
+            &[5u8; 32],
+            &token_for("contract", &[5u8; 32]),
+            "",
+        )
+        .await
+        .unwrap();
     assert_eq!(r.status, Status::Ok as i32, "{}", r.message);
     assert!(!dir.path().join("unused.sock").exists());
 

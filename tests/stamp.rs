@@ -29,8 +29,16 @@ async fn every_demo_seal_stamps_and_openssl_verifies() {
         };
         assert_eq!(d.device_status, pb::DeviceStatus::Ready as i32);
         assert_eq!(d.device_profile, "softhsm2");
+        let digest = sha256(document);
+        let mut approval = Approval::for_seal(seal, &digest);
+        let mut code = String::new();
+        if seal == "official-pkcs1" {
+            // This seal's test policy asks for the applicant's TOTP code.
+            approval.claims.applicant = "pkcs1.applicant".into();
+            code = totp_code(&enroll(&mut c, "pkcs1.applicant").await, 0);
+        }
         let response::Body::Stamp(s) = ok(c
-            .stamp(seal, &sha256(document), b"token", "test")
+            .stamp_with_mfa(seal, &digest, &approval.token(), "test", &code)
             .await
             .unwrap())
         else {
@@ -68,12 +76,15 @@ async fn every_demo_seal_stamps_and_openssl_verifies() {
             );
         }
     }
-    // Neither the PIN nor the approval token reaches the log.
+    // Neither the PIN nor any part of an approval token reaches the log.
     let pin = demo().pin();
     let log = daemon.log();
     assert!(log.contains("stamped"), "the log is empty: {log}");
     assert!(!log.contains(&pin));
-    assert!(!log.contains("approval-token-bytes"));
+    let token: serde_json::Value =
+        serde_json::from_slice(&token_for("contract", &sha256(document))).unwrap();
+    let payload = token["payload"].as_str().unwrap();
+    assert!(!log.contains(&payload[..40]));
     assert!(daemon.stop().success());
 }
 
@@ -89,11 +100,21 @@ async fn a_caller_sees_and_uses_only_its_seals() {
     };
     let ids: Vec<_> = list.seals.iter().map(|s| s.id.as_str()).collect();
     assert_eq!(ids, ["contract"]);
-    let r = c.stamp("finance", &[0u8; 32], b"t", "").await.unwrap();
+    let r = c
+        .stamp("finance", &[0u8; 32], &token_for("finance", &[0u8; 32]), "")
+        .await
+        .unwrap();
     assert_eq!(r.status, Status::PermissionDenied as i32, "{}", r.message);
     let r = c.describe_seal("finance").await.unwrap();
     assert_eq!(r.status, Status::PermissionDenied as i32);
-    ok(c.stamp("contract", &[0u8; 32], b"t", "").await.unwrap());
+    ok(c.stamp(
+        "contract",
+        &[0u8; 32],
+        &token_for("contract", &[0u8; 32]),
+        "",
+    )
+    .await
+    .unwrap());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -111,7 +132,15 @@ async fn concurrent_clients_all_get_valid_stamps() {
             let mut out = Vec::new();
             for j in 0..20u32 {
                 let doc = format!("document {i}-{j}").into_bytes();
-                let r = c.stamp("contract", &sha256(&doc), b"t", "").await.unwrap();
+                let r = c
+                    .stamp(
+                        "contract",
+                        &sha256(&doc),
+                        &token_for("contract", &sha256(&doc)),
+                        "",
+                    )
+                    .await
+                    .unwrap();
                 assert_eq!(r.status, Status::Ok as i32, "{}", r.message);
                 let Some(response::Body::Stamp(s)) = r.body else {
                     panic!()
@@ -142,7 +171,15 @@ async fn sigterm_finishes_requests_in_flight_and_exits_zero() {
         tasks.push(tokio::spawn(async move {
             let mut done = 0u32;
             loop {
-                match c.stamp("official", &[7u8; 32], b"t", "").await {
+                match c
+                    .stamp(
+                        "official",
+                        &[7u8; 32],
+                        &token_for("official", &[7u8; 32]),
+                        "",
+                    )
+                    .await
+                {
                     Ok(r) => {
                         // A request the daemon accepted is carried out, never cut short.
                         assert_eq!(r.status, Status::Ok as i32, "{}", r.message);
@@ -156,7 +193,15 @@ async fn sigterm_finishes_requests_in_flight_and_exits_zero() {
     }
     // Let every client complete at least one stamp before stopping.
     let mut probe = daemon.client().await;
-    ok(probe.stamp("official", &[1u8; 32], b"t", "").await.unwrap());
+    ok(probe
+        .stamp(
+            "official",
+            &[1u8; 32],
+            &token_for("official", &[1u8; 32]),
+            "",
+        )
+        .await
+        .unwrap());
     let status = tokio::task::spawn_blocking(move || daemon.stop())
         .await
         .unwrap();
@@ -174,7 +219,11 @@ fn sealctl_commands_work_and_report_errors() {
     let doc = dir.path().join("invoice.pdf");
     std::fs::write(&doc, b"%PDF-1.7 invoice 0042").unwrap();
     let token = dir.path().join("token.jws");
-    std::fs::write(&token, b"eyJhbGciOiJFZERTQSJ9.e30.sig").unwrap();
+    std::fs::write(
+        &token,
+        token_for("contract", &sha256(&std::fs::read(&doc).unwrap())),
+    )
+    .unwrap();
     let sealctl = |args: &[&str]| {
         Command::new(SEALCTL)
             .args(args)

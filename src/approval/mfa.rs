@@ -5,23 +5,13 @@
 //! copy of the state directory alone does not reveal them. Unwrapped secrets live in zeroized
 //! buffers for the length of one check.
 
-use super::{Denial, Reason};
-use crate::device::{DeviceError, SealDevice};
-use crate::store::{Store, StoreError};
+use super::{ApprovalError as MfaError, Denial, Reason};
+use crate::device::SealDevice;
+use crate::store::Store;
 use rusqlite::{params, OptionalExtension};
 use std::sync::Arc;
 use totp_rs::{Algorithm, Builder, Secret};
 use zeroize::Zeroizing;
-
-#[derive(Debug, thiserror::Error)]
-pub enum MfaError {
-    #[error("{0}")]
-    Store(#[from] StoreError),
-    #[error("{0}")]
-    Device(#[from] DeviceError),
-    #[error("{0}")]
-    Invalid(String),
-}
 
 pub struct Mfa {
     device: Arc<dyn SealDevice>,
@@ -144,34 +134,41 @@ impl Mfa {
         }
         let secret = self.device.open_secret(&sealed, &context(user))?;
         let step = totp(&secret, user, &self.issuer)?.check(code, now.max(0) as u64);
-        let fresh = step.filter(|s| *s as i64 > last_step);
+        let mut fresh = step.filter(|s| *s as i64 > last_step);
         if let Some(s) = fresh {
-            if consume {
-                store.with(|c| {
-                    c.execute(
-                        "UPDATE mfa_users SET last_step = ?2, failures = 0 WHERE user = ?1",
-                        params![user, s as i64],
-                    )
-                })?;
+            if !consume {
+                return Ok(Ok(()));
             }
-            return Ok(Ok(()));
+            // Spent only if no concurrent check spent this step first.
+            let won = store.with(|c| {
+                c.execute(
+                    "UPDATE mfa_users SET last_step = ?2, failures = 0
+                     WHERE user = ?1 AND last_step < ?2 AND locked = 0",
+                    params![user, s as i64],
+                )
+            })?;
+            if won == 1 {
+                return Ok(Ok(()));
+            }
+            fresh = None;
         }
-        let why = if step.is_some() {
+        let why = if step.is_some() && fresh.is_none() {
             "this TOTP code was already used"
         } else {
             "wrong TOTP code"
         };
         if consume {
-            let failures = failures + 1;
-            let lock = failures >= self.max_failures;
-            store.with(|c| {
-                c.execute(
-                    "UPDATE mfa_users SET failures = ?2, locked = ?3 WHERE user = ?1",
-                    params![user, failures, lock],
+            let locked: bool = store.with(|c| {
+                c.query_row(
+                    "UPDATE mfa_users SET failures = failures + 1,
+                         locked = (failures + 1 >= ?2)
+                     WHERE user = ?1 RETURNING locked",
+                    params![user, self.max_failures],
+                    |r| r.get(0),
                 )
             })?;
-            if lock {
-                tracing::warn!(applicant = %user, failures, "TOTP lockout");
+            if locked {
+                tracing::warn!(applicant = %user, "TOTP lockout after repeated wrong codes");
             }
         }
         Ok(Err(Denial::new(Reason::MfaInvalid, why)))

@@ -6,6 +6,7 @@
 //! Never: takes a role or a department from a token; those come from the trust store. Never
 //! logs a token, a TOTP code or a TOTP secret.
 
+pub mod gate;
 pub mod ledger;
 pub mod mfa;
 pub mod token;
@@ -90,6 +91,17 @@ impl std::fmt::Display for Denial {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{}: {}", self.reason.code(), self.detail)
     }
+}
+
+/// Faults that stop an approval from being checked at all (as opposed to a [`Denial`]).
+#[derive(Debug, thiserror::Error)]
+pub enum ApprovalError {
+    #[error("{0}")]
+    Store(#[from] crate::store::StoreError),
+    #[error("{0}")]
+    Device(#[from] crate::device::DeviceError),
+    #[error("{0}")]
+    Invalid(String),
 }
 
 /// Accepted clock difference between approvers' machines and this one, in seconds.

@@ -241,8 +241,21 @@ impl Token {
 
     /// Adds one approver's signature.
     pub fn add_signature(&mut self, key: &SigningKey, kid: &str, approved_at: i64) {
+        self.add_signature_with(key.alg(), kid, approved_at, |input| Ok(key.sign(input)))
+            .expect("in-memory signing cannot fail");
+    }
+
+    /// Adds one approver's signature made by `sign` over the JWS signing input (for keys held
+    /// elsewhere, e.g. in a PKCS#11 token). ES256 signatures must be r || s.
+    pub fn add_signature_with(
+        &mut self,
+        alg: JwsAlg,
+        kid: &str,
+        approved_at: i64,
+        sign: impl FnOnce(&[u8]) -> Result<Vec<u8>, String>,
+    ) -> Result<(), String> {
         let header = Header {
-            alg: key.alg(),
+            alg,
             kid: kid.to_owned(),
             approved_at,
             crit: None,
@@ -250,11 +263,13 @@ impl Token {
         };
         let protected_b64 = B64.encode(serde_json::to_vec(&header).expect("header serializes"));
         let input = signing_input(&protected_b64, &self.payload_b64);
+        let signature = sign(input.as_bytes())?;
         self.signatures.push(Signature {
             header,
             protected_b64,
-            signature: key.sign(input.as_bytes()),
+            signature,
         });
+        Ok(())
     }
 
     /// The general JSON serialization.

@@ -45,6 +45,135 @@ enum Command {
     Stamp(StampArgs),
     /// Daemon status: devices, seals, uptime.
     Status,
+    /// Approval tokens: create, sign, inspect, check against the daemon's policy.
+    Token {
+        #[command(subcommand)]
+        command: TokenCommand,
+    },
+    /// TOTP for applicants (administrators only).
+    Mfa {
+        #[command(subcommand)]
+        command: MfaCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum TokenCommand {
+    /// Write a new, unsigned approval token (claims from flags, or from a JSON file).
+    New(TokenNewArgs),
+    /// Add one approver's signature to a token file (in place unless --out).
+    Sign(TokenSignArgs),
+    /// Decode a token and show its claims and signatures (nothing is verified).
+    Inspect {
+        /// The token file.
+        token: PathBuf,
+    },
+    /// Ask the daemon whether a stamp with this token would pass, and if not, every reason.
+    Check {
+        #[arg(long)]
+        seal: String,
+        #[command(flatten)]
+        doc: DocArgs,
+        /// The applicant's TOTP code, if the policy asks for one (it is not spent).
+        #[arg(long, default_value = "")]
+        mfa_code: String,
+        /// The token file.
+        token: PathBuf,
+    },
+}
+
+#[derive(ClapArgs)]
+#[command(group(clap::ArgGroup::new("doc").required(true).args(["file", "sha256"])))]
+struct DocArgs {
+    /// The document; only its SHA-256 is used.
+    #[arg(long)]
+    file: Option<PathBuf>,
+    /// The document's SHA-256, 64 hex digits.
+    #[arg(long)]
+    sha256: Option<String>,
+}
+
+#[derive(ClapArgs)]
+struct TokenNewArgs {
+    /// Take every claim from this JSON file instead of the flags.
+    #[arg(long, conflicts_with_all = ["seal", "doc_type", "applicant", "dept"])]
+    claims: Option<PathBuf>,
+    #[arg(long, required_unless_present = "claims")]
+    seal: Option<String>,
+    #[arg(long)]
+    file: Option<PathBuf>,
+    #[arg(long)]
+    sha256: Option<String>,
+    /// Document type, e.g. contract, invoice.
+    #[arg(long, required_unless_present = "claims")]
+    doc_type: Option<String>,
+    #[arg(long)]
+    title: Option<String>,
+    /// Amount in minor units (fen, cents).
+    #[arg(long, requires = "currency")]
+    amount_minor: Option<i64>,
+    #[arg(long)]
+    currency: Option<String>,
+    /// The applicant's department.
+    #[arg(long, required_unless_present = "claims")]
+    dept: Option<String>,
+    #[arg(long, default_value = "")]
+    scope: String,
+    #[arg(long, required_unless_present = "claims")]
+    applicant: Option<String>,
+    #[arg(long, default_value = "")]
+    purpose: String,
+    /// Stamps this approval allows.
+    #[arg(long, default_value_t = 1)]
+    uses: u32,
+    /// Seconds the approval stays valid.
+    #[arg(long, default_value_t = 86400)]
+    valid_for: i64,
+    /// Approval id; random when not given.
+    #[arg(long)]
+    jti: Option<String>,
+    /// Where to write the token (stdout when not given).
+    #[arg(long)]
+    out: Option<PathBuf>,
+}
+
+#[derive(ClapArgs)]
+#[command(group(clap::ArgGroup::new("signer").required(true).args(["key", "pkcs11_module"])))]
+struct TokenSignArgs {
+    /// The approver's id in the trust store.
+    #[arg(long)]
+    kid: String,
+    /// The approver's private key, PKCS#8 PEM (Ed25519 or P-256).
+    #[arg(long)]
+    key: Option<PathBuf>,
+    /// Or a P-256 key in a PKCS#11 token (ES256): the module...
+    #[arg(long, requires_all = ["token_label", "key_label", "pin_file"])]
+    pkcs11_module: Option<PathBuf>,
+    /// ...the token's label...
+    #[arg(long)]
+    token_label: Option<String>,
+    /// ...the key's label...
+    #[arg(long)]
+    key_label: Option<String>,
+    /// ...and a file holding the user PIN.
+    #[arg(long)]
+    pin_file: Option<PathBuf>,
+    /// Approval time, Unix seconds; now when not given.
+    #[arg(long)]
+    approved_at: Option<i64>,
+    /// Write here instead of changing the token file.
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// The token file.
+    token: PathBuf,
+}
+
+#[derive(Subcommand)]
+enum MfaCommand {
+    /// Make a new TOTP secret for an applicant; prints the otpauth URI and a QR code once.
+    Enroll { user: String },
+    /// Clear an applicant's lockout after too many wrong codes.
+    Reset { user: String },
 }
 
 #[derive(Subcommand)]
@@ -76,13 +205,192 @@ struct StampArgs {
     /// Why the seal is used.
     #[arg(long, default_value = "")]
     purpose: String,
+    /// The applicant's TOTP code, when the seal's policy asks for one.
+    #[arg(long, default_value = "")]
+    mfa_code: String,
     /// Also write the raw signature to this file.
     #[arg(long)]
     out: Option<PathBuf>,
 }
 
+fn now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+fn digest_of(file: &Option<PathBuf>, sha256: &Option<String>) -> anyhow::Result<Vec<u8>> {
+    match (file, sha256) {
+        (Some(path), _) => {
+            let bytes =
+                std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+            Ok(Sha256::digest(&bytes).to_vec())
+        }
+        (None, Some(h)) => {
+            let d = hex::decode(h).context("--sha256 is not hex")?;
+            if d.len() != 32 {
+                bail!("--sha256 must be 64 hex digits (32 bytes), got {}", d.len());
+            }
+            Ok(d)
+        }
+        (None, None) => bail!("give --file or --sha256"),
+    }
+}
+
+fn write_or_print(out: &Option<PathBuf>, text: &str) -> anyhow::Result<()> {
+    match out {
+        Some(p) => std::fs::write(p, format!("{text}\n"))
+            .with_context(|| format!("cannot write {}", p.display())),
+        None => {
+            println!("{text}");
+            Ok(())
+        }
+    }
+}
+
+/// Commands that need no daemon.
+fn offline(cli: &Cli) -> anyhow::Result<bool> {
+    use sealgate::approval::token::{Amount, Claims, DocClaim, SigningKey, Token};
+    let Command::Token { command } = &cli.command else {
+        return Ok(false);
+    };
+    match command {
+        TokenCommand::New(a) => {
+            let claims: Claims = match &a.claims {
+                Some(path) => serde_json::from_slice(
+                    &std::fs::read(path)
+                        .with_context(|| format!("cannot read {}", path.display()))?,
+                )
+                .context("claims file")?,
+                None => {
+                    let digest = digest_of(&a.file, &a.sha256)?;
+                    let t = now();
+                    let mut jti = [0u8; 16];
+                    getrandom::fill(&mut jti).map_err(|e| anyhow::anyhow!("no randomness: {e}"))?;
+                    Claims {
+                        jti: a.jti.clone().unwrap_or_else(|| hex::encode(jti)),
+                        seal: a.seal.clone().expect("required by clap"),
+                        doc: DocClaim {
+                            sha256: hex::encode(digest),
+                            doc_type: a.doc_type.clone().expect("required by clap"),
+                            title: a.title.clone(),
+                        },
+                        amount: a.amount_minor.map(|value| Amount {
+                            value,
+                            currency: a.currency.clone().unwrap_or_default(),
+                        }),
+                        dept: a.dept.clone().expect("required by clap"),
+                        scope: a.scope.clone(),
+                        applicant: a.applicant.clone().expect("required by clap"),
+                        purpose: a.purpose.clone(),
+                        iat: t,
+                        nbf: t,
+                        exp: t + a.valid_for,
+                        uses: a.uses,
+                    }
+                }
+            };
+            write_or_print(&a.out, &Token::unsigned(claims).to_json())?;
+        }
+        TokenCommand::Sign(a) => {
+            let bytes = std::fs::read(&a.token)
+                .with_context(|| format!("cannot read {}", a.token.display()))?;
+            let mut token = Token::parse_for_signing(&bytes).map_err(|e| anyhow::anyhow!(e))?;
+            let at = a.approved_at.unwrap_or_else(now);
+            if let Some(key) = &a.key {
+                let pem = zeroize::Zeroizing::new(
+                    std::fs::read_to_string(key)
+                        .with_context(|| format!("cannot read {}", key.display()))?,
+                );
+                let key = SigningKey::from_pem(&pem).map_err(|e| anyhow::anyhow!(e))?;
+                token.add_signature(&key, &a.kid, at);
+            } else {
+                let signer = pkcs11_signer(a)?;
+                token
+                    .add_signature_with(
+                        sealgate::approval::token::JwsAlg::ES256,
+                        &a.kid,
+                        at,
+                        |input| signer(&Sha256::digest(input).into()),
+                    )
+                    .map_err(|e| anyhow::anyhow!(e))?;
+            }
+            let out = a.out.clone().or(Some(a.token.clone()));
+            write_or_print(&out, &token.to_json())?;
+        }
+        TokenCommand::Inspect { token } => {
+            let bytes =
+                std::fs::read(token).with_context(|| format!("cannot read {}", token.display()))?;
+            let t = Token::parse_for_signing(&bytes)
+                .or_else(|_| Token::parse(&bytes))
+                .map_err(|e| anyhow::anyhow!(e))?;
+            let sigs: Vec<_> = t
+                .signatures
+                .iter()
+                .map(|s| json!({"kid": s.header.kid, "alg": s.header.alg, "approved_at": s.header.approved_at}))
+                .collect();
+            let v = json!({"claims": t.claims, "signatures": sigs});
+            println!("{}", serde_json::to_string_pretty(&v)?);
+        }
+        TokenCommand::Check { .. } => return Ok(false),
+    }
+    Ok(true)
+}
+
+/// Signs SHA-256 digests with a P-256 key in a PKCS#11 token; returns r || s as JWS wants.
+fn pkcs11_signer(
+    a: &TokenSignArgs,
+) -> anyhow::Result<impl Fn(&[u8; 32]) -> Result<Vec<u8>, String>> {
+    use sealgate::device::pkcs11::Pkcs11Device;
+    use sealgate::device::profile::{DeviceKind, DeviceProfile, Pkcs11Profile};
+    use sealgate::device::{Algorithm, KeySpec, SealDevice};
+    let module = a.pkcs11_module.clone().expect("checked by clap");
+    let config = sealgate::config::DeviceConfig {
+        id: "approver-key".into(),
+        profile: "command-line".into(),
+        module: Some(module.clone()),
+        token_label: a.token_label.clone(),
+        token_serial: None,
+        pin_file: a.pin_file.clone(),
+        pin_credential: None,
+        sessions: Some(1),
+        wrap_key_label: None,
+    };
+    let profile = DeviceProfile {
+        model: "PKCS#11 token".into(),
+        kind: DeviceKind::Pkcs11,
+        description: String::new(),
+        algorithms: vec![Algorithm::EcdsaP256Sha256.name().into()],
+        pkcs11: Some(Pkcs11Profile {
+            modules: vec![module],
+            sessions: 1,
+        }),
+        name: "command-line".into(),
+    };
+    let spec = KeySpec {
+        label: a.key_label.clone(),
+        id: None,
+        algorithm: Algorithm::EcdsaP256Sha256,
+    };
+    let device = Pkcs11Device::open(&config, profile, vec![spec])?;
+    Ok(move |digest: &[u8; 32]| {
+        let der = device.sign(0, digest).map_err(|e| e.to_string())?;
+        let sig = p256::ecdsa::Signature::from_der(&der).map_err(|e| e.to_string())?;
+        Ok(sig.to_bytes().to_vec())
+    })
+}
+
 fn main() {
     let cli = Cli::parse();
+    match offline(&cli) {
+        Ok(true) => return,
+        Ok(false) => {}
+        Err(e) => {
+            eprintln!("sealctl: {e:#}");
+            std::process::exit(1);
+        }
+    }
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -212,7 +520,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let token = std::fs::read(&args.token)
                 .with_context(|| format!("cannot read token file {}", args.token.display()))?;
             let resp = client
-                .stamp(&args.seal, &digest, &token, &args.purpose)
+                .stamp_with_mfa(&args.seal, &digest, &token, &args.purpose, &args.mfa_code)
                 .await?;
             let response::Body::Stamp(s) = check(resp)? else {
                 bail!("unexpected reply to Stamp");
@@ -229,13 +537,89 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                         "document_sha256": hex::encode(&digest),
                         "signature": b64(&s.signature),
                         "stamped_at_unix_ms": s.stamped_at_unix_ms,
+                        "approval": s.approval_id,
+                        "uses_left": s.uses_left,
                     })
                 );
             } else {
                 println!("stamped with {} ({})", s.seal_id, s.algorithm);
+                println!(
+                    "approval        {} ({} use(s) left)",
+                    s.approval_id, s.uses_left
+                );
                 println!("document sha256 {}", hex::encode(&digest));
                 println!("signature       {}", b64(&s.signature));
             }
+        }
+        Command::Token {
+            command:
+                TokenCommand::Check {
+                    seal,
+                    doc,
+                    mfa_code,
+                    token,
+                },
+        } => {
+            let digest = digest_of(&doc.file, &doc.sha256)?;
+            let bytes = std::fs::read(&token)
+                .with_context(|| format!("cannot read {}", token.display()))?;
+            let response::Body::CheckApproval(c) = check(
+                client
+                    .check_approval(&seal, &digest, &bytes, &mfa_code)
+                    .await?,
+            )?
+            else {
+                bail!("unexpected reply to CheckApproval");
+            };
+            if cli.json {
+                let denials: Vec<_> = c
+                    .denials
+                    .iter()
+                    .map(|d| json!({"reason": d.reason, "detail": d.detail}))
+                    .collect();
+                println!(
+                    "{}",
+                    json!({"would_pass": c.would_pass, "rule": c.rule, "denials": denials})
+                );
+            } else if c.would_pass {
+                println!("would pass (rule {})", c.rule);
+            } else {
+                println!("would be refused:");
+                for d in &c.denials {
+                    println!("  {:<20} {}", d.reason, d.detail);
+                }
+            }
+            if !c.would_pass {
+                std::process::exit(1);
+            }
+        }
+        Command::Token { .. } => unreachable!("handled without the daemon"),
+        Command::Mfa {
+            command: MfaCommand::Enroll { user },
+        } => {
+            let response::Body::EnrollMfa(e) = check(client.enroll_mfa(&user).await?)? else {
+                bail!("unexpected reply to EnrollMfa");
+            };
+            let uri = zeroize::Zeroizing::new(e.otpauth_uri);
+            if cli.json {
+                println!("{}", json!({"user": user, "otpauth_uri": *uri}));
+            } else {
+                let qr = qrcode::QrCode::new(uri.as_bytes()).context("QR code")?;
+                let art = qr
+                    .render::<qrcode::render::unicode::Dense1x2>()
+                    .quiet_zone(true)
+                    .build();
+                println!("{art}");
+                println!("{}", *uri);
+                println!("Scan the code or enter the URI in the applicant's authenticator app.");
+                println!("This is the only time the secret is shown.");
+            }
+        }
+        Command::Mfa {
+            command: MfaCommand::Reset { user },
+        } => {
+            check(client.reset_mfa(&user).await?)?;
+            println!("TOTP lockout cleared for {user}");
         }
         Command::Status => {
             let response::Body::StatusReport(st) = check(client.status().await?)? else {

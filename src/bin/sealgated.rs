@@ -53,21 +53,25 @@ fn run(args: Args) -> anyhow::Result<()> {
         );
     }
     let registry = Registry::open(&config)?;
-    if args.check {
-        println!(
-            "configuration {} is valid; {} device(s) and {} seal(s) ready",
-            args.config.display(),
-            registry.devices.len(),
-            registry.seals.len()
-        );
-        return Ok(());
-    }
     let limits = Limits {
         max_frame: config.daemon.max_frame_bytes,
         max_connections: config.daemon.max_connections,
         request_timeout: Duration::from_millis(config.daemon.request_timeout_ms),
     };
-    let service = Arc::new(Service::new(&config, registry));
+    let config_dir = args
+        .config
+        .parent()
+        .map(|p| p.to_path_buf())
+        .unwrap_or_default();
+    let (devices, seals) = (registry.devices.len(), registry.seals.len());
+    let service = Arc::new(Service::new(&config, registry, &config_dir)?);
+    if args.check {
+        println!(
+            "configuration {} is valid; {devices} device(s) and {seals} seal(s) ready",
+            args.config.display(),
+        );
+        return Ok(());
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -85,6 +89,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
             .context("cannot watch SIGINT")?;
         tokio::spawn(watch_devices(service.clone()));
+        tokio::spawn(prune_ledger(service.clone()));
         tracing::info!(
             socket = %config.daemon.socket.display(),
             seals = config.seals.len(),
@@ -107,6 +112,20 @@ fn run(args: Args) -> anyhow::Result<()> {
     })?;
     // Devices close (sessions, logout, C_Finalize) when the service is dropped with the runtime.
     Ok(())
+}
+
+/// Drops replay-ledger entries of long-expired approvals, hourly.
+async fn prune_ledger(service: Arc<Service>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(3600));
+    loop {
+        tick.tick().await;
+        let s = service.clone();
+        match tokio::task::spawn_blocking(move || s.prune_ledger()).await {
+            Ok(Ok(n)) if n > 0 => tracing::info!(pruned = n, "replay ledger pruned"),
+            Ok(Err(e)) => tracing::warn!(error = %e, "replay ledger pruning failed"),
+            _ => {}
+        }
+    }
 }
 
 /// Tries to bring back unavailable devices, so that their status clears without waiting for a

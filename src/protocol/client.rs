@@ -106,11 +106,54 @@ impl Client {
         approval_token: &[u8],
         purpose: &str,
     ) -> Result<Response, ClientError> {
+        self.stamp_with_mfa(seal_id, document_sha256, approval_token, purpose, "")
+            .await
+    }
+
+    pub async fn stamp_with_mfa(
+        &mut self,
+        seal_id: &str,
+        document_sha256: &[u8],
+        approval_token: &[u8],
+        purpose: &str,
+        mfa_code: &str,
+    ) -> Result<Response, ClientError> {
         self.call(request::Body::Stamp(pb::StampRequest {
             seal_id: seal_id.to_owned(),
             document_sha256: document_sha256.to_vec(),
             approval_token: approval_token.to_vec(),
             purpose: purpose.to_owned(),
+            mfa_code: mfa_code.to_owned(),
+        }))
+        .await
+    }
+
+    pub async fn check_approval(
+        &mut self,
+        seal_id: &str,
+        document_sha256: &[u8],
+        approval_token: &[u8],
+        mfa_code: &str,
+    ) -> Result<Response, ClientError> {
+        self.call(request::Body::CheckApproval(pb::CheckApprovalRequest {
+            seal_id: seal_id.to_owned(),
+            document_sha256: document_sha256.to_vec(),
+            approval_token: approval_token.to_vec(),
+            mfa_code: mfa_code.to_owned(),
+        }))
+        .await
+    }
+
+    pub async fn enroll_mfa(&mut self, user: &str) -> Result<Response, ClientError> {
+        self.call(request::Body::EnrollMfa(pb::EnrollMfaRequest {
+            user: user.to_owned(),
+        }))
+        .await
+    }
+
+    pub async fn reset_mfa(&mut self, user: &str) -> Result<Response, ClientError> {
+        self.call(request::Body::ResetMfa(pb::ResetMfaRequest {
+            user: user.to_owned(),
         }))
         .await
     }

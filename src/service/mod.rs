@@ -5,12 +5,17 @@
 //! mapping from [`ServiceError`] to wire status codes ([`ServiceError::status`]).
 //! Never: blocks the executor on a device, or puts a token, PIN or key in a log line or reply.
 //!
-//! Approval tokens travel in every Stamp request; this version does not yet verify them (see
-//! README, "What is not there yet").
+//! A stamp passes the approval gate (token, trust store, policy, TOTP, and one use consumed
+//! durably) before its device is asked to sign; a refusal carries a stable reason code.
 
+use crate::approval::gate::{Gate, Verdict};
+use crate::approval::mfa::Mfa;
+use crate::approval::{ApprovalError, Denial, TrustStore};
 use crate::config::Config;
 use crate::device::{DeviceError, Health, Registry, SealBinding, SealDevice};
+use crate::policy::SealPolicy;
 use crate::protocol::{pb, request, response, Request, Response, Status, PROTOCOL_VERSION};
+use crate::store::Store;
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -48,6 +53,33 @@ pub enum ServiceError {
     ShuttingDown,
     #[error("internal error: {0}")]
     Internal(String),
+    #[error("approval refused: {0}")]
+    Denied(Denial),
+    #[error("{0}; nothing was signed")]
+    StoreUnavailable(String),
+}
+
+impl From<ApprovalError> for ServiceError {
+    fn from(e: ApprovalError) -> Self {
+        match e {
+            ApprovalError::Store(s) => ServiceError::StoreUnavailable(s.to_string()),
+            ApprovalError::Device(d) => ServiceError::Device(d),
+            ApprovalError::Invalid(m) => ServiceError::InvalidArgument(m),
+        }
+    }
+}
+
+/// What can stop the service from being built at start-up.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("{0}")]
+    Trust(#[from] crate::approval::TrustError),
+    #[error("{0}")]
+    Policy(#[from] crate::policy::PolicyError),
+    #[error("{0}")]
+    Store(#[from] crate::store::StoreError),
+    #[error("{0}")]
+    Mfa(String),
 }
 
 impl ServiceError {
@@ -67,15 +99,22 @@ impl ServiceError {
             ServiceError::Busy(_) => Status::Busy,
             ServiceError::ShuttingDown => Status::ShuttingDown,
             ServiceError::Internal(_) => Status::Internal,
+            ServiceError::Denied(_) => Status::ApprovalDenied,
+            ServiceError::StoreUnavailable(_) => Status::StoreUnavailable,
         }
     }
 
     /// The response carrying this error.
     pub fn into_response(self, request_id: u64) -> Response {
+        let reason = match &self {
+            ServiceError::Denied(d) => d.reason.code().to_owned(),
+            _ => String::new(),
+        };
         Response {
             request_id,
             status: self.status() as i32,
             message: self.to_string(),
+            reason,
             body: None,
         }
     }
@@ -88,6 +127,7 @@ pub struct Caller {
     uids: Vec<u32>,
     gids: Vec<u32>,
     seals: HashSet<String>,
+    admin: bool,
 }
 
 /// Who is on the other end of a connection.
@@ -102,6 +142,7 @@ pub struct Peer {
 
 pub struct Service {
     registry: Registry,
+    gate: Arc<Gate>,
     callers: Vec<Arc<Caller>>,
     /// Signatures in flight per device, and requests allowed to wait for one.
     slots: HashMap<String, (Arc<Semaphore>, Arc<Semaphore>)>,
@@ -110,7 +151,37 @@ pub struct Service {
 }
 
 impl Service {
-    pub fn new(config: &Config, registry: Registry) -> Service {
+    pub fn new(
+        config: &Config,
+        registry: Registry,
+        config_dir: &std::path::Path,
+    ) -> Result<Service, StartError> {
+        let trust = TrustStore::from_config(&config.approvers, config_dir)?;
+        let mut policies = HashMap::new();
+        for s in &config.seals {
+            policies.insert(s.id.clone(), SealPolicy::from_config(&s.id, &s.rules)?);
+        }
+        let store = Store::open(&config.daemon.state_dir)?;
+        let mfa = match &config.mfa {
+            None => None,
+            Some(m) => {
+                let device = registry
+                    .devices
+                    .iter()
+                    .find(|d| d.id() == m.device)
+                    .cloned()
+                    .ok_or_else(|| {
+                        StartError::Mfa(format!("mfa.device {:?} is not open", m.device))
+                    })?;
+                Some(Mfa::new(device, m.max_failures, m.issuer.clone()))
+            }
+        };
+        let gate = Arc::new(Gate {
+            trust,
+            policies,
+            store,
+            mfa,
+        });
         let callers = config
             .callers
             .iter()
@@ -120,6 +191,7 @@ impl Service {
                     uids: c.uids.clone(),
                     gids: c.gids.clone(),
                     seals: c.seals.iter().cloned().collect(),
+                    admin: c.admin,
                 })
             })
             .collect();
@@ -137,13 +209,21 @@ impl Service {
                 )
             })
             .collect();
-        Service {
+        Ok(Service {
             registry,
+            gate,
             callers,
             slots,
             started: Instant::now(),
             connections: AtomicUsize::new(0),
-        }
+        })
+    }
+
+    /// Drops replay-ledger entries no token can use any more. Blocks.
+    pub fn prune_ledger(&self) -> Result<usize, ServiceError> {
+        let now = unix_now();
+        crate::approval::ledger::prune(&self.gate.store, now)
+            .map_err(|e| ServiceError::StoreUnavailable(e.to_string()))
     }
 
     /// Names the caller behind a connection: a uid match wins over a gid match.
@@ -193,6 +273,7 @@ impl Service {
                 request_id: id,
                 status: Status::Ok as i32,
                 message: String::new(),
+                reason: String::new(),
                 body: Some(body),
             },
             Err(e) => {
@@ -218,7 +299,103 @@ impl Service {
             }
             request::Body::Stamp(s) => self.stamp(caller, s).await,
             request::Body::Status(_) => Ok(response::Body::StatusReport(self.status(caller))),
+            request::Body::CheckApproval(c) => self.check_approval(caller, c).await,
+            request::Body::EnrollMfa(e) => {
+                let user = e.user;
+                let uri = self
+                    .admin_mfa(caller, move |gate, mfa| {
+                        mfa.enroll(&gate.store, &user, unix_now())
+                    })
+                    .await?;
+                Ok(response::Body::EnrollMfa(pb::EnrollMfaResponse {
+                    otpauth_uri: uri.to_string(),
+                }))
+            }
+            request::Body::ResetMfa(r) => {
+                let user = r.user;
+                let found = self
+                    .admin_mfa(caller, move |gate, mfa| mfa.reset(&gate.store, &user))
+                    .await?;
+                if !found {
+                    return Err(ServiceError::InvalidArgument(
+                        "that user is not enrolled for TOTP".into(),
+                    ));
+                }
+                Ok(response::Body::ResetMfa(pb::ResetMfaResponse {}))
+            }
         }
+    }
+
+    /// Runs an administrator's TOTP operation off the executor.
+    async fn admin_mfa<T: Send + 'static>(
+        &self,
+        caller: &Caller,
+        op: impl FnOnce(&Gate, &Mfa) -> Result<T, ApprovalError> + Send + 'static,
+    ) -> Result<T, ServiceError> {
+        if !caller.admin {
+            return Err(ServiceError::PermissionDenied(format!(
+                "caller {:?} is not an administrator",
+                caller.name
+            )));
+        }
+        if self.gate.mfa.is_none() {
+            return Err(ServiceError::InvalidArgument(
+                "TOTP is not configured (no [mfa] section)".into(),
+            ));
+        }
+        let gate = self.gate.clone();
+        tokio::task::spawn_blocking(move || {
+            let mfa = gate.mfa.as_ref().expect("checked above");
+            op(&gate, mfa)
+        })
+        .await
+        .map_err(|e| ServiceError::Internal(format!("task failed: {e}")))?
+        .map_err(ServiceError::from)
+    }
+
+    /// Runs the approval gate off the executor.
+    async fn run_gate(
+        &self,
+        seal: &str,
+        digest: [u8; 32],
+        token: Vec<u8>,
+        mfa_code: String,
+        consume: bool,
+    ) -> Result<Verdict, ServiceError> {
+        let gate = self.gate.clone();
+        let seal = seal.to_owned();
+        let mfa_code = zeroize::Zeroizing::new(mfa_code);
+        let token = zeroize::Zeroizing::new(token);
+        tokio::task::spawn_blocking(move || {
+            gate.check(&seal, &digest, &token, &mfa_code, unix_now(), consume)
+        })
+        .await
+        .map_err(|e| ServiceError::Internal(format!("approval task failed: {e}")))?
+        .map_err(ServiceError::from)
+    }
+
+    async fn check_approval(
+        &self,
+        caller: &Caller,
+        req: pb::CheckApprovalRequest,
+    ) -> Result<response::Body, ServiceError> {
+        let seal = self.seal_for(caller, &req.seal_id)?;
+        let digest = digest32(&req.document_sha256)?;
+        let v = self
+            .run_gate(&seal.id, digest, req.approval_token, req.mfa_code, false)
+            .await?;
+        Ok(response::Body::CheckApproval(pb::CheckApprovalResponse {
+            would_pass: v.denials.is_empty(),
+            denials: v
+                .denials
+                .iter()
+                .map(|d| pb::Denial {
+                    reason: d.reason.code().to_owned(),
+                    detail: d.detail.clone(),
+                })
+                .collect(),
+            rule: v.rule.unwrap_or_default(),
+        }))
     }
 
     fn hello(&self, peer: &Peer, _h: pb::HelloRequest) -> response::Body {
@@ -292,18 +469,14 @@ impl Service {
         req: pb::StampRequest,
     ) -> Result<response::Body, ServiceError> {
         let seal = self.seal_for(caller, &req.seal_id)?;
-        let digest: [u8; 32] = req.document_sha256.as_slice().try_into().map_err(|_| {
-            ServiceError::InvalidArgument(format!(
-                "document_sha256 must be 32 bytes, got {}",
-                req.document_sha256.len()
-            ))
-        })?;
+        let digest = digest32(&req.document_sha256)?;
         if req.purpose.len() > MAX_PURPOSE_BYTES {
             return Err(ServiceError::InvalidArgument(format!(
                 "purpose is {} bytes; at most {MAX_PURPOSE_BYTES} are accepted",
                 req.purpose.len()
             )));
         }
+        // No use is consumed for a request the device queue would refuse anyway.
         let (in_flight, queue) = &self.slots[seal.device.id()];
         let _queued = queue.clone().try_acquire_owned().map_err(|_| {
             ServiceError::Busy(format!(
@@ -311,6 +484,20 @@ impl Service {
                 seal.device.id()
             ))
         })?;
+        let verdict = self
+            .run_gate(&seal.id, digest, req.approval_token, req.mfa_code, true)
+            .await?;
+        if let Some(d) = verdict.denials.into_iter().next() {
+            tracing::info!(
+                caller = %caller.name,
+                seal = %seal.id,
+                applicant = %verdict.applicant,
+                approval = %verdict.jti,
+                reason = d.reason.code(),
+                "stamp refused"
+            );
+            return Err(ServiceError::Denied(d));
+        }
         let permit = in_flight
             .clone()
             .acquire_owned()
@@ -335,6 +522,9 @@ impl Service {
         tracing::info!(
             caller = %caller.name,
             seal = %seal.id,
+            applicant = %verdict.applicant,
+            approval = %verdict.jti,
+            rule = verdict.rule.as_deref().unwrap_or(""),
             document = %hex::encode(digest),
             micros = started.elapsed().as_micros() as u64,
             "stamped"
@@ -344,8 +534,26 @@ impl Service {
             algorithm: seal.device.key(key).algorithm.name().to_owned(),
             signature,
             stamped_at_unix_ms,
+            uses_left: verdict.uses_left,
+            approval_id: verdict.jti,
         }))
     }
+}
+
+fn unix_now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+fn digest32(bytes: &[u8]) -> Result<[u8; 32], ServiceError> {
+    bytes.try_into().map_err(|_| {
+        ServiceError::InvalidArgument(format!(
+            "document_sha256 must be 32 bytes, got {}",
+            bytes.len()
+        ))
+    })
 }
 
 fn health_fields(h: Health) -> (pb::DeviceStatus, String) {

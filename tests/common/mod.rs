@@ -26,6 +26,10 @@ impl Demo {
     pub fn pin_file(&self) -> PathBuf {
         self.dir.join("user.pin")
     }
+    pub fn approver_key(&self, id: &str) -> sealgate::approval::token::SigningKey {
+        let pem = std::fs::read_to_string(self.dir.join(format!("approvers/{id}.key"))).unwrap();
+        sealgate::approval::token::SigningKey::from_pem(&pem).unwrap()
+    }
     pub fn pin(&self) -> String {
         std::fs::read_to_string(self.pin_file())
             .unwrap()
@@ -93,7 +97,92 @@ impl Default for Opts {
     }
 }
 
-/// A configuration using the demo token, with the socket at `socket`.
+/// The test policy (close to the demo's, plus seals and rules that make every refusal
+/// reachable):
+/// - contract: "night forms" only in an hour that is never now; "large contracts" (CNY
+///   100,000.00 and up) dept_head (department-scoped) then executive; "contracts" dept_head.
+/// - finance: "invoices" by a finance officer, at most 3 per applicant per hour.
+/// - official: dept_head (department-scoped) then executive.
+/// - official-pkcs1: the official seal's key with PKCS#1 padding; dept_head and a TOTP code.
+fn policy_text(seal: &str) -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    // A one-hour window starting two hours from now (UTC): never the current time.
+    let closed_from = ((now / 3600 + 2) % 24) as u32;
+    match seal {
+        "contract" => format!(
+            r#"
+[[seal.rule]]
+name = "night forms"
+doc_types = ["night-form"]
+levels = ["dept_head"]
+hours = "{closed_from:02}:00-{:02}:00"
+timezone = "UTC"
+
+[[seal.rule]]
+name = "large contracts"
+doc_types = ["contract"]
+currency = "CNY"
+amount_min = 10000000
+levels = ["dept_head", "executive"]
+dept_scoped = ["dept_head"]
+
+[[seal.rule]]
+name = "contracts"
+doc_types = ["contract"]
+levels = ["dept_head"]
+dept_scoped = ["dept_head"]
+"#,
+            (closed_from + 1) % 24
+        ),
+        "finance" => r#"
+[[seal.rule]]
+name = "invoices"
+doc_types = ["invoice"]
+levels = ["finance"]
+rate_limit_count = 3
+rate_limit_window_seconds = 3600
+"#
+        .into(),
+        "official" => r#"
+[[seal.rule]]
+name = "official use"
+levels = ["dept_head", "executive"]
+dept_scoped = ["dept_head"]
+"#
+        .into(),
+        _ => r#"
+[[seal.rule]]
+name = "with totp"
+levels = ["dept_head"]
+mfa = true
+"#
+        .into(),
+    }
+}
+
+/// Demo approvers, plus one revoked (it reuses zhang.wei's key).
+fn approvers_text(demo: &Demo) -> String {
+    let mut t = String::new();
+    for (id, role, dept, key, revoked) in [
+        ("zhang.wei", "dept_head", "sales", "zhang.wei", false),
+        ("liu.yang", "dept_head", "finance", "liu.yang", false),
+        ("li.na", "executive", "management", "li.na", false),
+        ("wang.fang", "finance", "finance", "wang.fang", false),
+        ("old.boss", "dept_head", "sales", "zhang.wei", true),
+    ] {
+        t += &format!(
+            "\n[[approver]]\nid = \"{id}\"\nrole = \"{role}\"\ndepartment = \"{dept}\"\npublic_key_file = \"{}\"\nrevoked = {revoked}\n",
+            demo.dir.join(format!("approvers/{key}.pub.pem")).display()
+        );
+    }
+    t
+}
+
+/// A configuration using the demo token, with the socket at `socket` and the state directory
+/// beside it.
 pub fn config_text(demo: &Demo, socket: &Path, opts: &Opts) -> String {
     let profiles = Path::new(env!("CARGO_MANIFEST_DIR")).join("device-profiles");
     let seals = opts.caller_seals.clone().unwrap_or_else(|| {
@@ -108,6 +197,7 @@ pub fn config_text(demo: &Demo, socket: &Path, opts: &Opts) -> String {
 [daemon]
 socket = "{socket}"
 profiles_dir = "{profiles}"
+state_dir = "{state}"
 max_frame_bytes = {frame}
 max_connections = {conns}
 request_timeout_ms = {timeout}
@@ -117,14 +207,25 @@ allow_root = {root}
 name = "test-app"
 uids = {uids:?}
 seals = {seals:?}
+admin = true
 
 [[device]]
 id = "demo-hsm"
 profile = "softhsm2"
 token_label = "sealgate-demo"
 pin_file = "{pin}"
+wrap_key_label = "sealgate-mfa-wrap"
+
+[mfa]
+device = "demo-hsm"
+max_failures = 3
 "#,
         socket = socket.display(),
+        state = socket
+            .parent()
+            .unwrap_or(Path::new("/nonexistent"))
+            .join("state")
+            .display(),
         profiles = profiles.display(),
         frame = opts.max_frame_bytes,
         conns = opts.max_connections,
@@ -133,13 +234,16 @@ pin_file = "{pin}"
         uids = opts.uids,
         pin = demo.pin_file().display(),
     );
+    t += &approvers_text(demo);
     for (id, label, alg) in DEMO_SEALS {
         t += &format!(
             "\n[[seal]]\nid = \"{id}\"\nname = \"{id} seal\"\ndevice = \"demo-hsm\"\nkey_label = \"{label}\"\nalgorithm = \"{alg}\"\n"
         );
+        t += &policy_text(id);
     }
     // The official seal's RSA key, also offered with PKCS#1 v1.5 padding.
     t += "\n[[seal]]\nid = \"official-pkcs1\"\ndevice = \"demo-hsm\"\nkey_id = \"03\"\nalgorithm = \"rsa-pkcs1-sha256\"\n";
+    t += &policy_text("official-pkcs1");
     t += &opts.extra;
     t
 }
@@ -362,4 +466,97 @@ pub fn wait_for_line(child: &mut Child, ready: impl Fn(&str) -> bool) -> Vec<Str
 pub fn sha256(data: &[u8]) -> Vec<u8> {
     use sha2::Digest;
     sha2::Sha256::digest(data).to_vec()
+}
+
+pub fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
+}
+
+/// An approval to issue in a test; `Approval::for_seal` fills in what the test policy needs.
+#[derive(Clone)]
+pub struct Approval {
+    pub claims: sealgate::approval::token::Claims,
+    /// (approver id, seconds before now it approved), in signing order.
+    pub signers: Vec<(String, i64)>,
+}
+
+impl Approval {
+    /// A single-use approval that passes the test policy for `seal` (see `policy_text`).
+    pub fn for_seal(seal: &str, digest: &[u8]) -> Approval {
+        use sealgate::approval::token::{Claims, DocClaim};
+        use std::sync::atomic::{AtomicU64, Ordering};
+        static NEXT: AtomicU64 = AtomicU64::new(1);
+        let now = unix_now();
+        let (doc_type, dept, signers): (&str, &str, &[&str]) = match seal {
+            "finance" => ("invoice", "finance", &["wang.fang"]),
+            "official" => ("notice", "sales", &["zhang.wei", "li.na"]),
+            "official-pkcs1" => ("notice", "sales", &["zhang.wei"]),
+            _ => ("contract", "sales", &["zhang.wei"]),
+        };
+        Approval {
+            claims: Claims {
+                jti: format!(
+                    "test-{}-{}",
+                    std::process::id(),
+                    NEXT.fetch_add(1, Ordering::Relaxed)
+                ),
+                seal: seal.into(),
+                doc: DocClaim {
+                    sha256: hex::encode(digest),
+                    doc_type: doc_type.into(),
+                    title: None,
+                },
+                amount: None,
+                dept: dept.into(),
+                scope: String::new(),
+                applicant: "zhao.lei".into(),
+                purpose: "test".into(),
+                iat: now - 600,
+                nbf: now - 600,
+                exp: now + 3600,
+                uses: 1,
+            },
+            signers: signers
+                .iter()
+                .enumerate()
+                .map(|(i, s)| (s.to_string(), 300 - 60 * i as i64))
+                .collect(),
+        }
+    }
+
+    /// Signs with the demo approvers' keys (an unknown id signs with zhang.wei's key).
+    pub fn token(&self) -> Vec<u8> {
+        let mut t = sealgate::approval::token::Token::unsigned(self.claims.clone());
+        let now = unix_now();
+        for (id, ago) in &self.signers {
+            let key_id = match id.as_str() {
+                "zhang.wei" | "liu.yang" | "li.na" | "wang.fang" => id.as_str(),
+                _ => "zhang.wei",
+            };
+            t.add_signature(&demo().approver_key(key_id), id, now - ago);
+        }
+        t.to_json().into_bytes()
+    }
+}
+
+/// A token that passes the test policy for `seal` and document `digest`.
+pub fn token_for(seal: &str, digest: &[u8]) -> Vec<u8> {
+    Approval::for_seal(seal, digest).token()
+}
+
+/// Enrolls `user` for TOTP through the daemon (the test caller is an administrator).
+pub async fn enroll(c: &mut sealgate::protocol::client::Client, user: &str) -> totp_rs::Totp {
+    let r = c.enroll_mfa(user).await.unwrap();
+    let Some(sealgate::protocol::response::Body::EnrollMfa(e)) = r.body else {
+        panic!("enroll failed: {}", r.message)
+    };
+    totp_rs::Totp::from_url(&e.otpauth_uri).unwrap()
+}
+
+/// The code for the current time step (`offset` steps away).
+pub fn totp_code(totp: &totp_rs::Totp, offset: i64) -> String {
+    totp.generate((unix_now() + 30 * offset) as u64).to_string()
 }
