@@ -102,6 +102,7 @@ fn pin_config(dir: &std::path::Path, label: &str, pin: &str) -> String {
 [daemon]
 socket = "{socket}"
 profiles_dir = "{profiles}"
+state_dir = "{state}"
 allow_root = true
 
 [[device]]
@@ -115,8 +116,12 @@ id = "s"
 device = "pin-test"
 key_label = "k"
 algorithm = "ecdsa-p256-sha256"
+
+[[seal.rule]]
+levels = ["dept_head"]
 "#,
         socket = dir.join("s.sock").display(),
+        state = dir.join("state").display(),
         profiles = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
             .join("device-profiles")
             .display(),
