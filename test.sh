@@ -25,7 +25,7 @@ fi
 # A private Python environment for the Python client test (Debian's own python3-protobuf is
 # older than the generated code needs).
 venv=target/test-venv
-if ! "$venv/bin/python3" -c 'import google.protobuf' 2>/dev/null; then
+if ! "$venv/bin/python3" -c 'import google.protobuf, cryptography' 2>/dev/null; then
   python3 -m venv "$venv"
   "$venv/bin/pip" install -q -r tests/python/requirements.txt
 fi

@@ -493,7 +493,7 @@ impl Service {
                 seal = %seal.id,
                 applicant = %verdict.applicant,
                 approval = %verdict.jti,
-                reason = d.reason.code(),
+                reason = %d.reason.code(),
                 "stamp refused"
             );
             return Err(ServiceError::Denied(d));

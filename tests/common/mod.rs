@@ -163,19 +163,57 @@ mfa = true
     }
 }
 
-/// Demo approvers, plus one revoked (it reuses zhang.wei's key).
+/// Demo approvers, plus one revoked (it reuses zhang.wei's key) and one whose ES256 key lives
+/// in the demo PKCS#11 token (the contract seal's key pair stands in for it).
 fn approvers_text(demo: &Demo) -> String {
     let mut t = String::new();
     for (id, role, dept, key, revoked) in [
-        ("zhang.wei", "dept_head", "sales", "zhang.wei", false),
-        ("liu.yang", "dept_head", "finance", "liu.yang", false),
-        ("li.na", "executive", "management", "li.na", false),
-        ("wang.fang", "finance", "finance", "wang.fang", false),
-        ("old.boss", "dept_head", "sales", "zhang.wei", true),
+        (
+            "zhang.wei",
+            "dept_head",
+            "sales",
+            "approvers/zhang.wei.pub.pem",
+            false,
+        ),
+        (
+            "liu.yang",
+            "dept_head",
+            "finance",
+            "approvers/liu.yang.pub.pem",
+            false,
+        ),
+        (
+            "li.na",
+            "executive",
+            "management",
+            "approvers/li.na.pub.pem",
+            false,
+        ),
+        (
+            "wang.fang",
+            "finance",
+            "finance",
+            "approvers/wang.fang.pub.pem",
+            false,
+        ),
+        (
+            "old.boss",
+            "dept_head",
+            "sales",
+            "approvers/zhang.wei.pub.pem",
+            true,
+        ),
+        (
+            "hsm.approver",
+            "executive",
+            "management",
+            "ca/contract-seal.pub.pem",
+            false,
+        ),
     ] {
         t += &format!(
             "\n[[approver]]\nid = \"{id}\"\nrole = \"{role}\"\ndepartment = \"{dept}\"\npublic_key_file = \"{}\"\nrevoked = {revoked}\n",
-            demo.dir.join(format!("approvers/{key}.pub.pem")).display()
+            demo.dir.join(key).display()
         );
     }
     t

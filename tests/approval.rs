@@ -1,0 +1,641 @@
+//! No stamp without approval, against the real daemon: every refusal reason, the happy paths,
+//! TOTP, replays under concurrency, dry runs, tokens issued outside Rust, the sealctl token
+//! commands, and no secret in the log.
+
+mod common;
+
+use common::*;
+use sealgate::approval::token::{Amount, Token};
+use sealgate::protocol::client::Client;
+use sealgate::protocol::{response, Response, Status};
+use std::process::Command;
+
+fn assert_ok(r: &Response, what: &str) {
+    assert_eq!(
+        r.status,
+        Status::Ok as i32,
+        "{what}: {} {}",
+        r.reason,
+        r.message
+    );
+}
+
+fn assert_denied(r: &Response, reason: &str, what: &str) {
+    assert_eq!(
+        (r.status, r.reason.as_str()),
+        (Status::ApprovalDenied as i32, reason),
+        "{what}: {}",
+        r.message
+    );
+    assert!(r.body.is_none(), "{what}: a refusal carries no signature");
+}
+
+/// (what, seal, digest the request names, token, TOTP code, expected reason).
+type Case = (
+    &'static str,
+    &'static str,
+    Vec<u8>,
+    Vec<u8>,
+    String,
+    &'static str,
+);
+
+/// (succeeded, stdout, stderr) of one sealctl run.
+type Outcome = (bool, String, String);
+
+fn large(digest: &[u8]) -> Approval {
+    let mut a = Approval::for_seal("contract", digest);
+    a.claims.amount = Some(Amount {
+        value: 25_000_000,
+        currency: "CNY".into(),
+    });
+    a.signers = vec![("zhang.wei".into(), 300), ("li.na".into(), 120)];
+    a
+}
+
+fn doc(n: u32) -> Vec<u8> {
+    sha256(format!("document {n}").as_bytes())
+}
+
+async fn stamp(c: &mut Client, seal: &str, digest: &[u8], token: &[u8], code: &str) -> Response {
+    c.stamp_with_mfa(seal, digest, token, "test", code)
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_reason_code_and_the_happy_paths() {
+    let d = Daemon::start(&Opts::default());
+    let mut c = d.client().await;
+    let now = unix_now();
+    let mut seen = std::collections::BTreeSet::new();
+
+    // Happy paths: one level, two levels, and a seal that needs a TOTP code.
+    let r = stamp(
+        &mut c,
+        "contract",
+        &doc(1),
+        &token_for("contract", &doc(1)),
+        "",
+    )
+    .await;
+    assert_ok(&r, "single level");
+    let r = stamp(&mut c, "contract", &doc(2), &large(&doc(2)).token(), "").await;
+    assert_ok(&r, "two levels");
+    let totp = enroll(&mut c, "mfa.ok").await;
+    let mut a = Approval::for_seal("official-pkcs1", &doc(3));
+    a.claims.applicant = "mfa.ok".into();
+    let code = totp_code(&totp, 0);
+    assert_ok(
+        &stamp(&mut c, "official-pkcs1", &doc(3), &a.token(), &code).await,
+        "with TOTP",
+    );
+
+    // Table: (what, seal, digest the request names, token, TOTP code, expected reason).
+    let mut table: Vec<Case> = Vec::new();
+    let mut add = |what, seal, digest: Vec<u8>, token: Vec<u8>, code: &str, reason| {
+        table.push((what, seal, digest, token, code.to_string(), reason))
+    };
+
+    add(
+        "garbage token",
+        "contract",
+        doc(10),
+        b"not a token".to_vec(),
+        "",
+        "malformed",
+    );
+
+    let a = Approval::for_seal("contract", &doc(11));
+    let mut forged = Token::unsigned(a.claims.clone());
+    forged.add_signature(&demo().approver_key("zhang.wei"), "liu.yang", now - 60);
+    add(
+        "signed with another key",
+        "contract",
+        doc(11),
+        forged.to_json().into_bytes(),
+        "",
+        "bad_signature",
+    );
+
+    let mut a = Approval::for_seal("contract", &doc(12));
+    a.signers = vec![("nobody".into(), 60)];
+    add(
+        "unknown approver",
+        "contract",
+        doc(12),
+        a.token(),
+        "",
+        "unknown_approver",
+    );
+
+    let mut a = Approval::for_seal("contract", &doc(13));
+    a.signers = vec![("old.boss".into(), 60)];
+    add(
+        "revoked approver",
+        "contract",
+        doc(13),
+        a.token(),
+        "",
+        "approver_revoked",
+    );
+
+    let mut a = Approval::for_seal("contract", &doc(14));
+    (a.claims.iat, a.claims.nbf, a.claims.exp) = (now - 7200, now - 7200, now - 3600);
+    a.signers = vec![("zhang.wei".into(), 5000)];
+    add("expired", "contract", doc(14), a.token(), "", "expired");
+
+    let mut a = Approval::for_seal("contract", &doc(15));
+    (a.claims.nbf, a.claims.exp) = (now + 3600, now + 7200);
+    add(
+        "not yet valid",
+        "contract",
+        doc(15),
+        a.token(),
+        "",
+        "not_yet_valid",
+    );
+
+    let a = Approval::for_seal("finance", &doc(16));
+    add(
+        "token for another seal",
+        "contract",
+        doc(16),
+        a.token(),
+        "",
+        "seal_mismatch",
+    );
+
+    let a = Approval::for_seal("contract", &doc(17));
+    add(
+        "token for another document",
+        "contract",
+        doc(18),
+        a.token(),
+        "",
+        "digest_mismatch",
+    );
+
+    let mut a = Approval::for_seal("contract", &doc(19));
+    a.claims.doc.doc_type = "poem".into();
+    add(
+        "no rule for the document type",
+        "contract",
+        doc(19),
+        a.token(),
+        "",
+        "no_rule",
+    );
+
+    let mut a = large(&doc(20));
+    a.signers.truncate(1);
+    add(
+        "large contract without executive",
+        "contract",
+        doc(20),
+        a.token(),
+        "",
+        "missing_level",
+    );
+
+    let mut a = large(&doc(21));
+    a.signers = vec![("zhang.wei".into(), 60), ("li.na".into(), 300)];
+    add(
+        "executive before department head",
+        "contract",
+        doc(21),
+        a.token(),
+        "",
+        "level_order",
+    );
+
+    let mut a = Approval::for_seal("contract", &doc(22));
+    a.claims.applicant = "zhang.wei".into();
+    add(
+        "applicant approves own request",
+        "contract",
+        doc(22),
+        a.token(),
+        "",
+        "self_approval",
+    );
+
+    let mut a = large(&doc(23));
+    a.signers = vec![
+        ("zhang.wei".into(), 300),
+        ("zhang.wei".into(), 200),
+        ("li.na".into(), 100),
+    ];
+    add(
+        "one approver twice",
+        "contract",
+        doc(23),
+        a.token(),
+        "",
+        "duplicate_approver",
+    );
+
+    let mut a = Approval::for_seal("contract", &doc(24));
+    a.signers = vec![("liu.yang".into(), 60)];
+    add(
+        "department head of another department",
+        "contract",
+        doc(24),
+        a.token(),
+        "",
+        "department_mismatch",
+    );
+
+    let mut a = Approval::for_seal("contract", &doc(25));
+    a.claims.doc.doc_type = "night-form".into();
+    add(
+        "outside the allowed hours",
+        "contract",
+        doc(25),
+        a.token(),
+        "",
+        "outside_hours",
+    );
+
+    let mut a = Approval::for_seal("official-pkcs1", &doc(26));
+    a.claims.applicant = "mfa.ok".into();
+    add(
+        "TOTP code missing",
+        "official-pkcs1",
+        doc(26),
+        a.token(),
+        "",
+        "mfa_required",
+    );
+    let mut a = Approval::for_seal("official-pkcs1", &doc(27));
+    a.claims.applicant = "mfa.ok".into();
+    add(
+        "TOTP code already used",
+        "official-pkcs1",
+        doc(27),
+        a.token(),
+        &code,
+        "mfa_invalid",
+    );
+
+    for (what, seal, digest, token, code, reason) in &table {
+        let r = stamp(&mut c, seal, digest, token, code).await;
+        assert_denied(&r, reason, what);
+        seen.insert(reason.to_string());
+    }
+
+    // Rate limit: three invoices an hour per applicant.
+    for i in 0..3 {
+        let mut a = Approval::for_seal("finance", &doc(30 + i));
+        a.claims.applicant = "busy.clerk".into();
+        assert_ok(
+            &stamp(&mut c, "finance", &doc(30 + i), &a.token(), "").await,
+            "invoice",
+        );
+    }
+    let mut a = Approval::for_seal("finance", &doc(33));
+    a.claims.applicant = "busy.clerk".into();
+    assert_denied(
+        &stamp(&mut c, "finance", &doc(33), &a.token(), "").await,
+        "rate_limited",
+        "fourth invoice",
+    );
+    seen.insert("rate_limited".into());
+
+    // Wrong codes, then lockout (max_failures = 3), which even the right code does not pass.
+    let totp = enroll(&mut c, "mfa.victim").await;
+    for i in 0..3 {
+        let mut a = Approval::for_seal("official-pkcs1", &doc(40 + i));
+        a.claims.applicant = "mfa.victim".into();
+        let r = stamp(&mut c, "official-pkcs1", &doc(40 + i), &a.token(), "000000").await;
+        assert_denied(&r, "mfa_invalid", "wrong code");
+    }
+    let mut a = Approval::for_seal("official-pkcs1", &doc(43));
+    a.claims.applicant = "mfa.victim".into();
+    let r = stamp(
+        &mut c,
+        "official-pkcs1",
+        &doc(43),
+        &a.token(),
+        &totp_code(&totp, 0),
+    )
+    .await;
+    assert_denied(&r, "mfa_locked", "after three wrong codes");
+    seen.insert("mfa_locked".into());
+    // An administrator clears the lockout; the right code passes again.
+    assert_ok(&c.reset_mfa("mfa.victim").await.unwrap(), "reset");
+    let r = stamp(
+        &mut c,
+        "official-pkcs1",
+        &doc(43),
+        &a.token(),
+        &totp_code(&totp, 1),
+    )
+    .await;
+    assert_ok(&r, "after reset");
+
+    // A single-use approval used twice, and a two-use approval used three times.
+    let t = token_for("contract", &doc(50));
+    assert_ok(
+        &stamp(&mut c, "contract", &doc(50), &t, "").await,
+        "first use",
+    );
+    assert_denied(
+        &stamp(&mut c, "contract", &doc(50), &t, "").await,
+        "replayed",
+        "second use",
+    );
+    let mut a = Approval::for_seal("contract", &doc(51));
+    a.claims.uses = 2;
+    let t = a.token();
+    for i in 0..2 {
+        let r = stamp(&mut c, "contract", &doc(51), &t, "").await;
+        assert_ok(&r, "batch use");
+        let Some(response::Body::Stamp(s)) = r.body else {
+            panic!()
+        };
+        assert_eq!(s.uses_left, 1 - i);
+    }
+    assert_denied(
+        &stamp(&mut c, "contract", &doc(51), &t, "").await,
+        "exhausted",
+        "third use",
+    );
+    seen.insert("replayed".into());
+    seen.insert("exhausted".into());
+
+    let all = [
+        "malformed",
+        "bad_signature",
+        "unknown_approver",
+        "approver_revoked",
+        "expired",
+        "not_yet_valid",
+        "seal_mismatch",
+        "digest_mismatch",
+        "no_rule",
+        "missing_level",
+        "level_order",
+        "self_approval",
+        "duplicate_approver",
+        "department_mismatch",
+        "outside_hours",
+        "rate_limited",
+        "mfa_required",
+        "mfa_invalid",
+        "mfa_locked",
+        "replayed",
+        "exhausted",
+    ];
+    for r in all {
+        assert!(seen.contains(r), "reason {r} was never produced");
+    }
+
+    // Nothing secret reached the log: the PIN, any token's payload or signatures, the TOTP
+    // secret.
+    let log = d.log();
+    assert!(log.contains("stamp refused") && log.contains("reason=level_order"));
+    assert!(!log.contains(&demo().pin()));
+    let secret = totp.secret().to_base32();
+    assert!(!log.contains(&secret));
+    for (_, _, _, token, _, _) in &table {
+        if let Ok(v) = serde_json::from_slice::<serde_json::Value>(token) {
+            assert!(!log.contains(&v["payload"].as_str().unwrap()[..32]));
+            let sig = v["signatures"][0]["signature"].as_str().unwrap();
+            assert!(!log.contains(&sig[..32]));
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_single_use_token_sent_twice_at_once_stamps_once() {
+    let d = Daemon::start(&Opts::default());
+    for round in 0..10u32 {
+        let digest = doc(100 + round);
+        let token = token_for("contract", &digest);
+        let mut a = d.client().await;
+        let mut b = d.client().await;
+        let (ra, rb) = tokio::join!(
+            stamp(&mut a, "contract", &digest, &token, ""),
+            stamp(&mut b, "contract", &digest, &token, "")
+        );
+        let oks = [&ra, &rb]
+            .iter()
+            .filter(|r| r.status == Status::Ok as i32)
+            .count();
+        assert_eq!(oks, 1, "round {round}: {} / {}", ra.message, rb.message);
+        let denied = if ra.status == Status::Ok as i32 {
+            &rb
+        } else {
+            &ra
+        };
+        assert_denied(denied, "replayed", "the loser");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dry_run_lists_every_reason_and_consumes_nothing() {
+    let d = Daemon::start(&Opts::default());
+    let mut c = d.client().await;
+    let mut a = large(&doc(60));
+    a.signers.truncate(1);
+    a.claims.exp = unix_now() - 3600;
+    a.claims.iat = unix_now() - 7200;
+    a.claims.nbf = a.claims.iat;
+    a.signers = vec![("zhang.wei".into(), 5000)];
+    let r = c
+        .check_approval("contract", &doc(61), &a.token(), "")
+        .await
+        .unwrap();
+    let Some(response::Body::CheckApproval(v)) = r.body else {
+        panic!("{}", r.message)
+    };
+    assert!(!v.would_pass);
+    let reasons: Vec<_> = v.denials.iter().map(|d| d.reason.as_str()).collect();
+    for want in ["expired", "digest_mismatch", "missing_level"] {
+        assert!(reasons.contains(&want), "{want} missing from {reasons:?}");
+    }
+    // A good token passes the dry run any number of times and then still stamps.
+    let t = token_for("contract", &doc(62));
+    for _ in 0..3 {
+        let r = c
+            .check_approval("contract", &doc(62), &t, "")
+            .await
+            .unwrap();
+        let Some(response::Body::CheckApproval(v)) = r.body else {
+            panic!()
+        };
+        assert!(v.would_pass, "{:?}", v.denials);
+        assert_eq!(v.rule, "contracts");
+    }
+    assert_ok(
+        &stamp(&mut c, "contract", &doc(62), &t, "").await,
+        "after dry runs",
+    );
+    let r = c
+        .check_approval("contract", &doc(62), &t, "")
+        .await
+        .unwrap();
+    let Some(response::Body::CheckApproval(v)) = r.body else {
+        panic!()
+    };
+    assert_eq!(v.denials[0].reason, "replayed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_issued_in_python_is_accepted() {
+    let d = Daemon::start(&Opts::default());
+    let work = tempfile::tempdir().unwrap();
+    let digest = doc(70);
+    let claims = large(&digest).claims;
+    let claims_file = work.path().join("claims.json");
+    std::fs::write(&claims_file, serde_json::to_vec(&claims).unwrap()).unwrap();
+    let python = std::env::var("SEALGATE_TEST_PYTHON").unwrap_or_else(|_| "python3".into());
+    let out = Command::new(python)
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/python/sign_token.py"
+        ))
+        .arg(&claims_file)
+        .args(["zhang.wei"])
+        .arg(demo().dir.join("approvers/zhang.wei.key"))
+        .args(["li.na"])
+        .arg(demo().dir.join("approvers/li.na.key"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "sign_token.py (needs the cryptography package): {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut c = d.client().await;
+    let r = stamp(&mut c, "contract", &digest, &out.stdout, "").await;
+    assert_ok(&r, "Python-issued EdDSA + ES256 token");
+}
+
+#[test]
+fn sealctl_issues_signs_inspects_and_checks_tokens() {
+    let d = Daemon::start(&Opts::default());
+    let work = tempfile::tempdir().unwrap();
+    let file = work.path().join("contract.pdf");
+    std::fs::write(&file, b"%PDF large supply contract").unwrap();
+    let token = work.path().join("token.json");
+    let sealctl = |args: &[&str]| {
+        let out = Command::new(SEALCTL)
+            .args(args)
+            .env("SEALGATE_SOCKET", &d.socket)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let f = file.to_str().unwrap();
+    let t = token.to_str().unwrap();
+    let (ok, _, err) = sealctl(&[
+        "token",
+        "new",
+        "--seal",
+        "contract",
+        "--file",
+        f,
+        "--doc-type",
+        "contract",
+        "--amount-minor",
+        "25000000",
+        "--currency",
+        "CNY",
+        "--dept",
+        "sales",
+        "--applicant",
+        "zhao.lei",
+        "--purpose",
+        "supply contract",
+        "--out",
+        t,
+    ]);
+    assert!(ok, "{err}");
+    let check = |sealctl: &dyn Fn(&[&str]) -> Outcome| {
+        sealctl(&["token", "check", "--seal", "contract", "--file", f, t])
+    };
+    let (ok, out, _) = check(&sealctl);
+    assert!(!ok && out.contains("malformed"), "{out}");
+
+    let key = demo().dir.join("approvers/zhang.wei.key");
+    let (ok, _, err) = sealctl(&[
+        "token",
+        "sign",
+        "--key",
+        key.to_str().unwrap(),
+        "--kid",
+        "zhang.wei",
+        t,
+    ]);
+    assert!(ok, "{err}");
+    let (ok, out, _) = check(&sealctl);
+    assert!(!ok && out.contains("missing_level"), "{out}");
+
+    // The executive's key lives in the PKCS#11 token.
+    let pin = demo().pin_file();
+    let conf = demo().softhsm_conf();
+    let out = Command::new(SEALCTL)
+        .args([
+            "token",
+            "sign",
+            "--kid",
+            "hsm.approver",
+            "--pkcs11-module",
+            SOFTHSM,
+        ])
+        .args([
+            "--token-label",
+            "sealgate-demo",
+            "--key-label",
+            "contract-seal",
+            "--pin-file",
+        ])
+        .arg(&pin)
+        .arg(&token)
+        .env("SOFTHSM2_CONF", &conf)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (ok, out, err) = check(&sealctl);
+    assert!(
+        ok && out.contains("would pass (rule large contracts)"),
+        "{out}{err}"
+    );
+
+    let (ok, out, _) = sealctl(&["token", "inspect", t]);
+    assert!(ok);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["claims"]["amount"]["value"], 25_000_000);
+    assert_eq!(v["signatures"][1]["kid"], "hsm.approver");
+    assert_eq!(v["signatures"][1]["alg"], "ES256");
+
+    let (ok, out, err) = sealctl(&[
+        "stamp", "--seal", "contract", "--file", f, "--token", t, "--json",
+    ]);
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["uses_left"], 0);
+    let (ok, _, err) = sealctl(&["stamp", "--seal", "contract", "--file", f, "--token", t]);
+    assert!(
+        !ok && err.contains("APPROVAL_DENIED (13)") && err.contains("replayed"),
+        "{err}"
+    );
+
+    // Enrollment prints the otpauth URI (and a QR code) to the administrator.
+    let (ok, out, err) = sealctl(&["mfa", "enroll", "new.applicant"]);
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("otpauth://totp/") && out.contains('█'),
+        "{out}"
+    );
+}
