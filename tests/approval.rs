@@ -398,6 +398,19 @@ async fn every_reason_code_and_the_happy_paths() {
     assert!(!log.contains(&demo().pin()));
     let secret = totp.secret().to_base32();
     assert!(!log.contains(&secret));
+    // The state directory holds TOTP secrets only wrapped by the token's key.
+    let raw = totp.secret().to_bytes().unwrap();
+    let mut found_row = false;
+    for f in ["sealgate.db", "sealgate.db-wal"] {
+        if let Ok(bytes) = std::fs::read(d.dir.path().join("state").join(f)) {
+            assert!(
+                !bytes.windows(raw.len()).any(|w| w == raw.as_slice()),
+                "{f} holds a TOTP secret"
+            );
+            found_row |= bytes.windows(10).any(|w| w == b"mfa.victim");
+        }
+    }
+    assert!(found_row, "the TOTP state was not where the test looked");
     for (_, _, _, token, _, _) in &table {
         if let Ok(v) = serde_json::from_slice::<serde_json::Value>(token) {
             assert!(!log.contains(&v["payload"].as_str().unwrap()[..32]));
