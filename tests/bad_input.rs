@@ -30,17 +30,7 @@ fn frame(payload: &[u8]) -> Vec<u8> {
 
 /// After a refusal, another client still gets a stamp.
 async fn still_serving(d: &Daemon) {
-    let mut c = d.client().await;
-    let r = c
-        .stamp(
-            "contract",
-            &[3u8; 32],
-            &token_for("contract", &[3u8; 32]),
-            "",
-        )
-        .await
-        .unwrap();
-    assert_eq!(r.status, Status::Ok as i32, "{}", r.message);
+    stamp_ok(&mut d.client().await, "contract", &[3u8; 32]).await;
 }
 
 async fn expect_closed(s: &mut UnixStream) {

@@ -115,19 +115,7 @@ levels = ["dept_head"]
         panic!()
     };
     let doc = b"before removal";
-    let r = c
-        .stamp(
-            "remote-contract",
-            &sha256(doc),
-            &token_for("remote-contract", &sha256(doc)),
-            "",
-        )
-        .await
-        .unwrap();
-    assert_eq!(r.status, Status::Ok as i32, "{}", r.message);
-    let Some(response::Body::Stamp(s)) = r.body else {
-        panic!()
-    };
+    let s = stamp_ok(&mut c, "remote-contract", &sha256(doc)).await;
     assert!(openssl_verify(
         &d.algorithm,
         &d.public_key_spki,
@@ -149,16 +137,7 @@ levels = ["dept_head"]
     assert_eq!(r.status, Status::DeviceUnavailable as i32, "{}", r.message);
     assert!(r.message.contains("remote-hsm"), "{}", r.message);
     // Other seals keep working meanwhile, and status says what is wrong.
-    let r = c
-        .stamp(
-            "contract",
-            &[2u8; 32],
-            &token_for("contract", &[2u8; 32]),
-            "",
-        )
-        .await
-        .unwrap();
-    assert_eq!(r.status, Status::Ok as i32, "{}", r.message);
+    stamp_ok(&mut c, "contract", &[2u8; 32]).await;
     let report = wait_device(&daemon, "remote-hsm", pb::DeviceStatus::Unavailable).await;
     assert!(!report.detail.is_empty());
     let r = c
@@ -176,19 +155,7 @@ levels = ["dept_head"]
     let server = P11KitServer::start(&p11_socket);
     wait_device(&daemon, "remote-hsm", pb::DeviceStatus::Ready).await;
     let doc = b"after return";
-    let r = c
-        .stamp(
-            "remote-contract",
-            &sha256(doc),
-            &token_for("remote-contract", &sha256(doc)),
-            "",
-        )
-        .await
-        .unwrap();
-    assert_eq!(r.status, Status::Ok as i32, "{}", r.message);
-    let Some(response::Body::Stamp(s)) = r.body else {
-        panic!()
-    };
+    let s = stamp_ok(&mut c, "remote-contract", &sha256(doc)).await;
     assert!(openssl_verify(
         &d.algorithm,
         &d.public_key_spki,

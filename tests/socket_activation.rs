@@ -4,7 +4,6 @@
 mod common;
 
 use common::*;
-use sealgate::protocol::Status;
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 
@@ -46,16 +45,7 @@ async fn stamps_through_a_socket_passed_by_systemd() {
     let mut c = sealgate::protocol::client::Client::connect(&socket)
         .await
         .unwrap();
-    let r = c
-        .stamp(
-            "contract",
-            &[5u8; 32],
-            &token_for("contract", &[5u8; 32]),
-            "",
-        )
-        .await
-        .unwrap();
-    assert_eq!(r.status, Status::Ok as i32, "{}", r.message);
+    stamp_ok(&mut c, "contract", &[5u8; 32]).await;
     assert!(!dir.path().join("unused.sock").exists());
 
     nix::sys::signal::kill(

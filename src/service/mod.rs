@@ -344,12 +344,11 @@ impl Service {
             ));
         }
         let gate = self.gate.clone();
-        tokio::task::spawn_blocking(move || {
+        off_executor("TOTP", move || {
             let mfa = gate.mfa.as_ref().expect("checked above");
             op(&gate, mfa)
         })
-        .await
-        .map_err(|e| ServiceError::Internal(format!("task failed: {e}")))?
+        .await?
         .map_err(ServiceError::from)
     }
 
@@ -366,11 +365,10 @@ impl Service {
         let seal = seal.to_owned();
         let mfa_code = zeroize::Zeroizing::new(mfa_code);
         let token = zeroize::Zeroizing::new(token);
-        tokio::task::spawn_blocking(move || {
+        off_executor("approval", move || {
             gate.check(&seal, &digest, &token, &mfa_code, unix_now(), consume)
         })
-        .await
-        .map_err(|e| ServiceError::Internal(format!("approval task failed: {e}")))?
+        .await?
         .map_err(ServiceError::from)
     }
 
@@ -506,15 +504,14 @@ impl Service {
         let device = seal.device.clone();
         let key = seal.key;
         let started = Instant::now();
-        let signature = tokio::task::spawn_blocking(move || {
+        let signature = off_executor("signing", move || {
             let _permit = permit;
             if device.health() != Health::Ready {
                 device.recover();
             }
             device.sign(key, &digest)
         })
-        .await
-        .map_err(|e| ServiceError::Internal(format!("signing task failed: {e}")))??;
+        .await??;
         let stamped_at_unix_ms = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_millis() as u64)
@@ -538,6 +535,16 @@ impl Service {
             approval_id: verdict.jti,
         }))
     }
+}
+
+/// Runs blocking work (devices, the database) on the blocking pool.
+async fn off_executor<T: Send + 'static>(
+    what: &str,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, ServiceError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| ServiceError::Internal(format!("{what} task failed: {e}")))
 }
 
 fn unix_now() -> i64 {

@@ -598,3 +598,26 @@ pub async fn enroll(c: &mut sealgate::protocol::client::Client, user: &str) -> t
 pub fn totp_code(totp: &totp_rs::Totp, offset: i64) -> String {
     totp.generate((unix_now() + 30 * offset) as u64).to_string()
 }
+
+/// Stamps `digest` with `seal` under a fresh approval and expects success.
+pub async fn stamp_ok(
+    c: &mut sealgate::protocol::client::Client,
+    seal: &str,
+    digest: &[u8],
+) -> sealgate::protocol::pb::StampResponse {
+    let r = c
+        .stamp(seal, digest, &token_for(seal, digest), "")
+        .await
+        .unwrap();
+    assert_eq!(
+        r.status,
+        sealgate::protocol::Status::Ok as i32,
+        "stamp with {seal}: {} {}",
+        r.reason,
+        r.message
+    );
+    match r.body {
+        Some(sealgate::protocol::response::Body::Stamp(s)) => s,
+        other => panic!("a stamp reply without a stamp: {other:?}"),
+    }
+}
