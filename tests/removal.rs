@@ -140,13 +140,10 @@ levels = ["dept_head"]
     stamp_ok(&mut c, "contract", &[2u8; 32]).await;
     let report = wait_device(&daemon, "remote-hsm", pb::DeviceStatus::Unavailable).await;
     assert!(!report.detail.is_empty());
+    // While the device is known to be down, a stamp is refused before its approval is spent.
+    let held = token_for("remote-contract", &[1u8; 32]);
     let r = c
-        .stamp(
-            "remote-contract",
-            &[1u8; 32],
-            &token_for("remote-contract", &[1u8; 32]),
-            "",
-        )
+        .stamp("remote-contract", &[1u8; 32], &held, "")
         .await
         .unwrap();
     assert_eq!(r.status, Status::DeviceUnavailable as i32, "{}", r.message);
@@ -162,6 +159,12 @@ levels = ["dept_head"]
         doc,
         &s.signature
     ));
+    // The approval refused during the outage was not spent.
+    let r = c
+        .stamp("remote-contract", &[1u8; 32], &held, "")
+        .await
+        .unwrap();
+    assert_eq!(r.status, Status::Ok as i32, "{} {}", r.reason, r.message);
     assert!(daemon.stop().success());
     server.kill();
 }

@@ -482,6 +482,17 @@ impl Service {
                 seal.device.id()
             ))
         })?;
+        // A device that is down is found out before an approval's use is spent on it.
+        if seal.device.health() != Health::Ready {
+            let device = seal.device.clone();
+            off_executor("reconnect", move || device.recover()).await?;
+            if let Health::Unavailable(reason) = seal.device.health() {
+                return Err(ServiceError::Device(DeviceError::Unavailable(format!(
+                    "device {:?} is unavailable: {reason}",
+                    seal.device.id()
+                ))));
+            }
+        }
         let verdict = self
             .run_gate(&seal.id, digest, req.approval_token, req.mfa_code, true)
             .await?;
