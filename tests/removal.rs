@@ -6,7 +6,7 @@ mod common;
 
 use common::*;
 use sealgate::protocol::{pb, response, Status};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -20,12 +20,17 @@ struct P11KitServer {
 
 impl P11KitServer {
     fn start(socket: &Path) -> P11KitServer {
+        P11KitServer::start_from(socket, &demo().softhsm_conf())
+    }
+
+    /// Exports the token labelled sealgate-demo of the SoftHSM configuration `conf`.
+    fn start_from(socket: &Path, conf: &Path) -> P11KitServer {
         let _ = std::fs::remove_file(socket);
         let mut child = Command::new("p11-kit")
             .args(["server", "-f", "-n"])
             .arg(socket)
             .args(["--provider", SOFTHSM, "pkcs11:token=sealgate-demo"])
-            .env("SOFTHSM2_CONF", demo().softhsm_conf())
+            .env("SOFTHSM2_CONF", conf)
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .process_group(0)
@@ -45,35 +50,9 @@ impl P11KitServer {
 
 use std::os::unix::process::CommandExt;
 
-async fn wait_device(d: &Daemon, id: &str, want: pb::DeviceStatus) -> pb::DeviceReport {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let mut c = d.client().await;
-    loop {
-        let r = c.status().await.unwrap();
-        let Some(response::Body::StatusReport(st)) = r.body else {
-            panic!("{}", r.message)
-        };
-        let dev = st.devices.into_iter().find(|x| x.id == id).unwrap();
-        if dev.status == want as i32 {
-            return dev;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "device {id} never became {want:?}: {dev:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn token_removed_mid_service_is_unavailable_then_back() {
-    if !Path::new(CLIENT_MODULE).exists() {
-        panic!("{CLIENT_MODULE} missing: install p11-kit-modules");
-    }
-    let work = tempfile::tempdir().unwrap();
-    let p11_socket: PathBuf = work.path().join("p11.sock");
-    let server = P11KitServer::start(&p11_socket);
-
+/// A daemon with the demo seals plus "remote-contract", whose token is reached through the
+/// p11-kit server listening on `p11_socket`.
+fn daemon_with_remote_seal(p11_socket: &Path) -> Daemon {
     let extra = format!(
         r#"
 [[device]]
@@ -101,9 +80,40 @@ levels = ["dept_head"]
     let dir = tempfile::tempdir().unwrap();
     let text = config_text(demo(), &dir.path().join("sealgated.sock"), &opts);
     let address = format!("unix:path={}", p11_socket.display());
-    let daemon = Daemon::start_with(dir, &text, &[("P11_KIT_SERVER_ADDRESS", &address)])
-        .unwrap_or_else(|f| panic!("{f:?}"));
+    Daemon::start_with(dir, &text, &[("P11_KIT_SERVER_ADDRESS", &address)])
+        .unwrap_or_else(|f| panic!("{f:?}"))
+}
 
+async fn wait_device(d: &Daemon, id: &str, want: pb::DeviceStatus) -> pb::DeviceReport {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut c = d.client().await;
+    loop {
+        let r = c.status().await.unwrap();
+        let Some(response::Body::StatusReport(st)) = r.body else {
+            panic!("{}", r.message)
+        };
+        let dev = st.devices.into_iter().find(|x| x.id == id).unwrap();
+        if dev.status == want as i32 {
+            return dev;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "device {id} never became {want:?}: {dev:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_removed_mid_service_is_unavailable_then_back() {
+    if !Path::new(CLIENT_MODULE).exists() {
+        panic!("{CLIENT_MODULE} missing: install p11-kit-modules");
+    }
+    let work = tempfile::tempdir().unwrap();
+    let p11_socket = work.path().join("p11.sock");
+    let server = P11KitServer::start(&p11_socket);
+
+    let daemon = daemon_with_remote_seal(&p11_socket);
     let mut c = daemon.client().await;
     let response::Body::DescribeSeal(d) = c
         .describe_seal("remote-contract")
@@ -167,4 +177,63 @@ levels = ["dept_head"]
     assert_eq!(r.status, Status::Ok as i32, "{} {}", r.reason, r.message);
     assert!(daemon.stop().success());
     server.kill();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_that_comes_back_with_other_keys_is_refused() {
+    let work = tempfile::tempdir().unwrap();
+    let p11_socket = work.path().join("p11.sock");
+    let server = P11KitServer::start(&p11_socket);
+    let daemon = daemon_with_remote_seal(&p11_socket);
+    let mut c = daemon.client().await;
+    stamp_ok(&mut c, "remote-contract", &[1u8; 32]).await;
+    server.kill();
+    wait_device(&daemon, "remote-hsm", pb::DeviceStatus::Unavailable).await;
+
+    // Another token with the same label and PIN, but keys of its own.
+    let other = work.path().join("other-demo");
+    std::fs::create_dir(&other).unwrap();
+    for f in ["user.pin", "so.pin"] {
+        std::fs::copy(demo().dir.join(f), other.join(f)).unwrap();
+    }
+    let setup = Command::new("bash")
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/softhsm-setup.sh"))
+        .arg(&other)
+        .output()
+        .unwrap();
+    assert!(setup.status.success());
+    let impostor = P11KitServer::start_from(&p11_socket, &other.join("softhsm2.conf"));
+
+    // The daemon reconnects, logs in, finds other keys and refuses the token.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let detail = loop {
+        let r = c.status().await.unwrap();
+        let Some(response::Body::StatusReport(st)) = r.body else {
+            panic!()
+        };
+        let dev = st
+            .devices
+            .into_iter()
+            .find(|x| x.id == "remote-hsm")
+            .unwrap();
+        if dev.detail.contains("different keys") {
+            break dev.detail;
+        }
+        assert!(Instant::now() < deadline, "never refused: {dev:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(detail.contains("refusing it until restart"), "{detail}");
+    let r = c
+        .stamp(
+            "remote-contract",
+            &[2u8; 32],
+            &token_for("remote-contract", &[2u8; 32]),
+            "",
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status, Status::DeviceUnavailable as i32, "{}", r.message);
+    stamp_ok(&mut c, "contract", &[3u8; 32]).await;
+    assert!(daemon.stop().success());
+    impostor.kill();
 }

@@ -128,17 +128,22 @@ async fn prune_ledger(service: Arc<Service>) {
     }
 }
 
-/// Tries to bring back unavailable devices, so that their status clears without waiting for a
-/// stamp to ask.
+/// Each second: probes ready devices, so a removed token shows as unavailable without waiting
+/// for a stamp to find out, and tries to bring back unavailable ones.
 async fn watch_devices(service: Arc<Service>) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     loop {
         tick.tick().await;
         for device in service.devices() {
-            if device.health() != Health::Ready {
-                let device = device.clone();
-                let _ = tokio::task::spawn_blocking(move || device.recover()).await;
-            }
+            let device = device.clone();
+            let _ = tokio::task::spawn_blocking(move || {
+                if device.health() == Health::Ready {
+                    device.probe();
+                } else {
+                    device.recover();
+                }
+            })
+            .await;
         }
     }
 }

@@ -119,6 +119,8 @@ pub trait SealDevice: Send + Sync {
     fn sign(&self, key: usize, digest: &[u8; 32]) -> Result<Vec<u8>, DeviceError>;
     /// If the device is unavailable, tries once to reach it again. Blocks.
     fn recover(&self);
+    /// Checks cheaply that a ready device still answers, marking it unavailable if not. Blocks.
+    fn probe(&self) {}
     /// Signatures this device can have in flight at once.
     fn parallelism(&self) -> usize;
     /// Encrypts a small secret under a key that never leaves the device, bound to `context`

@@ -632,6 +632,12 @@ impl SealDevice for Pkcs11Device {
         Ok(zeroize::Zeroizing::new(pt))
     }
 
+    fn probe(&self) {
+        if self.health() == Health::Ready {
+            let _ = self.with_session(|_, session| session.get_session_info().map(|_| ()));
+        }
+    }
+
     fn recover(&self) {
         let Ok(mut last) = self.last_attempt.try_lock() else {
             return; // another thread is reconnecting
