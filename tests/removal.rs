@@ -50,6 +50,11 @@ impl P11KitServer {
 
 use std::os::unix::process::CommandExt;
 
+/// These tests run several processes on the shared demo token at once (daemon, p11-kit
+/// servers); SoftHSM's file store is not safe for heavy concurrent use from many processes, so
+/// they take turns.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// A daemon with the demo seals plus "remote-contract", whose token is reached through the
 /// p11-kit server listening on `p11_socket`.
 fn daemon_with_remote_seal(p11_socket: &Path) -> Daemon {
@@ -84,7 +89,12 @@ levels = ["dept_head"]
         .unwrap_or_else(|f| panic!("{f:?}"))
 }
 
-async fn wait_device(d: &Daemon, id: &str, want: pb::DeviceStatus) -> pb::DeviceReport {
+/// Polls `sealctl status` until device `id` satisfies `done` (at most 20 s).
+async fn wait_device_until(
+    d: &Daemon,
+    id: &str,
+    done: impl Fn(&pb::DeviceReport) -> bool,
+) -> pb::DeviceReport {
     let deadline = Instant::now() + Duration::from_secs(20);
     let mut c = d.client().await;
     loop {
@@ -93,19 +103,24 @@ async fn wait_device(d: &Daemon, id: &str, want: pb::DeviceStatus) -> pb::Device
             panic!("{}", r.message)
         };
         let dev = st.devices.into_iter().find(|x| x.id == id).unwrap();
-        if dev.status == want as i32 {
+        if done(&dev) {
             return dev;
         }
         assert!(
             Instant::now() < deadline,
-            "device {id} never became {want:?}: {dev:?}"
+            "device {id} never got there: {dev:?}"
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 
+async fn wait_device(d: &Daemon, id: &str, want: pb::DeviceStatus) -> pb::DeviceReport {
+    wait_device_until(d, id, |dev| dev.status == want as i32).await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn token_removed_mid_service_is_unavailable_then_back() {
+    let _turn = ONE_AT_A_TIME.lock().await;
     if !Path::new(CLIENT_MODULE).exists() {
         panic!("{CLIENT_MODULE} missing: install p11-kit-modules");
     }
@@ -181,6 +196,7 @@ async fn token_removed_mid_service_is_unavailable_then_back() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_token_that_comes_back_with_other_keys_is_refused() {
+    let _turn = ONE_AT_A_TIME.lock().await;
     let work = tempfile::tempdir().unwrap();
     let p11_socket = work.path().join("p11.sock");
     let server = P11KitServer::start(&p11_socket);
@@ -205,23 +221,11 @@ async fn a_token_that_comes_back_with_other_keys_is_refused() {
     let impostor = P11KitServer::start_from(&p11_socket, &other.join("softhsm2.conf"));
 
     // The daemon reconnects, logs in, finds other keys and refuses the token.
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let detail = loop {
-        let r = c.status().await.unwrap();
-        let Some(response::Body::StatusReport(st)) = r.body else {
-            panic!()
-        };
-        let dev = st
-            .devices
-            .into_iter()
-            .find(|x| x.id == "remote-hsm")
-            .unwrap();
-        if dev.detail.contains("different keys") {
-            break dev.detail;
-        }
-        assert!(Instant::now() < deadline, "never refused: {dev:?}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let detail = wait_device_until(&daemon, "remote-hsm", |dev| {
+        dev.detail.contains("different keys")
+    })
+    .await
+    .detail;
     assert!(detail.contains("refusing it until restart"), "{detail}");
     let r = c
         .stamp(

@@ -31,6 +31,9 @@ use std::time::{Duration, Instant};
 
 /// Reconnection is tried at most this often.
 const RECONNECT_INTERVAL: Duration = Duration::from_millis(500);
+/// At start-up, an unreachable token is tried this many more times, this far apart.
+const STARTUP_RETRIES: u32 = 5;
+const STARTUP_RETRY_PAUSE: Duration = Duration::from_millis(100);
 
 pub struct Pkcs11Device {
     id: String,
@@ -128,9 +131,20 @@ impl Pkcs11Device {
             }),
             last_attempt: Mutex::new(None),
         };
-        let (conn, keys) = device
-            .connect()
-            .map_err(|e| DeviceError::Setup(format!("device {:?}: {e}", device.id)))?;
+        // A token may take a moment to show up (USB enumeration; SoftHSM drops a token from
+        // its slot list while another process rewrites it), so "not reachable" is retried
+        // briefly. A wrong PIN or a wrong key never is.
+        let mut attempt = 0;
+        let (conn, keys) = loop {
+            match device.connect() {
+                Ok(found) => break found,
+                Err(e) if e.transient && attempt < STARTUP_RETRIES => {
+                    attempt += 1;
+                    std::thread::sleep(STARTUP_RETRY_PAUSE);
+                }
+                Err(e) => return Err(DeviceError::Setup(format!("device {:?}: {e}", device.id))),
+            }
+        };
         device.keys = keys;
         *device.state.get_mut().expect("not shared yet") = State::Up(conn);
         Ok(device)
@@ -234,6 +248,9 @@ impl Pkcs11Device {
             let Ok(info) = ctx.get_token_info(slot) else {
                 continue;
             };
+            if !info.token_initialized() {
+                continue;
+            }
             let label = info.label().trim_end().to_owned();
             let serial = info.serial_number().trim_end().to_owned();
             let label_ok = self.token_label.as_ref().is_none_or(|l| *l == label);
@@ -721,6 +738,8 @@ struct ConnectError {
     message: String,
     /// PIN trouble: never retried automatically.
     pin: bool,
+    /// The token could not be reached; trying again later may succeed.
+    transient: bool,
 }
 
 impl ConnectError {
@@ -728,16 +747,22 @@ impl ConnectError {
         ConnectError {
             message,
             pin: false,
+            transient: true,
         }
     }
     fn setup(message: String) -> Self {
         ConnectError {
             message,
             pin: false,
+            transient: false,
         }
     }
     fn pin(message: String) -> Self {
-        ConnectError { message, pin: true }
+        ConnectError {
+            message,
+            pin: true,
+            transient: false,
+        }
     }
 }
 
