@@ -56,7 +56,6 @@ CREATE TABLE mfa_users (
 
 pub struct Store {
     conn: Mutex<Connection>,
-    pub path: PathBuf,
 }
 
 impl Store {
@@ -95,7 +94,6 @@ impl Store {
             .map_err(|e| fail(e.to_string()))?;
         Ok(Store {
             conn: Mutex::new(conn),
-            path,
         })
     }
 

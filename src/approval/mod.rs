@@ -199,8 +199,6 @@ pub struct Evaluation {
     pub token: Option<Token>,
     /// Index of the policy rule that matched.
     pub rule: Option<usize>,
-    /// The approvers whose signatures verified, with the level each fills.
-    pub approvals: Vec<ApprovalFact>,
     pub denials: Vec<Denial>,
 }
 
@@ -222,7 +220,6 @@ pub fn evaluate(
             return Evaluation {
                 token: None,
                 rule: None,
-                approvals: Vec::new(),
                 denials: vec![Denial::new(Reason::Malformed, e.0)],
             }
         }
@@ -345,7 +342,6 @@ pub fn evaluate(
     Evaluation {
         token: Some(token),
         rule,
-        approvals,
         denials,
     }
 }

@@ -191,6 +191,11 @@ impl Token {
         if sigs.is_empty() {
             return perr("token carries no signature");
         }
+        Token::assemble(payload_b64, sigs)
+    }
+
+    /// Decodes the claims and each signature's protected header. Bounded in signature count.
+    fn assemble(payload_b64: String, sigs: Vec<(String, String)>) -> Result<Token, ParseError> {
         if sigs.len() > MAX_SIGNATURES {
             return perr(format!(
                 "token carries {} signatures; at most {MAX_SIGNATURES}",
@@ -289,13 +294,17 @@ impl Token {
     /// Parses an unsigned or partly signed token in the general JSON serialization (for
     /// `sealctl token sign`, which adds signatures one at a time).
     pub fn parse_for_signing(bytes: &[u8]) -> Result<Token, ParseError> {
+        if bytes.len() > MAX_TOKEN_BYTES {
+            return perr(format!("token is over {MAX_TOKEN_BYTES} bytes"));
+        }
         let g: GeneralJson = serde_json::from_slice(bytes)
             .map_err(|e| ParseError(format!("not a general JWS: {e}")))?;
-        let mut t = Token::parse(&make_parseable(&g))?;
-        if g.signatures.is_empty() {
-            t.signatures.clear();
-        }
-        Ok(t)
+        let sigs = g
+            .signatures
+            .into_iter()
+            .map(|s| (s.protected, s.signature))
+            .collect();
+        Token::assemble(g.payload, sigs)
     }
 
     /// Checks signature `i` against `key`. The algorithm in the header must be the key's.
@@ -315,23 +324,6 @@ impl Token {
         use sha2::Digest;
         sha2::Sha256::digest(self.payload_b64.as_bytes()).into()
     }
-}
-
-/// `Token::parse` needs at least one signature; an unsigned token gets a placeholder that is
-/// removed again.
-fn make_parseable(g: &GeneralJson) -> Vec<u8> {
-    let mut sigs: Vec<serde_json::Value> = g
-        .signatures
-        .iter()
-        .map(|s| serde_json::json!({"protected": s.protected, "signature": s.signature}))
-        .collect();
-    if sigs.is_empty() {
-        let h = B64.encode(br#"{"alg":"EdDSA","kid":"-","approved_at":0}"#);
-        sigs.push(serde_json::json!({"protected": h, "signature": ""}));
-    }
-    serde_json::json!({"payload": g.payload, "signatures": sigs})
-        .to_string()
-        .into_bytes()
 }
 
 fn signing_input(protected_b64: &str, payload_b64: &str) -> String {
@@ -567,6 +559,20 @@ mod tests {
         }
         let deep = "[".repeat(100_000);
         assert!(Token::parse(deep.as_bytes()).is_err());
+    }
+
+    #[test]
+    fn size_and_signature_count_are_bounded() {
+        let mut t = Token::unsigned(claims());
+        for i in 0..=MAX_SIGNATURES {
+            t.add_signature(&ed(1), &format!("a{i}"), 1100);
+        }
+        let err = Token::parse(t.to_json().as_bytes()).unwrap_err();
+        assert!(err.0.contains("signatures; at most 16"), "{err}");
+        t.signatures.truncate(MAX_SIGNATURES);
+        assert!(Token::parse(t.to_json().as_bytes()).is_ok());
+        let big = vec![b' '; MAX_TOKEN_BYTES + 1];
+        assert!(Token::parse(&big).unwrap_err().0.contains("at most"));
     }
 
     #[test]
