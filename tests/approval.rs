@@ -140,6 +140,17 @@ async fn every_reason_code_and_the_happy_paths() {
         "approver_revoked",
     );
 
+    let mut a = Approval::for_seal("contract", &doc(28));
+    a.signers = vec![("retired.head".into(), 60)];
+    add(
+        "approver outside their validity window",
+        "contract",
+        doc(28),
+        a.token(),
+        "",
+        "approver_revoked",
+    );
+
     let mut a = Approval::for_seal("contract", &doc(14));
     (a.claims.iat, a.claims.nbf, a.claims.exp) = (now - 7200, now - 7200, now - 3600);
     a.signers = vec![("zhang.wei".into(), 5000)];

@@ -114,6 +114,17 @@ async fn wait_device_until(
     }
 }
 
+/// Stamps `digest` with "remote-contract" and expects DEVICE_UNAVAILABLE.
+async fn remote_stamp_unavailable(
+    c: &mut sealgate::protocol::client::Client,
+    digest: &[u8],
+    token: &[u8],
+) -> sealgate::protocol::Response {
+    let r = c.stamp("remote-contract", digest, token, "").await.unwrap();
+    assert_eq!(r.status, Status::DeviceUnavailable as i32, "{}", r.message);
+    r
+}
+
 async fn wait_device(d: &Daemon, id: &str, want: pb::DeviceStatus) -> pb::DeviceReport {
     wait_device_until(d, id, |dev| dev.status == want as i32).await
 }
@@ -150,16 +161,12 @@ async fn token_removed_mid_service_is_unavailable_then_back() {
 
     // The token goes away.
     server.kill();
-    let r = c
-        .stamp(
-            "remote-contract",
-            &[1u8; 32],
-            &token_for("remote-contract", &[1u8; 32]),
-            "",
-        )
-        .await
-        .unwrap();
-    assert_eq!(r.status, Status::DeviceUnavailable as i32, "{}", r.message);
+    let r = remote_stamp_unavailable(
+        &mut c,
+        &[1u8; 32],
+        &token_for("remote-contract", &[1u8; 32]),
+    )
+    .await;
     assert!(r.message.contains("remote-hsm"), "{}", r.message);
     // Other seals keep working meanwhile, and status says what is wrong.
     stamp_ok(&mut c, "contract", &[2u8; 32]).await;
@@ -167,11 +174,7 @@ async fn token_removed_mid_service_is_unavailable_then_back() {
     assert!(!report.detail.is_empty());
     // While the device is known to be down, a stamp is refused before its approval is spent.
     let held = token_for("remote-contract", &[1u8; 32]);
-    let r = c
-        .stamp("remote-contract", &[1u8; 32], &held, "")
-        .await
-        .unwrap();
-    assert_eq!(r.status, Status::DeviceUnavailable as i32, "{}", r.message);
+    remote_stamp_unavailable(&mut c, &[1u8; 32], &held).await;
 
     // The token comes back: the daemon reconnects and logs in again by itself.
     let server = P11KitServer::start(&p11_socket);
@@ -227,16 +230,12 @@ async fn a_token_that_comes_back_with_other_keys_is_refused() {
     .await
     .detail;
     assert!(detail.contains("refusing it until restart"), "{detail}");
-    let r = c
-        .stamp(
-            "remote-contract",
-            &[2u8; 32],
-            &token_for("remote-contract", &[2u8; 32]),
-            "",
-        )
-        .await
-        .unwrap();
-    assert_eq!(r.status, Status::DeviceUnavailable as i32, "{}", r.message);
+    remote_stamp_unavailable(
+        &mut c,
+        &[2u8; 32],
+        &token_for("remote-contract", &[2u8; 32]),
+    )
+    .await;
     stamp_ok(&mut c, "contract", &[3u8; 32]).await;
     assert!(daemon.stop().success());
     impostor.kill();

@@ -319,3 +319,42 @@ fn setup_script_run_twice_changes_nothing() {
     );
     assert_eq!(before, snapshot());
 }
+
+#[test]
+fn check_mode_opens_everything_and_exits() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("s.sock");
+    let config = dir.path().join("sealgate.toml");
+    std::fs::write(&config, config_text(demo(), &socket, &Opts::default())).unwrap();
+    let out = std::process::Command::new(SEALGATED)
+        .arg("--check")
+        .arg("--config")
+        .arg(&config)
+        .env("SOFTHSM2_CONF", demo().softhsm_conf())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        said.contains("is valid; 1 device(s) and 4 seal(s) ready"),
+        "{said}"
+    );
+    assert!(!socket.exists(), "--check must not serve");
+    // A broken policy is found by --check too.
+    let broken = config_text(demo(), &socket, &Opts::default())
+        .replace("levels = [\"finance\"]", "levels = []");
+    std::fs::write(&config, broken).unwrap();
+    let out = std::process::Command::new(SEALGATED)
+        .arg("--check")
+        .arg("--config")
+        .arg(&config)
+        .env("SOFTHSM2_CONF", demo().softhsm_conf())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("at least one approval level"));
+}

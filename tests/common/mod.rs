@@ -163,8 +163,9 @@ mfa = true
     }
 }
 
-/// Demo approvers, plus one revoked (it reuses zhang.wei's key) and one whose ES256 key lives
-/// in the demo PKCS#11 token (the contract seal's key pair stands in for it).
+/// Demo approvers, plus one revoked and one whose validity ended (both reuse zhang.wei's key),
+/// and one whose ES256 key lives in the demo PKCS#11 token (the contract seal's key pair stands
+/// in for it).
 fn approvers_text(demo: &Demo) -> String {
     let mut t = String::new();
     for (id, role, dept, key, revoked) in [
@@ -216,6 +217,11 @@ fn approvers_text(demo: &Demo) -> String {
             demo.dir.join(key).display()
         );
     }
+    // An approver whose appointment ended (validity window in the past).
+    t += &format!(
+        "\n[[approver]]\nid = \"retired.head\"\nrole = \"dept_head\"\ndepartment = \"sales\"\npublic_key_file = \"{}\"\nvalid_from = \"2020-01-01T00:00:00Z\"\nvalid_until = \"2021-01-01T00:00:00Z\"\n",
+        demo.dir.join("approvers/zhang.wei.pub.pem").display()
+    );
     t
 }
 
