@@ -9,14 +9,17 @@
 #   user.pin        the token's user PIN (mode 0600); so.pin, its security officer PIN
 #   ca/             a demo certificate authority and the seals' certificates
 #   approvers/      demo approvers' key pairs (PKCS#8 private keys, SPKI public keys)
-#   state/          the daemon's durable state (replay ledger, TOTP state)
+#   state/          the daemon's durable state (replay ledger, TOTP state, audit log)
+#   audit-key.pub.pem  the audit key's public half, for offline verification
 #   sealgate.toml   the daemon's configuration, with the trust store and seal policies
 # The token holds three seals, each a key pair whose private half is sensitive and
 # non-extractable, with an X.509 certificate from the demo CA:
 #   contract-seal   ECDSA P-256  (合同专用章, contract seal)
 #   finance-seal    Ed25519      (财务专用章, finance seal)
 #   official-seal   RSA-2048     (公章, official seal)
-# and an AES key, sealgate-mfa-wrap, that wraps applicants' TOTP secrets.
+# an AES key, sealgate-mfa-wrap, that wraps applicants' TOTP secrets, and sealgate-audit
+# (ECDSA P-256, sensitive, non-extractable), which signs the audit log's checkpoints; its public
+# key is written to audit-key.pub.pem for `sealctl audit verify --key`.
 # Demo approvers: zhang.wei (sales department head), liu.yang (finance department head),
 # li.na (executive), wang.fang (finance officer).
 set -euo pipefail
@@ -124,6 +127,18 @@ if ! has_object secrkey sealgate-mfa-wrap; then
   p11 --keygen --key-type AES:32 --label sealgate-mfa-wrap --id 10 --sensitive >/dev/null 2>&1
 fi
 
+if ! has_object privkey sealgate-audit; then
+  say "generating the audit key inside the token"
+  p11 --keypairgen --key-type EC:prime256v1 --label sealgate-audit --id 20 --usage-sign >/dev/null
+fi
+if [ ! -f "$dir/audit-key.pub.pem" ]; then
+  pkcs11-tool --module "$module" --token-label "$label" --read-object --type pubkey \
+    --id 20 -o "$dir/audit-key.raw" >/dev/null
+  openssl pkey -pubin -in "$dir/audit-key.raw" -out "$dir/audit-key.pub.pem" 2>/dev/null ||
+    openssl pkey -pubin -inform DER -in "$dir/audit-key.raw" -out "$dir/audit-key.pub.pem"
+  rm -f "$dir/audit-key.raw"
+fi
+
 # --- demo approvers ---------------------------------------------------------------------------
 mkdir -p "$dir/approvers"
 approver() { # ID ALGORITHM
@@ -179,6 +194,23 @@ wrap_key_label = "sealgate-mfa-wrap"
 [mfa]
 device = "demo-hsm"
 max_failures = 5
+
+# The audit log's checkpoints are signed by a key of its own inside the token.
+[audit]
+device = "demo-hsm"
+key_label = "sealgate-audit"
+algorithm = "ecdsa-p256-sha256"
+
+# Anomaly rules: each raises an alert record, a WARN log line, and an event for
+# \`sealctl alerts --follow\`.
+[audit.alerts]
+working_hours = "08:00-20:00"
+working_days = ["mon", "tue", "wed", "thu", "fri"]
+timezone = "Asia/Shanghai"
+burst_count = 30
+burst_window_seconds = 60
+denial_spike_count = 10
+denial_spike_window_seconds = 60
 
 # The trust store: who may approve, in which role and department.
 [[approver]]

@@ -42,6 +42,8 @@ pub struct Config {
     /// TOTP for applicants, needed when a rule sets `mfa = true`.
     #[serde(default)]
     pub mfa: Option<MfaConfig>,
+    /// The audit log's signing key and anomaly rules.
+    pub audit: AuditConfig,
 }
 
 #[derive(Debug, Deserialize)]
@@ -232,6 +234,68 @@ pub struct MfaConfig {
     pub issuer: String,
 }
 
+/// The audit log: the device key that signs its checkpoints, and the anomaly rules.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditConfig {
+    /// The device holding the audit key.
+    pub device: String,
+    /// The audit key: a non-extractable signing key used for nothing else.
+    #[serde(default)]
+    pub key_label: Option<String>,
+    #[serde(default)]
+    pub key_id: Option<String>,
+    /// ecdsa-p256-sha256 or ed25519.
+    #[serde(default = "default_audit_algorithm")]
+    pub algorithm: String,
+    #[serde(default)]
+    pub alerts: AlertsConfig,
+}
+
+fn default_audit_algorithm() -> String {
+    "ecdsa-p256-sha256".into()
+}
+
+/// Thresholds of the anomaly rules; a count of 0 or `false` switches a rule off.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AlertsConfig {
+    /// Stamps outside these hours ("HH:MM-HH:MM") or days raise `off_hours`; off when unset.
+    pub working_hours: Option<String>,
+    pub working_days: Option<Vec<String>>,
+    /// IANA time zone of the working hours; UTC when empty.
+    pub timezone: String,
+    /// More than this many stamps by one applicant within the window raise `burst`.
+    pub burst_count: u32,
+    pub burst_window_seconds: u64,
+    /// More than this many refusals of one caller within the window raise `denial_spike`.
+    pub denial_spike_count: u32,
+    pub denial_spike_window_seconds: u64,
+    /// The same document stamped with a seal again under another approval raises `restamp`.
+    pub restamp: bool,
+    /// A device becoming unavailable raises `device_removed`.
+    pub device_removed: bool,
+    /// A device reporting few PIN tries left raises `pin_low`.
+    pub pin_low: bool,
+}
+
+impl Default for AlertsConfig {
+    fn default() -> Self {
+        AlertsConfig {
+            working_hours: None,
+            working_days: None,
+            timezone: String::new(),
+            burst_count: 30,
+            burst_window_seconds: 60,
+            denial_spike_count: 10,
+            denial_spike_window_seconds: 60,
+            restamp: true,
+            device_removed: true,
+            pin_low: true,
+        }
+    }
+}
+
 fn default_max_failures() -> u32 {
     5
 }
@@ -345,6 +409,38 @@ impl Config {
                         s.id
                     ));
                 }
+            }
+        }
+        let a = &self.audit;
+        if !devices.contains(a.device.as_str()) {
+            return invalid(format!("audit.device {:?} is not configured", a.device));
+        }
+        if a.key_label.is_none() && a.key_id.is_none() {
+            return invalid("audit needs key_label or key_id".into());
+        }
+        if let Some(id) = &a.key_id {
+            if hex::decode(id).is_err() {
+                return invalid(format!("audit.key_id {id:?} is not hex"));
+            }
+        }
+        if !["ecdsa-p256-sha256", "ed25519"].contains(&a.algorithm.as_str()) {
+            return invalid(format!(
+                "audit.algorithm {:?}: the audit key is ecdsa-p256-sha256 or ed25519",
+                a.algorithm
+            ));
+        }
+        for (count, window, name) in [
+            (a.alerts.burst_count, a.alerts.burst_window_seconds, "burst"),
+            (
+                a.alerts.denial_spike_count,
+                a.alerts.denial_spike_window_seconds,
+                "denial_spike",
+            ),
+        ] {
+            if count > 0 && (window == 0 || window > 31 * 86400) {
+                return invalid(format!(
+                    "audit.alerts.{name}_window_seconds must be between 1 and 31 days"
+                ));
             }
         }
         let mut callers = HashSet::new();
@@ -481,6 +577,10 @@ id = "contract"
 device = "hsm"
 key_label = "k"
 algorithm = "ecdsa-p256-sha256"
+
+[audit]
+device = "hsm"
+key_label = "audit"
 "#;
 
     #[test]
@@ -510,8 +610,28 @@ algorithm = "ecdsa-p256-sha256"
 
     #[test]
     fn seal_on_unknown_device_is_refused() {
-        let text = GOOD.replace("device = \"hsm\"", "device = \"other\"");
+        let text = GOOD.replacen("device = \"hsm\"", "device = \"other\"", 1);
         assert!(parse(&text).unwrap_err().to_string().contains("\"other\""));
+    }
+
+    #[test]
+    fn the_audit_key_must_be_named_and_able_to_sign_checkpoints() {
+        let err = |text: String| parse(&text).unwrap_err().to_string();
+        let no_audit = GOOD.split("[audit]").next().unwrap().to_string();
+        assert!(err(no_audit).contains("audit"));
+        assert!(err(GOOD.replace("key_label = \"audit\"", "")).contains("key_label or key_id"));
+        assert!(err(GOOD.replace(
+            "key_label = \"audit\"",
+            "key_label = \"audit\"\nalgorithm = \"rsa-pss-sha256\""
+        ))
+        .contains("audit.algorithm"));
+        assert!(
+            err(GOOD.to_string() + "[audit.alerts]\nburst_window_seconds = 0\n")
+                .contains("burst_window_seconds")
+        );
+        let c = parse(GOOD).unwrap();
+        assert_eq!(c.audit.alerts.burst_count, 30);
+        assert!(c.audit.alerts.working_hours.is_none());
     }
 
     #[test]

@@ -7,12 +7,14 @@
 //! - [`service`]: the stamp pipeline and the one mapping of errors to wire status codes.
 //! - [`approval`]: approval tokens, the trust store, the replay ledger, TOTP.
 //! - [`policy`]: each seal's rules: which approvals, in which order, when, how often.
+//! - [`audit`]: the hash-chained, device-attested audit log; verification, queries, alerts.
 //! - [`store`]: the durable state (SQLite).
 //! - [`device`]: the seal devices behind one trait (PKCS#11 today), and device profiles.
 //! - [`config`]: the daemon's TOML configuration and the PINs it points to.
 #![deny(unsafe_code)]
 
 pub mod approval;
+pub mod audit;
 pub mod config;
 pub mod device;
 pub mod policy;

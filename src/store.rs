@@ -1,5 +1,6 @@
 //! The daemon's durable state: one SQLite database in `state_dir` (WAL, synchronous=FULL), with
-//! a versioned schema.
+//! a versioned schema: the replay ledger, TOTP state, and the audit log (written by
+//! [`crate::audit::log`], in the same database so a use and its record commit together).
 //!
 //! Owns: opening the database with the settings that make a commit durable, migrations, and
 //! serialising access. Never: retries a failed write as if it had succeeded.
@@ -24,7 +25,8 @@ impl From<rusqlite::Error> for StoreError {
 }
 
 /// Schema migrations; entry i brings `user_version` from i to i + 1.
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE approvals (
     jti TEXT PRIMARY KEY,
     payload_sha256 BLOB NOT NULL,
@@ -52,16 +54,79 @@ CREATE TABLE mfa_users (
     locked INTEGER NOT NULL DEFAULT 0,
     enrolled_at INTEGER NOT NULL
 );
-"#];
+"#,
+    r#"
+CREATE TABLE audit (
+    seq INTEGER PRIMARY KEY,
+    at_ms INTEGER NOT NULL,
+    kind TEXT NOT NULL,
+    seal TEXT NOT NULL,
+    device TEXT NOT NULL,
+    device_profile TEXT NOT NULL,
+    device_serial TEXT NOT NULL,
+    caller TEXT NOT NULL,
+    applicant TEXT NOT NULL,
+    approvers TEXT NOT NULL,
+    jti TEXT NOT NULL,
+    doc_sha256 TEXT NOT NULL,
+    doc_type TEXT NOT NULL,
+    currency TEXT NOT NULL,
+    dept TEXT NOT NULL,
+    purpose TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    detail TEXT NOT NULL,
+    evidence TEXT NOT NULL,
+    amount INTEGER,
+    ref_seq INTEGER,
+    prev_hash BLOB NOT NULL,
+    hash BLOB NOT NULL
+);
+CREATE INDEX audit_ref ON audit(ref_seq) WHERE ref_seq IS NOT NULL;
+CREATE INDEX audit_doc ON audit(doc_sha256, seal) WHERE kind = 'stamp.completed';
+CREATE INDEX audit_at ON audit(at_ms);
+CREATE INDEX audit_dangling ON audit(kind) WHERE kind = 'stamp.authorized';
+CREATE TABLE checkpoints (
+    seq INTEGER PRIMARY KEY,
+    prev_seq INTEGER NOT NULL,
+    head BLOB NOT NULL,
+    at_ms INTEGER NOT NULL,
+    key_id TEXT NOT NULL,
+    algorithm TEXT NOT NULL,
+    signature BLOB NOT NULL
+);
+CREATE TABLE audit_keys (
+    key_id TEXT PRIMARY KEY,
+    algorithm TEXT NOT NULL,
+    spki BLOB NOT NULL,
+    first_used_ms INTEGER NOT NULL
+);
+"#,
+];
 
 pub struct Store {
     conn: Mutex<Connection>,
+    path: PathBuf,
+}
+
+/// The database file inside a state directory.
+pub fn db_path(dir: &Path) -> PathBuf {
+    dir.join("sealgate.db")
+}
+
+/// Opens a connection with the settings every writer needs: WAL, synchronous=FULL, a busy
+/// timeout. The schema must already be current.
+pub fn connect(path: &Path) -> Result<Connection, rusqlite::Error> {
+    let conn = Connection::open(path)?;
+    conn.pragma_update(None, "journal_mode", "WAL")?;
+    conn.pragma_update(None, "synchronous", "FULL")?;
+    conn.busy_timeout(std::time::Duration::from_secs(5))?;
+    Ok(conn)
 }
 
 impl Store {
     /// Opens (creating if needed) `DIR/sealgate.db`; the directory is made mode 0700.
     pub fn open(dir: &Path) -> Result<Store, StoreError> {
-        let path = dir.join("sealgate.db");
+        let path = db_path(dir);
         let fail = |detail: String| StoreError::Open {
             path: path.clone(),
             detail,
@@ -69,11 +134,7 @@ impl Store {
         std::fs::create_dir_all(dir).map_err(|e| fail(e.to_string()))?;
         std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
             .map_err(|e| fail(e.to_string()))?;
-        let mut conn = Connection::open(&path).map_err(|e| fail(e.to_string()))?;
-        conn.pragma_update(None, "journal_mode", "WAL")
-            .and_then(|_| conn.pragma_update(None, "synchronous", "FULL"))
-            .and_then(|_| conn.busy_timeout(std::time::Duration::from_secs(5)))
-            .map_err(|e| fail(e.to_string()))?;
+        let mut conn = connect(&path).map_err(|e| fail(e.to_string()))?;
         let version: i64 = conn
             .pragma_query_value(None, "user_version", |r| r.get(0))
             .map_err(|e| fail(e.to_string()))?;
@@ -94,7 +155,13 @@ impl Store {
             .map_err(|e| fail(e.to_string()))?;
         Ok(Store {
             conn: Mutex::new(conn),
+            path,
         })
+    }
+
+    /// The database file.
+    pub fn path(&self) -> &Path {
+        &self.path
     }
 
     /// Runs `f` with the connection. Blocks: call from a blocking context.

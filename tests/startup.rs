@@ -51,49 +51,6 @@ fn missing_token() {
     );
 }
 
-/// A token of its own for PIN tests, so that a wrong PIN never touches the shared demo token.
-fn pin_test_token(label: &str, pin: &str) {
-    let run = |args: &[&str]| {
-        let out = std::process::Command::new(args[0])
-            .args(&args[1..])
-            .env("SOFTHSM2_CONF", demo().softhsm_conf())
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    };
-    run(&[
-        "softhsm2-util",
-        "--init-token",
-        "--free",
-        "--label",
-        label,
-        "--pin",
-        pin,
-        "--so-pin",
-        "87654321",
-    ]);
-    run(&[
-        "pkcs11-tool",
-        "--module",
-        SOFTHSM,
-        "--token-label",
-        label,
-        "--login",
-        "--pin",
-        pin,
-        "--keypairgen",
-        "--key-type",
-        "EC:prime256v1",
-        "--label",
-        "k",
-        "--usage-sign",
-    ]);
-}
-
 fn pin_config(dir: &std::path::Path, label: &str, pin: &str) -> String {
     let pin_file = dir.join("pin");
     std::fs::write(&pin_file, format!("{pin}\n")).unwrap();
@@ -117,6 +74,10 @@ device = "pin-test"
 key_label = "k"
 algorithm = "ecdsa-p256-sha256"
 
+[audit]
+device = "pin-test"
+key_label = "audit"
+
 [[seal.rule]]
 levels = ["dept_head"]
 "#,
@@ -132,7 +93,7 @@ levels = ["dept_head"]
 #[test]
 fn wrong_pin_is_tried_once_and_a_low_count_is_never_spent() {
     let (label, right) = ("pin-test", "11223344");
-    pin_test_token(label, right);
+    own_token(label, right);
     let dir = tempfile::tempdir().unwrap();
 
     // A wrong PIN: refused, named, and not tried again.

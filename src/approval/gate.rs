@@ -1,12 +1,14 @@
-//! The gate: every approval check for one stamp, in order, ending with the durable consumption
-//! of one use. Cheap and stateless checks come first; a TOTP code is only looked at once the
-//! token itself is good (so a stranger cannot lock an applicant out), and the use is consumed
-//! last, only when everything else passed.
+//! The gate: every approval check for one stamp, in order. Cheap and stateless checks come
+//! first; a TOTP code is only looked at once the token itself is good (so a stranger cannot
+//! lock an applicant out). The use itself is not consumed here: the gate hands back a
+//! [`PendingUse`], which the audit writer consumes in the same transaction that records the
+//! authorisation.
 
 use super::ledger::{self, Use};
 use super::mfa::Mfa;
-use super::{evaluate, ApprovalError, Denial, Reason, TrustStore};
-use crate::policy::SealPolicy;
+use super::token::Claims;
+use super::{evaluate, ApprovalError, Denial, TrustStore};
+use crate::policy::{RateLimit, SealPolicy};
 use crate::store::Store;
 use std::collections::HashMap;
 
@@ -17,6 +19,32 @@ pub struct Gate {
     pub mfa: Option<Mfa>,
 }
 
+/// One use of an approval, ready to be consumed durably.
+#[derive(Debug, Clone)]
+pub struct PendingUse {
+    pub jti: String,
+    pub payload_sha256: [u8; 32],
+    pub seal: String,
+    pub applicant: String,
+    pub uses: u32,
+    pub exp: i64,
+    /// Checked again inside the consuming transaction, so concurrent stamps cannot overrun it.
+    pub rate_limit: Option<RateLimit>,
+}
+
+impl PendingUse {
+    pub fn as_use(&self) -> Use<'_> {
+        Use {
+            jti: &self.jti,
+            payload_sha256: &self.payload_sha256,
+            seal: &self.seal,
+            applicant: &self.applicant,
+            uses: self.uses,
+            exp: self.exp,
+        }
+    }
+}
+
 /// The outcome of the checks for one stamp.
 #[derive(Debug, Default)]
 pub struct Verdict {
@@ -24,16 +52,31 @@ pub struct Verdict {
     pub denials: Vec<Denial>,
     /// Name of the policy rule that matched.
     pub rule: Option<String>,
-    pub jti: String,
-    pub applicant: String,
-    /// Uses left after this one (only when consumed).
-    pub uses_left: u32,
+    /// The token's claims, when it parsed.
+    pub claims: Option<Claims>,
+    /// JSON array of the approvals that verified, each with the level its role fills.
+    pub approvers: String,
+    /// For a stamp that passed every check: the use still to be consumed.
+    pub pending: Option<PendingUse>,
+}
+
+impl Verdict {
+    pub fn jti(&self) -> &str {
+        self.claims.as_ref().map(|c| c.jti.as_str()).unwrap_or("")
+    }
+    pub fn applicant(&self) -> &str {
+        self.claims
+            .as_ref()
+            .map(|c| c.applicant.as_str())
+            .unwrap_or("")
+    }
 }
 
 impl Gate {
-    /// Runs every check. With `consume`, stops at the first refusal and, when all pass,
-    /// consumes one use durably; without it (a dry run), collects every refusal and changes
-    /// nothing. Blocks (database, device for TOTP).
+    /// Runs every check. For a stamp (`dry_run` false) it stops at the first refusal, spends
+    /// the TOTP code, and returns the use to consume; a dry run collects every refusal,
+    /// including one the replay ledger would give, and changes nothing. Blocks (database,
+    /// device for TOTP).
     pub fn check(
         &self,
         seal: &str,
@@ -41,81 +84,94 @@ impl Gate {
         token: &[u8],
         mfa_code: &str,
         now: i64,
-        consume: bool,
+        dry_run: bool,
     ) -> Result<Verdict, ApprovalError> {
         static NO_RULES: SealPolicy = SealPolicy { rules: Vec::new() };
         let policy = self.policies.get(seal).unwrap_or(&NO_RULES);
         let ev = evaluate(token, seal, digest, now, &self.trust, policy);
+        let rule = ev.rule.map(|i| &policy.rules[i]);
         let mut v = Verdict {
             denials: ev.denials,
-            rule: ev.rule.map(|i| policy.rules[i].name.clone()),
+            rule: rule.map(|r| r.name.clone()),
+            approvers: approvers_json(&ev.approvals, rule.map(|r| r.levels.as_slice())),
             ..Verdict::default()
         };
         let Some(token) = ev.token else {
             return Ok(v);
         };
+        let stop = |v: &Verdict| !dry_run && !v.denials.is_empty();
         let c = &token.claims;
-        v.jti = c.jti.clone();
-        v.applicant = c.applicant.clone();
-        let stop = |v: &Verdict| consume && !v.denials.is_empty();
-        if stop(&v) {
-            return Ok(v);
-        }
-        if let Some(rule) = ev.rule.map(|i| &policy.rules[i]) {
-            if let Some(limit) = rule.rate_limit {
-                let n = ledger::uses_since(
-                    &self.store,
-                    &c.applicant,
-                    seal,
-                    now - limit.window_seconds,
-                )?;
-                if n >= limit.count {
-                    v.denials.push(Denial::new(
-                        Reason::RateLimited,
-                        format!(
-                            "{:?} already stamped {n} times with seal {seal:?} in the last {} s (limit {})",
-                            c.applicant, limit.window_seconds, limit.count
-                        ),
-                    ));
-                    if stop(&v) {
-                        return Ok(v);
+        if !stop(&v) {
+            if let Some(rule) = rule {
+                if let Some(limit) = rule.rate_limit {
+                    let n = ledger::uses_since(
+                        &self.store,
+                        &c.applicant,
+                        seal,
+                        now - limit.window_seconds,
+                    )?;
+                    if n >= limit.count {
+                        v.denials
+                            .push(ledger::rate_limited(&c.applicant, seal, n, limit));
                     }
                 }
-            }
-            if rule.mfa {
-                let mfa = self.mfa.as_ref().ok_or_else(|| {
-                    ApprovalError::Invalid("a rule asks for TOTP but none is configured".into())
-                })?;
-                // In a real stamp a code is only weighed once the token is good.
-                if v.denials.is_empty() || !consume {
-                    if let Err(d) = mfa.check(&self.store, &c.applicant, mfa_code, now, consume)? {
-                        v.denials.push(d);
-                        if stop(&v) {
-                            return Ok(v);
+                if rule.mfa && !stop(&v) {
+                    let mfa = self.mfa.as_ref().ok_or_else(|| {
+                        ApprovalError::Invalid("a rule asks for TOTP but none is configured".into())
+                    })?;
+                    // In a real stamp a code is only weighed once the token is good.
+                    if v.denials.is_empty() || dry_run {
+                        if let Err(d) =
+                            mfa.check(&self.store, &c.applicant, mfa_code, now, !dry_run)?
+                        {
+                            v.denials.push(d);
                         }
                     }
                 }
             }
         }
-        let payload = token.payload_digest();
-        let u = Use {
-            jti: &c.jti,
-            payload_sha256: &payload,
-            seal,
-            applicant: &c.applicant,
+        let pending = PendingUse {
+            jti: c.jti.clone(),
+            payload_sha256: token.payload_digest(),
+            seal: seal.to_owned(),
+            applicant: c.applicant.clone(),
             uses: c.uses,
             exp: c.exp,
+            rate_limit: rule.and_then(|r| r.rate_limit),
         };
-        if !consume {
-            if let Some(d) = ledger::peek(&self.store, &u)? {
+        if dry_run {
+            if let Some(d) = ledger::peek(&self.store, &pending.as_use())? {
                 v.denials.push(d);
             }
-            return Ok(v);
+        } else if v.denials.is_empty() {
+            v.pending = Some(pending);
         }
-        match ledger::consume(&self.store, &u, now)? {
-            Ok(left) => v.uses_left = left,
-            Err(d) => v.denials.push(d),
-        }
+        v.claims = Some(token.claims);
         Ok(v)
+    }
+}
+
+/// `[{"id","role","level","approved_at"}, ...]`; level is the 1-based position of the role in
+/// the matched rule, 0 when the rule does not ask for it.
+fn approvers_json(approvals: &[crate::policy::ApprovalFact], levels: Option<&[String]>) -> String {
+    let list: Vec<serde_json::Value> = approvals
+        .iter()
+        .map(|a| {
+            let level = levels
+                .and_then(|l| l.iter().position(|r| *r == a.role))
+                .map(|i| i + 1)
+                .unwrap_or(0);
+            serde_json::json!({
+                "id": a.approver,
+                "role": a.role,
+                "level": level,
+                "approved_at": a.approved_at,
+            })
+        })
+        .collect();
+    if list.is_empty() {
+        String::new()
+    } else {
+        serde_json::Value::Array(list).to_string()
     }
 }

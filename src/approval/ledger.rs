@@ -5,8 +5,9 @@
 //! reopens a replay inside a token's validity window.
 
 use super::{Denial, Reason, CLOCK_SKEW};
+use crate::policy::RateLimit;
 use crate::store::{Store, StoreError};
-use rusqlite::{params, OptionalExtension, TransactionBehavior};
+use rusqlite::{params, Connection, OptionalExtension};
 
 /// What the ledger knows about one approval.
 pub struct Use<'a> {
@@ -45,49 +46,82 @@ fn refusal(u: &Use<'_>, row: Option<(Vec<u8>, u32, u32)>) -> Option<Denial> {
 const SELECT: &str =
     "SELECT payload_sha256, uses_allowed, uses_consumed FROM approvals WHERE jti = ?1";
 
-/// Consumes one use, durably. `Ok(Err(denial))` when the approval has no use left.
-pub fn consume(store: &Store, u: &Use<'_>, now: i64) -> Result<Result<u32, Denial>, StoreError> {
-    store.with(|conn| {
-        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let row = tx
-            .query_row(SELECT, params![u.jti], |r| {
-                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
-            })
-            .optional()?;
-        if let Some(d) = refusal(u, row.clone()) {
-            return Ok(Err(d));
+/// Consumes one use inside the caller's transaction (the audit writer's, so the use and its
+/// `stamp.authorized` record are made durable together). `Ok(Err(denial))` when the approval
+/// has no use left or the applicant is over the rule's rate limit.
+pub fn consume(
+    conn: &Connection,
+    u: &Use<'_>,
+    now: i64,
+    rate_limit: Option<RateLimit>,
+) -> Result<Result<u32, Denial>, rusqlite::Error> {
+    let row = conn
+        .query_row(SELECT, params![u.jti], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+        })
+        .optional()?;
+    if let Some(d) = refusal(u, row.clone()) {
+        return Ok(Err(d));
+    }
+    if let Some(limit) = rate_limit {
+        let n = count_since(conn, u.applicant, u.seal, now - limit.window_seconds)?;
+        if n >= limit.count {
+            return Ok(Err(rate_limited(u.applicant, u.seal, n, limit)));
         }
-        let remaining = match row {
-            None => {
-                tx.execute(
-                    "INSERT INTO approvals VALUES (?1, ?2, ?3, ?4, ?5, 1, ?6, ?7)",
-                    params![
-                        u.jti,
-                        &u.payload_sha256[..],
-                        u.seal,
-                        u.applicant,
-                        u.uses,
-                        u.exp,
-                        now
-                    ],
-                )?;
-                u.uses - 1
-            }
-            Some((_, allowed, consumed)) => {
-                tx.execute(
-                    "UPDATE approvals SET uses_consumed = uses_consumed + 1 WHERE jti = ?1",
-                    params![u.jti],
-                )?;
-                allowed - consumed - 1
-            }
-        };
-        tx.execute(
-            "INSERT INTO stamp_uses (applicant, seal, at, jti) VALUES (?1, ?2, ?3, ?4)",
-            params![u.applicant, u.seal, now, u.jti],
-        )?;
-        tx.commit()?;
-        Ok(Ok(remaining))
-    })
+    }
+    let remaining = match row {
+        None => {
+            conn.execute(
+                "INSERT INTO approvals VALUES (?1, ?2, ?3, ?4, ?5, 1, ?6, ?7)",
+                params![
+                    u.jti,
+                    &u.payload_sha256[..],
+                    u.seal,
+                    u.applicant,
+                    u.uses,
+                    u.exp,
+                    now
+                ],
+            )?;
+            u.uses - 1
+        }
+        Some((_, allowed, consumed)) => {
+            conn.execute(
+                "UPDATE approvals SET uses_consumed = uses_consumed + 1 WHERE jti = ?1",
+                params![u.jti],
+            )?;
+            allowed - consumed - 1
+        }
+    };
+    conn.execute(
+        "INSERT INTO stamp_uses (applicant, seal, at, jti) VALUES (?1, ?2, ?3, ?4)",
+        params![u.applicant, u.seal, now, u.jti],
+    )?;
+    Ok(Ok(remaining))
+}
+
+/// The refusal for an applicant over a rate limit, having stamped `n` times in its window.
+pub fn rate_limited(applicant: &str, seal: &str, n: u32, limit: RateLimit) -> Denial {
+    Denial::new(
+        Reason::RateLimited,
+        format!(
+            "{applicant:?} already stamped {n} times with seal {seal:?} in the last {} s (limit {})",
+            limit.window_seconds, limit.count
+        ),
+    )
+}
+
+fn count_since(
+    conn: &Connection,
+    applicant: &str,
+    seal: &str,
+    since: i64,
+) -> Result<u32, rusqlite::Error> {
+    conn.query_row(
+        "SELECT count(*) FROM stamp_uses WHERE applicant = ?1 AND seal = ?2 AND at > ?3",
+        params![applicant, seal, since],
+        |r| r.get(0),
+    )
 }
 
 /// Whether `consume` would refuse, without consuming (for dry runs).
@@ -109,13 +143,7 @@ pub fn uses_since(
     seal: &str,
     since: i64,
 ) -> Result<u32, StoreError> {
-    store.with(|conn| {
-        conn.query_row(
-            "SELECT count(*) FROM stamp_uses WHERE applicant = ?1 AND seal = ?2 AND at > ?3",
-            params![applicant, seal, since],
-            |r| r.get(0),
-        )
-    })
+    store.with(|conn| count_since(conn, applicant, seal, since))
 }
 
 /// Drops entries no token can use any more; returns how many approvals were dropped.
@@ -139,6 +167,21 @@ pub fn prune(store: &Store, now: i64) -> Result<usize, StoreError> {
 mod tests {
     use super::*;
 
+    fn consume_one(
+        s: &Store,
+        u: &Use<'_>,
+        now: i64,
+        limit: Option<RateLimit>,
+    ) -> Result<u32, Denial> {
+        s.with(|c| {
+            let tx = c.transaction()?;
+            let r = consume(&tx, u, now, limit)?;
+            tx.commit()?;
+            Ok(r)
+        })
+        .unwrap()
+    }
+
     fn u<'a>(jti: &'a str, p: &'a [u8; 32], uses: u32) -> Use<'a> {
         Use {
             jti,
@@ -155,21 +198,39 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let s = Store::open(dir.path()).unwrap();
         let p = [1u8; 32];
-        assert_eq!(consume(&s, &u("one", &p, 1), 10).unwrap(), Ok(0));
-        let d = consume(&s, &u("one", &p, 1), 11).unwrap().unwrap_err();
+        assert_eq!(consume_one(&s, &u("one", &p, 1), 10, None), Ok(0));
+        let d = consume_one(&s, &u("one", &p, 1), 11, None).unwrap_err();
         assert_eq!(d.reason, Reason::Replayed);
         for left in [2, 1, 0] {
-            assert_eq!(consume(&s, &u("three", &p, 3), 10).unwrap(), Ok(left));
+            assert_eq!(consume_one(&s, &u("three", &p, 3), 10, None), Ok(left));
         }
-        let d = consume(&s, &u("three", &p, 3), 10).unwrap().unwrap_err();
+        let d = consume_one(&s, &u("three", &p, 3), 10, None).unwrap_err();
         assert_eq!(d.reason, Reason::Exhausted);
         // The same jti with another payload is a replay, even with uses left.
         let q = [2u8; 32];
-        assert_eq!(consume(&s, &u("fresh", &p, 5), 10).unwrap(), Ok(4));
-        let d = consume(&s, &u("fresh", &q, 5), 10).unwrap().unwrap_err();
+        assert_eq!(consume_one(&s, &u("fresh", &p, 5), 10, None), Ok(4));
+        let d = consume_one(&s, &u("fresh", &q, 5), 10, None).unwrap_err();
         assert_eq!(d.reason, Reason::Replayed);
         assert_eq!(uses_since(&s, "a", "s", 0).unwrap(), 5);
         assert!(peek(&s, &u("one", &p, 1)).unwrap().is_some());
+    }
+
+    #[test]
+    fn the_rate_limit_is_checked_inside_the_consuming_transaction() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path()).unwrap();
+        let p = [1u8; 32];
+        let limit = Some(RateLimit {
+            count: 2,
+            window_seconds: 60,
+        });
+        assert_eq!(consume_one(&s, &u("a1", &p, 1), 100, limit), Ok(0));
+        assert_eq!(consume_one(&s, &u("a2", &p, 1), 110, limit), Ok(0));
+        let d = consume_one(&s, &u("a3", &p, 1), 120, limit).unwrap_err();
+        assert_eq!(d.reason, Reason::RateLimited);
+        // Nothing was consumed for the refused approval.
+        assert!(peek(&s, &u("a3", &p, 1)).unwrap().is_none());
+        assert_eq!(consume_one(&s, &u("a3", &p, 1), 161, limit), Ok(0));
     }
 
     #[test]
@@ -177,7 +238,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let s = Store::open(dir.path()).unwrap();
         let p = [1u8; 32];
-        consume(&s, &u("x", &p, 1), 10).unwrap().unwrap();
+        consume_one(&s, &u("x", &p, 1), 10, None).unwrap();
         assert_eq!(prune(&s, 1000).unwrap(), 0);
         assert!(peek(&s, &u("x", &p, 1)).unwrap().is_some());
         assert_eq!(prune(&s, 1000 + CLOCK_SKEW + 3601).unwrap(), 1);

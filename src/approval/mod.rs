@@ -200,6 +200,8 @@ pub struct Evaluation {
     /// Index of the policy rule that matched.
     pub rule: Option<usize>,
     pub denials: Vec<Denial>,
+    /// The signatures that verified, with roles and departments from the trust store.
+    pub approvals: Vec<ApprovalFact>,
 }
 
 /// Checks a token against the request, the trust store, the seal's policy and the clock.
@@ -221,6 +223,7 @@ pub fn evaluate(
                 token: None,
                 rule: None,
                 denials: vec![Denial::new(Reason::Malformed, e.0)],
+                approvals: Vec::new(),
             }
         }
     };
@@ -343,5 +346,6 @@ pub fn evaluate(
         token: Some(token),
         rule,
         denials,
+        approvals,
     }
 }

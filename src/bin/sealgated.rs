@@ -5,6 +5,7 @@
 
 use anyhow::{bail, Context};
 use clap::Parser;
+use sealgate::audit::{kind, Record};
 use sealgate::config::Config;
 use sealgate::device::{Health, Registry};
 use sealgate::server::{self, Limits, Listener};
@@ -64,14 +65,15 @@ fn run(args: Args) -> anyhow::Result<()> {
         .map(|p| p.to_path_buf())
         .unwrap_or_default();
     let (devices, seals) = (registry.devices.len(), registry.seals.len());
-    let service = Arc::new(Service::new(&config, registry, &config_dir)?);
     if args.check {
+        Service::check(&config, &registry, &config_dir)?;
         println!(
-            "configuration {} is valid; {devices} device(s) and {seals} seal(s) ready",
+            "configuration {} is valid; {devices} device(s) and {seals} seal(s) ready; the audit log's tail verifies",
             args.config.display(),
         );
         return Ok(());
     }
+    let service = Arc::new(Service::new(&config, registry, &config_dir)?);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -103,10 +105,11 @@ fn run(args: Args) -> anyhow::Result<()> {
             }
             let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
         };
-        server::run(listener.listener, service, limits, shutdown).await;
+        server::run(listener.listener, service.clone(), limits, shutdown).await;
         if let Some(path) = listener.owned_path {
             let _ = std::fs::remove_file(path);
         }
+        service.shutdown().await;
         tracing::info!("sealgated stopped");
         Ok::<(), anyhow::Error>(())
     })?;
@@ -129,21 +132,65 @@ async fn prune_ledger(service: Arc<Service>) {
 }
 
 /// Each second: probes ready devices, so a removed token shows as unavailable without waiting
-/// for a stamp to find out, and tries to bring back unavailable ones.
+/// for a stamp to find out, and tries to bring back unavailable ones. Changes of health and of
+/// the PIN's state go into the audit log.
 async fn watch_devices(service: Arc<Service>) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let mut last: Vec<(Health, bool)> = service
+        .devices()
+        .iter()
+        .map(|d| (d.health(), d.pin_tries_low()))
+        .collect();
     loop {
         tick.tick().await;
-        for device in service.devices() {
-            let device = device.clone();
+        for (device, seen) in service.devices().iter().zip(last.iter_mut()) {
+            let d = device.clone();
             let _ = tokio::task::spawn_blocking(move || {
-                if device.health() == Health::Ready {
-                    device.probe();
+                if d.health() == Health::Ready {
+                    d.probe();
                 } else {
-                    device.recover();
+                    d.recover();
                 }
             })
             .await;
+            let now = (device.health(), device.pin_tries_low());
+            for record in device_events(device.as_ref(), seen, &now) {
+                service.audit().append_later(record);
+            }
+            *seen = now;
         }
     }
+}
+
+/// The audit records for a device going from `before` to `after` (health, PIN tries low).
+fn device_events(
+    device: &dyn sealgate::device::SealDevice,
+    before: &(Health, bool),
+    after: &(Health, bool),
+) -> Vec<Record> {
+    let record = |kind: &str, detail: String| {
+        let mut r = Record::new(kind);
+        r.device = device.id().to_owned();
+        r.device_profile = device.profile().name.clone();
+        r.device_serial = device.serial();
+        r.detail = detail;
+        r
+    };
+    let mut out = Vec::new();
+    match (&before.0, &after.0) {
+        (Health::Ready, Health::Unavailable(reason)) => {
+            out.push(record(kind::DEVICE_UNAVAILABLE, reason.clone()))
+        }
+        (Health::Unavailable(_), Health::Ready) => {
+            out.push(record(kind::DEVICE_READY, "available again".into()))
+        }
+        _ => {}
+    }
+    if after.1 && !before.1 {
+        out.push(record(
+            kind::DEVICE_PIN_LOW,
+            "the device reports few PIN tries left".into(),
+        ));
+    }
+    out
 }

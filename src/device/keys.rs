@@ -85,6 +85,51 @@ pub fn ecdsa_p256_raw_to_der(raw: &[u8]) -> Result<Vec<u8>, String> {
     Ok(sig.to_der().as_bytes().to_vec())
 }
 
+/// Checks a device signature made over `SHA-256(message)` the way [`super::SealDevice::sign`]
+/// makes them: ECDSA P-256 (DER) over that digest, or Ed25519 whose message is that digest.
+/// RSA keys are not verified here.
+pub fn verify_device_signature(
+    algorithm: super::Algorithm,
+    spki_der: &[u8],
+    message: &[u8],
+    signature: &[u8],
+) -> Result<(), String> {
+    use sha2::Digest;
+    use spki::DecodePublicKey;
+    match algorithm {
+        super::Algorithm::EcdsaP256Sha256 => {
+            use p256::ecdsa::signature::Verifier;
+            let key = p256::ecdsa::VerifyingKey::from_public_key_der(spki_der)
+                .map_err(|_| "not a P-256 public key".to_string())?;
+            let sig = p256::ecdsa::Signature::from_der(signature)
+                .map_err(|_| "not a DER ECDSA signature".to_string())?;
+            key.verify(message, &sig)
+                .map_err(|_| "signature does not verify".to_string())
+        }
+        super::Algorithm::Ed25519 => {
+            let key = ed25519_dalek::VerifyingKey::from_public_key_der(spki_der)
+                .map_err(|_| "not an Ed25519 public key".to_string())?;
+            let sig = ed25519_dalek::Signature::from_slice(signature)
+                .map_err(|_| "not a 64-byte Ed25519 signature".to_string())?;
+            key.verify_strict(&sha2::Sha256::digest(message), &sig)
+                .map_err(|_| "signature does not verify".to_string())
+        }
+        other => Err(format!("{} signatures are not verified here", other.name())),
+    }
+}
+
+/// The algorithm of an SPKI public key, for the two kinds [`verify_device_signature`] checks.
+pub fn spki_algorithm(spki_der: &[u8]) -> Option<super::Algorithm> {
+    use spki::DecodePublicKey;
+    if p256::ecdsa::VerifyingKey::from_public_key_der(spki_der).is_ok() {
+        Some(super::Algorithm::EcdsaP256Sha256)
+    } else if ed25519_dalek::VerifyingKey::from_public_key_der(spki_der).is_ok() {
+        Some(super::Algorithm::Ed25519)
+    } else {
+        None
+    }
+}
+
 /// PEM armour for DER data, e.g. `PUBLIC KEY` or `CERTIFICATE`.
 pub fn pem(label: &str, der: &[u8]) -> String {
     pem_rfc7468::encode_string(label, pem_rfc7468::LineEnding::LF, der)

@@ -119,8 +119,17 @@ pub trait SealDevice: Send + Sync {
     fn sign(&self, key: usize, digest: &[u8; 32]) -> Result<Vec<u8>, DeviceError>;
     /// If the device is unavailable, tries once to reach it again. Blocks.
     fn recover(&self);
-    /// Checks cheaply that a ready device still answers, marking it unavailable if not. Blocks.
+    /// Checks cheaply that a ready device still answers, marking it unavailable if not, and
+    /// refreshes what it reports of its PIN. Blocks.
     fn probe(&self) {}
+    /// The device's serial number as it reports it; empty when it has none.
+    fn serial(&self) -> String {
+        String::new()
+    }
+    /// The device reported few PIN tries left when last asked.
+    fn pin_tries_low(&self) -> bool {
+        false
+    }
     /// Signatures this device can have in flight at once.
     fn parallelism(&self) -> usize;
     /// Encrypts a small secret under a key that never leaves the device, bound to `context`
@@ -159,6 +168,8 @@ pub struct Registry {
     pub seals: HashMap<String, SealBinding>,
     /// Seal ids in configuration order.
     pub seal_order: Vec<String>,
+    /// The device and key index of the audit key, which signs the audit log's checkpoints.
+    pub audit_key: (Arc<dyn SealDevice>, usize),
 }
 
 impl Registry {
@@ -168,6 +179,7 @@ impl Registry {
         let by_device = config.seals_by_device();
         let mut devices: Vec<Arc<dyn SealDevice>> = Vec::new();
         let mut seals = HashMap::new();
+        let mut audit_key = None;
         for dc in &config.devices {
             let profile = DeviceProfile::load(&config.daemon.profiles_dir, &dc.profile)
                 .map_err(|e| DeviceError::Setup(format!("device {:?}: {e}", dc.id)))?;
@@ -193,6 +205,19 @@ impl Registry {
                     algorithm,
                 });
             }
+            let audit_index = (config.audit.device == dc.id).then(|| {
+                specs.push(KeySpec {
+                    label: config.audit.key_label.clone(),
+                    id: config
+                        .audit
+                        .key_id
+                        .as_deref()
+                        .map(|h| hex::decode(h).expect("checked in config")),
+                    algorithm: Algorithm::parse(&config.audit.algorithm)
+                        .expect("checked in config"),
+                });
+                specs.len() - 1
+            });
             let device: Arc<dyn SealDevice> = match profile.kind {
                 #[cfg(feature = "pkcs11")]
                 DeviceKind::Pkcs11 => Arc::new(pkcs11::Pkcs11Device::open(dc, profile, specs)?),
@@ -215,13 +240,29 @@ impl Registry {
                     },
                 );
             }
+            if let Some(i) = audit_index {
+                audit_key = Some((device.clone(), i));
+            }
             devices.push(device);
+        }
+        let audit_key = audit_key.expect("audit.device is checked to be configured");
+        // A seal signs whatever digest an approved request names, so a seal key that also
+        // signed checkpoints would let an approved stamp forge one.
+        let audit_spki = &audit_key.0.key(audit_key.1).spki_der;
+        for s in seals.values() {
+            if s.device.key(s.key).spki_der == *audit_spki {
+                return Err(DeviceError::Setup(format!(
+                    "the audit key is also the key of seal {:?}; the audit key must be used for nothing else",
+                    s.id
+                )));
+            }
         }
         let seal_order = config.seals.iter().map(|s| s.id.clone()).collect();
         Ok(Registry {
             devices,
             seals,
             seal_order,
+            audit_key,
         })
     }
 }

@@ -26,6 +26,7 @@ use cryptoki::slot::Slot;
 use cryptoki::types::AuthPin;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, OnceLock, RwLock};
 use std::time::{Duration, Instant};
 
@@ -51,6 +52,10 @@ pub struct Pkcs11Device {
     state: RwLock<State>,
     /// Serialises reconnection attempts and spaces them out.
     last_attempt: Mutex<Option<Instant>>,
+    /// The token's serial number, as it reported it.
+    serial: Mutex<String>,
+    /// The token last reported few PIN tries left (count low, final try or locked).
+    pin_low: AtomicBool,
 }
 
 enum State {
@@ -130,6 +135,8 @@ impl Pkcs11Device {
                 pin_refused: false,
             }),
             last_attempt: Mutex::new(None),
+            serial: Mutex::new(String::new()),
+            pin_low: AtomicBool::new(false),
         };
         // A token may take a moment to show up (USB enumeration; SoftHSM drops a token from
         // its slot list while another process rewrites it), so "not reachable" is retried
@@ -176,6 +183,9 @@ impl Pkcs11Device {
         let info = ctx
             .get_token_info(slot)
             .map_err(|e| ConnectError::lost(format!("cannot read {}: {e}", self.token_name())))?;
+        *self.serial.lock().unwrap_or_else(|p| p.into_inner()) =
+            info.serial_number().trim_end().to_owned();
+        self.note_pin_flags(&info);
         if info.user_pin_locked() {
             return Err(ConnectError::pin(format!(
                 "the user PIN of {} is locked; unlock it with the SO PIN",
@@ -321,6 +331,7 @@ impl Pkcs11Device {
                     AttributeType::KeyType,
                     AttributeType::Sign,
                     AttributeType::Extractable,
+                    AttributeType::Sensitive,
                 ],
             )
             .map_err(|e| ConnectError::lost(format!("cannot read key attributes: {e}")))?;
@@ -337,6 +348,11 @@ impl Pkcs11Device {
                     return Err(ConnectError::setup(format!(
                     "the key with {spec} is extractable; seal keys must be CKA_EXTRACTABLE=false"
                 )))
+                }
+                Attribute::Sensitive(false) => {
+                    return Err(ConnectError::setup(format!(
+                        "the key with {spec} is not sensitive; seal keys must be CKA_SENSITIVE=true"
+                    )))
                 }
                 _ => {}
             }
@@ -556,6 +572,11 @@ impl Pkcs11Device {
         }
     }
 
+    fn note_pin_flags(&self, info: &cryptoki::slot::TokenInfo) {
+        let low = info.user_pin_count_low() || info.user_pin_final_try() || info.user_pin_locked();
+        self.pin_low.store(low, Ordering::Relaxed);
+    }
+
     fn unavailable(&self, reason: &str) -> DeviceError {
         DeviceError::Unavailable(format!("device {:?} is unavailable: {reason}", self.id))
     }
@@ -651,8 +672,24 @@ impl SealDevice for Pkcs11Device {
 
     fn probe(&self) {
         if self.health() == Health::Ready {
-            let _ = self.with_session(|_, session| session.get_session_info().map(|_| ()));
+            if let Ok(info) = self.with_session(|conn, session| {
+                session.get_session_info()?;
+                conn.ctx.get_token_info(conn.slot)
+            }) {
+                self.note_pin_flags(&info);
+            }
         }
+    }
+
+    fn serial(&self) -> String {
+        self.serial
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    fn pin_tries_low(&self) -> bool {
+        self.pin_low.load(Ordering::Relaxed)
     }
 
     fn recover(&self) {

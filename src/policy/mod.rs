@@ -47,9 +47,7 @@ pub struct Rule {
     pub levels: Vec<String>,
     dept_scoped: HashSet<String>,
     /// Allowed minutes of the day [from, to), local time; `to < from` spans midnight.
-    hours: Option<(u32, u32)>,
-    weekdays: Option<Vec<jiff::civil::Weekday>>,
-    timezone: jiff::tz::TimeZone,
+    hours: TimeWindow,
     pub rate_limit: Option<RateLimit>,
     pub mfa: bool,
 }
@@ -106,32 +104,8 @@ impl SealPolicy {
                     )));
                 }
             }
-            let hours = match &r.hours {
-                None => None,
-                Some(h) => {
-                    let parsed = h
-                        .split_once('-')
-                        .and_then(|(a, b)| Some((parse_hhmm(a.trim())?, parse_hhmm(b.trim())?)));
-                    Some(parsed.ok_or_else(|| err(format!("hours {h:?} is not HH:MM-HH:MM")))?)
-                }
-            };
-            let weekdays = match &r.weekdays {
-                None => None,
-                Some(days) => Some(
-                    days.iter()
-                        .map(|d| {
-                            parse_weekday(d)
-                                .ok_or_else(|| err(format!("weekday {d:?} is not one of mon..sun")))
-                        })
-                        .collect::<Result<Vec<_>, _>>()?,
-                ),
-            };
-            let timezone = if r.timezone.is_empty() {
-                jiff::tz::TimeZone::UTC
-            } else {
-                jiff::tz::TimeZone::get(&r.timezone)
-                    .map_err(|e| err(format!("time zone {:?}: {e}", r.timezone)))?
-            };
+            let hours = TimeWindow::parse(r.hours.as_deref(), r.weekdays.as_deref(), &r.timezone)
+                .map_err(err)?;
             let rate_limit = match (r.rate_limit_count, r.rate_limit_window_seconds) {
                 (None, None) => None,
                 (Some(count), Some(w)) if count > 0 && w > 0 => Some(RateLimit {
@@ -161,8 +135,6 @@ impl SealPolicy {
                 levels: r.levels.clone(),
                 dept_scoped: r.dept_scoped.iter().cloned().collect(),
                 hours,
-                weekdays,
-                timezone,
                 rate_limit,
                 mfa: r.mfa,
             });
@@ -267,6 +239,66 @@ impl Rule {
 
     /// Whether `now` (Unix seconds) is inside the allowed hours and weekdays.
     pub fn check_hours(&self, now: i64) -> Option<Denial> {
+        let why = self.hours.outside(now)?;
+        Some(Denial::new(
+            Reason::OutsideHours,
+            format!("rule {:?} {why}", self.name),
+        ))
+    }
+}
+
+/// Hours of the day and days of the week in a time zone: a rule's allowed hours, or the
+/// working hours the anomaly rules compare stamps with.
+#[derive(Debug, Clone)]
+pub struct TimeWindow {
+    /// Minutes of the day [from, to), local time; `to < from` spans midnight.
+    hours: Option<(u32, u32)>,
+    weekdays: Option<Vec<jiff::civil::Weekday>>,
+    timezone: jiff::tz::TimeZone,
+}
+
+impl TimeWindow {
+    /// From "HH:MM-HH:MM", day names (mon..sun) and an IANA zone (UTC when empty). With
+    /// neither hours nor days, every moment is inside.
+    pub fn parse(
+        hours: Option<&str>,
+        weekdays: Option<&[String]>,
+        timezone: &str,
+    ) -> Result<TimeWindow, String> {
+        let hours = match hours {
+            None => None,
+            Some(h) => Some(
+                h.split_once('-')
+                    .and_then(|(a, b)| Some((parse_hhmm(a.trim())?, parse_hhmm(b.trim())?)))
+                    .ok_or_else(|| format!("hours {h:?} is not HH:MM-HH:MM"))?,
+            ),
+        };
+        let weekdays = match weekdays {
+            None => None,
+            Some(days) => Some(
+                days.iter()
+                    .map(|d| {
+                        parse_weekday(d)
+                            .ok_or_else(|| format!("weekday {d:?} is not one of mon..sun"))
+                    })
+                    .collect::<Result<Vec<_>, _>>()?,
+            ),
+        };
+        let timezone = if timezone.is_empty() {
+            jiff::tz::TimeZone::UTC
+        } else {
+            jiff::tz::TimeZone::get(timezone).map_err(|e| format!("time zone {timezone:?}: {e}"))?
+        };
+        Ok(TimeWindow {
+            hours,
+            weekdays,
+            timezone,
+        })
+    }
+
+    /// None when `now` (Unix seconds) is inside; otherwise why not, worded to follow
+    /// "rule X ...".
+    pub fn outside(&self, now: i64) -> Option<String> {
         if self.hours.is_none() && self.weekdays.is_none() {
             return None;
         }
@@ -275,10 +307,7 @@ impl Rule {
             .to_zoned(self.timezone.clone());
         if let Some(days) = &self.weekdays {
             if !days.contains(&zoned.weekday()) {
-                return Some(Denial::new(
-                    Reason::OutsideHours,
-                    format!("rule {:?} does not allow {:?}", self.name, zoned.weekday()),
-                ));
+                return Some(format!("does not allow {:?}", zoned.weekday()));
             }
         }
         if let Some((from, to)) = self.hours {
@@ -289,19 +318,15 @@ impl Rule {
                 minute >= from || minute < to
             };
             if !inside {
-                return Some(Denial::new(
-                    Reason::OutsideHours,
-                    format!(
-                        "rule {:?} allows {:02}:{:02}-{:02}:{:02} ({}); it is {:02}:{:02}",
-                        self.name,
-                        from / 60,
-                        from % 60,
-                        to / 60,
-                        to % 60,
-                        self.timezone.iana_name().unwrap_or("UTC"),
-                        zoned.hour(),
-                        zoned.minute()
-                    ),
+                return Some(format!(
+                    "allows {:02}:{:02}-{:02}:{:02} ({}); it is {:02}:{:02}",
+                    from / 60,
+                    from % 60,
+                    to / 60,
+                    to % 60,
+                    self.timezone.iana_name().unwrap_or("UTC"),
+                    zoned.hour(),
+                    zoned.minute()
                 ));
             }
         }

@@ -7,7 +7,7 @@
 //! Never: interprets a request beyond decoding it; the service does that.
 
 use crate::protocol::codec::{FrameCodec, FrameError};
-use crate::protocol::{Request, Response};
+use crate::protocol::{pb, request, response, Request, Response, Status};
 use crate::service::{Service, ServiceError};
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
@@ -280,19 +280,76 @@ async fn connection(
             }
             Ok(req) => {
                 let id = req.request_id;
-                match tokio::time::timeout(limits.request_timeout, service.handle(peer, req)).await
-                {
-                    Ok(resp) => resp,
-                    Err(_) => ServiceError::Timeout(format!(
-                        "the request did not finish within {} ms",
-                        limits.request_timeout.as_millis()
-                    ))
-                    .into_response(id),
+                // Subscribed before the recent alerts are read, so none falls in between.
+                let follow = matches!(&req.body, Some(request::Body::WatchAlerts(w)) if w.follow)
+                    .then(|| service.audit().subscribe_alerts());
+                let resp =
+                    match tokio::time::timeout(limits.request_timeout, service.handle(peer, req))
+                        .await
+                    {
+                        Ok(resp) => resp,
+                        Err(_) => ServiceError::Timeout(format!(
+                            "the request did not finish within {} ms",
+                            limits.request_timeout.as_millis()
+                        ))
+                        .into_response(id),
+                    };
+                if let (Some(alerts), true) = (follow, resp.status == Status::Ok as i32) {
+                    let after = match &resp.body {
+                        Some(response::Body::Alerts(a)) => {
+                            a.records.last().map(|r| r.seq).unwrap_or(0)
+                        }
+                        _ => 0,
+                    };
+                    if send(&mut framed, resp).await {
+                        follow_alerts(&mut framed, alerts, id, after, stop).await;
+                    }
+                    return framed;
                 }
+                resp
             }
         };
         if !send(&mut framed, response).await {
             return framed;
+        }
+    }
+}
+
+/// Sends each alert committed after `after_seq` as its own response, until the client closes
+/// or sends anything, or the daemon stops.
+async fn follow_alerts(
+    framed: &mut Framed<UnixStream, FrameCodec>,
+    mut alerts: tokio::sync::broadcast::Receiver<crate::audit::Record>,
+    request_id: u64,
+    after_seq: u64,
+    stop: &mut watch::Receiver<bool>,
+) {
+    use tokio::sync::broadcast::error::RecvError;
+    loop {
+        tokio::select! {
+            _ = stop.changed() => return,
+            _ = framed.next() => return,
+            next = alerts.recv() => match next {
+                Ok(r) if r.seq > after_seq => {
+                    let resp = Response {
+                        request_id,
+                        status: Status::Ok as i32,
+                        message: String::new(),
+                        reason: String::new(),
+                        body: Some(response::Body::Alerts(pb::AlertsResponse {
+                            records: vec![crate::service::wire_record(&r)],
+                        })),
+                    };
+                    if !send(framed, resp).await {
+                        return;
+                    }
+                }
+                Ok(_) => {}
+                Err(RecvError::Lagged(n)) => {
+                    tracing::warn!(missed = n, "an alert follower fell behind; alerts skipped");
+                }
+                Err(RecvError::Closed) => return,
+            },
         }
     }
 }

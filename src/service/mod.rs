@@ -5,12 +5,17 @@
 //! mapping from [`ServiceError`] to wire status codes ([`ServiceError::status`]).
 //! Never: blocks the executor on a device, or puts a token, PIN or key in a log line or reply.
 //!
-//! A stamp passes the approval gate (token, trust store, policy, TOTP, and one use consumed
-//! durably) before its device is asked to sign; a refusal carries a stable reason code.
+//! A stamp passes the approval gate (token, trust store, policy, TOTP) and then the audit
+//! writer consumes one use and records `stamp.authorized` in one durable transaction; only
+//! then is the device asked to sign, and the reply leaves only once `stamp.completed` (or
+//! `stamp.failed`) is durable too. A refusal carries a stable reason code and is recorded.
 
 use crate::approval::gate::{Gate, Verdict};
 use crate::approval::mfa::Mfa;
 use crate::approval::{ApprovalError, Denial, TrustStore};
+use crate::audit::anomaly::Anomaly;
+use crate::audit::log::{Appended, AuditError, AuditKey, AuditLog};
+use crate::audit::{kind, Record};
 use crate::config::Config;
 use crate::device::{DeviceError, Health, Registry, SealBinding, SealDevice};
 use crate::policy::SealPolicy;
@@ -56,13 +61,19 @@ pub enum ServiceError {
     #[error("approval refused: {0}")]
     Denied(Denial),
     #[error("{0}; nothing was signed")]
-    StoreUnavailable(String),
+    AuditUnavailable(String),
+}
+
+impl From<AuditError> for ServiceError {
+    fn from(e: AuditError) -> Self {
+        ServiceError::AuditUnavailable(e.to_string())
+    }
 }
 
 impl From<ApprovalError> for ServiceError {
     fn from(e: ApprovalError) -> Self {
         match e {
-            ApprovalError::Store(s) => ServiceError::StoreUnavailable(s.to_string()),
+            ApprovalError::Store(s) => ServiceError::AuditUnavailable(s.to_string()),
             ApprovalError::Device(d) => ServiceError::Device(d),
             ApprovalError::Invalid(m) => ServiceError::InvalidArgument(m),
         }
@@ -80,6 +91,8 @@ pub enum StartError {
     Store(#[from] crate::store::StoreError),
     #[error("{0}")]
     Mfa(String),
+    #[error("{0}")]
+    Audit(#[from] AuditError),
 }
 
 impl ServiceError {
@@ -100,7 +113,7 @@ impl ServiceError {
             ServiceError::ShuttingDown => Status::ShuttingDown,
             ServiceError::Internal(_) => Status::Internal,
             ServiceError::Denied(_) => Status::ApprovalDenied,
-            ServiceError::StoreUnavailable(_) => Status::StoreUnavailable,
+            ServiceError::AuditUnavailable(_) => Status::AuditUnavailable,
         }
     }
 
@@ -148,20 +161,56 @@ pub struct Service {
     slots: HashMap<String, (Arc<Semaphore>, Arc<Semaphore>)>,
     started: Instant,
     connections: AtomicUsize,
+    audit: AuditLog,
+    /// Stamps past their authorisation: they run to their recorded outcome even when the
+    /// request that started them times out or its client goes away.
+    outcomes: tokio_util::task::TaskTracker,
+}
+
+/// The trust store and every seal's policy, as configured.
+fn trust_and_policies(
+    config: &Config,
+    config_dir: &std::path::Path,
+) -> Result<(TrustStore, HashMap<String, SealPolicy>), StartError> {
+    let trust = TrustStore::from_config(&config.approvers, config_dir)?;
+    let mut policies = HashMap::new();
+    for s in &config.seals {
+        policies.insert(s.id.clone(), SealPolicy::from_config(&s.id, &s.rules)?);
+    }
+    Ok((trust, policies))
+}
+
+fn audit_parts(config: &Config, registry: &Registry) -> Result<(AuditKey, Anomaly), StartError> {
+    let (device, key) = registry.audit_key.clone();
+    let anomaly = Anomaly::from_config(&config.audit.alerts).map_err(AuditError::Open)?;
+    Ok((AuditKey { device, key }, anomaly))
 }
 
 impl Service {
+    /// Everything `new` checks, without writing to the audit log: for `sealgated --check`.
+    pub fn check(
+        config: &Config,
+        registry: &Registry,
+        config_dir: &std::path::Path,
+    ) -> Result<(), StartError> {
+        trust_and_policies(config, config_dir)?;
+        let store = Store::open(&config.daemon.state_dir)?;
+        let (key, _) = audit_parts(config, registry)?;
+        AuditLog::check(store.path().to_owned(), key)?;
+        Ok(())
+    }
+
+    /// Builds the service: trust store, policies, state database, TOTP, and the audit log
+    /// (which records an outcome for every stamp a previous run left unfinished). Blocks.
     pub fn new(
         config: &Config,
         registry: Registry,
         config_dir: &std::path::Path,
     ) -> Result<Service, StartError> {
-        let trust = TrustStore::from_config(&config.approvers, config_dir)?;
-        let mut policies = HashMap::new();
-        for s in &config.seals {
-            policies.insert(s.id.clone(), SealPolicy::from_config(&s.id, &s.rules)?);
-        }
+        let (trust, policies) = trust_and_policies(config, config_dir)?;
         let store = Store::open(&config.daemon.state_dir)?;
+        let (key, anomaly) = audit_parts(config, &registry)?;
+        let audit = AuditLog::open(store.path().to_owned(), key, anomaly)?;
         let mfa = match &config.mfa {
             None => None,
             Some(m) => {
@@ -216,14 +265,30 @@ impl Service {
             slots,
             started: Instant::now(),
             connections: AtomicUsize::new(0),
+            audit,
+            outcomes: tokio_util::task::TaskTracker::new(),
         })
+    }
+
+    /// After the server stopped: lets stamps in flight record their outcomes, then writes what
+    /// the audit writer still holds and stops it.
+    pub async fn shutdown(&self) {
+        self.outcomes.close();
+        self.outcomes.wait().await;
+        let audit = self.audit.clone();
+        let _ = tokio::task::spawn_blocking(move || audit.shutdown()).await;
+    }
+
+    /// The audit log, for the device watcher's events and the alert stream.
+    pub fn audit(&self) -> &AuditLog {
+        &self.audit
     }
 
     /// Drops replay-ledger entries no token can use any more. Blocks.
     pub fn prune_ledger(&self) -> Result<usize, ServiceError> {
         let now = unix_now();
         crate::approval::ledger::prune(&self.gate.store, now)
-            .map_err(|e| ServiceError::StoreUnavailable(e.to_string()))
+            .map_err(|e| ServiceError::AuditUnavailable(e.to_string()))
     }
 
     /// Names the caller behind a connection: a uid match wins over a gid match.
@@ -261,10 +326,23 @@ impl Service {
             None => Err(ServiceError::UnknownRequest),
             Some(request::Body::Hello(h)) => Ok(self.hello(peer, h)),
             Some(body) => match &peer.caller {
-                None => Err(ServiceError::PermissionDenied(format!(
-                    "uid {} gid {} is not a configured caller",
-                    peer.uid, peer.gid
-                ))),
+                None => {
+                    let e = ServiceError::PermissionDenied(format!(
+                        "uid {} gid {} is not a configured caller",
+                        peer.uid, peer.gid
+                    ));
+                    let mut r = Record::new(kind::ACCESS_DENIED);
+                    r.caller = format!(
+                        "uid {} gid {} pid {}",
+                        peer.uid,
+                        peer.gid,
+                        peer.pid.unwrap_or(0)
+                    );
+                    r.reason = "unknown_caller".into();
+                    r.detail = e.to_string();
+                    self.record_refusal(r).await;
+                    Err(e)
+                }
                 Some(caller) => self.handle_known(caller, body).await,
             },
         };
@@ -300,19 +378,36 @@ impl Service {
             request::Body::Stamp(s) => self.stamp(caller, s).await,
             request::Body::Status(_) => Ok(response::Body::StatusReport(self.status(caller))),
             request::Body::CheckApproval(c) => self.check_approval(caller, c).await,
+            request::Body::WatchAlerts(w) => {
+                if !caller.admin {
+                    return Err(ServiceError::PermissionDenied(format!(
+                        "caller {:?} is not an administrator",
+                        caller.name
+                    )));
+                }
+                let records = self.recent_alerts(w.recent.min(1000)).await?;
+                Ok(response::Body::Alerts(pb::AlertsResponse { records }))
+            }
             request::Body::EnrollMfa(e) => {
                 let user = e.user;
+                let mut record = Record::new(kind::MFA_ENROLLED);
+                record.caller = caller.name.clone();
+                record.applicant = user.clone();
                 let uri = self
                     .admin_mfa(caller, move |gate, mfa| {
                         mfa.enroll(&gate.store, &user, unix_now())
                     })
                     .await?;
+                self.audit.append(record).await?;
                 Ok(response::Body::EnrollMfa(pb::EnrollMfaResponse {
                     otpauth_uri: uri.to_string(),
                 }))
             }
             request::Body::ResetMfa(r) => {
                 let user = r.user;
+                let mut record = Record::new(kind::MFA_RESET);
+                record.caller = caller.name.clone();
+                record.applicant = user.clone();
                 let found = self
                     .admin_mfa(caller, move |gate, mfa| mfa.reset(&gate.store, &user))
                     .await?;
@@ -321,6 +416,7 @@ impl Service {
                         "that user is not enrolled for TOTP".into(),
                     ));
                 }
+                self.audit.append(record).await?;
                 Ok(response::Body::ResetMfa(pb::ResetMfaResponse {}))
             }
         }
@@ -359,14 +455,14 @@ impl Service {
         digest: [u8; 32],
         token: Vec<u8>,
         mfa_code: String,
-        consume: bool,
+        dry_run: bool,
     ) -> Result<Verdict, ServiceError> {
         let gate = self.gate.clone();
         let seal = seal.to_owned();
         let mfa_code = zeroize::Zeroizing::new(mfa_code);
         let token = zeroize::Zeroizing::new(token);
         off_executor("approval", move || {
-            gate.check(&seal, &digest, &token, &mfa_code, unix_now(), consume)
+            gate.check(&seal, &digest, &token, &mfa_code, unix_now(), dry_run)
         })
         .await?
         .map_err(ServiceError::from)
@@ -380,7 +476,7 @@ impl Service {
         let seal = self.seal_for(caller, &req.seal_id)?;
         let digest = digest32(&req.document_sha256)?;
         let v = self
-            .run_gate(&seal.id, digest, req.approval_token, req.mfa_code, false)
+            .run_gate(&seal.id, digest, req.approval_token, req.mfa_code, true)
             .await?;
         Ok(response::Body::CheckApproval(pb::CheckApprovalResponse {
             would_pass: v.denials.is_empty(),
@@ -458,7 +554,31 @@ impl Service {
                 })
                 .collect(),
             seals: self.summaries(caller),
+            audit: Some({
+                let a = self.audit.status();
+                pb::AuditReport {
+                    head_seq: a.head_seq,
+                    head_hash: hex::encode(a.head_hash),
+                    checkpoint_seq: a.checkpoint_seq,
+                    checkpoint_at_unix_ms: a.checkpoint_at_ms as u64,
+                    error: a.error,
+                    batches: a.batches,
+                    records: a.records,
+                }
+            }),
         }
+    }
+
+    /// The newest `n` alerts, oldest first.
+    async fn recent_alerts(&self, n: u32) -> Result<Vec<pb::AuditRecord>, ServiceError> {
+        let gate = self.gate.clone();
+        let found = off_executor("alerts", move || {
+            gate.store
+                .with(|c| crate::audit::query::latest(c, kind::ALERT, n as u64))
+        })
+        .await?
+        .map_err(|e| ServiceError::AuditUnavailable(e.to_string()))?;
+        Ok(found.iter().map(wire_record).collect())
     }
 
     async fn stamp(
@@ -466,7 +586,18 @@ impl Service {
         caller: &Caller,
         req: pb::StampRequest,
     ) -> Result<response::Body, ServiceError> {
-        let seal = self.seal_for(caller, &req.seal_id)?;
+        let seal = match self.seal_for(caller, &req.seal_id) {
+            Ok(s) => s,
+            Err(e) => {
+                let mut r = Record::new(kind::ACCESS_DENIED);
+                r.caller = caller.name.clone();
+                r.seal = req.seal_id.chars().take(200).collect();
+                r.reason = e.status().as_str_name().to_ascii_lowercase();
+                r.detail = e.to_string();
+                self.record_refusal(r).await;
+                return Err(e);
+            }
+        };
         let digest = digest32(&req.document_sha256)?;
         if req.purpose.len() > MAX_PURPOSE_BYTES {
             return Err(ServiceError::InvalidArgument(format!(
@@ -476,7 +607,7 @@ impl Service {
         }
         // No use is consumed for a request the device queue would refuse anyway.
         let (in_flight, queue) = &self.slots[seal.device.id()];
-        let _queued = queue.clone().try_acquire_owned().map_err(|_| {
+        let queued = queue.clone().try_acquire_owned().map_err(|_| {
             ServiceError::Busy(format!(
                 "device {:?} has too many requests waiting",
                 seal.device.id()
@@ -493,59 +624,203 @@ impl Service {
                 ))));
             }
         }
+        let purpose = req.purpose;
         let verdict = self
-            .run_gate(&seal.id, digest, req.approval_token, req.mfa_code, true)
+            .run_gate(&seal.id, digest, req.approval_token, req.mfa_code, false)
             .await?;
+        let mut record = stamp_record(caller, seal, &digest, &purpose, &verdict);
         if let Some(d) = verdict.denials.into_iter().next() {
             tracing::info!(
                 caller = %caller.name,
                 seal = %seal.id,
-                applicant = %verdict.applicant,
-                approval = %verdict.jti,
+                applicant = %record.applicant,
+                approval = %record.jti,
                 reason = %d.reason.code(),
                 "stamp refused"
             );
+            record.kind = kind::STAMP_DENIED.into();
+            record.reason = d.reason.code().into();
+            record.detail = d.detail.clone();
+            self.record_refusal(record).await;
             return Err(ServiceError::Denied(d));
         }
-        let permit = in_flight
-            .clone()
-            .acquire_owned()
-            .await
-            .map_err(|_| ServiceError::ShuttingDown)?;
-        let device = seal.device.clone();
-        let key = seal.key;
-        let started = Instant::now();
-        let signature = off_executor("signing", move || {
-            let _permit = permit;
-            if device.health() != Health::Ready {
-                device.recover();
+        let pending = verdict.pending.ok_or_else(|| {
+            ServiceError::Internal("an authorised stamp has no use to consume".into())
+        })?;
+        // One durable transaction: the use is consumed and `stamp.authorized` recorded.
+        let (auth_seq, uses_left) = match self.audit.authorize(pending, record.clone()).await? {
+            Appended::Authorized { seq, uses_left } => (seq, uses_left),
+            Appended::Refused { denial, .. } => {
+                tracing::info!(
+                    caller = %caller.name,
+                    seal = %seal.id,
+                    applicant = %record.applicant,
+                    approval = %record.jti,
+                    reason = %denial.reason.code(),
+                    "stamp refused"
+                );
+                return Err(ServiceError::Denied(denial));
             }
-            device.sign(key, &digest)
+            Appended::Record { .. } => {
+                return Err(ServiceError::Internal(
+                    "the audit writer answered an authorisation with a plain record".into(),
+                ))
+            }
+        };
+        // From here the stamp runs to a recorded outcome in a task of its own, so a timeout
+        // or a vanished client cannot leave the authorisation without one.
+        let job = Signing {
+            audit: self.audit.clone(),
+            in_flight: in_flight.clone(),
+            device: seal.device.clone(),
+            key: seal.key,
+            digest,
+            record,
+            auth_seq,
+            caller: caller.name.clone(),
+        };
+        let signature = self
+            .outcomes
+            .spawn(async move {
+                let _queued = queued;
+                job.run().await
+            })
+            .await
+            .map_err(|e| ServiceError::Internal(format!("signing task failed: {e}")))??;
+        Ok(response::Body::Stamp(pb::StampResponse {
+            seal_id: seal.id.clone(),
+            algorithm: seal.device.key(seal.key).algorithm.name().to_owned(),
+            signature,
+            stamped_at_unix_ms: crate::audit::now_ms() as u64,
+            uses_left,
+            approval_id: verdict
+                .claims
+                .as_ref()
+                .map(|c| c.jti.clone())
+                .unwrap_or_default(),
+        }))
+    }
+
+    /// Records a refusal; the refusal stands whether or not the record could be written.
+    async fn record_refusal(&self, record: Record) {
+        if let Err(e) = self.audit.append(record).await {
+            tracing::error!(error = %e, "a refusal could not be recorded in the audit log");
+        }
+    }
+}
+
+/// The part of a stamp after its authorisation is durable: sign, then record the outcome.
+struct Signing {
+    audit: AuditLog,
+    in_flight: Arc<Semaphore>,
+    device: Arc<dyn SealDevice>,
+    key: usize,
+    digest: [u8; 32],
+    /// The authorisation's record, the template of the outcome's.
+    record: Record,
+    auth_seq: u64,
+    caller: String,
+}
+
+impl Signing {
+    async fn run(self) -> Result<Vec<u8>, ServiceError> {
+        let mut outcome = self.record;
+        outcome.ref_seq = Some(self.auth_seq);
+        let started = Instant::now();
+        let signed = match self.in_flight.acquire_owned().await {
+            Err(_) => Err(ServiceError::ShuttingDown),
+            Ok(permit) => {
+                let device = self.device.clone();
+                let (key, digest) = (self.key, self.digest);
+                off_executor("signing", move || {
+                    let _permit = permit;
+                    if device.health() != Health::Ready {
+                        device.recover();
+                    }
+                    device.sign(key, &digest)
+                })
+                .await
+                .and_then(|r| r.map_err(ServiceError::from))
+            }
+        };
+        let signature = match signed {
+            Err(e) => {
+                outcome.kind = kind::STAMP_FAILED.into();
+                outcome.reason = e.status().as_str_name().to_ascii_lowercase();
+                outcome.detail = e.to_string();
+                if self.audit.append(outcome.clone()).await.is_err() {
+                    self.audit.append_later(outcome);
+                }
+                return Err(e);
+            }
+            Ok(sig) => sig,
+        };
+        let spki = &self.device.key(self.key).spki_der;
+        outcome.kind = kind::STAMP_COMPLETED.into();
+        outcome.evidence = serde_json::json!({
+            "algorithm": self.device.key(self.key).algorithm.name(),
+            "key_id": crate::audit::key_id(spki),
+            "signature": base64::Engine::encode(&base64::engine::general_purpose::STANDARD, &signature),
+            "signature_sha256": hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&signature)),
         })
-        .await??;
-        let stamped_at_unix_ms = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_millis() as u64)
-            .unwrap_or(0);
+        .to_string();
+        if let Err(e) = self.audit.append(outcome.clone()).await {
+            // The signature exists but is never handed out: record that instead, later.
+            outcome.kind = kind::STAMP_FAILED.into();
+            outcome.reason = "audit_unavailable".into();
+            outcome.detail = format!(
+                "the signature was made but withheld: its completion could not be recorded ({e})"
+            );
+            outcome.evidence.clear();
+            self.audit.append_later(outcome);
+            return Err(ServiceError::AuditUnavailable(format!(
+                "{e}; the signature was withheld"
+            )));
+        }
         tracing::info!(
-            caller = %caller.name,
-            seal = %seal.id,
-            applicant = %verdict.applicant,
-            approval = %verdict.jti,
-            rule = verdict.rule.as_deref().unwrap_or(""),
-            document = %hex::encode(digest),
+            caller = %self.caller,
+            seal = %outcome.seal,
+            applicant = %outcome.applicant,
+            approval = %outcome.jti,
+            document = %outcome.doc_sha256,
             micros = started.elapsed().as_micros() as u64,
             "stamped"
         );
-        Ok(response::Body::Stamp(pb::StampResponse {
-            seal_id: seal.id.clone(),
-            algorithm: seal.device.key(key).algorithm.name().to_owned(),
-            signature,
-            stamped_at_unix_ms,
-            uses_left: verdict.uses_left,
-            approval_id: verdict.jti,
-        }))
+        Ok(signature)
     }
+}
+
+/// The record of a stamp request, before its kind is known.
+fn stamp_record(
+    caller: &Caller,
+    seal: &SealBinding,
+    digest: &[u8; 32],
+    purpose: &str,
+    verdict: &Verdict,
+) -> Record {
+    let mut r = Record::new(kind::STAMP_AUTHORIZED);
+    r.seal = seal.id.clone();
+    r.device = seal.device.id().to_owned();
+    r.device_profile = seal.device.profile().name.clone();
+    r.device_serial = seal.device.serial();
+    r.caller = caller.name.clone();
+    r.doc_sha256 = hex::encode(digest);
+    r.approvers = verdict.approvers.clone();
+    r.purpose = purpose.to_owned();
+    if let Some(c) = &verdict.claims {
+        r.applicant = c.applicant.clone();
+        r.jti = c.jti.clone();
+        r.doc_type = c.doc.doc_type.clone();
+        r.dept = c.dept.clone();
+        if let Some(a) = &c.amount {
+            r.amount = Some(a.value);
+            r.currency = a.currency.clone();
+        }
+        if r.purpose.is_empty() {
+            r.purpose = c.purpose.clone();
+        }
+    }
+    r
 }
 
 /// Runs blocking work (devices, the database) on the blocking pool.
@@ -572,6 +847,24 @@ fn digest32(bytes: &[u8]) -> Result<[u8; 32], ServiceError> {
             bytes.len()
         ))
     })
+}
+
+/// An audit record as the wire carries it.
+pub fn wire_record(r: &Record) -> pb::AuditRecord {
+    pb::AuditRecord {
+        seq: r.seq,
+        at_unix_ms: r.at_ms as u64,
+        kind: r.kind.clone(),
+        reason: r.reason.clone(),
+        detail: r.detail.clone(),
+        seal: r.seal.clone(),
+        device: r.device.clone(),
+        caller: r.caller.clone(),
+        applicant: r.applicant.clone(),
+        approval_id: r.jti.clone(),
+        document_sha256: r.doc_sha256.clone(),
+        ref_seq: r.ref_seq.unwrap_or(0),
+    }
 }
 
 fn health_fields(h: Health) -> (pb::DeviceStatus, String) {

@@ -63,6 +63,53 @@ pub fn demo() -> &'static Demo {
     })
 }
 
+/// A SoftHSM token of its own (in the demo's SoftHSM), for tests that spend PIN tries, so that
+/// a wrong PIN never touches the shared demo token. It holds two P-256 keys: "k" (a seal) and
+/// "audit".
+pub fn own_token(label: &str, pin: &str) {
+    let run = |args: &[&str]| {
+        let out = Command::new(args[0])
+            .args(&args[1..])
+            .env("SOFTHSM2_CONF", demo().softhsm_conf())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    run(&[
+        "softhsm2-util",
+        "--init-token",
+        "--free",
+        "--label",
+        label,
+        "--pin",
+        pin,
+        "--so-pin",
+        "87654321",
+    ]);
+    for key in ["k", "audit"] {
+        run(&[
+            "pkcs11-tool",
+            "--module",
+            SOFTHSM,
+            "--token-label",
+            label,
+            "--login",
+            "--pin",
+            pin,
+            "--keypairgen",
+            "--key-type",
+            "EC:prime256v1",
+            "--label",
+            key,
+            "--usage-sign",
+        ]);
+    }
+}
+
 /// A demo seal: id, key label, algorithm.
 pub const DEMO_SEALS: [(&str, &str, &str); 3] = [
     ("contract", "contract-seal", "ecdsa-p256-sha256"),
@@ -81,6 +128,8 @@ pub struct Opts {
     pub extra: String,
     /// Seals the caller may use; None means every demo seal.
     pub caller_seals: Option<Vec<String>>,
+    /// Lines of the `[audit.alerts]` table.
+    pub alerts: String,
 }
 
 impl Default for Opts {
@@ -93,6 +142,7 @@ impl Default for Opts {
             allow_root: true,
             extra: String::new(),
             caller_seals: None,
+            alerts: String::new(),
         }
     }
 }
@@ -263,6 +313,13 @@ wrap_key_label = "sealgate-mfa-wrap"
 [mfa]
 device = "demo-hsm"
 max_failures = 3
+
+[audit]
+device = "demo-hsm"
+key_label = "sealgate-audit"
+
+[audit.alerts]
+{alerts}
 "#,
         socket = socket.display(),
         state = socket
@@ -277,6 +334,7 @@ max_failures = 3
         root = opts.allow_root,
         uids = opts.uids,
         pin = demo.pin_file().display(),
+        alerts = opts.alerts,
     );
     t += &approvers_text(demo);
     for (id, label, alg) in DEMO_SEALS {

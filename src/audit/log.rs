@@ -1,0 +1,804 @@
+//! The audit writer: one thread owns the log's write connection and makes records durable in
+//! batches (group commit), each batch sealed by a checkpoint the audit device signs before the
+//! transaction commits.
+//!
+//! Owns: appending records in order with their hash chain, consuming an approval's use in the
+//! same transaction as its `stamp.authorized` record, checkpoints, start-up recovery (an
+//! outcome for every dangling authorisation), refusing work while the store cannot be written
+//! and re-opening it from disk afterwards, running the anomaly rules on committed records.
+//! Never: replies before a record is durable, or trusts its own memory over the disk after a
+//! failed write.
+
+use super::anomaly::Anomaly;
+use super::{kind, now_ms, Checkpoint, Record, TEXT_COLUMNS};
+use crate::approval::gate::PendingUse;
+use crate::approval::{ledger, Denial};
+use crate::device::{Health, SealDevice};
+use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
+use std::path::PathBuf;
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::{broadcast, oneshot};
+
+/// Records written in one transaction at most.
+const MAX_BATCH: usize = 512;
+/// A checkpoint made less than this long after the one before it replaces the latest one
+/// (which the new one covers) instead of adding a row; so a busy log keeps about one
+/// checkpoint a second, and every committed record is still covered by a signed one.
+const CHECKPOINT_SPACING_MS: i64 = 1000;
+/// After the store failed, it is re-opened at most this often.
+const REOPEN_INTERVAL: Duration = Duration::from_secs(1);
+/// Records kept for a later batch (alerts, outcomes of stamps whose reply failed) at most.
+const MAX_PENDING: usize = 10_000;
+
+/// Why a record could not be made durable.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum AuditError {
+    #[error("the audit log's disk is full")]
+    Full,
+    #[error("the audit log cannot be written: {0}")]
+    Unavailable(String),
+    #[error("the audit device cannot sign a checkpoint: {0}")]
+    Device(String),
+    #[error("the audit log is closed")]
+    Closed,
+    #[error("cannot open the audit log: {0}")]
+    Open(String),
+}
+
+/// The key that signs checkpoints: one of a device's keys, never a seal's.
+#[derive(Clone)]
+pub struct AuditKey {
+    pub device: Arc<dyn SealDevice>,
+    pub key: usize,
+}
+
+/// What the writer did with one entry.
+#[derive(Debug)]
+pub enum Appended {
+    Record {
+        seq: u64,
+    },
+    /// The use was consumed and `stamp.authorized` recorded.
+    Authorized {
+        seq: u64,
+        uses_left: u32,
+    },
+    /// The ledger refused the use (replay, exhausted, rate limit); `stamp.denied` recorded.
+    Refused {
+        seq: u64,
+        denial: Denial,
+    },
+}
+
+enum Entry {
+    Record(Box<Record>),
+    Authorize(Box<(PendingUse, Record)>),
+}
+
+enum Msg {
+    Job {
+        entry: Entry,
+        reply: Option<oneshot::Sender<Result<Appended, AuditError>>>,
+        /// Kept and written with a later batch if this one fails.
+        persist: bool,
+    },
+    Shutdown,
+}
+
+/// Where the log stands, for `sealctl status` and the benchmark.
+#[derive(Debug, Clone, Default)]
+pub struct AuditStatus {
+    pub head_seq: u64,
+    pub head_hash: [u8; 32],
+    pub checkpoint_seq: u64,
+    pub checkpoint_at_ms: i64,
+    /// Empty while the log is writable.
+    pub error: String,
+    pub batches: u64,
+    pub records: u64,
+    pub queued: u64,
+}
+
+/// The handle services use; cheap to clone.
+#[derive(Clone)]
+pub struct AuditLog {
+    tx: mpsc::Sender<Msg>,
+    status: Arc<Mutex<AuditStatus>>,
+    alerts: broadcast::Sender<Record>,
+    thread: Arc<Mutex<Option<std::thread::JoinHandle<()>>>>,
+}
+
+impl AuditLog {
+    /// Opens the log in the database at `path` (schema already migrated), checks its tail
+    /// against the last checkpoint, records an outcome for every dangling authorisation and a
+    /// `daemon.started` record, and starts the writer. Blocks.
+    pub fn open(path: PathBuf, key: AuditKey, anomaly: Anomaly) -> Result<AuditLog, AuditError> {
+        let status = Arc::new(Mutex::new(AuditStatus::default()));
+        let (alerts, _) = broadcast::channel(256);
+        let mut w = Writer::new(path, key, anomaly, alerts.clone(), status.clone());
+        w.open().map_err(|e| AuditError::Open(e.to_string()))?;
+        w.check_tail()?;
+        let mut first = w.dangling()?;
+        let mut started = Record::new(kind::DAEMON_STARTED);
+        started.detail = format!("sealgated {}", env!("CARGO_PKG_VERSION"));
+        first.push(started);
+        w.pending = first;
+        w.flush_pending();
+        if w.failing {
+            return Err(AuditError::Open(w.error.clone()));
+        }
+        let (tx, rx) = mpsc::channel();
+        let thread = std::thread::Builder::new()
+            .name("audit-writer".into())
+            .spawn(move || w.run(rx))
+            .map_err(|e| AuditError::Open(format!("cannot start the writer thread: {e}")))?;
+        Ok(AuditLog {
+            tx,
+            status,
+            alerts,
+            thread: Arc::new(Mutex::new(Some(thread))),
+        })
+    }
+
+    /// What `open` checks, without writing anything: for `sealgated --check`. Blocks.
+    pub fn check(path: PathBuf, key: AuditKey) -> Result<(), AuditError> {
+        let (alerts, _) = broadcast::channel(1);
+        let mut w = Writer::new(path, key, Anomaly::none(), alerts, Default::default());
+        w.open().map_err(|e| AuditError::Open(e.to_string()))?;
+        w.check_tail()
+    }
+
+    async fn submit(&self, entry: Entry) -> Result<Appended, AuditError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Msg::Job {
+                entry,
+                reply: Some(reply),
+                persist: false,
+            })
+            .map_err(|_| AuditError::Closed)?;
+        rx.await.map_err(|_| AuditError::Closed)?
+    }
+
+    /// Appends a record and waits until it is durable; returns its seq.
+    pub async fn append(&self, record: Record) -> Result<u64, AuditError> {
+        match self.submit(Entry::Record(Box::new(record))).await? {
+            Appended::Record { seq } => Ok(seq),
+            other => Err(AuditError::Unavailable(format!(
+                "unexpected writer answer {other:?}"
+            ))),
+        }
+    }
+
+    /// Consumes one use of an approval and records `stamp.authorized` (or, when the ledger
+    /// refuses, `stamp.denied`) in one durable transaction.
+    pub async fn authorize(
+        &self,
+        pending: PendingUse,
+        record: Record,
+    ) -> Result<Appended, AuditError> {
+        self.submit(Entry::Authorize(Box::new((pending, record))))
+            .await
+    }
+
+    /// Queues a record without waiting; if its batch fails it is kept and written with a
+    /// later one. For device events and outcomes that must not be lost.
+    pub fn append_later(&self, record: Record) {
+        let _ = self.tx.send(Msg::Job {
+            entry: Entry::Record(Box::new(record)),
+            reply: None,
+            persist: true,
+        });
+    }
+
+    pub fn status(&self) -> AuditStatus {
+        self.status
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Alerts, as they are committed.
+    pub fn subscribe_alerts(&self) -> broadcast::Receiver<Record> {
+        self.alerts.subscribe()
+    }
+
+    /// Writes everything queued so far, then stops the writer. Blocks.
+    pub fn shutdown(&self) {
+        let _ = self.tx.send(Msg::Shutdown);
+        let thread = self.thread.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(t) = thread {
+            let _ = t.join();
+        }
+    }
+}
+
+/// The latest checkpoint, and when the one before it was made.
+#[derive(Clone, Copy)]
+struct Latest {
+    seq: u64,
+    prev_seq: u64,
+    at_ms: i64,
+    prev_at_ms: Option<i64>,
+}
+
+struct Writer {
+    path: PathBuf,
+    conn: Option<Connection>,
+    reopen_after: Option<Instant>,
+    head_seq: u64,
+    head_hash: [u8; 32],
+    latest: Option<Latest>,
+    key: AuditKey,
+    key_id: String,
+    key_spki: Vec<u8>,
+    algorithm: String,
+    /// Records due before the next job's: alerts, and persistent records of failed batches.
+    pending: Vec<Record>,
+    anomaly: Anomaly,
+    alerts: broadcast::Sender<Record>,
+    status: Arc<Mutex<AuditStatus>>,
+    /// The last batch failed.
+    failing: bool,
+    error: String,
+}
+
+/// How a failed statement leaves the store.
+struct Failure {
+    error: AuditError,
+    /// The connection can no longer be trusted: re-open from disk before writing again.
+    broken: bool,
+}
+
+impl From<rusqlite::Error> for Failure {
+    fn from(e: rusqlite::Error) -> Failure {
+        use rusqlite::ErrorCode as C;
+        let code = e.sqlite_error_code();
+        match code {
+            Some(C::DiskFull) => Failure {
+                error: AuditError::Full,
+                broken: false,
+            },
+            Some(C::SystemIoFailure | C::ReadOnly | C::DatabaseCorrupt | C::NotADatabase)
+            | Some(C::CannotOpen) => Failure {
+                error: AuditError::Unavailable(e.to_string()),
+                broken: true,
+            },
+            _ => Failure {
+                error: AuditError::Unavailable(e.to_string()),
+                broken: false,
+            },
+        }
+    }
+}
+
+const INSERT: &str = "INSERT INTO audit (seq, at_ms, kind, seal, device, device_profile, \
+    device_serial, caller, applicant, approvers, jti, doc_sha256, doc_type, currency, dept, \
+    purpose, reason, detail, evidence, amount, ref_seq, prev_hash, hash) VALUES (?1, ?2, ?3, \
+    ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21, ?22, ?23)";
+
+fn sign_checkpoint(
+    key: &AuditKey,
+    seq: u64,
+    prev_seq: u64,
+    head: &[u8; 32],
+    at_ms: i64,
+) -> Result<Vec<u8>, Failure> {
+    let device = &key.device;
+    if device.health() != Health::Ready {
+        device.recover();
+    }
+    let digest: [u8; 32] = {
+        use sha2::Digest;
+        sha2::Sha256::digest(Checkpoint::message(seq, prev_seq, head, at_ms)).into()
+    };
+    device.sign(key.key, &digest).map_err(|e| Failure {
+        error: AuditError::Device(e.to_string()),
+        broken: false,
+    })
+}
+
+/// Inserts a record whose seq and hashes are set.
+pub(crate) fn insert_record(conn: &Connection, r: &Record) -> Result<(), rusqlite::Error> {
+    let t = r.view().text;
+    conn.prepare_cached(INSERT)?.execute(params![
+        r.seq as i64,
+        r.at_ms,
+        t[0],
+        t[1],
+        t[2],
+        t[3],
+        t[4],
+        t[5],
+        t[6],
+        t[7],
+        t[8],
+        t[9],
+        t[10],
+        t[11],
+        t[12],
+        t[13],
+        t[14],
+        t[15],
+        t[16],
+        r.amount,
+        r.ref_seq.map(|s| s as i64),
+        &r.prev_hash[..],
+        &r.hash[..]
+    ])?;
+    Ok(())
+}
+
+impl Writer {
+    fn new(
+        path: PathBuf,
+        key: AuditKey,
+        anomaly: Anomaly,
+        alerts: broadcast::Sender<Record>,
+        status: Arc<Mutex<AuditStatus>>,
+    ) -> Writer {
+        let key_spki = key.device.key(key.key).spki_der.clone();
+        let algorithm = key.device.key(key.key).algorithm.name().to_owned();
+        Writer {
+            path,
+            conn: None,
+            reopen_after: None,
+            head_seq: 0,
+            head_hash: [0; 32],
+            latest: None,
+            key,
+            key_id: super::key_id(&key_spki),
+            key_spki,
+            algorithm,
+            pending: Vec::new(),
+            anomaly,
+            alerts,
+            status,
+            failing: false,
+            error: String::new(),
+        }
+    }
+
+    fn run(mut self, rx: mpsc::Receiver<Msg>) {
+        let mut stopping = false;
+        while !stopping {
+            let first = if self.pending.is_empty() {
+                rx.recv().ok()
+            } else {
+                // While failing, retry the records that must not be lost once a second.
+                let wait = if self.failing {
+                    REOPEN_INTERVAL
+                } else {
+                    Duration::ZERO
+                };
+                match rx.recv_timeout(wait) {
+                    Ok(m) => Some(m),
+                    Err(mpsc::RecvTimeoutError::Timeout) => {
+                        self.flush_pending();
+                        continue;
+                    }
+                    Err(mpsc::RecvTimeoutError::Disconnected) => None,
+                }
+            };
+            let mut jobs = Vec::new();
+            match first {
+                None | Some(Msg::Shutdown) => stopping = true,
+                Some(Msg::Job {
+                    entry,
+                    reply,
+                    persist,
+                }) => jobs.push((entry, reply, persist)),
+            }
+            while !stopping && jobs.len() < MAX_BATCH {
+                match rx.try_recv() {
+                    Ok(Msg::Job {
+                        entry,
+                        reply,
+                        persist,
+                    }) => jobs.push((entry, reply, persist)),
+                    Ok(Msg::Shutdown) => stopping = true,
+                    Err(_) => break,
+                }
+            }
+            self.batch(jobs);
+        }
+        // Alerts raised by the last batch.
+        if !self.pending.is_empty() {
+            self.flush_pending();
+        }
+        if !self.pending.is_empty() {
+            tracing::error!(
+                records = self.pending.len(),
+                error = %self.error,
+                "audit records could not be written before shutdown"
+            );
+        }
+    }
+
+    fn flush_pending(&mut self) {
+        self.batch(Vec::new());
+    }
+
+    #[allow(clippy::type_complexity)]
+    fn batch(
+        &mut self,
+        jobs: Vec<(
+            Entry,
+            Option<oneshot::Sender<Result<Appended, AuditError>>>,
+            bool,
+        )>,
+    ) {
+        let internal = std::mem::take(&mut self.pending);
+        if internal.is_empty() && jobs.is_empty() {
+            return;
+        }
+        let entries: Vec<&Entry> = jobs.iter().map(|j| &j.0).collect();
+        match self.write(&internal, &entries) {
+            Ok((results, committed)) => {
+                self.failing = false;
+                self.error.clear();
+                for ((_, reply, _), r) in jobs.into_iter().zip(results) {
+                    if let Some(reply) = reply {
+                        let _ = reply.send(Ok(r));
+                    }
+                }
+                self.after_commit(&committed);
+            }
+            Err(f) => {
+                if !self.failing {
+                    tracing::error!(error = %f.error, "audit log write failed; refusing stamps until it recovers");
+                }
+                self.failing = true;
+                self.error = f.error.to_string();
+                if f.broken {
+                    self.conn = None;
+                    self.reopen_after = Some(Instant::now() + REOPEN_INTERVAL);
+                }
+                self.pending = internal;
+                for (entry, reply, persist) in jobs {
+                    if let Some(reply) = reply {
+                        let _ = reply.send(Err(f.error.clone()));
+                    }
+                    if let (true, Entry::Record(r)) = (persist, entry) {
+                        self.pending.push(*r);
+                    }
+                }
+                if self.pending.len() > MAX_PENDING {
+                    let drop = self.pending.len() - MAX_PENDING;
+                    tracing::error!(
+                        records = drop,
+                        "audit records dropped: the log has been failing too long"
+                    );
+                    self.pending.drain(..drop);
+                }
+                self.publish_status();
+            }
+        }
+    }
+
+    /// One transaction: every record, the ledger for each authorisation, a signed checkpoint.
+    #[allow(clippy::type_complexity)]
+    fn write(
+        &mut self,
+        internal: &[Record],
+        entries: &[&Entry],
+    ) -> Result<(Vec<Appended>, Vec<Record>), Failure> {
+        self.ensure_open()?;
+        let key = self.key.clone();
+        let now = now_ms();
+        let mut seq = self.head_seq;
+        let mut head = self.head_hash;
+        let mut committed = Vec::with_capacity(internal.len() + entries.len());
+        let mut results = Vec::with_capacity(entries.len());
+        let conn = self.conn.as_mut().expect("opened above");
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        {
+            let mut push = |mut r: Record| -> Result<u64, rusqlite::Error> {
+                seq += 1;
+                r.at_ms = now;
+                r.seal_after(seq, head);
+                head = r.hash;
+                insert_record(&tx, &r)?;
+                committed.push(r);
+                Ok(seq)
+            };
+            for r in internal {
+                push(r.clone())?;
+            }
+            for e in entries {
+                match e {
+                    Entry::Record(r) => results.push(Appended::Record {
+                        seq: push((**r).clone())?,
+                    }),
+                    Entry::Authorize(a) => {
+                        let (pending, record) = &**a;
+                        let mut r = record.clone();
+                        match ledger::consume(
+                            &tx,
+                            &pending.as_use(),
+                            now / 1000,
+                            pending.rate_limit,
+                        )? {
+                            Ok(uses_left) => {
+                                r.kind = kind::STAMP_AUTHORIZED.into();
+                                results.push(Appended::Authorized {
+                                    seq: push(r)?,
+                                    uses_left,
+                                });
+                            }
+                            Err(denial) => {
+                                r.kind = kind::STAMP_DENIED.into();
+                                r.reason = denial.reason.code().into();
+                                r.detail = denial.detail.clone();
+                                results.push(Appended::Refused {
+                                    seq: push(r)?,
+                                    denial,
+                                });
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        // The checkpoint is signed before the commit, so no committed record is ever without
+        // a device signature over it.
+        let mut latest = Latest {
+            seq,
+            prev_seq: 0,
+            at_ms: now,
+            prev_at_ms: None,
+        };
+        let mut replace = None;
+        if let Some(l) = self.latest {
+            match l.prev_at_ms {
+                Some(prev_at) if now - prev_at < CHECKPOINT_SPACING_MS => {
+                    latest.prev_seq = l.prev_seq;
+                    latest.prev_at_ms = l.prev_at_ms;
+                    replace = Some(l.seq);
+                }
+                _ => {
+                    latest.prev_seq = l.seq;
+                    latest.prev_at_ms = Some(l.at_ms);
+                }
+            }
+        }
+        let signature = sign_checkpoint(&key, latest.seq, latest.prev_seq, &head, now)?;
+        if let Some(old) = replace {
+            tx.execute(
+                "DELETE FROM checkpoints WHERE seq = ?1",
+                params![old as i64],
+            )?;
+        }
+        tx.execute(
+            "INSERT INTO checkpoints (seq, prev_seq, head, at_ms, key_id, algorithm, signature) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            params![
+                latest.seq as i64,
+                latest.prev_seq as i64,
+                &head[..],
+                now,
+                self.key_id,
+                self.algorithm,
+                signature
+            ],
+        )?;
+        tx.commit()?;
+        self.head_seq = seq;
+        self.head_hash = head;
+        self.latest = Some(latest);
+        Ok((results, committed))
+    }
+
+    fn after_commit(&mut self, committed: &[Record]) {
+        let conn = self.conn.as_ref().expect("a batch just committed");
+        for r in committed {
+            if r.kind == kind::ALERT {
+                tracing::warn!(
+                    rule = %r.reason,
+                    seq = r.seq,
+                    seal = %r.seal,
+                    applicant = %r.applicant,
+                    caller = %r.caller,
+                    detail = %r.detail,
+                    "alert"
+                );
+                let _ = self.alerts.send(r.clone());
+                continue;
+            }
+            match self.anomaly.observe(r, conn) {
+                Ok(alerts) => self.pending.extend(alerts),
+                Err(e) => tracing::error!(error = %e, "anomaly rules could not read the log"),
+            }
+        }
+        {
+            let mut s = self.status.lock().unwrap_or_else(|p| p.into_inner());
+            s.batches += 1;
+            s.records += committed.len() as u64;
+        }
+        self.publish_status();
+    }
+
+    fn publish_status(&self) {
+        let mut s = self.status.lock().unwrap_or_else(|p| p.into_inner());
+        s.head_seq = self.head_seq;
+        s.head_hash = self.head_hash;
+        if let Some(l) = self.latest {
+            s.checkpoint_seq = l.seq;
+            s.checkpoint_at_ms = l.at_ms;
+        }
+        s.error = if self.failing {
+            self.error.clone()
+        } else {
+            String::new()
+        };
+    }
+
+    fn ensure_open(&mut self) -> Result<(), Failure> {
+        if self.conn.is_some() {
+            return Ok(());
+        }
+        if self.reopen_after.is_some_and(|t| Instant::now() < t) {
+            return Err(Failure {
+                error: AuditError::Unavailable(self.error.clone()),
+                broken: true,
+            });
+        }
+        self.reopen_after = Some(Instant::now() + REOPEN_INTERVAL);
+        self.open().map_err(|e| Failure {
+            error: AuditError::Unavailable(format!("re-opening the audit log: {e}")),
+            broken: true,
+        })?;
+        tracing::info!(head = self.head_seq, "audit log re-opened from disk");
+        Ok(())
+    }
+
+    /// Opens the connection and reads the head and the latest checkpoint from disk.
+    fn open(&mut self) -> Result<(), rusqlite::Error> {
+        let conn = crate::store::connect(&self.path)?;
+        let head: Option<(i64, Vec<u8>)> = conn
+            .query_row(
+                "SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()?;
+        (self.head_seq, self.head_hash) = match head {
+            None => (0, [0; 32]),
+            Some((seq, hash)) => (seq as u64, hash.try_into().unwrap_or([0; 32])),
+        };
+        let latest: Option<(i64, i64, i64)> = conn
+            .query_row(
+                "SELECT seq, prev_seq, at_ms FROM checkpoints ORDER BY seq DESC LIMIT 1",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )
+            .optional()?;
+        self.latest = match latest {
+            None => None,
+            Some((seq, prev_seq, at_ms)) => Some(Latest {
+                seq: seq as u64,
+                prev_seq: prev_seq as u64,
+                at_ms,
+                prev_at_ms: conn
+                    .query_row(
+                        "SELECT at_ms FROM checkpoints WHERE seq = ?1",
+                        params![prev_seq],
+                        |r| r.get(0),
+                    )
+                    .optional()?,
+            }),
+        };
+        conn.execute(
+            "INSERT OR IGNORE INTO audit_keys (key_id, algorithm, spki, first_used_ms) \
+             VALUES (?1, ?2, ?3, ?4)",
+            params![self.key_id, self.algorithm, self.key_spki, now_ms()],
+        )?;
+        self.conn = Some(conn);
+        self.publish_status();
+        Ok(())
+    }
+
+    /// At start-up: the newest record must be the one the latest checkpoint signed, with a
+    /// hash that matches its contents. Anything else means the file was changed behind the
+    /// daemon's back, and writing on would chain new records onto it.
+    fn check_tail(&self) -> Result<(), AuditError> {
+        let conn = self.conn.as_ref().expect("opened");
+        let bad = |m: String| {
+            AuditError::Open(format!(
+                "the audit log fails its start-up check: {m}; run `sealctl audit verify` on {}",
+                self.path.display()
+            ))
+        };
+        let Some(latest) = self.latest else {
+            return if self.head_seq == 0 {
+                Ok(())
+            } else {
+                Err(bad("it has records but no checkpoint".into()))
+            };
+        };
+        if latest.seq != self.head_seq {
+            return Err(bad(format!(
+                "the last record is seq {} but the last checkpoint covers seq {}",
+                self.head_seq, latest.seq
+            )));
+        }
+        let cp: (Vec<u8>, i64, String, String, Vec<u8>) = conn
+            .query_row(
+                "SELECT head, at_ms, key_id, algorithm, signature FROM checkpoints WHERE seq = ?1",
+                params![latest.seq as i64],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)),
+            )
+            .map_err(|e| bad(e.to_string()))?;
+        if cp.0 != self.head_hash {
+            return Err(bad(format!(
+                "record {} is not the one its checkpoint signed",
+                latest.seq
+            )));
+        }
+        let record = super::query::record_by_seq(conn, self.head_seq)
+            .map_err(|e| bad(e.to_string()))?
+            .ok_or_else(|| bad(format!("record {} cannot be read", self.head_seq)))?;
+        if record.view().hash(&record.prev_hash) != record.hash {
+            return Err(bad(format!(
+                "record {} does not match its hash",
+                self.head_seq
+            )));
+        }
+        let spki: Vec<u8> = conn
+            .query_row(
+                "SELECT spki FROM audit_keys WHERE key_id = ?1",
+                params![cp.2],
+                |r| r.get(0),
+            )
+            .map_err(|_| bad(format!("checkpoint key {} is not recorded", cp.2)))?;
+        let algorithm = crate::device::Algorithm::parse(&cp.3).map_err(bad)?;
+        let message = Checkpoint::message(latest.seq, latest.prev_seq, &self.head_hash, cp.1);
+        crate::device::keys::verify_device_signature(algorithm, &spki, &message, &cp.4)
+            .map_err(|e| bad(format!("checkpoint {}: {e}", latest.seq)))?;
+        Ok(())
+    }
+
+    /// An outcome record for every authorisation that has none (the daemon stopped between
+    /// consuming a use and recording what the device did).
+    fn dangling(&self) -> Result<Vec<Record>, AuditError> {
+        let conn = self.conn.as_ref().expect("opened");
+        let sql = format!(
+            "SELECT a.seq, {} FROM audit a WHERE a.kind = 'stamp.authorized' \
+             AND NOT EXISTS (SELECT 1 FROM audit b WHERE b.ref_seq = a.seq) ORDER BY a.seq",
+            TEXT_COLUMNS.map(|c| format!("a.{c}")).join(", ")
+        );
+        let read = || -> Result<Vec<Record>, rusqlite::Error> {
+            let mut stmt = conn.prepare(&sql)?;
+            let rows = stmt.query_map([], |row| {
+                let mut r = Record::new(kind::STAMP_OUTCOME_UNKNOWN);
+                let auth_seq: i64 = row.get(0)?;
+                let text = |i: usize| row.get::<_, String>(i + 1);
+                r.seal = text(1)?;
+                r.device = text(2)?;
+                r.device_profile = text(3)?;
+                r.device_serial = text(4)?;
+                r.caller = text(5)?;
+                r.applicant = text(6)?;
+                r.jti = text(8)?;
+                r.doc_sha256 = text(9)?;
+                r.doc_type = text(10)?;
+                r.ref_seq = Some(auth_seq as u64);
+                r.detail =
+                    "the daemon stopped before the device's answer was recorded; the use stays consumed"
+                        .into();
+                Ok(r)
+            })?;
+            rows.collect()
+        };
+        let found = read().map_err(|e| AuditError::Open(e.to_string()))?;
+        if !found.is_empty() {
+            tracing::warn!(
+                count = found.len(),
+                "authorisations without an outcome found; recording stamp.outcome_unknown"
+            );
+        }
+        Ok(found)
+    }
+}

@@ -1,0 +1,311 @@
+//! The audit log: every decision and every use of a seal, hash-chained and attested by a key
+//! that never leaves a device.
+//!
+//! Owns: the record and checkpoint formats and their canonical encodings ([`Record::hash`],
+//! [`Checkpoint::digest`]), the single writer that makes records durable in batches
+//! ([`log`]), offline verification ([`verify`]), queries, statistics and export ([`query`]),
+//! and the anomaly rules ([`anomaly`]).
+//! Never: lets a stamp be signed before its authorisation is on disk, or retries a failed
+//! write as if it had succeeded.
+//!
+//! The formats are documented for outside verifiers in `docs/audit-log.md`; a change to either
+//! encoding is a new version tag, never an edit.
+
+pub mod anomaly;
+pub mod log;
+pub mod query;
+pub mod verify;
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+/// Domain tag that starts every record's hashed encoding.
+pub const RECORD_TAG: &[u8] = b"sealgate-audit-v1\0";
+/// Domain tag that starts every checkpoint's signed encoding.
+pub const CHECKPOINT_TAG: &[u8] = b"sealgate-checkpoint-v1\0";
+
+/// Record kinds. Stable strings: they are part of the hashed record and of queries.
+pub mod kind {
+    pub const DAEMON_STARTED: &str = "daemon.started";
+    /// One use of an approval consumed; the device is about to sign.
+    pub const STAMP_AUTHORIZED: &str = "stamp.authorized";
+    pub const STAMP_COMPLETED: &str = "stamp.completed";
+    pub const STAMP_FAILED: &str = "stamp.failed";
+    /// Written at start-up for an authorisation whose outcome was never recorded.
+    pub const STAMP_OUTCOME_UNKNOWN: &str = "stamp.outcome_unknown";
+    pub const STAMP_DENIED: &str = "stamp.denied";
+    /// A caller was refused before any approval was looked at (unknown caller, foreign seal).
+    pub const ACCESS_DENIED: &str = "access.denied";
+    pub const DEVICE_UNAVAILABLE: &str = "device.unavailable";
+    pub const DEVICE_READY: &str = "device.ready";
+    pub const DEVICE_PIN_LOW: &str = "device.pin_low";
+    pub const MFA_ENROLLED: &str = "mfa.enrolled";
+    pub const MFA_RESET: &str = "mfa.reset";
+    pub const ALERT: &str = "alert";
+}
+
+/// One audit record. Text fields are empty when they do not apply.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Record {
+    pub seq: u64,
+    /// Unix time in milliseconds, when the writer appended it.
+    pub at_ms: i64,
+    pub kind: String,
+    pub seal: String,
+    pub device: String,
+    pub device_profile: String,
+    pub device_serial: String,
+    /// The configured caller, or "uid N gid N pid N" for a stranger.
+    pub caller: String,
+    pub applicant: String,
+    /// JSON array of `{"id", "role", "level", "approved_at"}`, as the policy placed them.
+    pub approvers: String,
+    pub jti: String,
+    /// Lower-case hex SHA-256 of the document.
+    pub doc_sha256: String,
+    pub doc_type: String,
+    /// Minor units.
+    pub amount: Option<i64>,
+    pub currency: String,
+    pub dept: String,
+    pub purpose: String,
+    /// Stable reason code of a denial, or the rule name of an alert.
+    pub reason: String,
+    pub detail: String,
+    /// JSON object of device evidence (signature digest, algorithm, key).
+    pub evidence: String,
+    /// The record this one is about (an authorisation's outcome, an alert's cause).
+    pub ref_seq: Option<u64>,
+    #[serde(with = "hex32")]
+    pub prev_hash: [u8; 32],
+    #[serde(with = "hex32")]
+    pub hash: [u8; 32],
+}
+
+/// The fields of a record as borrowed text, so that a verifier can hash rows without copying.
+pub struct RecordView<'a> {
+    pub seq: u64,
+    pub at_ms: i64,
+    /// kind, seal, device, device_profile, device_serial, caller, applicant, approvers, jti,
+    /// doc_sha256, doc_type, currency, dept, purpose, reason, detail, evidence: in this order.
+    pub text: [&'a str; TEXT_FIELDS],
+    pub amount: Option<i64>,
+    pub ref_seq: Option<u64>,
+}
+
+pub const TEXT_FIELDS: usize = 17;
+
+/// The text columns, in canonical order (also the column order of the `audit` table).
+pub const TEXT_COLUMNS: [&str; TEXT_FIELDS] = [
+    "kind",
+    "seal",
+    "device",
+    "device_profile",
+    "device_serial",
+    "caller",
+    "applicant",
+    "approvers",
+    "jti",
+    "doc_sha256",
+    "doc_type",
+    "currency",
+    "dept",
+    "purpose",
+    "reason",
+    "detail",
+    "evidence",
+];
+
+impl Record {
+    pub fn new(kind: &str) -> Record {
+        Record {
+            kind: kind.to_owned(),
+            ..Record::default()
+        }
+    }
+
+    pub fn view(&self) -> RecordView<'_> {
+        RecordView {
+            seq: self.seq,
+            at_ms: self.at_ms,
+            text: [
+                &self.kind,
+                &self.seal,
+                &self.device,
+                &self.device_profile,
+                &self.device_serial,
+                &self.caller,
+                &self.applicant,
+                &self.approvers,
+                &self.jti,
+                &self.doc_sha256,
+                &self.doc_type,
+                &self.currency,
+                &self.dept,
+                &self.purpose,
+                &self.reason,
+                &self.detail,
+                &self.evidence,
+            ],
+            amount: self.amount,
+            ref_seq: self.ref_seq,
+        }
+    }
+
+    /// Sets `seq`, `prev_hash` and `hash` for appending after `prev`.
+    pub fn seal_after(&mut self, seq: u64, prev: [u8; 32]) {
+        self.seq = seq;
+        self.prev_hash = prev;
+        self.hash = self.view().hash(&prev);
+    }
+}
+
+impl RecordView<'_> {
+    /// SHA-256 over the tag, the previous hash and the canonical encoding: integers big-endian,
+    /// each text as a 4-byte big-endian length and its UTF-8 bytes, optional integers as a
+    /// presence byte (0 or 1) and, when present, the value.
+    pub fn hash(&self, prev: &[u8; 32]) -> [u8; 32] {
+        let mut h = Sha256::new();
+        h.update(RECORD_TAG);
+        h.update(prev);
+        h.update(self.seq.to_be_bytes());
+        h.update(self.at_ms.to_be_bytes());
+        for t in self.text {
+            h.update((t.len() as u32).to_be_bytes());
+            h.update(t.as_bytes());
+        }
+        match self.amount {
+            None => h.update([0u8]),
+            Some(a) => {
+                h.update([1u8]);
+                h.update(a.to_be_bytes());
+            }
+        }
+        match self.ref_seq {
+            None => h.update([0u8]),
+            Some(r) => {
+                h.update([1u8]);
+                h.update(r.to_be_bytes());
+            }
+        }
+        h.finalize().into()
+    }
+}
+
+/// A device-signed statement that the log's record `seq` has hash `head`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Checkpoint {
+    /// The last record covered.
+    pub seq: u64,
+    /// The checkpoint before this one (0 for the first), so a deleted checkpoint is noticed.
+    pub prev_seq: u64,
+    #[serde(with = "hex32")]
+    pub head: [u8; 32],
+    pub at_ms: i64,
+    /// First 16 hex digits of the SHA-256 of the audit key's SPKI.
+    pub key_id: String,
+    pub algorithm: String,
+    #[serde(with = "hex::serde")]
+    pub signature: Vec<u8>,
+}
+
+impl Checkpoint {
+    /// The signed message: tag, seq, prev_seq, head, at_ms (integers big-endian).
+    pub fn message(seq: u64, prev_seq: u64, head: &[u8; 32], at_ms: i64) -> Vec<u8> {
+        let mut m = Vec::with_capacity(CHECKPOINT_TAG.len() + 56);
+        m.extend_from_slice(CHECKPOINT_TAG);
+        m.extend_from_slice(&seq.to_be_bytes());
+        m.extend_from_slice(&prev_seq.to_be_bytes());
+        m.extend_from_slice(head);
+        m.extend_from_slice(&at_ms.to_be_bytes());
+        m
+    }
+
+    /// SHA-256 of [`Checkpoint::message`]: what the audit device signs.
+    pub fn digest(&self) -> [u8; 32] {
+        Sha256::digest(Checkpoint::message(
+            self.seq,
+            self.prev_seq,
+            &self.head,
+            self.at_ms,
+        ))
+        .into()
+    }
+}
+
+/// The key id of an SPKI: first 16 hex digits of its SHA-256.
+pub fn key_id(spki_der: &[u8]) -> String {
+    hex::encode(&Sha256::digest(spki_der)[..8])
+}
+
+mod hex32 {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(v: &[u8; 32], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&hex::encode(v))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<[u8; 32], D::Error> {
+        let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+        let mut out = [0u8; 32];
+        hex::decode_to_slice(s.as_bytes(), &mut out).map_err(serde::de::Error::custom)?;
+        Ok(out)
+    }
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_field_is_hashed_and_fields_do_not_run_together() {
+        let mut r = Record::new(kind::STAMP_COMPLETED);
+        r.seal = "contract".into();
+        r.amount = Some(5);
+        r.seal_after(1, [0; 32]);
+        let base = r.hash;
+        let changed = |f: &dyn Fn(&mut Record)| {
+            let mut c = r.clone();
+            f(&mut c);
+            c.view().hash(&c.prev_hash)
+        };
+        assert_ne!(changed(&|c| c.seq = 2), base);
+        assert_ne!(changed(&|c| c.at_ms = 1), base);
+        assert_ne!(changed(&|c| c.amount = None), base);
+        assert_ne!(changed(&|c| c.amount = Some(0)), base);
+        assert_ne!(changed(&|c| c.ref_seq = Some(0)), base);
+        assert_ne!(changed(&|c| c.prev_hash = [1; 32]), base);
+        // Moving a byte from one field to the next changes the hash.
+        assert_ne!(
+            changed(&|c| {
+                c.seal = "contrac".into();
+                c.device = "t".into();
+            }),
+            base
+        );
+        for (i, column) in TEXT_COLUMNS.iter().enumerate() {
+            let mut v = r.view();
+            let edited = format!("{}x", v.text[i]);
+            v.text[i] = &edited;
+            assert_ne!(v.hash(&r.prev_hash), base, "field {column}");
+        }
+    }
+
+    #[test]
+    fn records_round_trip_through_json() {
+        let mut r = Record::new(kind::ALERT);
+        r.detail = "x".into();
+        r.seal_after(7, [9; 32]);
+        let back: Record = serde_json::from_str(&serde_json::to_string(&r).unwrap()).unwrap();
+        assert_eq!(back, r);
+        assert_eq!(back.view().hash(&back.prev_hash), back.hash);
+    }
+}

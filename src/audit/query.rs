@@ -1,0 +1,284 @@
+//! Reading the log: records by filter, checkpoints, the audit keys, and statistics. Used by
+//! `sealctl audit` on the database file (offline) and by the daemon.
+//!
+//! Owns: the SQL that reads the `audit`, `checkpoints` and `audit_keys` tables.
+//! Never: writes.
+
+use super::{Checkpoint, Record, TEXT_COLUMNS, TEXT_FIELDS};
+use rusqlite::{params_from_iter, Connection, OpenFlags, OptionalExtension, Row};
+use std::path::Path;
+
+/// Opens a log's database read-only.
+pub fn open_read_only(path: &Path) -> Result<Connection, rusqlite::Error> {
+    if !path.exists() {
+        return Err(rusqlite::Error::SqliteFailure(
+            rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_CANTOPEN),
+            Some(format!("{} does not exist", path.display())),
+        ));
+    }
+    let conn = Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )?;
+    conn.busy_timeout(std::time::Duration::from_secs(5))?;
+    Ok(conn)
+}
+
+/// The columns [`record_from_row`] expects, in order.
+pub fn record_columns() -> String {
+    format!(
+        "seq, at_ms, {}, amount, ref_seq, prev_hash, hash",
+        TEXT_COLUMNS.join(", ")
+    )
+}
+
+fn blob32(row: &Row<'_>, i: usize) -> rusqlite::Result<[u8; 32]> {
+    let v = row.get_ref(i)?;
+    let b = v
+        .as_blob()
+        .map_err(|e| rusqlite::Error::FromSqlConversionFailure(i, v.data_type(), Box::new(e)))?;
+    b.try_into().map_err(|_| {
+        rusqlite::Error::FromSqlConversionFailure(
+            i,
+            rusqlite::types::Type::Blob,
+            format!("column {i} holds {} bytes, not 32", b.len()).into(),
+        )
+    })
+}
+
+pub fn record_from_row(row: &Row<'_>) -> rusqlite::Result<Record> {
+    let mut text: [String; TEXT_FIELDS] = Default::default();
+    for (i, t) in text.iter_mut().enumerate() {
+        *t = row.get(2 + i)?;
+    }
+    let [kind, seal, device, device_profile, device_serial, caller, applicant, approvers, jti, doc_sha256, doc_type, currency, dept, purpose, reason, detail, evidence] =
+        text;
+    let n = 2 + TEXT_FIELDS;
+    Ok(Record {
+        seq: row.get::<_, i64>(0)? as u64,
+        at_ms: row.get(1)?,
+        kind,
+        seal,
+        device,
+        device_profile,
+        device_serial,
+        caller,
+        applicant,
+        approvers,
+        jti,
+        doc_sha256,
+        doc_type,
+        amount: row.get(n)?,
+        currency,
+        dept,
+        purpose,
+        reason,
+        detail,
+        evidence,
+        ref_seq: row.get::<_, Option<i64>>(n + 1)?.map(|s| s as u64),
+        prev_hash: blob32(row, n + 2)?,
+        hash: blob32(row, n + 3)?,
+    })
+}
+
+pub fn record_by_seq(conn: &Connection, seq: u64) -> rusqlite::Result<Option<Record>> {
+    conn.query_row(
+        &format!("SELECT {} FROM audit WHERE seq = ?1", record_columns()),
+        [seq as i64],
+        record_from_row,
+    )
+    .optional()
+}
+
+pub fn checkpoints(conn: &Connection) -> rusqlite::Result<Vec<Checkpoint>> {
+    let mut stmt = conn.prepare(
+        "SELECT seq, prev_seq, head, at_ms, key_id, algorithm, signature FROM checkpoints ORDER BY seq",
+    )?;
+    let rows = stmt.query_map([], |r| {
+        Ok(Checkpoint {
+            seq: r.get::<_, i64>(0)? as u64,
+            prev_seq: r.get::<_, i64>(1)? as u64,
+            head: blob32(r, 2)?,
+            at_ms: r.get(3)?,
+            key_id: r.get(4)?,
+            algorithm: r.get(5)?,
+            signature: r.get(6)?,
+        })
+    })?;
+    rows.collect()
+}
+
+/// An audit key as the log recorded it: id, algorithm, SPKI DER.
+pub fn audit_keys(conn: &Connection) -> rusqlite::Result<Vec<(String, String, Vec<u8>)>> {
+    let mut stmt =
+        conn.prepare("SELECT key_id, algorithm, spki FROM audit_keys ORDER BY key_id")?;
+    let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
+    rows.collect()
+}
+
+/// Filters of `sealctl audit query`; every one that is set must hold.
+#[derive(Debug, Default, Clone)]
+pub struct Filter {
+    pub since_ms: Option<i64>,
+    pub until_ms: Option<i64>,
+    pub seal: Option<String>,
+    pub applicant: Option<String>,
+    pub approver: Option<String>,
+    pub caller: Option<String>,
+    pub kind: Option<String>,
+    pub reason: Option<String>,
+    pub doc_sha256: Option<String>,
+    pub after_seq: Option<u64>,
+    pub limit: Option<u64>,
+}
+
+impl Filter {
+    fn sql(&self) -> (String, Vec<rusqlite::types::Value>) {
+        use rusqlite::types::Value;
+        let mut clauses = Vec::new();
+        let mut args: Vec<Value> = Vec::new();
+        let mut add = |clause: &str, v: Value| {
+            args.push(v);
+            clauses.push(clause.replace('?', &format!("?{}", args.len())));
+        };
+        if let Some(t) = self.since_ms {
+            add("at_ms >= ?", Value::Integer(t));
+        }
+        if let Some(t) = self.until_ms {
+            add("at_ms < ?", Value::Integer(t));
+        }
+        if let Some(s) = &self.seal {
+            add("seal = ?", Value::Text(s.clone()));
+        }
+        if let Some(s) = &self.applicant {
+            add("applicant = ?", Value::Text(s.clone()));
+        }
+        if let Some(s) = &self.caller {
+            add("caller = ?", Value::Text(s.clone()));
+        }
+        if let Some(s) = &self.approver {
+            add(
+                "approvers <> '' AND EXISTS (SELECT 1 FROM json_each(approvers) WHERE json_extract(value, '$.id') = ?)",
+                Value::Text(s.clone()),
+            );
+        }
+        if let Some(s) = &self.kind {
+            add("kind = ?", Value::Text(s.clone()));
+        }
+        if let Some(s) = &self.reason {
+            add("reason = ?", Value::Text(s.clone()));
+        }
+        if let Some(s) = &self.doc_sha256 {
+            add("doc_sha256 = ?", Value::Text(s.to_ascii_lowercase()));
+        }
+        if let Some(s) = self.after_seq {
+            add("seq > ?", Value::Integer(s as i64));
+        }
+        let mut sql = format!("SELECT {} FROM audit", record_columns());
+        if !clauses.is_empty() {
+            sql += " WHERE ";
+            sql += &clauses.join(" AND ");
+        }
+        sql += " ORDER BY seq";
+        if let Some(n) = self.limit {
+            sql += &format!(" LIMIT {n}");
+        }
+        (sql, args)
+    }
+}
+
+/// Calls `f` on every record matching `filter`, in seq order.
+pub fn for_each(
+    conn: &Connection,
+    filter: &Filter,
+    mut f: impl FnMut(Record) -> Result<(), String>,
+) -> Result<(), String> {
+    let (sql, args) = filter.sql();
+    let mut stmt = conn.prepare(&sql).map_err(|e| e.to_string())?;
+    let mut rows = stmt
+        .query(params_from_iter(args))
+        .map_err(|e| e.to_string())?;
+    while let Some(row) = rows.next().map_err(|e| e.to_string())? {
+        f(record_from_row(row).map_err(|e| e.to_string())?)?;
+    }
+    Ok(())
+}
+
+/// The most recent `n` records of `kind`, oldest first.
+pub fn latest(conn: &Connection, kind: &str, n: u64) -> rusqlite::Result<Vec<Record>> {
+    let mut stmt = conn.prepare(&format!(
+        "SELECT * FROM (SELECT {} FROM audit WHERE kind = ?1 ORDER BY seq DESC LIMIT ?2) ORDER BY seq",
+        record_columns()
+    ))?;
+    let rows = stmt.query_map(rusqlite::params![kind, n as i64], record_from_row)?;
+    rows.collect()
+}
+
+/// What `sealctl audit stats` prints.
+#[derive(Debug, Default, serde::Serialize)]
+pub struct Stats {
+    pub records: u64,
+    pub first_at_ms: Option<i64>,
+    pub last_at_ms: Option<i64>,
+    /// (day in UTC, seal, completed stamps)
+    pub stamps_per_seal_per_day: Vec<(String, String, u64)>,
+    /// (applicant, completed stamps), most first.
+    pub top_applicants: Vec<(String, u64)>,
+    /// (reason, denials), most first.
+    pub denials_by_reason: Vec<(String, u64)>,
+    /// (rule, alerts), most first.
+    pub alerts_by_rule: Vec<(String, u64)>,
+    pub outcomes_unknown: u64,
+    pub failed: u64,
+}
+
+pub fn stats(conn: &Connection, since_ms: Option<i64>, top: u64) -> rusqlite::Result<Stats> {
+    let since = since_ms.unwrap_or(i64::MIN);
+    let pairs = |sql: &str| -> rusqlite::Result<Vec<(String, u64)>> {
+        let mut stmt = conn.prepare(sql)?;
+        let rows = stmt.query_map(rusqlite::params![since, top as i64], |r| {
+            Ok((r.get(0)?, r.get::<_, i64>(1)? as u64))
+        })?;
+        rows.collect()
+    };
+    let mut s = Stats::default();
+    (s.records, s.first_at_ms, s.last_at_ms) = conn.query_row(
+        "SELECT count(*), min(at_ms), max(at_ms) FROM audit WHERE at_ms >= ?1",
+        [since],
+        |r| Ok((r.get::<_, i64>(0)? as u64, r.get(1)?, r.get(2)?)),
+    )?;
+    {
+        let mut stmt = conn.prepare(
+            "SELECT date(at_ms / 1000, 'unixepoch') AS day, seal, count(*) FROM audit \
+             WHERE kind = 'stamp.completed' AND at_ms >= ?1 GROUP BY day, seal ORDER BY day, seal",
+        )?;
+        let rows = stmt.query_map([since], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get::<_, i64>(2)? as u64))
+        })?;
+        s.stamps_per_seal_per_day = rows.collect::<Result<_, _>>()?;
+    }
+    s.top_applicants = pairs(
+        "SELECT applicant, count(*) AS n FROM audit WHERE kind = 'stamp.completed' AND at_ms >= ?1 \
+         GROUP BY applicant ORDER BY n DESC, applicant LIMIT ?2",
+    )?;
+    s.denials_by_reason = pairs(
+        "SELECT CASE WHEN reason = '' THEN kind ELSE reason END AS r, count(*) AS n FROM audit \
+         WHERE kind IN ('stamp.denied', 'access.denied') AND at_ms >= ?1 \
+         GROUP BY r ORDER BY n DESC, r LIMIT ?2",
+    )?;
+    s.alerts_by_rule = pairs(
+        "SELECT reason, count(*) AS n FROM audit WHERE kind = 'alert' AND at_ms >= ?1 \
+         GROUP BY reason ORDER BY n DESC, reason LIMIT ?2",
+    )?;
+    s.outcomes_unknown = conn.query_row(
+        "SELECT count(*) FROM audit WHERE kind = 'stamp.outcome_unknown' AND at_ms >= ?1",
+        [since],
+        |r| r.get::<_, i64>(0),
+    )? as u64;
+    s.failed = conn.query_row(
+        "SELECT count(*) FROM audit WHERE kind = 'stamp.failed' AND at_ms >= ?1",
+        [since],
+        |r| r.get::<_, i64>(0),
+    )? as u64;
+    Ok(s)
+}
