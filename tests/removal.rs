@@ -176,6 +176,24 @@ async fn token_removed_mid_service_is_unavailable_then_back() {
     let held = token_for("remote-contract", &[1u8; 32]);
     remote_stamp_unavailable(&mut c, &[1u8; 32], &held).await;
 
+    // The removal is an alert (raised once the device watcher's record is committed).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let r = c.watch_alerts(20, false).await.unwrap();
+        let Some(response::Body::Alerts(alerts)) = r.body else {
+            panic!("{}", r.message)
+        };
+        if alerts
+            .records
+            .iter()
+            .any(|a| a.reason == "device_removed" && a.device == "remote-hsm")
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no alert: {:?}", alerts.records);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
     // The token comes back: the daemon reconnects and logs in again by itself.
     let server = P11KitServer::start(&p11_socket);
     wait_device(&daemon, "remote-hsm", pb::DeviceStatus::Ready).await;

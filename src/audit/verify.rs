@@ -228,6 +228,12 @@ fn check_record(
     if contents_ok && link_ok {
         return None;
     }
+    if !contents_ok && s > 1 && r.hash == *prev {
+        return Some(Problem {
+            seq: s,
+            what: format!("record {s} repeats record {}: a copy was inserted", s - 1),
+        });
+    }
     if !contents_ok && s > 1 && hashes_as(r, s - 1) {
         return Some(Problem {
             seq: s - 1,

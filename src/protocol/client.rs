@@ -58,6 +58,18 @@ impl Client {
         })
     }
 
+    /// Waits for the next response on this connection (for requests answered more than once,
+    /// such as followed alerts).
+    pub async fn next_response(&mut self) -> Result<Response, ClientError> {
+        let frame = self
+            .framed
+            .next()
+            .await
+            .ok_or(ClientError::Closed)?
+            .map_err(closed_or)?;
+        Ok(Response::decode(frame)?)
+    }
+
     /// Sends one request and waits for its response.
     pub async fn call(&mut self, body: request::Body) -> Result<Response, ClientError> {
         let id = self.next_id;
@@ -70,13 +82,7 @@ impl Client {
             .send(req.encode_to_vec().into())
             .await
             .map_err(closed_or)?;
-        let frame = self
-            .framed
-            .next()
-            .await
-            .ok_or(ClientError::Closed)?
-            .map_err(closed_or)?;
-        Ok(Response::decode(frame)?)
+        self.next_response().await
     }
 
     pub async fn hello(&mut self, client_name: &str) -> Result<Response, ClientError> {
@@ -160,5 +166,19 @@ impl Client {
 
     pub async fn status(&mut self) -> Result<Response, ClientError> {
         self.call(request::Body::Status(pb::StatusRequest {})).await
+    }
+
+    /// The `recent` newest alerts; with `follow`, each later alert arrives as a further
+    /// response (read them with [`Client::next_response`]).
+    pub async fn watch_alerts(
+        &mut self,
+        recent: u32,
+        follow: bool,
+    ) -> Result<Response, ClientError> {
+        self.call(request::Body::WatchAlerts(pb::WatchAlertsRequest {
+            recent,
+            follow,
+        }))
+        .await
     }
 }

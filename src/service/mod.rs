@@ -60,20 +60,22 @@ pub enum ServiceError {
     Internal(String),
     #[error("approval refused: {0}")]
     Denied(Denial),
-    #[error("{0}; nothing was signed")]
+    #[error("{0}")]
     AuditUnavailable(String),
 }
 
 impl From<AuditError> for ServiceError {
     fn from(e: AuditError) -> Self {
-        ServiceError::AuditUnavailable(e.to_string())
+        ServiceError::AuditUnavailable(format!("{e}; nothing was signed"))
     }
 }
 
 impl From<ApprovalError> for ServiceError {
     fn from(e: ApprovalError) -> Self {
         match e {
-            ApprovalError::Store(s) => ServiceError::AuditUnavailable(s.to_string()),
+            ApprovalError::Store(s) => {
+                ServiceError::AuditUnavailable(format!("{s}; nothing was signed"))
+            }
             ApprovalError::Device(d) => ServiceError::Device(d),
             ApprovalError::Invalid(m) => ServiceError::InvalidArgument(m),
         }

@@ -386,6 +386,7 @@ impl Daemon {
         let config_path = dir.path().join("sealgate.toml");
         std::fs::write(&config_path, config).unwrap();
         let notify_path = dir.path().join("notify.sock");
+        let _ = std::fs::remove_file(&notify_path); // left by an earlier start in this directory
         let notify = UnixDatagram::bind(&notify_path).unwrap();
         notify
             .set_read_timeout(Some(Duration::from_millis(100)))
@@ -440,6 +441,26 @@ impl Daemon {
         })
     }
 
+    /// The daemon's state database (the audit log is in it).
+    pub fn db(&self) -> PathBuf {
+        self.dir.path().join("state/sealgate.db")
+    }
+
+    /// Kills the daemon with SIGKILL and starts it again on the same configuration and state.
+    pub fn crash_and_restart(mut self) -> Daemon {
+        let mut child = self.child.take().unwrap();
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(child.id() as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        )
+        .unwrap();
+        child.wait().unwrap();
+        let dir = tempfile::TempDir::with_prefix("unused").unwrap();
+        let dir = std::mem::replace(&mut self.dir, dir);
+        let config = std::fs::read_to_string(dir.path().join("sealgate.toml")).unwrap();
+        Daemon::start_with(dir, &config, &[]).unwrap_or_else(|f| panic!("restart: {f:?}"))
+    }
+
     pub fn pid(&self) -> i32 {
         self.child.as_ref().unwrap().id() as i32
     }
@@ -452,6 +473,13 @@ impl Daemon {
 
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// SIGTERM, waits for the exit, and hands back the directory (configuration, state).
+    pub fn stop_keeping_state(mut self) -> (ExitStatus, tempfile::TempDir) {
+        let placeholder = tempfile::TempDir::with_prefix("unused").unwrap();
+        let dir = std::mem::replace(&mut self.dir, placeholder);
+        (self.stop(), dir)
     }
 
     /// SIGTERM, then waits for the exit.
@@ -473,6 +501,22 @@ impl Drop for Daemon {
             let _ = child.wait();
         }
     }
+}
+
+/// Runs `sealctl audit verify` on a database against the demo audit key; returns the exit
+/// code and what it printed.
+pub fn audit_verify(db: &Path) -> (i32, String) {
+    let out = Command::new(SEALCTL)
+        .args(["audit", "verify", "--db"])
+        .arg(db)
+        .arg("--key")
+        .arg(demo().dir.join("audit-key.pub.pem"))
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
+    )
 }
 
 /// Runs sealgated to completion (for start-up failures); gives up after 30 s.

@@ -4,6 +4,8 @@
 //! a request, the status name, its number and the daemon's message are printed and the exit code
 //! is 1.
 
+mod audit;
+
 use anyhow::{bail, Context};
 use base64::Engine;
 use clap::{Args as ClapArgs, Parser, Subcommand};
@@ -54,6 +56,20 @@ enum Command {
     Mfa {
         #[command(subcommand)]
         command: MfaCommand,
+    },
+    /// The audit log, offline: verify, query, export, statistics (reads the database file).
+    Audit {
+        #[command(subcommand)]
+        command: audit::AuditCommand,
+    },
+    /// The newest alerts raised by the anomaly rules; with --follow, every new one as it comes
+    /// (administrators only).
+    Alerts {
+        /// How many of the newest alerts to show first.
+        #[arg(long, default_value_t = 20)]
+        recent: u32,
+        #[arg(long)]
+        follow: bool,
     },
 }
 
@@ -383,6 +399,15 @@ fn pkcs11_signer(
 
 fn main() {
     let cli = Cli::parse();
+    if let Command::Audit { command } = &cli.command {
+        match audit::run(command, cli.json) {
+            Ok(code) => std::process::exit(code),
+            Err(e) => {
+                eprintln!("sealctl: {e:#}");
+                std::process::exit(2);
+            }
+        }
+    }
     match offline(&cli) {
         Ok(true) => return,
         Ok(false) => {}
@@ -415,6 +440,27 @@ fn check(resp: Response) -> anyhow::Result<response::Body> {
         );
     }
     resp.body.context("the daemon answered OK without a body")
+}
+
+fn print_alert(r: &pb::AuditRecord, json: bool) {
+    let time = jiff::Timestamp::from_millisecond(r.at_unix_ms as i64)
+        .map(|t| format!("{t:.3}"))
+        .unwrap_or_default();
+    if json {
+        println!(
+            "{}",
+            json!({
+                "seq": r.seq, "time": time, "rule": r.reason, "detail": r.detail,
+                "seal": r.seal, "device": r.device, "caller": r.caller,
+                "applicant": r.applicant, "approval_id": r.approval_id,
+                "document_sha256": r.document_sha256, "ref_seq": r.ref_seq,
+            })
+        );
+    } else {
+        println!("{time}  #{:<6} {:<15} {}", r.seq, r.reason, r.detail);
+    }
+    use std::io::Write;
+    let _ = std::io::stdout().flush();
 }
 
 fn b64(bytes: &[u8]) -> String {
@@ -593,7 +639,28 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 std::process::exit(1);
             }
         }
-        Command::Token { .. } => unreachable!("handled without the daemon"),
+        Command::Token { .. } | Command::Audit { .. } => {
+            unreachable!("handled without the daemon")
+        }
+        Command::Alerts { recent, follow } => {
+            let response::Body::Alerts(first) = check(client.watch_alerts(recent, follow).await?)?
+            else {
+                bail!("unexpected reply to WatchAlerts");
+            };
+            for r in &first.records {
+                print_alert(r, cli.json);
+            }
+            if follow {
+                loop {
+                    let response::Body::Alerts(more) = check(client.next_response().await?)? else {
+                        bail!("unexpected reply while following alerts");
+                    };
+                    for r in &more.records {
+                        print_alert(r, cli.json);
+                    }
+                }
+            }
+        }
         Command::Mfa {
             command: MfaCommand::Enroll { user },
         } => {
@@ -636,11 +703,20 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     .iter()
                     .map(|s| json!({"id": s.id, "available": s.available}))
                     .collect();
+                let audit = st.audit.as_ref().map(|a| {
+                    json!({
+                        "head_seq": a.head_seq, "head_hash": a.head_hash,
+                        "checkpoint_seq": a.checkpoint_seq,
+                        "checkpoint_at_unix_ms": a.checkpoint_at_unix_ms,
+                        "error": a.error, "batches": a.batches, "records": a.records,
+                    })
+                });
                 println!(
                     "{}",
                     json!({
                         "version": st.daemon_version, "uptime_seconds": st.uptime_seconds,
                         "connections": st.connections, "devices": devices, "seals": seals,
+                        "audit": audit,
                     })
                 );
             } else {
@@ -666,6 +742,21 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                         "seal   {:<14} {}",
                         s.id,
                         if s.available { "ready" } else { "unavailable" }
+                    );
+                }
+                if let Some(a) = &st.audit {
+                    println!(
+                        "audit  head {} ({}), checkpoint at {}, {} records in {} commits since start{}",
+                        a.head_seq,
+                        &a.head_hash[..a.head_hash.len().min(16)],
+                        a.checkpoint_seq,
+                        a.records,
+                        a.batches,
+                        if a.error.is_empty() {
+                            String::new()
+                        } else {
+                            format!("; FAILING: {}", a.error)
+                        }
                     );
                 }
             }

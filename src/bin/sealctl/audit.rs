@@ -1,0 +1,573 @@
+//! `sealctl audit`: offline work on a copy of the log (the daemon's database file, or an
+//! exported bundle). Needs read access to the file and nothing else: no daemon, no device.
+
+use anyhow::{bail, Context};
+use clap::{Args as ClapArgs, Subcommand, ValueEnum};
+use sealgate::audit::query::{self, Filter};
+use sealgate::audit::verify::{verify, Report, TrustedKey};
+use sealgate::audit::{Checkpoint, Record};
+use sealgate::device::keys::pem;
+use std::io::{BufRead, BufWriter, Write};
+use std::path::{Path, PathBuf};
+
+#[derive(Subcommand)]
+pub enum AuditCommand {
+    /// Verify the hash chain, the sequence and every checkpoint's device signature, with
+    /// nothing but public keys. Exit 0 only when everything holds, 1 when something does not.
+    Verify {
+        #[command(flatten)]
+        source: Source,
+        /// A trusted audit public key (SPKI PEM); repeat for keys used over time. Without it,
+        /// the keys recorded in the log itself are used, which proves the log consistent but
+        /// not that it came from your device.
+        #[arg(long)]
+        key: Vec<PathBuf>,
+    },
+    /// Records matching every filter given, oldest first.
+    Query {
+        #[command(flatten)]
+        db: Db,
+        #[command(flatten)]
+        filter: FilterArgs,
+        #[arg(long, value_enum, default_value = "table")]
+        format: Format,
+    },
+    /// Everything, for a SIEM (JSON lines, each record with its hashes) or for an outside
+    /// auditor (a bundle directory that `audit verify --bundle` checks).
+    Export {
+        #[command(flatten)]
+        db: Db,
+        /// JSON lines of every record, to stdout or --out.
+        #[arg(long, value_enum, conflicts_with = "bundle")]
+        format: Option<ExportFormat>,
+        #[arg(long, requires = "format")]
+        out: Option<PathBuf>,
+        /// Write records, checkpoints, the audit public keys and a README to this directory.
+        #[arg(long)]
+        bundle: Option<PathBuf>,
+    },
+    /// Stamps per seal per day, top applicants, refusals by reason, alerts by rule.
+    Stats {
+        #[command(flatten)]
+        db: Db,
+        /// Only records since this time (RFC 3339, or YYYY-MM-DD in UTC).
+        #[arg(long)]
+        since: Option<String>,
+        /// How many applicants, reasons and rules to list.
+        #[arg(long, default_value_t = 10)]
+        top: u64,
+    },
+}
+
+#[derive(ClapArgs)]
+pub struct Db {
+    /// The daemon's state database (state_dir/sealgate.db).
+    #[arg(
+        long,
+        env = "SEALGATE_DB",
+        default_value = "/var/lib/sealgate/sealgate.db"
+    )]
+    db: PathBuf,
+}
+
+#[derive(ClapArgs)]
+pub struct Source {
+    #[command(flatten)]
+    db: Db,
+    /// Verify an exported bundle directory instead of a database.
+    #[arg(long)]
+    bundle: Option<PathBuf>,
+}
+
+#[derive(ClapArgs)]
+pub struct FilterArgs {
+    /// From this time on (RFC 3339, or YYYY-MM-DD in UTC).
+    #[arg(long)]
+    since: Option<String>,
+    /// Before this time.
+    #[arg(long)]
+    until: Option<String>,
+    #[arg(long)]
+    seal: Option<String>,
+    #[arg(long)]
+    applicant: Option<String>,
+    /// Records whose approval this approver signed.
+    #[arg(long)]
+    approver: Option<String>,
+    #[arg(long)]
+    caller: Option<String>,
+    /// e.g. stamp.completed, stamp.denied, alert.
+    #[arg(long)]
+    kind: Option<String>,
+    /// A refusal's reason code, or an alert's rule.
+    #[arg(long)]
+    reason: Option<String>,
+    /// The document's SHA-256 (hex).
+    #[arg(long)]
+    doc: Option<String>,
+    #[arg(long)]
+    limit: Option<u64>,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum Format {
+    Table,
+    Json,
+    Csv,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum ExportFormat {
+    Jsonl,
+}
+
+/// Runs an audit command; returns the process's exit code.
+pub fn run(command: &AuditCommand, json: bool) -> anyhow::Result<i32> {
+    match command {
+        AuditCommand::Verify { source, key } => run_verify(source, key, json),
+        AuditCommand::Query { db, filter, format } => {
+            let conn = open(&db.db)?;
+            query_out(&conn, &filter.to_filter()?, *format)?;
+            Ok(0)
+        }
+        AuditCommand::Export {
+            db,
+            format,
+            out,
+            bundle,
+        } => {
+            let conn = open(&db.db)?;
+            match (format, bundle) {
+                (Some(ExportFormat::Jsonl), _) => {
+                    let sink: Box<dyn Write> = match out {
+                        Some(p) => Box::new(
+                            std::fs::File::create(p)
+                                .with_context(|| format!("cannot create {}", p.display()))?,
+                        ),
+                        None => Box::new(std::io::stdout().lock()),
+                    };
+                    let n = write_jsonl(&conn, sink)?;
+                    if out.is_some() {
+                        eprintln!("exported {n} records");
+                    }
+                }
+                (None, Some(dir)) => export_bundle(&conn, dir)?,
+                (None, None) => bail!("give --format jsonl or --bundle DIR"),
+            }
+            Ok(0)
+        }
+        AuditCommand::Stats { db, since, top } => {
+            let conn = open(&db.db)?;
+            let since = since.as_deref().map(parse_time).transpose()?;
+            let s = query::stats(&conn, since, *top)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&s)?);
+            } else {
+                print_stats(&s);
+            }
+            Ok(0)
+        }
+    }
+}
+
+fn open(path: &Path) -> anyhow::Result<rusqlite::Connection> {
+    query::open_read_only(path).with_context(|| format!("cannot open {}", path.display()))
+}
+
+/// Milliseconds since the epoch from RFC 3339 or a UTC date.
+fn parse_time(s: &str) -> anyhow::Result<i64> {
+    if let Ok(t) = s.parse::<jiff::Timestamp>() {
+        return Ok(t.as_millisecond());
+    }
+    let d: jiff::civil::Date = s
+        .parse()
+        .with_context(|| format!("{s:?} is neither RFC 3339 nor YYYY-MM-DD"))?;
+    Ok(d.to_zoned(jiff::tz::TimeZone::UTC)?
+        .timestamp()
+        .as_millisecond())
+}
+
+fn time(ms: i64) -> String {
+    jiff::Timestamp::from_millisecond(ms)
+        .map(|t| format!("{t:.3}"))
+        .unwrap_or_else(|_| ms.to_string())
+}
+
+impl FilterArgs {
+    fn to_filter(&self) -> anyhow::Result<Filter> {
+        Ok(Filter {
+            since_ms: self.since.as_deref().map(parse_time).transpose()?,
+            until_ms: self.until.as_deref().map(parse_time).transpose()?,
+            seal: self.seal.clone(),
+            applicant: self.applicant.clone(),
+            approver: self.approver.clone(),
+            caller: self.caller.clone(),
+            kind: self.kind.clone(),
+            reason: self.reason.clone(),
+            doc_sha256: self.doc.clone(),
+            after_seq: None,
+            limit: self.limit,
+        })
+    }
+}
+
+fn run_verify(source: &Source, key_files: &[PathBuf], json: bool) -> anyhow::Result<i32> {
+    let mut keys = Vec::new();
+    for path in key_files {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read {}", path.display()))?;
+        let (_, der) = pem_rfc7468::decode_vec(text.as_bytes())
+            .map_err(|e| anyhow::anyhow!("{}: not PEM: {e}", path.display()))?;
+        keys.push(
+            TrustedKey::from_spki(der).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?,
+        );
+    }
+    let from_log = keys.is_empty();
+    let started = std::time::Instant::now();
+    let report = match &source.bundle {
+        Some(dir) => verify_bundle(dir, keys)?,
+        None => verify_db(&source.db.db, keys, json)?,
+    };
+    let seconds = started.elapsed().as_secs_f64();
+    let rate = report.records as f64 / seconds.max(1e-9);
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "ok": report.ok(),
+                "records": report.records,
+                "last_seq": report.last_seq,
+                "checkpoints": report.checkpoints,
+                "last_checkpoint_seq": report.last_checkpoint_seq,
+                "problems": report.problems,
+                "keys_from_log": from_log,
+                "seconds": seconds,
+                "records_per_second": rate,
+            })
+        );
+    } else {
+        if from_log {
+            eprintln!("note: no --key given; checkpoints were checked against the audit keys recorded in the log itself");
+        }
+        print_report(&report, seconds, rate);
+    }
+    Ok(if report.ok() { 0 } else { 1 })
+}
+
+fn print_report(r: &Report, seconds: f64, rate: f64) {
+    match r.problems.first() {
+        None => println!(
+            "audit log verifies: {} records (seq 1..{}), {} checkpoints; the last covers seq {} ({}); {:.2} s, {:.0} records/s",
+            r.records,
+            r.last_seq,
+            r.checkpoints,
+            r.last_checkpoint_seq,
+            time(r.last_checkpoint_at_ms),
+            seconds,
+            rate
+        ),
+        Some(first) => {
+            println!(
+                "audit log FAILED verification at seq {}: {}",
+                first.seq, first.what
+            );
+            for p in &r.problems[1..] {
+                println!("also at seq {}: {}", p.seq, p.what);
+            }
+        }
+    }
+}
+
+fn keys_from_log(conn: &rusqlite::Connection) -> anyhow::Result<Vec<TrustedKey>> {
+    query::audit_keys(conn)?
+        .into_iter()
+        .map(|(_, _, spki)| TrustedKey::from_spki(spki).map_err(|e| anyhow::anyhow!(e)))
+        .collect()
+}
+
+fn verify_db(path: &Path, mut keys: Vec<TrustedKey>, quiet: bool) -> anyhow::Result<Report> {
+    let conn = open(path)?;
+    if keys.is_empty() {
+        keys = keys_from_log(&conn)?;
+    }
+    let checkpoints = query::checkpoints(&conn)?;
+    let total: i64 = conn.query_row("SELECT count(*) FROM audit", [], |r| r.get(0))?;
+    let bar = (!quiet && total > 200_000 && std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .then(|| {
+            let b = indicatif::ProgressBar::new(total as u64);
+            b.set_style(
+                indicatif::ProgressStyle::with_template(
+                    "verifying {bar:40} {pos}/{len} records ({per_sec}, {eta} left)",
+                )
+                .expect("a fixed template parses"),
+            );
+            b
+        });
+    let mut stmt = conn.prepare(&format!(
+        "SELECT {} FROM audit ORDER BY seq",
+        query::record_columns()
+    ))?;
+    let mut rows = stmt.query([])?;
+    let report = verify(
+        |r| match rows.next().map_err(|e| e.to_string())? {
+            None => Ok(false),
+            Some(row) => {
+                *r = query::record_from_row(row).map_err(|e| e.to_string())?;
+                Ok(true)
+            }
+        },
+        &checkpoints,
+        &keys,
+        |n| {
+            if let Some(b) = &bar {
+                b.set_position(n);
+            }
+        },
+    )
+    .map_err(|e| anyhow::anyhow!("reading {}: {e}", path.display()))?;
+    if let Some(b) = bar {
+        b.finish_and_clear();
+    }
+    Ok(report)
+}
+
+fn verify_bundle(dir: &Path, mut keys: Vec<TrustedKey>) -> anyhow::Result<Report> {
+    let read_lines =
+        |name: &str| -> anyhow::Result<std::io::Lines<std::io::BufReader<std::fs::File>>> {
+            let p = dir.join(name);
+            let f =
+                std::fs::File::open(&p).with_context(|| format!("cannot open {}", p.display()))?;
+            Ok(std::io::BufReader::new(f).lines())
+        };
+    if keys.is_empty() {
+        let kdir = dir.join("audit-keys");
+        for entry in
+            std::fs::read_dir(&kdir).with_context(|| format!("cannot read {}", kdir.display()))?
+        {
+            let text = std::fs::read_to_string(entry?.path())?;
+            let (_, der) = pem_rfc7468::decode_vec(text.as_bytes())
+                .map_err(|e| anyhow::anyhow!("an audit key in the bundle is not PEM: {e}"))?;
+            keys.push(TrustedKey::from_spki(der).map_err(|e| anyhow::anyhow!(e))?);
+        }
+    }
+    let mut checkpoints = Vec::new();
+    for (i, line) in read_lines("checkpoints.jsonl")?.enumerate() {
+        let c: Checkpoint = serde_json::from_str(&line?)
+            .with_context(|| format!("checkpoints.jsonl line {}", i + 1))?;
+        checkpoints.push(c);
+    }
+    let mut lines = read_lines("records.jsonl")?.enumerate();
+    let report = verify(
+        |r| match lines.next() {
+            None => Ok(false),
+            Some((i, line)) => {
+                let line = line.map_err(|e| e.to_string())?;
+                *r = serde_json::from_str(&line)
+                    .map_err(|e| format!("records.jsonl line {}: {e}", i + 1))?;
+                Ok(true)
+            }
+        },
+        &checkpoints,
+        &keys,
+        |_| {},
+    )
+    .map_err(|e| anyhow::anyhow!(e))?;
+    Ok(report)
+}
+
+fn write_jsonl(conn: &rusqlite::Connection, sink: impl Write) -> anyhow::Result<u64> {
+    let mut out = BufWriter::new(sink);
+    let mut n = 0;
+    query::for_each(conn, &Filter::default(), |r| {
+        n += 1;
+        serde_json::to_writer(&mut out, &r).map_err(|e| e.to_string())?;
+        out.write_all(b"\n").map_err(|e| e.to_string())
+    })
+    .map_err(|e| anyhow::anyhow!(e))?;
+    out.flush()?;
+    Ok(n)
+}
+
+fn export_bundle(conn: &rusqlite::Connection, dir: &Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir.join("audit-keys"))
+        .with_context(|| format!("cannot create {}", dir.display()))?;
+    // One read transaction, so records and checkpoints are from the same moment.
+    conn.execute_batch("BEGIN")?;
+    let create = |name: &str| {
+        let p = dir.join(name);
+        std::fs::File::create(&p).with_context(|| format!("cannot create {}", p.display()))
+    };
+    let n = write_jsonl(conn, create("records.jsonl")?)?;
+    let checkpoints = query::checkpoints(conn)?;
+    let mut out = BufWriter::new(create("checkpoints.jsonl")?);
+    for c in &checkpoints {
+        serde_json::to_writer(&mut out, c)?;
+        out.write_all(b"\n")?;
+    }
+    out.flush()?;
+    for (id, _, spki) in query::audit_keys(conn)? {
+        std::fs::write(
+            dir.join(format!("audit-keys/{id}.pub.pem")),
+            pem("PUBLIC KEY", &spki),
+        )?;
+    }
+    conn.execute_batch("COMMIT")?;
+    std::fs::write(
+        dir.join("README.txt"),
+        format!(
+            "sealgate audit bundle: {n} records, {} checkpoints, exported {}.\n\
+             records.jsonl      one record per line, with prev_hash and hash\n\
+             checkpoints.jsonl  device-signed (seq, prev_seq, head, at_ms)\n\
+             audit-keys/        the audit keys' public halves (SPKI PEM), named by key id\n\
+             Check it with:  sealctl audit verify --bundle . --key <the audit key you trust>\n\
+             The encodings are described in docs/audit-log.md of sealgate.\n",
+            checkpoints.len(),
+            time(sealgate::audit::now_ms())
+        ),
+    )?;
+    eprintln!(
+        "exported {n} records and {} checkpoints to {}",
+        checkpoints.len(),
+        dir.display()
+    );
+    Ok(())
+}
+
+fn query_out(conn: &rusqlite::Connection, filter: &Filter, format: Format) -> anyhow::Result<()> {
+    let stdout = std::io::stdout();
+    let mut out = BufWriter::new(stdout.lock());
+    let result = match format {
+        Format::Json => {
+            let mut first = true;
+            out.write_all(b"[")?;
+            let r = query::for_each(conn, filter, |r| {
+                let sep: &[u8] = if first { b"\n" } else { b",\n" };
+                first = false;
+                out.write_all(sep).map_err(|e| e.to_string())?;
+                serde_json::to_writer(&mut out, &r).map_err(|e| e.to_string())
+            });
+            out.write_all(b"\n]\n")?;
+            r
+        }
+        Format::Csv => {
+            let mut w = csv::Writer::from_writer(&mut out);
+            w.write_record(CSV_HEADER)?;
+            query::for_each(conn, filter, |r| {
+                w.write_record(csv_row(&r)).map_err(|e| e.to_string())
+            })
+            .and_then(|_| w.flush().map_err(|e| e.to_string()))
+        }
+        Format::Table => {
+            writeln!(
+                out,
+                "{:>6}  {:<24}  {:<21}  {:<10}  {:<14}  {:<12}  {:<20}  DETAIL",
+                "SEQ", "TIME (UTC)", "KIND", "SEAL", "CALLER", "APPLICANT", "REASON"
+            )?;
+            query::for_each(conn, filter, |r| {
+                writeln!(
+                    out,
+                    "{:>6}  {:<24}  {:<21}  {:<10}  {:<14}  {:<12}  {:<20}  {}",
+                    r.seq,
+                    time(r.at_ms),
+                    r.kind,
+                    r.seal,
+                    r.caller,
+                    r.applicant,
+                    r.reason,
+                    r.detail.chars().take(80).collect::<String>()
+                )
+                .map_err(|e| e.to_string())
+            })
+        }
+    };
+    result.map_err(|e| anyhow::anyhow!(e))?;
+    out.flush()?;
+    Ok(())
+}
+
+const CSV_HEADER: [&str; 24] = [
+    "seq",
+    "time",
+    "kind",
+    "seal",
+    "device",
+    "device_profile",
+    "device_serial",
+    "caller",
+    "applicant",
+    "approvers",
+    "jti",
+    "doc_sha256",
+    "doc_type",
+    "amount",
+    "currency",
+    "dept",
+    "purpose",
+    "reason",
+    "detail",
+    "evidence",
+    "ref_seq",
+    "prev_hash",
+    "hash",
+    "at_ms",
+];
+
+fn csv_row(r: &Record) -> [String; 24] {
+    [
+        r.seq.to_string(),
+        time(r.at_ms),
+        r.kind.clone(),
+        r.seal.clone(),
+        r.device.clone(),
+        r.device_profile.clone(),
+        r.device_serial.clone(),
+        r.caller.clone(),
+        r.applicant.clone(),
+        r.approvers.clone(),
+        r.jti.clone(),
+        r.doc_sha256.clone(),
+        r.doc_type.clone(),
+        r.amount.map(|a| a.to_string()).unwrap_or_default(),
+        r.currency.clone(),
+        r.dept.clone(),
+        r.purpose.clone(),
+        r.reason.clone(),
+        r.detail.clone(),
+        r.evidence.clone(),
+        r.ref_seq.map(|s| s.to_string()).unwrap_or_default(),
+        hex::encode(r.prev_hash),
+        hex::encode(r.hash),
+        r.at_ms.to_string(),
+    ]
+}
+
+fn print_stats(s: &query::Stats) {
+    println!(
+        "{} records{}",
+        s.records,
+        match (s.first_at_ms, s.last_at_ms) {
+            (Some(a), Some(b)) => format!(" from {} to {}", time(a), time(b)),
+            _ => String::new(),
+        }
+    );
+    println!("\nstamps per seal per day (UTC):");
+    for (day, seal, n) in &s.stamps_per_seal_per_day {
+        println!("  {day}  {seal:<16} {n}");
+    }
+    let list = |title: &str, rows: &[(String, u64)]| {
+        println!("\n{title}:");
+        if rows.is_empty() {
+            println!("  (none)");
+        }
+        for (k, n) in rows {
+            println!("  {k:<24} {n}");
+        }
+    };
+    list("top applicants", &s.top_applicants);
+    list("refusals by reason", &s.denials_by_reason);
+    list("alerts by rule", &s.alerts_by_rule);
+    println!(
+        "\nfailed stamps: {}; outcomes unknown (daemon stopped mid-stamp): {}",
+        s.failed, s.outcomes_unknown
+    );
+}

@@ -1,0 +1,800 @@
+//! The audit log through the real daemon: what a stamp leaves behind, what `sealctl audit`
+//! finds when the file is tampered with (by the sqlite3 tool), crashes under load, a full disk,
+//! and the anomaly rules' alerts.
+
+mod common;
+
+use common::*;
+use sealgate::audit::query;
+use sealgate::audit::Record;
+use sealgate::protocol::{response, Status};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+fn records(db: &Path, kind: Option<&str>) -> Vec<Record> {
+    let conn = query::open_read_only(db).unwrap();
+    let mut out = Vec::new();
+    let filter = query::Filter {
+        kind: kind.map(String::from),
+        ..Default::default()
+    };
+    query::for_each(&conn, &filter, |r| {
+        out.push(r);
+        Ok(())
+    })
+    .unwrap();
+    out
+}
+
+fn sealctl(args: &[&str]) -> (i32, String) {
+    let out = Command::new(SEALCTL).args(args).output().unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
+    )
+}
+
+fn path(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+/// Every authorisation has exactly one outcome, and each outcome names an authorisation.
+fn every_authorisation_has_one_outcome(db: &Path) {
+    let all = records(db, None);
+    let mut outcomes = std::collections::HashMap::new();
+    for r in &all {
+        if matches!(
+            r.kind.as_str(),
+            "stamp.completed" | "stamp.failed" | "stamp.outcome_unknown"
+        ) {
+            let auth = r.ref_seq.expect("an outcome names its authorisation");
+            assert_eq!(all[auth as usize - 1].kind, "stamp.authorized");
+            *outcomes.entry(auth).or_insert(0) += 1;
+        }
+    }
+    for r in all.iter().filter(|r| r.kind == "stamp.authorized") {
+        assert_eq!(
+            outcomes.get(&r.seq),
+            Some(&1),
+            "authorisation {} has no single outcome",
+            r.seq
+        );
+    }
+}
+
+fn evidence_signature(r: &Record) -> Vec<u8> {
+    use base64::Engine;
+    let e: serde_json::Value = serde_json::from_str(&r.evidence).unwrap();
+    base64::engine::general_purpose::STANDARD
+        .decode(e["signature"].as_str().unwrap())
+        .unwrap()
+}
+
+#[tokio::test]
+async fn stamps_and_refusals_are_recorded_queried_exported_and_verified() {
+    let d = Daemon::start(&Opts::default());
+    let mut c = d.client().await;
+    let doc = b"contract 2026-118";
+    let s = stamp_ok(&mut c, "contract", &sha256(doc)).await;
+    let bad = c
+        .stamp("contract", &sha256(doc), b"not a token", "")
+        .await
+        .unwrap();
+    assert_eq!(bad.status, Status::ApprovalDenied as i32);
+    let r = c.stamp("nope", &[0; 32], b"x", "").await.unwrap();
+    assert_eq!(r.status, Status::UnknownSeal as i32);
+    let token = token_for("finance", &[5; 32]);
+    let ok = c.stamp("finance", &[5; 32], &token, "").await.unwrap();
+    assert_eq!(ok.status, Status::Ok as i32);
+    let again = c.stamp("finance", &[5; 32], &token, "").await.unwrap();
+    assert_eq!(again.reason, "replayed");
+    let response::Body::StatusReport(st) = c.status().await.unwrap().body.unwrap() else {
+        panic!()
+    };
+    let audit = st.audit.unwrap();
+    assert!(audit.error.is_empty(), "{}", audit.error);
+    assert_eq!(audit.checkpoint_seq, audit.head_seq);
+    let (status, dir) = d.stop_keeping_state();
+    assert!(status.success());
+    let db = dir.path().join("state/sealgate.db");
+
+    let all = records(&db, None);
+    let kinds: Vec<&str> = all.iter().map(|r| r.kind.as_str()).collect();
+    assert_eq!(
+        kinds,
+        [
+            "daemon.started",
+            "stamp.authorized",
+            "stamp.completed",
+            "stamp.denied",
+            "access.denied",
+            "stamp.authorized",
+            "stamp.completed",
+            "stamp.denied",
+        ]
+    );
+    let completed = &all[2];
+    assert_eq!(completed.ref_seq, Some(2));
+    assert_eq!(completed.doc_sha256, hex::encode(sha256(doc)));
+    assert_eq!(completed.applicant, "zhao.lei");
+    assert_eq!(completed.device_profile, "softhsm2");
+    assert!(!completed.device_serial.is_empty());
+    assert!(
+        completed.approvers.contains("\"zhang.wei\""),
+        "{}",
+        completed.approvers
+    );
+    assert!(completed.approvers.contains("\"level\":1"));
+    assert_eq!(evidence_signature(completed), s.signature);
+    assert_eq!(all[3].reason, "malformed");
+    assert_eq!(all[4].seal, "nope");
+    assert_eq!(all[7].reason, "replayed");
+    every_authorisation_has_one_outcome(&db);
+
+    let (code, out) = audit_verify(&db);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("audit log verifies: 8 records"), "{out}");
+
+    // Queries: by kind as JSON, by approver, by document as CSV, a table.
+    let (code, out) = sealctl(&[
+        "audit",
+        "query",
+        "--db",
+        path(&db),
+        "--kind",
+        "stamp.completed",
+        "--format",
+        "json",
+    ]);
+    assert_eq!(code, 0, "{out}");
+    let list: Vec<Record> = serde_json::from_str(&out).unwrap();
+    assert_eq!(list.len(), 2);
+    let (_, out) = sealctl(&[
+        "audit",
+        "query",
+        "--db",
+        path(&db),
+        "--approver",
+        "wang.fang",
+        "--format",
+        "json",
+    ]);
+    let list: Vec<Record> = serde_json::from_str(&out).unwrap();
+    // The authorisation, the stamp, and the replay refused later.
+    assert_eq!(list.iter().map(|r| r.seq).collect::<Vec<_>>(), [6, 7, 8]);
+    let (_, out) = sealctl(&[
+        "audit",
+        "query",
+        "--db",
+        path(&db),
+        "--doc",
+        &hex::encode(sha256(doc)),
+        "--format",
+        "csv",
+    ]);
+    let mut rows = csv::Reader::from_reader(out.as_bytes());
+    let seqs: Vec<String> = rows.records().map(|r| r.unwrap()[0].to_string()).collect();
+    assert_eq!(seqs, ["2", "3", "4"]);
+    let (code, out) = sealctl(&["audit", "query", "--db", path(&db), "--reason", "replayed"]);
+    assert_eq!(code, 0);
+    assert_eq!(out.lines().count(), 2, "{out}");
+
+    let (code, out) = sealctl(&["--json", "audit", "stats", "--db", path(&db)]);
+    assert_eq!(code, 0, "{out}");
+    let stats: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(stats["records"], 8);
+    assert_eq!(
+        stats["stamps_per_seal_per_day"].as_array().unwrap().len(),
+        2
+    );
+    assert_eq!(
+        stats["top_applicants"][0],
+        serde_json::json!(["zhao.lei", 2])
+    );
+    let denials = stats["denials_by_reason"].to_string();
+    assert!(denials.contains("malformed") && denials.contains("replayed"));
+
+    // Exports: JSON lines with hashes, and a bundle an outside auditor verifies.
+    let (code, out) = sealctl(&["audit", "export", "--db", path(&db), "--format", "jsonl"]);
+    assert_eq!(code, 0);
+    let lines: Vec<Record> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines, all);
+    let bundle = dir.path().join("bundle");
+    let (code, out) = sealctl(&[
+        "audit",
+        "export",
+        "--db",
+        path(&db),
+        "--bundle",
+        path(&bundle),
+    ]);
+    assert_eq!(code, 0, "{out}");
+    let key = demo().dir.join("audit-key.pub.pem");
+    let (code, out) = sealctl(&[
+        "audit",
+        "verify",
+        "--bundle",
+        path(&bundle),
+        "--key",
+        path(&key),
+    ]);
+    assert_eq!(code, 0, "{out}");
+    // An edited line of the bundle is found.
+    let text = std::fs::read_to_string(bundle.join("records.jsonl")).unwrap();
+    std::fs::write(
+        bundle.join("records.jsonl"),
+        text.replacen("zhao.lei", "zhao.lea", 1),
+    )
+    .unwrap();
+    let (code, out) = sealctl(&[
+        "audit",
+        "verify",
+        "--bundle",
+        path(&bundle),
+        "--key",
+        path(&key),
+    ]);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("FAILED verification at seq 2"), "{out}");
+}
+
+/// Copies a database (with its WAL, if any) to `dir`.
+fn copy_db(db: &Path, dir: &Path) -> PathBuf {
+    std::fs::create_dir_all(dir).unwrap();
+    for suffix in ["", "-wal", "-shm"] {
+        let from = PathBuf::from(format!("{}{suffix}", db.display()));
+        if from.exists() {
+            std::fs::copy(&from, dir.join(format!("sealgate.db{suffix}"))).unwrap();
+        }
+    }
+    dir.join("sealgate.db")
+}
+
+fn sqlite3(db: &Path, sql: &str) {
+    let out = Command::new("sqlite3")
+        .arg(db)
+        .arg(sql)
+        .output()
+        .expect("sqlite3");
+    assert!(
+        out.status.success(),
+        "sqlite3 {sql}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn sqlite3_value(db: &Path, sql: &str) -> u64 {
+    let out = Command::new("sqlite3")
+        .arg(db)
+        .arg(sql)
+        .output()
+        .expect("sqlite3");
+    String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
+}
+
+#[tokio::test]
+async fn tampering_with_the_file_is_found_and_named() {
+    let d = Daemon::start(&Opts::default());
+    let mut c = d.client().await;
+    // Three rounds a little over a second apart, so the log keeps several checkpoints.
+    for round in 0..3u8 {
+        for i in 0..3u8 {
+            stamp_ok(&mut c, "contract", &[round * 10 + i + 1; 32]).await;
+        }
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+    }
+    let (status, dir) = d.stop_keeping_state();
+    assert!(status.success());
+    let db = dir.path().join("state/sealgate.db");
+    let last = sqlite3_value(&db, "SELECT max(seq) FROM audit");
+    let checkpoints = sqlite3_value(&db, "SELECT count(*) FROM checkpoints");
+    assert!(checkpoints >= 3, "only {checkpoints} checkpoints");
+    let first_cp = sqlite3_value(&db, "SELECT min(seq) FROM checkpoints");
+    let middle_cp = sqlite3_value(
+        &db,
+        "SELECT seq FROM checkpoints ORDER BY seq LIMIT 1 OFFSET 1",
+    );
+
+    let cases: Vec<(&str, String, u64, &str)> = vec![
+        ("untouched", String::new(), 0, "verifies"),
+        (
+            "edit a field",
+            "UPDATE audit SET applicant = 'mallory' WHERE seq = 5".into(),
+            5,
+            "contents were edited",
+        ),
+        (
+            "delete a row",
+            "DELETE FROM audit WHERE seq = 5".into(),
+            5,
+            "record 5 is missing (deleted)",
+        ),
+        (
+            "insert a row",
+            "UPDATE audit SET seq = seq + 1000000 WHERE seq >= 5; \
+             UPDATE audit SET seq = seq - 999999 WHERE seq > 1000000; \
+             CREATE TEMP TABLE t AS SELECT * FROM audit WHERE seq = 4; \
+             UPDATE t SET seq = 5; INSERT INTO audit SELECT * FROM t;"
+                .into(),
+            5,
+            "inserted",
+        ),
+        (
+            "swap two rows",
+            "UPDATE audit SET seq = -5 WHERE seq = 5; UPDATE audit SET seq = 5 WHERE seq = 6; \
+             UPDATE audit SET seq = 6 WHERE seq = -5;"
+                .into(),
+            5,
+            "records 5 and 6 were swapped",
+        ),
+        (
+            "truncate",
+            format!("DELETE FROM audit WHERE seq > {}", last - 3),
+            last - 2,
+            "truncated",
+        ),
+        (
+            "replace a checkpoint signature",
+            format!(
+                "UPDATE checkpoints SET signature = (SELECT signature FROM checkpoints \
+                 ORDER BY seq DESC LIMIT 1) WHERE seq = {first_cp}"
+            ),
+            first_cp,
+            "forged",
+        ),
+        (
+            "delete a checkpoint",
+            format!("DELETE FROM checkpoints WHERE seq = {middle_cp}"),
+            0, // named at the checkpoint after it
+            "is missing",
+        ),
+        (
+            "append past the last checkpoint",
+            format!("DELETE FROM checkpoints WHERE seq = {last}"),
+            0,
+            "not covered by any checkpoint",
+        ),
+    ];
+    for (i, (name, sql, seq, cause)) in cases.into_iter().enumerate() {
+        let copy = copy_db(&db, &dir.path().join(format!("case{i}")));
+        if !sql.is_empty() {
+            sqlite3(&copy, &sql);
+        }
+        let (code, out) = audit_verify(&copy);
+        if name == "untouched" {
+            assert_eq!(code, 0, "{name}: {out}");
+            continue;
+        }
+        assert_eq!(code, 1, "{name}: {out}");
+        assert!(out.contains(cause), "{name}: {out}");
+        if seq > 0 {
+            assert!(
+                out.contains(&format!("FAILED verification at seq {seq}:")),
+                "{name}: {out}"
+            );
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn killed_twenty_times_under_load_it_loses_no_stamp() {
+    let mut d = Daemon::start(&Opts::default());
+    let socket = d.socket.clone();
+    let stop = Arc::new(AtomicBool::new(false));
+    // (approval id, signature) of every stamp a client saw succeed.
+    type Seen = Arc<Mutex<Vec<(String, Vec<u8>)>>>;
+    let seen: Seen = Arc::default();
+    let mut clients = Vec::new();
+    for n in 0..4u64 {
+        let (socket, stop, seen) = (socket.clone(), stop.clone(), seen.clone());
+        clients.push(tokio::spawn(async move {
+            let mut i = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                let Ok(mut c) = sealgate::protocol::client::Client::connect(&socket).await else {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    continue;
+                };
+                while !stop.load(Ordering::Relaxed) {
+                    i += 1;
+                    let digest = sha256(format!("client {n} document {i}").as_bytes());
+                    let a = Approval::for_seal("contract", &digest);
+                    let Ok(r) = c.stamp("contract", &digest, &a.token(), "").await else {
+                        break;
+                    };
+                    if let Some(response::Body::Stamp(s)) = r.body {
+                        seen.lock()
+                            .unwrap()
+                            .push((a.claims.jti.clone(), s.signature));
+                    }
+                }
+            }
+        }));
+    }
+    let mut kills = 0;
+    while kills < 20 {
+        tokio::time::sleep(Duration::from_millis(100 + 37 * (kills % 5))).await;
+        d = tokio::task::block_in_place(|| d.crash_and_restart());
+        kills += 1;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.store(true, Ordering::Relaxed);
+    for c in clients {
+        c.await.unwrap();
+    }
+    let (status, dir) = d.stop_keeping_state();
+    assert!(status.success());
+    let db = dir.path().join("state/sealgate.db");
+
+    let seen = seen.lock().unwrap();
+    assert!(seen.len() >= 20, "only {} stamps went through", seen.len());
+    let completed: std::collections::HashMap<String, Record> =
+        records(&db, Some("stamp.completed"))
+            .into_iter()
+            .map(|r| (r.jti.clone(), r))
+            .collect();
+    for (jti, signature) in seen.iter() {
+        let r = completed
+            .get(jti)
+            .unwrap_or_else(|| panic!("stamp {jti} succeeded but is not in the log"));
+        assert_eq!(&evidence_signature(r), signature);
+    }
+    every_authorisation_has_one_outcome(&db);
+    let unknown = records(&db, Some("stamp.outcome_unknown")).len();
+    let started = records(&db, Some("daemon.started")).len();
+    assert_eq!(started, 21);
+    eprintln!(
+        "{} stamps seen by clients, {} completed in the log, {unknown} outcomes unknown after 20 kills",
+        seen.len(),
+        completed.len()
+    );
+    let (code, out) = audit_verify(&db);
+    assert_eq!(code, 0, "{out}");
+}
+
+/// A tmpfs mounted for the length of a test.
+struct Tmpfs(PathBuf);
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+#[tokio::test]
+async fn a_full_disk_refuses_stamps_and_they_resume_when_space_returns() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("SKIPPED: mounting a small tmpfs for the state directory needs root");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    std::fs::create_dir(&state).unwrap();
+    let mounted = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=3M", "tmpfs"])
+        .arg(&state)
+        .status()
+        .unwrap();
+    assert!(mounted.success(), "mount tmpfs");
+    let _tmpfs = Tmpfs(state.clone());
+    let text = config_text(demo(), &dir.path().join("sealgated.sock"), &Opts::default());
+    let d = Daemon::start_with(dir, &text, &[]).unwrap_or_else(|f| panic!("{f:?}"));
+    let mut c = d.client().await;
+    stamp_ok(&mut c, "contract", &[1; 32]).await;
+
+    // Leave about 150 KiB free.
+    let free = |p: &Path| {
+        let s = nix::sys::statvfs::statvfs(p).unwrap();
+        s.blocks_available() as u64 * s.fragment_size() as u64
+    };
+    let filler = state.join("filler");
+    let size = free(&state).saturating_sub(150 * 1024);
+    std::fs::write(&filler, vec![0u8; size as usize]).unwrap();
+
+    let mut ok = 1;
+    let mut refused = None;
+    for i in 0..5000u32 {
+        let digest = sha256(format!("full disk {i}").as_bytes());
+        let r = c
+            .stamp("contract", &digest, &token_for("contract", &digest), "")
+            .await
+            .unwrap();
+        if r.status == Status::Ok as i32 {
+            ok += 1;
+        } else {
+            refused = Some(r);
+            break;
+        }
+    }
+    let refused = refused.expect("the disk never filled");
+    assert_eq!(
+        refused.status,
+        Status::AuditUnavailable as i32,
+        "{}",
+        refused.message
+    );
+    assert!(refused.message.contains("full"), "{}", refused.message);
+    assert!(
+        refused.message.contains("nothing was signed") || refused.message.contains("withheld"),
+        "{}",
+        refused.message
+    );
+    // Still serving, and still refusing while full.
+    let r = c.status().await.unwrap();
+    assert_eq!(r.status, Status::Ok as i32);
+    let digest = sha256(b"while full");
+    let r = c
+        .stamp("contract", &digest, &token_for("contract", &digest), "")
+        .await
+        .unwrap();
+    assert_eq!(r.status, Status::AuditUnavailable as i32, "{}", r.message);
+
+    // Space returns: stamps go through again.
+    std::fs::remove_file(&filler).unwrap();
+    let digest = sha256(b"after space returns");
+    let held = token_for("contract", &digest);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let r = c.stamp("contract", &digest, &held, "").await.unwrap();
+        if r.status == Status::Ok as i32 {
+            ok += 1;
+            break;
+        }
+        assert!(Instant::now() < deadline, "never recovered: {}", r.message);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let (status, dir) = d.stop_keeping_state();
+    assert!(status.success());
+    let db = dir.path().join("state/sealgate.db");
+    let (code, out) = audit_verify(&db);
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(records(&db, Some("stamp.completed")).len(), ok);
+    every_authorisation_has_one_outcome(&db);
+    drop(_tmpfs);
+    drop(dir);
+}
+
+/// `sealctl alerts --follow --json`, its lines collected as they come.
+struct Follower {
+    child: std::process::Child,
+    lines: std::sync::mpsc::Receiver<serde_json::Value>,
+    got: Vec<serde_json::Value>,
+}
+
+impl Follower {
+    fn start(socket: &Path) -> Follower {
+        let mut child = Command::new(SEALCTL)
+            .args(["--json", "alerts", "--follow", "--recent", "0"])
+            .env("SEALGATE_SOCKET", socket)
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let out = child.stdout.take().unwrap();
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(out).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(serde_json::from_str(&line).unwrap()).is_err() {
+                    break;
+                }
+            }
+        });
+        Follower {
+            child,
+            lines,
+            got: Vec::new(),
+        }
+    }
+
+    /// Waits until alerts of every rule in `rules` arrived (10 s at most).
+    fn wait_for(&mut self, rules: &[&str]) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !rules
+            .iter()
+            .all(|r| self.got.iter().any(|a| a["rule"] == *r))
+        {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(v) => self.got.push(v),
+                Err(_) => panic!("alerts {rules:?} did not all arrive; got {:?}", self.got),
+            }
+        }
+    }
+
+    fn count(&self, rule: &str) -> usize {
+        self.got.iter().filter(|a| a["rule"] == rule).count()
+    }
+}
+
+impl Drop for Follower {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Working hours that never include now: a one-hour window starting two hours from now (UTC).
+fn closed_hours() -> String {
+    let h = (unix_now() / 3600 + 2) % 24;
+    format!(
+        "working_hours = \"{h:02}:00-{:02}:00\"\ntimezone = \"UTC\"\n",
+        (h + 1) % 24
+    )
+}
+
+#[tokio::test]
+async fn each_stamp_rule_fires_in_its_scenario_and_is_streamed() {
+    let opts = Opts {
+        alerts: closed_hours()
+            + "burst_count = 3\nburst_window_seconds = 60\ndenial_spike_count = 3\ndenial_spike_window_seconds = 60\n",
+        ..Opts::default()
+    };
+    let d = Daemon::start(&opts);
+    let mut follower = Follower::start(&d.socket);
+    // The follower is subscribed once its first (empty) answer came; give it a moment.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut c = d.client().await;
+    // Four stamps by one applicant within a minute, at an hour outside working time.
+    for i in 0..4u8 {
+        stamp_ok(&mut c, "contract", &[i + 1; 32]).await;
+    }
+    // The same document again under a second approval.
+    stamp_ok(&mut c, "contract", &[1; 32]).await;
+    // Four refusals in a row for this caller.
+    for _ in 0..4 {
+        let r = c.stamp("contract", &[9; 32], b"garbage", "").await.unwrap();
+        assert_eq!(r.status, Status::ApprovalDenied as i32);
+    }
+    follower.wait_for(&["off_hours", "burst", "restamp", "denial_spike"]);
+    assert_eq!(follower.count("burst"), 1);
+    assert_eq!(follower.count("restamp"), 1);
+    assert_eq!(follower.count("denial_spike"), 1);
+    let restamp = follower
+        .got
+        .iter()
+        .find(|a| a["rule"] == "restamp")
+        .unwrap();
+    assert_eq!(restamp["document_sha256"], hex::encode([1u8; 32]));
+
+    // The recent alerts, without following.
+    let (code, out) = sealctl(&[
+        "--socket",
+        path(&d.socket),
+        "--json",
+        "alerts",
+        "--recent",
+        "100",
+    ]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.lines().count() >= 8, "{out}");
+    let (status, dir) = d.stop_keeping_state();
+    assert!(status.success());
+    let db = dir.path().join("state/sealgate.db");
+    let alerts = records(&db, Some("alert"));
+    assert_eq!(alerts.iter().filter(|a| a.reason == "off_hours").count(), 5);
+    assert_eq!(audit_verify(&db).0, 0);
+}
+
+#[tokio::test]
+async fn a_normal_working_day_raises_no_alert() {
+    let opts = Opts {
+        alerts: "working_hours = \"00:00-24:00\"\ntimezone = \"Asia/Shanghai\"\n".into(),
+        ..Opts::default()
+    };
+    let d = Daemon::start(&opts);
+    let mut c = d.client().await;
+    // Finance allows 3 stamps an hour per applicant; nobody goes near a threshold.
+    for i in 0..3u8 {
+        stamp_ok(&mut c, "contract", &[100 + i; 32]).await;
+        stamp_ok(&mut c, "finance", &[200 + i; 32]).await;
+    }
+    // One approval with two uses, on one document: not a re-stamp.
+    let mut a = Approval::for_seal("contract", &[50; 32]);
+    a.claims.uses = 2;
+    let token = a.token();
+    for _ in 0..2 {
+        let r = c.stamp("contract", &[50; 32], &token, "").await.unwrap();
+        assert_eq!(r.status, Status::Ok as i32, "{}", r.message);
+    }
+    // One honest mistake.
+    let r = c.stamp("contract", &[7; 32], b"{}", "").await.unwrap();
+    assert_eq!(r.status, Status::ApprovalDenied as i32);
+    let r = c.watch_alerts(100, false).await.unwrap();
+    let Some(response::Body::Alerts(a)) = r.body else {
+        panic!("{}", r.message)
+    };
+    assert!(a.records.is_empty(), "{:?}", a.records);
+    assert!(d.stop().success());
+}
+
+#[tokio::test]
+async fn few_pin_tries_left_is_an_alert() {
+    let (label, pin) = ("alert-pin", "55667788");
+    own_token(label, pin);
+    let dir = tempfile::tempdir().unwrap();
+    let pin_file = dir.path().join("pin");
+    std::fs::write(&pin_file, format!("{pin}\n")).unwrap();
+    let config = format!(
+        r#"
+[daemon]
+socket = "{socket}"
+profiles_dir = "{profiles}"
+state_dir = "{state}"
+allow_root = true
+
+[[caller]]
+name = "t"
+uids = [{uid}]
+seals = ["s"]
+admin = true
+
+[[device]]
+id = "pin-hsm"
+profile = "softhsm2"
+token_label = "{label}"
+pin_file = "{pin_file}"
+
+[[seal]]
+id = "s"
+device = "pin-hsm"
+key_label = "k"
+algorithm = "ecdsa-p256-sha256"
+
+[[seal.rule]]
+levels = ["dept_head"]
+
+[audit]
+device = "pin-hsm"
+key_label = "audit"
+"#,
+        socket = dir.path().join("sealgated.sock").display(),
+        state = dir.path().join("state").display(),
+        profiles = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("device-profiles")
+            .display(),
+        uid = nix::unistd::getuid(),
+        pin_file = pin_file.display(),
+    );
+    let d = Daemon::start_with(dir, &config, &[]).unwrap_or_else(|f| panic!("{f:?}"));
+    // Someone tries a wrong PIN on the token.
+    let out = Command::new("pkcs11-tool")
+        .args([
+            "--module",
+            SOFTHSM,
+            "--token-label",
+            label,
+            "--login",
+            "--pin",
+            "00000000",
+        ])
+        .arg("--list-objects")
+        .env("SOFTHSM2_CONF", demo().softhsm_conf())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let mut c = d.client().await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let r = c.watch_alerts(10, false).await.unwrap();
+        let Some(response::Body::Alerts(a)) = r.body else {
+            panic!("{}", r.message)
+        };
+        if let Some(alert) = a.records.iter().find(|x| x.reason == "pin_low") {
+            assert_eq!(alert.device, "pin-hsm");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no pin_low alert: {:?}",
+            a.records
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(d.stop().success());
+}
