@@ -362,7 +362,8 @@ async fn tampering_with_the_file_is_found_and_named() {
         ),
     ];
     for (i, (name, sql, seq, cause)) in cases.into_iter().enumerate() {
-        let copy = copy_db(&db, &dir.path().join(format!("case{i}")));
+        let case = dir.path().join(format!("case{i}"));
+        let copy = copy_db(&db, &case.join("state"));
         if !sql.is_empty() {
             sqlite3(&copy, &sql);
         }
@@ -373,6 +374,13 @@ async fn tampering_with_the_file_is_found_and_named() {
         }
         assert_eq!(code, 1, "{name}: {out}");
         assert!(out.contains(cause), "{name}: {out}");
+        if name == "append past the last checkpoint" {
+            // The daemon will not chain new records onto a tail nobody signed.
+            let config = config_text(demo(), &case.join("s.sock"), &Opts::default());
+            let (status, stderr) = run_to_exit(&case, &config);
+            assert!(!status.success());
+            assert!(stderr.contains("start-up check"), "{stderr}");
+        }
         if seq > 0 {
             assert!(
                 out.contains(&format!("FAILED verification at seq {seq}:")),
