@@ -11,12 +11,19 @@ use super::{evaluate, ApprovalError, Denial, TrustStore};
 use crate::policy::{RateLimit, SealPolicy};
 use crate::store::Store;
 use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
 
 pub struct Gate {
-    pub trust: TrustStore,
-    pub policies: HashMap<String, SealPolicy>,
+    /// Replaced whole on a configuration reload; a check runs on one snapshot.
+    rules: RwLock<Arc<Rules>>,
     pub store: Store,
     pub mfa: Option<Mfa>,
+}
+
+/// What a reload may change: who may approve, and each seal's policy.
+pub struct Rules {
+    pub trust: TrustStore,
+    pub policies: HashMap<String, SealPolicy>,
 }
 
 /// One use of an approval, ready to be consumed durably.
@@ -73,6 +80,23 @@ impl Verdict {
 }
 
 impl Gate {
+    pub fn new(rules: Rules, store: Store, mfa: Option<Mfa>) -> Gate {
+        Gate {
+            rules: RwLock::new(Arc::new(rules)),
+            store,
+            mfa,
+        }
+    }
+
+    /// Puts new rules in force for every check that starts from now on.
+    pub fn replace_rules(&self, rules: Rules) {
+        *self.rules.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(rules);
+    }
+
+    fn rules(&self) -> Arc<Rules> {
+        self.rules.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
     /// Runs every check. For a stamp (`dry_run` false) it stops at the first refusal, spends
     /// the TOTP code, and returns the use to consume; a dry run collects every refusal,
     /// including one the replay ledger would give, and changes nothing. Blocks (database,
@@ -87,8 +111,9 @@ impl Gate {
         dry_run: bool,
     ) -> Result<Verdict, ApprovalError> {
         static NO_RULES: SealPolicy = SealPolicy { rules: Vec::new() };
-        let policy = self.policies.get(seal).unwrap_or(&NO_RULES);
-        let ev = evaluate(token, seal, digest, now, &self.trust, policy);
+        let rules = self.rules();
+        let policy = rules.policies.get(seal).unwrap_or(&NO_RULES);
+        let ev = evaluate(token, seal, digest, now, &rules.trust, policy);
         let rule = ev.rule.map(|i| &policy.rules[i]);
         let mut v = Verdict {
             denials: ev.denials,

@@ -84,6 +84,8 @@ enum Msg {
         /// Kept and written with a later batch if this one fails.
         persist: bool,
     },
+    /// New anomaly rules (a configuration reload); windows start empty.
+    Anomaly(Box<Anomaly>),
     Shutdown,
 }
 
@@ -203,6 +205,11 @@ impl AuditLog {
     /// Alerts, as they are committed.
     pub fn subscribe_alerts(&self) -> broadcast::Receiver<Record> {
         self.alerts.subscribe()
+    }
+
+    /// Puts new anomaly rules in force from the next record on.
+    pub fn replace_anomaly(&self, anomaly: Anomaly) {
+        let _ = self.tx.send(Msg::Anomaly(Box::new(anomaly)));
     }
 
     /// Writes everything queued so far, then stops the writer. Blocks.
@@ -385,6 +392,10 @@ impl Writer {
             let mut jobs = Vec::new();
             match first {
                 None | Some(Msg::Shutdown) => stopping = true,
+                Some(Msg::Anomaly(a)) => {
+                    self.anomaly = *a;
+                    continue;
+                }
                 Some(Msg::Job {
                     entry,
                     reply,
@@ -399,6 +410,11 @@ impl Writer {
                         persist,
                     }) => jobs.push((entry, reply, persist)),
                     Ok(Msg::Shutdown) => stopping = true,
+                    Ok(Msg::Anomaly(a)) => {
+                        // Records before it were sent first: write them under the old rules.
+                        self.batch(std::mem::take(&mut jobs));
+                        self.anomaly = *a;
+                    }
                     Err(_) => break,
                 }
             }

@@ -91,6 +91,14 @@ fn run(args: Args) -> anyhow::Result<()> {
         let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
             .context("cannot watch SIGINT")?;
         tokio::spawn(watch_devices(service.clone()));
+        let hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+            .context("cannot watch SIGHUP")?;
+        tokio::spawn(reload_on_hangup(
+            hangup,
+            service.clone(),
+            args.config.clone(),
+            config_dir.clone(),
+        ));
         tokio::spawn(prune_ledger(service.clone()));
         tracing::info!(
             socket = %config.daemon.socket.display(),
@@ -115,6 +123,40 @@ fn run(args: Args) -> anyhow::Result<()> {
     })?;
     // Devices close (sessions, logout, C_Finalize) when the service is dropped with the runtime.
     Ok(())
+}
+
+/// On SIGHUP: re-reads the configuration file and puts it in force all or nothing; a file that
+/// does not load, or changes what only a restart can, leaves the running configuration as it is.
+async fn reload_on_hangup(
+    mut hangup: tokio::signal::unix::Signal,
+    service: Arc<Service>,
+    path: PathBuf,
+    config_dir: PathBuf,
+) {
+    while hangup.recv().await.is_some() {
+        let mut states = vec![sd_notify::NotifyState::Reloading];
+        if let Ok(now) = sd_notify::NotifyState::monotonic_usec_now() {
+            states.push(now);
+        }
+        let _ = sd_notify::notify(false, &states);
+        let (s, p, d) = (service.clone(), path.clone(), config_dir.clone());
+        let outcome = tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
+            let config = Config::load(&p)?;
+            s.reload(&config, &d)?;
+            Ok(())
+        })
+        .await;
+        match outcome {
+            Ok(Ok(())) => tracing::info!(config = %path.display(), "configuration reloaded"),
+            Ok(Err(e)) => tracing::error!(
+                config = %path.display(),
+                error = %format!("{e:#}"),
+                "reload refused; the running configuration stays in force"
+            ),
+            Err(e) => tracing::error!(error = %e, "reload failed"),
+        }
+        let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
+    }
 }
 
 /// Drops replay-ledger entries of long-expired approvals, hourly.

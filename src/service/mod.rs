@@ -10,7 +10,7 @@
 //! then is the device asked to sign, and the reply leaves only once `stamp.completed` (or
 //! `stamp.failed`) is durable too. A refusal carries a stable reason code and is recorded.
 
-use crate::approval::gate::{Gate, Verdict};
+use crate::approval::gate::{Gate, Rules, Verdict};
 use crate::approval::mfa::Mfa;
 use crate::approval::{ApprovalError, Denial, TrustStore};
 use crate::audit::anomaly::Anomaly;
@@ -23,7 +23,7 @@ use crate::protocol::{pb, request, response, Request, Response, Status, PROTOCOL
 use crate::store::Store;
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use tokio::sync::Semaphore;
 
@@ -95,6 +95,8 @@ pub enum StartError {
     Mfa(String),
     #[error("{0}")]
     Audit(#[from] AuditError),
+    #[error("{0}")]
+    Reload(String),
 }
 
 impl ServiceError {
@@ -158,7 +160,10 @@ pub struct Peer {
 pub struct Service {
     registry: Registry,
     gate: Arc<Gate>,
-    callers: Vec<Arc<Caller>>,
+    /// Replaced whole on a reload; a connection keeps the caller it was identified as.
+    callers: RwLock<Arc<Vec<Arc<Caller>>>>,
+    /// What a reload must leave as it is (see `restart_only`).
+    fixed: String,
     /// Signatures in flight per device, and requests allowed to wait for one.
     slots: HashMap<String, (Arc<Semaphore>, Arc<Semaphore>)>,
     started: Instant,
@@ -170,16 +175,61 @@ pub struct Service {
 }
 
 /// The trust store and every seal's policy, as configured.
-fn trust_and_policies(
-    config: &Config,
-    config_dir: &std::path::Path,
-) -> Result<(TrustStore, HashMap<String, SealPolicy>), StartError> {
+fn rules_of(config: &Config, config_dir: &std::path::Path) -> Result<Rules, StartError> {
     let trust = TrustStore::from_config(&config.approvers, config_dir)?;
     let mut policies = HashMap::new();
     for s in &config.seals {
         policies.insert(s.id.clone(), SealPolicy::from_config(&s.id, &s.rules)?);
     }
-    Ok((trust, policies))
+    Ok(Rules { trust, policies })
+}
+
+fn callers_of(config: &Config) -> Arc<Vec<Arc<Caller>>> {
+    Arc::new(
+        config
+            .callers
+            .iter()
+            .map(|c| {
+                Arc::new(Caller {
+                    name: c.name.clone(),
+                    uids: c.uids.clone(),
+                    gids: c.gids.clone(),
+                    seals: c.seals.iter().cloned().collect(),
+                    admin: c.admin,
+                })
+            })
+            .collect(),
+    )
+}
+
+/// The parts of a configuration that only a restart changes: the daemon's settings, devices,
+/// seals and their keys, TOTP and the audit key. A reload that changes them is refused.
+fn restart_only(config: &Config) -> String {
+    let seals: Vec<_> = config
+        .seals
+        .iter()
+        .map(|s| {
+            (
+                &s.id,
+                &s.name,
+                &s.device,
+                &s.key_label,
+                &s.key_id,
+                &s.algorithm,
+            )
+        })
+        .collect();
+    let a = &config.audit;
+    format!(
+        "{:?}",
+        (
+            &config.daemon,
+            &config.devices,
+            seals,
+            &config.mfa,
+            (&a.device, &a.key_label, &a.key_id, &a.algorithm)
+        )
+    )
 }
 
 fn audit_parts(config: &Config, registry: &Registry) -> Result<(AuditKey, Anomaly), StartError> {
@@ -195,7 +245,7 @@ impl Service {
         registry: &Registry,
         config_dir: &std::path::Path,
     ) -> Result<(), StartError> {
-        trust_and_policies(config, config_dir)?;
+        rules_of(config, config_dir)?;
         let store = Store::open(&config.daemon.state_dir)?;
         let (key, _) = audit_parts(config, registry)?;
         AuditLog::check(store.path().to_owned(), key)?;
@@ -209,7 +259,7 @@ impl Service {
         registry: Registry,
         config_dir: &std::path::Path,
     ) -> Result<Service, StartError> {
-        let (trust, policies) = trust_and_policies(config, config_dir)?;
+        let rules = rules_of(config, config_dir)?;
         let store = Store::open(&config.daemon.state_dir)?;
         let (key, anomaly) = audit_parts(config, &registry)?;
         let audit = AuditLog::open(store.path().to_owned(), key, anomaly)?;
@@ -227,25 +277,8 @@ impl Service {
                 Some(Mfa::new(device, m.max_failures, m.issuer.clone()))
             }
         };
-        let gate = Arc::new(Gate {
-            trust,
-            policies,
-            store,
-            mfa,
-        });
-        let callers = config
-            .callers
-            .iter()
-            .map(|c| {
-                Arc::new(Caller {
-                    name: c.name.clone(),
-                    uids: c.uids.clone(),
-                    gids: c.gids.clone(),
-                    seals: c.seals.iter().cloned().collect(),
-                    admin: c.admin,
-                })
-            })
-            .collect();
+        let gate = Arc::new(Gate::new(rules, store, mfa));
+        let callers = RwLock::new(callers_of(config));
         let slots = registry
             .devices
             .iter()
@@ -267,6 +300,7 @@ impl Service {
             slots,
             started: Instant::now(),
             connections: AtomicUsize::new(0),
+            fixed: restart_only(config),
             audit,
             outcomes: tokio_util::task::TaskTracker::new(),
         })
@@ -293,13 +327,55 @@ impl Service {
             .map_err(|e| ServiceError::AuditUnavailable(e.to_string()))
     }
 
+    /// Puts a re-read configuration in force: callers, the trust store, seal policies and the
+    /// anomaly rules' thresholds, all or nothing. Anything else that changed (devices, seals'
+    /// keys, the daemon's settings, TOTP, the audit key), or a device profile that no longer
+    /// reads the same, refuses the reload and the running configuration stays. Blocks.
+    pub fn reload(&self, config: &Config, config_dir: &std::path::Path) -> Result<(), StartError> {
+        if restart_only(config) != self.fixed {
+            return Err(StartError::Reload(
+                "devices, seals' keys, [daemon], [mfa] or the audit key changed; those take a restart"
+                    .into(),
+            ));
+        }
+        for d in self.registry.devices.iter() {
+            let dc = config
+                .devices
+                .iter()
+                .find(|c| c.id == d.id())
+                .expect("devices are unchanged");
+            let profile = crate::device::profile::DeviceProfile::load(
+                &config.daemon.profiles_dir,
+                &dc.profile,
+            )
+            .map_err(|e| StartError::Reload(format!("device {:?}: {e}", dc.id)))?;
+            if format!("{profile:?}") != format!("{:?}", d.profile()) {
+                return Err(StartError::Reload(format!(
+                    "device profile {:?} changed; profile changes take a restart",
+                    dc.profile
+                )));
+            }
+        }
+        let rules = rules_of(config, config_dir)?;
+        let anomaly = Anomaly::from_config(&config.audit.alerts).map_err(StartError::Reload)?;
+        let callers = callers_of(config);
+        self.gate.replace_rules(rules);
+        *self.callers.write().unwrap_or_else(|p| p.into_inner()) = callers;
+        self.audit.replace_anomaly(anomaly);
+        Ok(())
+    }
+
     /// Names the caller behind a connection: a uid match wins over a gid match.
     pub fn identify(&self, uid: u32, gid: u32, pid: Option<i32>) -> Peer {
-        let caller = self
+        let callers = self
             .callers
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let caller = callers
             .iter()
             .find(|c| c.uids.contains(&uid))
-            .or_else(|| self.callers.iter().find(|c| c.gids.contains(&gid)))
+            .or_else(|| callers.iter().find(|c| c.gids.contains(&gid)))
             .cloned();
         Peer {
             uid,
