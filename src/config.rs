@@ -70,6 +70,10 @@ pub struct DaemonConfig {
     /// Running as root is refused unless this is true.
     #[serde(default)]
     pub allow_root: bool,
+    /// Serve Prometheus metrics at http://ADDRESS/metrics; a loopback address only. Off when
+    /// unset.
+    #[serde(default)]
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
 fn default_max_frame() -> usize {
@@ -348,6 +352,13 @@ impl Config {
         if self.daemon.request_timeout_ms == 0 {
             return invalid("daemon.request_timeout_ms must be at least 1".into());
         }
+        if let Some(a) = self.daemon.metrics_listen {
+            if !a.ip().is_loopback() {
+                return invalid(format!(
+                    "daemon.metrics_listen {a} is not a loopback address; metrics are served on loopback only"
+                ));
+            }
+        }
         let mut devices = HashSet::new();
         for d in &self.devices {
             if !devices.insert(d.id.as_str()) {
@@ -612,6 +623,20 @@ key_label = "audit"
     fn seal_on_unknown_device_is_refused() {
         let text = GOOD.replacen("device = \"hsm\"", "device = \"other\"", 1);
         assert!(parse(&text).unwrap_err().to_string().contains("\"other\""));
+    }
+
+    #[test]
+    fn metrics_are_served_on_loopback_only() {
+        let with = |addr: &str| {
+            GOOD.replace(
+                "state_dir = \"state\"",
+                &format!("state_dir = \"state\"\nmetrics_listen = \"{addr}\""),
+            )
+        };
+        assert!(parse(&with("127.0.0.1:9464")).is_ok());
+        assert!(parse(&with("[::1]:9464")).is_ok());
+        let err = parse(&with("0.0.0.0:9464")).unwrap_err().to_string();
+        assert!(err.contains("loopback"), "{err}");
     }
 
     #[test]

@@ -11,12 +11,14 @@
 //! - [`store`]: the durable state (SQLite).
 //! - [`device`]: the seal devices behind one trait (PKCS#11 today), and device profiles.
 //! - [`config`]: the daemon's TOML configuration and the PINs it points to.
+//! - [`metrics`]: Prometheus counters and histograms, and their loopback endpoint.
 #![deny(unsafe_code)]
 
 pub mod approval;
 pub mod audit;
 pub mod config;
 pub mod device;
+pub mod metrics;
 pub mod policy;
 pub mod protocol;
 pub mod server;

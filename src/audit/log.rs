@@ -463,6 +463,7 @@ impl Writer {
                 self.after_commit(&committed);
             }
             Err(f) => {
+                crate::metrics::get().audit_failure();
                 if !self.failing {
                     tracing::error!(error = %f.error, "audit log write failed; refusing stamps until it recovers");
                 }
@@ -620,6 +621,7 @@ impl Writer {
                     detail = %r.detail,
                     "alert"
                 );
+                crate::metrics::get().alert(&r.reason);
                 let _ = self.alerts.send(r.clone());
                 continue;
             }
@@ -628,6 +630,7 @@ impl Writer {
                 Err(e) => tracing::error!(error = %e, "anomaly rules could not read the log"),
             }
         }
+        crate::metrics::get().audit_batch(committed.len());
         {
             let mut s = self.status.lock().unwrap_or_else(|p| p.into_inner());
             s.batches += 1;

@@ -27,18 +27,64 @@ struct Args {
     /// Check the configuration and open every device, then exit.
     #[arg(long)]
     check: bool,
+    /// Log format: auto is the systemd journal when stderr goes to it, text otherwise.
+    #[arg(long, env = "SEALGATE_LOG_FORMAT", value_enum, default_value = "auto")]
+    log_format: LogFormat,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    Auto,
+    Text,
+    /// One JSON object per line, with the request's spans (caller, request id, seal).
+    Json,
+    Journald,
+}
+
+/// Logging to the journal (with fields), as JSON lines, or as text; level from $SEALGATE_LOG.
+fn init_logging(format: LogFormat) {
+    use tracing_subscriber::prelude::*;
+    let filter = tracing_subscriber::EnvFilter::try_from_env("SEALGATE_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let registry = tracing_subscriber::registry().with(filter);
+    // systemd sets JOURNAL_STREAM when stderr is connected to the journal.
+    let journal = format == LogFormat::Journald
+        || (format == LogFormat::Auto && std::env::var_os("JOURNAL_STREAM").is_some());
+    if journal {
+        match tracing_journald::layer() {
+            Ok(layer) => {
+                registry
+                    .with(layer.with_syslog_identifier("sealgated".into()))
+                    .init();
+                return;
+            }
+            Err(e) => eprintln!("sealgated: no systemd journal ({e}); logging to stderr"),
+        }
+    }
+    if format == LogFormat::Json {
+        registry
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .json()
+                    .with_current_span(true)
+                    .with_span_list(true)
+                    .with_writer(std::io::stderr),
+            )
+            .init();
+    } else {
+        registry
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .with_writer(std::io::stderr)
+                    .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())),
+            )
+            .init();
+    }
 }
 
 fn main() {
     let args = Args::parse();
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("SEALGATE_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .init();
+    init_logging(args.log_format);
     if let Err(e) = run(args) {
         eprintln!("sealgated: {e:#}");
         std::process::exit(1);
@@ -86,6 +132,13 @@ fn run(args: Args) -> anyhow::Result<()> {
             }
             None => Listener::bind(&config.daemon.socket, config.daemon.socket_group.as_deref())?,
         };
+        if let Some(addr) = config.daemon.metrics_listen {
+            let metrics = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("cannot serve metrics on {addr}"))?;
+            tracing::info!(%addr, "serving metrics at /metrics");
+            tokio::spawn(sealgate::metrics::serve(metrics));
+        }
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
             .context("cannot watch SIGTERM")?;
         let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())

@@ -283,17 +283,21 @@ async fn connection(
                 // Subscribed before the recent alerts are read, so none falls in between.
                 let follow = matches!(&req.body, Some(request::Body::WatchAlerts(w)) if w.follow)
                     .then(|| service.audit().subscribe_alerts());
-                let resp =
-                    match tokio::time::timeout(limits.request_timeout, service.handle(peer, req))
-                        .await
-                    {
-                        Ok(resp) => resp,
-                        Err(_) => ServiceError::Timeout(format!(
-                            "the request did not finish within {} ms",
-                            limits.request_timeout.as_millis()
-                        ))
-                        .into_response(id),
-                    };
+                let span = tracing::info_span!(
+                    "request",
+                    id = req.request_id,
+                    kind = request_kind(&req),
+                    seal = request_seal(&req)
+                );
+                let handled = service.handle(peer, req).instrument(span);
+                let resp = match tokio::time::timeout(limits.request_timeout, handled).await {
+                    Ok(resp) => resp,
+                    Err(_) => ServiceError::Timeout(format!(
+                        "the request did not finish within {} ms",
+                        limits.request_timeout.as_millis()
+                    ))
+                    .into_response(id),
+                };
                 if let (Some(alerts), true) = (follow, resp.status == Status::Ok as i32) {
                     let after = match &resp.body {
                         Some(response::Body::Alerts(a)) => {
@@ -312,6 +316,38 @@ async fn connection(
         if !send(&mut framed, response).await {
             return framed;
         }
+    }
+}
+
+/// The request's name, for its log span.
+fn request_kind(req: &Request) -> &'static str {
+    use request::Body as B;
+    match &req.body {
+        None => "none",
+        Some(B::Hello(_)) => "hello",
+        Some(B::ListSeals(_)) => "list_seals",
+        Some(B::DescribeSeal(_)) => "describe_seal",
+        Some(B::Stamp(_)) => "stamp",
+        Some(B::Status(_)) => "status",
+        Some(B::CheckApproval(_)) => "check_approval",
+        Some(B::EnrollMfa(_)) => "enroll_mfa",
+        Some(B::ResetMfa(_)) => "reset_mfa",
+        Some(B::WatchAlerts(_)) => "watch_alerts",
+    }
+}
+
+/// The seal a request names, if any (cut short: it is caller input).
+fn request_seal(req: &Request) -> &str {
+    use request::Body as B;
+    let seal = match &req.body {
+        Some(B::DescribeSeal(d)) => d.seal_id.as_str(),
+        Some(B::Stamp(s)) => s.seal_id.as_str(),
+        Some(B::CheckApproval(c)) => c.seal_id.as_str(),
+        _ => "",
+    };
+    match seal.char_indices().nth(64) {
+        Some((i, _)) => &seal[..i],
+        None => seal,
     }
 }
 

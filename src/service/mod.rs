@@ -26,6 +26,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use tokio::sync::Semaphore;
+use tracing::Instrument;
 
 /// Longest purpose text accepted, in bytes.
 pub const MAX_PURPOSE_BYTES: usize = 4096;
@@ -418,6 +419,7 @@ impl Service {
                     );
                     r.reason = "unknown_caller".into();
                     r.detail = e.to_string();
+                    crate::metrics::get().denial("", "unknown_caller");
                     self.record_refusal(r).await;
                     Err(e)
                 }
@@ -623,11 +625,17 @@ impl Service {
                 .iter()
                 .map(|d| {
                     let (status, detail) = health_fields(d.health());
+                    let (in_flight, queue) = &self.slots[d.id()];
+                    let parallel = d.parallelism();
+                    let limit = parallel * QUEUE_PER_SESSION;
                     pb::DeviceReport {
                         id: d.id().to_owned(),
                         profile: d.profile().name.clone(),
                         status: status as i32,
                         detail,
+                        queued: (limit - queue.available_permits()) as u32,
+                        signing: (parallel - in_flight.available_permits()) as u32,
+                        queue_limit: limit as u32,
                     }
                 })
                 .collect(),
@@ -664,6 +672,7 @@ impl Service {
         caller: &Caller,
         req: pb::StampRequest,
     ) -> Result<response::Body, ServiceError> {
+        let started = Instant::now();
         let seal = match self.seal_for(caller, &req.seal_id) {
             Ok(s) => s,
             Err(e) => {
@@ -672,6 +681,13 @@ impl Service {
                 r.seal = req.seal_id.chars().take(200).collect();
                 r.reason = e.status().as_str_name().to_ascii_lowercase();
                 r.detail = e.to_string();
+                // Only configured seal names become labels; a made-up one counts under "".
+                let label = if self.registry.seals.contains_key(&req.seal_id) {
+                    req.seal_id.as_str()
+                } else {
+                    ""
+                };
+                crate::metrics::get().denial(label, &r.reason);
                 self.record_refusal(r).await;
                 return Err(e);
             }
@@ -719,6 +735,7 @@ impl Service {
             record.kind = kind::STAMP_DENIED.into();
             record.reason = d.reason.code().into();
             record.detail = d.detail.clone();
+            crate::metrics::get().denial(&seal.id, d.reason.code());
             self.record_refusal(record).await;
             return Err(ServiceError::Denied(d));
         }
@@ -729,6 +746,7 @@ impl Service {
         let (auth_seq, uses_left) = match self.audit.authorize(pending, record.clone()).await? {
             Appended::Authorized { seq, uses_left } => (seq, uses_left),
             Appended::Refused { denial, .. } => {
+                crate::metrics::get().denial(&seal.id, denial.reason.code());
                 tracing::info!(
                     caller = %caller.name,
                     seal = %seal.id,
@@ -748,6 +766,7 @@ impl Service {
         // From here the stamp runs to a recorded outcome in a task of its own, so a timeout
         // or a vanished client cannot leave the authorisation without one.
         let job = Signing {
+            started,
             audit: self.audit.clone(),
             in_flight: in_flight.clone(),
             device: seal.device.clone(),
@@ -759,10 +778,13 @@ impl Service {
         };
         let signature = self
             .outcomes
-            .spawn(async move {
-                let _queued = queued;
-                job.run().await
-            })
+            .spawn(
+                async move {
+                    let _queued = queued;
+                    job.run().await
+                }
+                .instrument(tracing::Span::current()),
+            )
             .await
             .map_err(|e| ServiceError::Internal(format!("signing task failed: {e}")))??;
         Ok(response::Body::Stamp(pb::StampResponse {
@@ -789,6 +811,8 @@ impl Service {
 
 /// The part of a stamp after its authorisation is durable: sign, then record the outcome.
 struct Signing {
+    /// When the request arrived.
+    started: Instant,
     audit: AuditLog,
     in_flight: Arc<Semaphore>,
     device: Arc<dyn SealDevice>,
@@ -804,7 +828,7 @@ impl Signing {
     async fn run(self) -> Result<Vec<u8>, ServiceError> {
         let mut outcome = self.record;
         outcome.ref_seq = Some(self.auth_seq);
-        let started = Instant::now();
+        let metrics = crate::metrics::get();
         let signed = match self.in_flight.acquire_owned().await {
             Err(_) => Err(ServiceError::ShuttingDown),
             Ok(permit) => {
@@ -823,6 +847,10 @@ impl Signing {
         };
         let signature = match signed {
             Err(e) => {
+                metrics.stamp(&outcome.seal, "failed", None);
+                if matches!(e, ServiceError::Device(_)) {
+                    metrics.device_error(self.device.id());
+                }
                 outcome.kind = kind::STAMP_FAILED.into();
                 outcome.reason = e.status().as_str_name().to_ascii_lowercase();
                 outcome.detail = e.to_string();
@@ -850,6 +878,7 @@ impl Signing {
                 "the signature was made but withheld: its completion could not be recorded ({e})"
             );
             outcome.evidence.clear();
+            metrics.stamp(&outcome.seal, "failed", None);
             self.audit.append_later(outcome);
             return Err(ServiceError::AuditUnavailable(format!(
                 "{e}; the signature was withheld"
@@ -861,8 +890,13 @@ impl Signing {
             applicant = %outcome.applicant,
             approval = %outcome.jti,
             document = %outcome.doc_sha256,
-            micros = started.elapsed().as_micros() as u64,
+            micros = self.started.elapsed().as_micros() as u64,
             "stamped"
+        );
+        metrics.stamp(
+            &outcome.seal,
+            "completed",
+            Some(self.started.elapsed().as_secs_f64()),
         );
         Ok(signature)
     }

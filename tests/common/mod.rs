@@ -130,6 +130,8 @@ pub struct Opts {
     pub caller_seals: Option<Vec<String>>,
     /// Lines of the `[audit.alerts]` table.
     pub alerts: String,
+    /// More lines of the `[daemon]` table.
+    pub daemon_extra: String,
 }
 
 impl Default for Opts {
@@ -143,6 +145,7 @@ impl Default for Opts {
             extra: String::new(),
             caller_seals: None,
             alerts: String::new(),
+            daemon_extra: String::new(),
         }
     }
 }
@@ -296,6 +299,7 @@ max_frame_bytes = {frame}
 max_connections = {conns}
 request_timeout_ms = {timeout}
 allow_root = {root}
+{daemon_extra}
 
 [[caller]]
 name = "test-app"
@@ -335,6 +339,7 @@ key_label = "sealgate-audit"
         uids = opts.uids,
         pin = demo.pin_file().display(),
         alerts = opts.alerts,
+        daemon_extra = opts.daemon_extra,
     );
     t += &approvers_text(demo);
     for (id, label, alg) in DEMO_SEALS {

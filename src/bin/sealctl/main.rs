@@ -696,7 +696,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 let devices: Vec<_> = st
                     .devices
                     .iter()
-                    .map(|d| json!({"id": d.id, "profile": d.profile, "status": device_status(d.status), "detail": d.detail}))
+                    .map(|d| json!({"id": d.id, "profile": d.profile, "status": device_status(d.status), "detail": d.detail, "queued": d.queued, "signing": d.signing, "queue_limit": d.queue_limit}))
                     .collect();
                 let seals: Vec<_> = st
                     .seals
@@ -726,9 +726,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 );
                 for d in &st.devices {
                     println!(
-                        "device {:<14} {:<12} {}{}",
+                        "device {:<14} {:<12} queue {}/{} ({} signing)  {}{}",
                         d.id,
                         d.profile,
+                        d.queued,
+                        d.queue_limit,
+                        d.signing,
                         device_status(d.status),
                         if d.detail.is_empty() {
                             String::new()

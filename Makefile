@@ -1,0 +1,22 @@
+# make && make install [DESTDIR=...] [PREFIX=/usr]: what a package needs, in the places the
+# systemd units and the default configuration expect.
+PREFIX ?= /usr
+SYSTEMD_UNIT_DIR ?= /lib/systemd/system
+INSTALL ?= install
+
+all:
+	cargo build --release --locked --bins
+
+install:
+	$(INSTALL) -D -m 0755 target/release/sealgated $(DESTDIR)$(PREFIX)/bin/sealgated
+	$(INSTALL) -D -m 0755 target/release/sealctl $(DESTDIR)$(PREFIX)/bin/sealctl
+	$(INSTALL) -d $(DESTDIR)$(PREFIX)/share/sealgate/device-profiles
+	$(INSTALL) -m 0644 device-profiles/*.toml $(DESTDIR)$(PREFIX)/share/sealgate/device-profiles/
+	$(INSTALL) -D -m 0644 systemd/sealgated.service $(DESTDIR)$(SYSTEMD_UNIT_DIR)/sealgated.service
+	$(INSTALL) -D -m 0644 systemd/sealgated.socket $(DESTDIR)$(SYSTEMD_UNIT_DIR)/sealgated.socket
+	$(INSTALL) -D -m 0644 README.md $(DESTDIR)$(PREFIX)/share/doc/sealgate/README.md
+	$(INSTALL) -D -m 0644 docs/audit-log.md $(DESTDIR)$(PREFIX)/share/doc/sealgate/audit-log.md
+	$(INSTALL) -D -m 0644 proto/sealgate/v1/sealgate.proto $(DESTDIR)$(PREFIX)/share/sealgate/proto/sealgate/v1/sealgate.proto
+	$(INSTALL) -d -m 0750 $(DESTDIR)/etc/sealgate
+
+.PHONY: all install
