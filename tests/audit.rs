@@ -726,66 +726,10 @@ async fn few_pin_tries_left_is_an_alert() {
     let (label, pin) = ("alert-pin", "55667788");
     own_token(label, pin);
     let dir = tempfile::tempdir().unwrap();
-    let pin_file = dir.path().join("pin");
-    std::fs::write(&pin_file, format!("{pin}\n")).unwrap();
-    let config = format!(
-        r#"
-[daemon]
-socket = "{socket}"
-profiles_dir = "{profiles}"
-state_dir = "{state}"
-allow_root = true
-
-[[caller]]
-name = "t"
-uids = [{uid}]
-seals = ["s"]
-admin = true
-
-[[device]]
-id = "pin-hsm"
-profile = "softhsm2"
-token_label = "{label}"
-pin_file = "{pin_file}"
-
-[[seal]]
-id = "s"
-device = "pin-hsm"
-key_label = "k"
-algorithm = "ecdsa-p256-sha256"
-
-[[seal.rule]]
-levels = ["dept_head"]
-
-[audit]
-device = "pin-hsm"
-key_label = "audit"
-"#,
-        socket = dir.path().join("sealgated.sock").display(),
-        state = dir.path().join("state").display(),
-        profiles = Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("device-profiles")
-            .display(),
-        uid = nix::unistd::getuid(),
-        pin_file = pin_file.display(),
-    );
+    let config = own_token_config(dir.path(), label, pin);
     let d = Daemon::start_with(dir, &config, &[]).unwrap_or_else(|f| panic!("{f:?}"));
     // Someone tries a wrong PIN on the token.
-    let out = Command::new("pkcs11-tool")
-        .args([
-            "--module",
-            SOFTHSM,
-            "--token-label",
-            label,
-            "--login",
-            "--pin",
-            "00000000",
-        ])
-        .arg("--list-objects")
-        .env("SOFTHSM2_CONF", demo().softhsm_conf())
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
+    assert!(!token_login(label, "00000000"));
     let mut c = d.client().await;
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
@@ -794,7 +738,7 @@ key_label = "audit"
             panic!("{}", r.message)
         };
         if let Some(alert) = a.records.iter().find(|x| x.reason == "pin_low") {
-            assert_eq!(alert.device, "pin-hsm");
+            assert_eq!(alert.device, "pin-test");
             break;
         }
         assert!(

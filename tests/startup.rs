@@ -51,45 +51,6 @@ fn missing_token() {
     );
 }
 
-fn pin_config(dir: &std::path::Path, label: &str, pin: &str) -> String {
-    let pin_file = dir.join("pin");
-    std::fs::write(&pin_file, format!("{pin}\n")).unwrap();
-    format!(
-        r#"
-[daemon]
-socket = "{socket}"
-profiles_dir = "{profiles}"
-state_dir = "{state}"
-allow_root = true
-
-[[device]]
-id = "pin-test"
-profile = "softhsm2"
-token_label = "{label}"
-pin_file = "{pin_file}"
-
-[[seal]]
-id = "s"
-device = "pin-test"
-key_label = "k"
-algorithm = "ecdsa-p256-sha256"
-
-[audit]
-device = "pin-test"
-key_label = "audit"
-
-[[seal.rule]]
-levels = ["dept_head"]
-"#,
-        socket = dir.join("s.sock").display(),
-        state = dir.join("state").display(),
-        profiles = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("device-profiles")
-            .display(),
-        pin_file = pin_file.display(),
-    )
-}
-
 #[test]
 fn wrong_pin_is_tried_once_and_a_low_count_is_never_spent() {
     let (label, right) = ("pin-test", "11223344");
@@ -97,34 +58,21 @@ fn wrong_pin_is_tried_once_and_a_low_count_is_never_spent() {
     let dir = tempfile::tempdir().unwrap();
 
     // A wrong PIN: refused, named, and not tried again.
-    let (status, stderr) = run_to_exit(dir.path(), &pin_config(dir.path(), label, "99999999"));
+    let (status, stderr) =
+        run_to_exit(dir.path(), &own_token_config(dir.path(), label, "99999999"));
     assert!(!status.success());
     assert!(stderr.contains("refused the PIN (wrong PIN)"), "{stderr}");
     assert!(!stderr.contains("99999999"), "the PIN leaked: {stderr}");
 
     // The token now reports its PIN count low: even the right PIN is not tried automatically.
-    let (status, stderr) = run_to_exit(dir.path(), &pin_config(dir.path(), label, right));
+    let (status, stderr) = run_to_exit(dir.path(), &own_token_config(dir.path(), label, right));
     assert!(!status.success());
     assert!(stderr.contains("few PIN tries left"), "{stderr}");
 
     // An operator logs in once by hand; the count resets and the daemon starts.
-    let out = std::process::Command::new("pkcs11-tool")
-        .args([
-            "--module",
-            SOFTHSM,
-            "--token-label",
-            label,
-            "--login",
-            "--pin",
-            right,
-            "--list-objects",
-        ])
-        .env("SOFTHSM2_CONF", demo().softhsm_conf())
-        .output()
-        .unwrap();
-    assert!(out.status.success());
+    assert!(token_login(label, right));
     let dir2 = tempfile::tempdir().unwrap();
-    let text = pin_config(dir2.path(), label, right);
+    let text = own_token_config(dir2.path(), label, right);
     let d = Daemon::start_with(dir2, &text, &[]).expect("starts with the right PIN");
     assert!(d.stop().success());
 }

@@ -32,6 +32,23 @@ const REOPEN_INTERVAL: Duration = Duration::from_secs(1);
 /// Records kept for a later batch (alerts, outcomes of stamps whose reply failed) at most.
 const MAX_PENDING: usize = 10_000;
 
+/// A record's detail is cut to this many bytes.
+const MAX_DETAIL_BYTES: usize = 2048;
+/// A seal name taken from a request is cut to this many bytes.
+const MAX_NAME_BYTES: usize = 256;
+
+/// Cuts `s` to at most `max` bytes, at a character boundary.
+fn clip(s: &mut String, max: usize) {
+    if s.len() > max {
+        let mut end = max;
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        s.truncate(end);
+        s.push('…');
+    }
+}
+
 /// Why a record could not be made durable.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum AuditError {
@@ -148,6 +165,7 @@ impl AuditLog {
     pub fn check(path: PathBuf, key: AuditKey) -> Result<(), AuditError> {
         let (alerts, _) = broadcast::channel(1);
         let mut w = Writer::new(path, key, Anomaly::none(), alerts, Default::default());
+        w.read_only = true;
         w.open().map_err(|e| AuditError::Open(e.to_string()))?;
         w.check_tail()
     }
@@ -250,6 +268,8 @@ struct Writer {
     /// The last batch failed.
     failing: bool,
     error: String,
+    /// Only checking (`sealgated --check`): open() writes nothing.
+    read_only: bool,
 }
 
 /// How a failed statement leaves the store.
@@ -365,6 +385,7 @@ impl Writer {
             status,
             failing: false,
             error: String::new(),
+            read_only: false,
         }
     }
 
@@ -515,6 +536,9 @@ impl Writer {
             let mut push = |mut r: Record| -> Result<u64, rusqlite::Error> {
                 seq += 1;
                 r.at_ms = now;
+                // Details quote caller input (seal names, approver ids); keep them bounded.
+                clip(&mut r.detail, MAX_DETAIL_BYTES);
+                clip(&mut r.seal, MAX_NAME_BYTES);
                 r.seal_after(seq, head);
                 head = r.hash;
                 insert_record(&tx, &r)?;
@@ -709,11 +733,13 @@ impl Writer {
                     .optional()?,
             }),
         };
-        conn.execute(
-            "INSERT OR IGNORE INTO audit_keys (key_id, algorithm, spki, first_used_ms) \
-             VALUES (?1, ?2, ?3, ?4)",
-            params![self.key_id, self.algorithm, self.key_spki, now_ms()],
-        )?;
+        if !self.read_only {
+            conn.execute(
+                "INSERT OR IGNORE INTO audit_keys (key_id, algorithm, spki, first_used_ms) \
+                 VALUES (?1, ?2, ?3, ?4)",
+                params![self.key_id, self.algorithm, self.key_spki, now_ms()],
+            )?;
+        }
         self.conn = Some(conn);
         self.publish_status();
         Ok(())
@@ -819,5 +845,20 @@ impl Writer {
             );
         }
         Ok(found)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::clip;
+
+    #[test]
+    fn clip_cuts_long_text_at_a_character_boundary() {
+        let mut s = "印章".repeat(10); // 3 bytes a character
+        clip(&mut s, 7);
+        assert_eq!(s, "印章…");
+        let mut short = "ok".to_string();
+        clip(&mut short, 7);
+        assert_eq!(short, "ok");
     }
 }

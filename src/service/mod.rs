@@ -724,18 +724,10 @@ impl Service {
             .await?;
         let mut record = stamp_record(caller, seal, &digest, &purpose, &verdict);
         if let Some(d) = verdict.denials.into_iter().next() {
-            tracing::info!(
-                caller = %caller.name,
-                seal = %seal.id,
-                applicant = %record.applicant,
-                approval = %record.jti,
-                reason = %d.reason.code(),
-                "stamp refused"
-            );
+            note_refusal(&record, &d);
             record.kind = kind::STAMP_DENIED.into();
             record.reason = d.reason.code().into();
             record.detail = d.detail.clone();
-            crate::metrics::get().denial(&seal.id, d.reason.code());
             self.record_refusal(record).await;
             return Err(ServiceError::Denied(d));
         }
@@ -746,15 +738,7 @@ impl Service {
         let (auth_seq, uses_left) = match self.audit.authorize(pending, record.clone()).await? {
             Appended::Authorized { seq, uses_left } => (seq, uses_left),
             Appended::Refused { denial, .. } => {
-                crate::metrics::get().denial(&seal.id, denial.reason.code());
-                tracing::info!(
-                    caller = %caller.name,
-                    seal = %seal.id,
-                    applicant = %record.applicant,
-                    approval = %record.jti,
-                    reason = %denial.reason.code(),
-                    "stamp refused"
-                );
+                note_refusal(&record, &denial);
                 return Err(ServiceError::Denied(denial));
             }
             Appended::Record { .. } => {
@@ -900,6 +884,19 @@ impl Signing {
         );
         Ok(signature)
     }
+}
+
+/// Logs and counts an approval refusal of the stamp `record` describes.
+fn note_refusal(record: &Record, d: &crate::approval::Denial) {
+    tracing::info!(
+        caller = %record.caller,
+        seal = %record.seal,
+        applicant = %record.applicant,
+        approval = %record.jti,
+        reason = %d.reason.code(),
+        "stamp refused"
+    );
+    crate::metrics::get().denial(&record.seal, d.reason.code());
 }
 
 /// The record of a stamp request, before its kind is known.

@@ -110,6 +110,75 @@ pub fn own_token(label: &str, pin: &str) {
     }
 }
 
+/// A configuration for a token made by [`own_token`]: seal "s" on key "k", the audit key
+/// "audit", the PIN `pin` in DIR/pin, and the current user as an administrator caller.
+pub fn own_token_config(dir: &Path, label: &str, pin: &str) -> String {
+    let pin_file = dir.join("pin");
+    std::fs::write(&pin_file, format!("{pin}\n")).unwrap();
+    format!(
+        r#"
+[daemon]
+socket = "{socket}"
+profiles_dir = "{profiles}"
+state_dir = "{state}"
+allow_root = true
+
+[[caller]]
+name = "t"
+uids = [{uid}]
+seals = ["s"]
+admin = true
+
+[[device]]
+id = "pin-test"
+profile = "softhsm2"
+token_label = "{label}"
+pin_file = "{pin_file}"
+
+[[seal]]
+id = "s"
+device = "pin-test"
+key_label = "k"
+algorithm = "ecdsa-p256-sha256"
+
+[[seal.rule]]
+levels = ["dept_head"]
+
+[audit]
+device = "pin-test"
+key_label = "audit"
+"#,
+        socket = dir.join("sealgated.sock").display(),
+        state = dir.join("state").display(),
+        profiles = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("device-profiles")
+            .display(),
+        uid = nix::unistd::getuid(),
+        pin_file = pin_file.display(),
+    )
+}
+
+/// Logs in to a token of the demo's SoftHSM with `pin` by hand (pkcs11-tool); true if the
+/// token took it.
+pub fn token_login(label: &str, pin: &str) -> bool {
+    Command::new("pkcs11-tool")
+        .args([
+            "--module",
+            SOFTHSM,
+            "--token-label",
+            label,
+            "--login",
+            "--pin",
+            pin,
+        ])
+        .arg("--list-objects")
+        .env("SOFTHSM2_CONF", demo().softhsm_conf())
+        .output()
+        .unwrap()
+        .status
+        .success()
+}
+
 /// A demo seal: id, key label, algorithm.
 pub const DEMO_SEALS: [(&str, &str, &str); 3] = [
     ("contract", "contract-seal", "ecdsa-p256-sha256"),

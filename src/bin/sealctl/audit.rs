@@ -5,7 +5,7 @@ use anyhow::{bail, Context};
 use clap::{Args as ClapArgs, Subcommand, ValueEnum};
 use sealgate::audit::query::{self, Filter};
 use sealgate::audit::verify::{verify, Report, TrustedKey};
-use sealgate::audit::{Checkpoint, Record};
+use sealgate::audit::Checkpoint;
 use sealgate::device::keys::pem;
 use std::io::{BufRead, BufWriter, Write};
 use std::path::{Path, PathBuf};
@@ -450,12 +450,10 @@ fn query_out(conn: &rusqlite::Connection, filter: &Filter, format: Format) -> an
             r
         }
         Format::Csv => {
+            // One column per record field, named as in the log; hashes in hex.
             let mut w = csv::Writer::from_writer(&mut out);
-            w.write_record(CSV_HEADER)?;
-            query::for_each(conn, filter, |r| {
-                w.write_record(csv_row(&r)).map_err(|e| e.to_string())
-            })
-            .and_then(|_| w.flush().map_err(|e| e.to_string()))
+            query::for_each(conn, filter, |r| w.serialize(&r).map_err(|e| e.to_string()))
+                .and_then(|_| w.flush().map_err(|e| e.to_string()))
         }
         Format::Table => {
             writeln!(
@@ -483,62 +481,6 @@ fn query_out(conn: &rusqlite::Connection, filter: &Filter, format: Format) -> an
     result.map_err(|e| anyhow::anyhow!(e))?;
     out.flush()?;
     Ok(())
-}
-
-const CSV_HEADER: [&str; 24] = [
-    "seq",
-    "time",
-    "kind",
-    "seal",
-    "device",
-    "device_profile",
-    "device_serial",
-    "caller",
-    "applicant",
-    "approvers",
-    "jti",
-    "doc_sha256",
-    "doc_type",
-    "amount",
-    "currency",
-    "dept",
-    "purpose",
-    "reason",
-    "detail",
-    "evidence",
-    "ref_seq",
-    "prev_hash",
-    "hash",
-    "at_ms",
-];
-
-fn csv_row(r: &Record) -> [String; 24] {
-    [
-        r.seq.to_string(),
-        time(r.at_ms),
-        r.kind.clone(),
-        r.seal.clone(),
-        r.device.clone(),
-        r.device_profile.clone(),
-        r.device_serial.clone(),
-        r.caller.clone(),
-        r.applicant.clone(),
-        r.approvers.clone(),
-        r.jti.clone(),
-        r.doc_sha256.clone(),
-        r.doc_type.clone(),
-        r.amount.map(|a| a.to_string()).unwrap_or_default(),
-        r.currency.clone(),
-        r.dept.clone(),
-        r.purpose.clone(),
-        r.reason.clone(),
-        r.detail.clone(),
-        r.evidence.clone(),
-        r.ref_seq.map(|s| s.to_string()).unwrap_or_default(),
-        hex::encode(r.prev_hash),
-        hex::encode(r.hash),
-        r.at_ms.to_string(),
-    ]
 }
 
 fn print_stats(s: &query::Stats) {
