@@ -67,18 +67,6 @@ pub struct Verdict {
     pub pending: Option<PendingUse>,
 }
 
-impl Verdict {
-    pub fn jti(&self) -> &str {
-        self.claims.as_ref().map(|c| c.jti.as_str()).unwrap_or("")
-    }
-    pub fn applicant(&self) -> &str {
-        self.claims
-            .as_ref()
-            .map(|c| c.applicant.as_str())
-            .unwrap_or("")
-    }
-}
-
 impl Gate {
     pub fn new(rules: Rules, store: Store, mfa: Option<Mfa>) -> Gate {
         Gate {

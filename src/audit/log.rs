@@ -10,7 +10,7 @@
 //! failed write.
 
 use super::anomaly::Anomaly;
-use super::{kind, now_ms, Checkpoint, Record, TEXT_COLUMNS};
+use super::{kind, now_ms, Checkpoint, Record};
 use crate::approval::gate::PendingUse;
 use crate::approval::{ledger, Denial};
 use crate::device::{Health, SealDevice};
@@ -117,7 +117,6 @@ pub struct AuditStatus {
     pub error: String,
     pub batches: u64,
     pub records: u64,
-    pub queued: u64,
 }
 
 /// The handle services use; cheap to clone.
@@ -810,30 +809,23 @@ impl Writer {
     fn dangling(&self) -> Result<Vec<Record>, AuditError> {
         let conn = self.conn.as_ref().expect("opened");
         let sql = format!(
-            "SELECT a.seq, {} FROM audit a WHERE a.kind = 'stamp.authorized' \
+            "SELECT {} FROM audit a WHERE a.kind = 'stamp.authorized' \
              AND NOT EXISTS (SELECT 1 FROM audit b WHERE b.ref_seq = a.seq) ORDER BY a.seq",
-            TEXT_COLUMNS.map(|c| format!("a.{c}")).join(", ")
+            super::query::record_columns()
         );
         let read = || -> Result<Vec<Record>, rusqlite::Error> {
             let mut stmt = conn.prepare(&sql)?;
             let rows = stmt.query_map([], |row| {
-                let mut r = Record::new(kind::STAMP_OUTCOME_UNKNOWN);
-                let auth_seq: i64 = row.get(0)?;
-                let text = |i: usize| row.get::<_, String>(i + 1);
-                r.seal = text(1)?;
-                r.device = text(2)?;
-                r.device_profile = text(3)?;
-                r.device_serial = text(4)?;
-                r.caller = text(5)?;
-                r.applicant = text(6)?;
-                r.jti = text(8)?;
-                r.doc_sha256 = text(9)?;
-                r.doc_type = text(10)?;
-                r.ref_seq = Some(auth_seq as u64);
-                r.detail =
-                    "the daemon stopped before the device's answer was recorded; the use stays consumed"
-                        .into();
-                Ok(r)
+                let auth = super::query::record_from_row(row)?;
+                Ok(Record {
+                    kind: kind::STAMP_OUTCOME_UNKNOWN.into(),
+                    ref_seq: Some(auth.seq),
+                    reason: String::new(),
+                    detail: "the daemon stopped before the device's answer was recorded; \
+                             the use stays consumed"
+                        .into(),
+                    ..auth
+                })
             })?;
             rows.collect()
         };

@@ -128,7 +128,6 @@ pub struct Filter {
     pub kind: Option<String>,
     pub reason: Option<String>,
     pub doc_sha256: Option<String>,
-    pub after_seq: Option<u64>,
     pub limit: Option<u64>,
 }
 
@@ -170,9 +169,6 @@ impl Filter {
         }
         if let Some(s) = &self.doc_sha256 {
             add("doc_sha256 = ?", Value::Text(s.to_ascii_lowercase()));
-        }
-        if let Some(s) = self.after_seq {
-            add("seq > ?", Value::Integer(s as i64));
         }
         let mut sql = format!("SELECT {} FROM audit", record_columns());
         if !clauses.is_empty() {

@@ -187,7 +187,8 @@ fn parse_time(s: &str) -> anyhow::Result<i64> {
         .as_millisecond())
 }
 
-fn time(ms: i64) -> String {
+/// A Unix time in milliseconds as RFC 3339 (UTC, milliseconds).
+pub fn time(ms: i64) -> String {
     jiff::Timestamp::from_millisecond(ms)
         .map(|t| format!("{t:.3}"))
         .unwrap_or_else(|_| ms.to_string())
@@ -205,7 +206,6 @@ impl FilterArgs {
             kind: self.kind.clone(),
             reason: self.reason.clone(),
             doc_sha256: self.doc.clone(),
-            after_seq: None,
             limit: self.limit,
         })
     }
@@ -278,6 +278,15 @@ fn print_report(r: &Report, seconds: f64, rate: f64) {
     }
 }
 
+/// An audit public key from an SPKI PEM file.
+fn key_file(path: &Path) -> anyhow::Result<TrustedKey> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let (_, der) = pem_rfc7468::decode_vec(text.as_bytes())
+        .map_err(|e| anyhow::anyhow!("{}: not PEM: {e}", path.display()))?;
+    TrustedKey::from_spki(der).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
+}
+
 fn keys_from_log(conn: &rusqlite::Connection) -> anyhow::Result<Vec<TrustedKey>> {
     query::audit_keys(conn)?
         .into_iter()
@@ -344,10 +353,7 @@ fn verify_bundle(dir: &Path, mut keys: Vec<TrustedKey>) -> anyhow::Result<Report
         for entry in
             std::fs::read_dir(&kdir).with_context(|| format!("cannot read {}", kdir.display()))?
         {
-            let text = std::fs::read_to_string(entry?.path())?;
-            let (_, der) = pem_rfc7468::decode_vec(text.as_bytes())
-                .map_err(|e| anyhow::anyhow!("an audit key in the bundle is not PEM: {e}"))?;
-            keys.push(TrustedKey::from_spki(der).map_err(|e| anyhow::anyhow!(e))?);
+            keys.push(key_file(&entry?.path())?);
         }
     }
     let mut checkpoints = Vec::new();

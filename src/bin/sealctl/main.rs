@@ -443,9 +443,7 @@ fn check(resp: Response) -> anyhow::Result<response::Body> {
 }
 
 fn print_alert(r: &pb::AuditRecord, json: bool) {
-    let time = jiff::Timestamp::from_millisecond(r.at_unix_ms as i64)
-        .map(|t| format!("{t:.3}"))
-        .unwrap_or_default();
+    let time = audit::time(r.at_unix_ms as i64);
     if json {
         println!(
             "{}",
