@@ -3,13 +3,15 @@
 PREFIX ?= /usr
 SYSTEMD_UNIT_DIR ?= /lib/systemd/system
 INSTALL ?= install
+# Where `make` left the binaries (the tests install a debug build from target/debug).
+BUILD_DIR ?= target/release
 
 all:
 	cargo build --release --locked --bins
 
 install:
-	$(INSTALL) -D -m 0755 target/release/sealgated $(DESTDIR)$(PREFIX)/bin/sealgated
-	$(INSTALL) -D -m 0755 target/release/sealctl $(DESTDIR)$(PREFIX)/bin/sealctl
+	$(INSTALL) -D -m 0755 $(BUILD_DIR)/sealgated $(DESTDIR)$(PREFIX)/bin/sealgated
+	$(INSTALL) -D -m 0755 $(BUILD_DIR)/sealctl $(DESTDIR)$(PREFIX)/bin/sealctl
 	$(INSTALL) -d $(DESTDIR)$(PREFIX)/share/sealgate/device-profiles
 	$(INSTALL) -m 0644 device-profiles/*.toml $(DESTDIR)$(PREFIX)/share/sealgate/device-profiles/
 	$(INSTALL) -D -m 0644 systemd/sealgated.service $(DESTDIR)$(SYSTEMD_UNIT_DIR)/sealgated.service

@@ -2,9 +2,9 @@
 # test.sh: runs the whole test suite on a Debian machine, installing what it needs first.
 # The tests use real parts: a SoftHSM token (softhsm2, made by softhsm-setup.sh), opensc's
 # pkcs11-tool, openssl as the independent verifier, p11-kit's server and client module for
-# token removal, sqlite3 for tampering with the audit log, and Python with the protobuf package
-# for a client in another language. The full-disk test mounts a small tmpfs, so run as root to
-# include it.
+# token removal, sqlite3 for tampering with the audit log, make for the install layout, and
+# Python with the protobuf package for a client in another language. The full-disk test
+# mounts a small tmpfs, so run as root to include it.
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -15,6 +15,7 @@ command -v openssl >/dev/null || need+=(openssl)
 command -v p11-kit >/dev/null || need+=(p11-kit)
 ls /usr/lib/*/pkcs11/p11-kit-client.so >/dev/null 2>&1 || need+=(p11-kit-modules)
 command -v sqlite3 >/dev/null || need+=(sqlite3)
+command -v make >/dev/null || need+=(make)
 command -v python3 >/dev/null || need+=(python3)
 python3 -m venv --help >/dev/null 2>&1 || need+=(python3-venv)
 if [ ${#need[@]} -gt 0 ]; then

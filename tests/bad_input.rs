@@ -197,6 +197,27 @@ async fn a_uid_not_in_config_is_refused_and_learns_nothing() {
     // An unknown seal gets the same answer as a known one: no probing for seal names.
     let r = c.describe_seal("no-such-seal").await.unwrap();
     assert_eq!(r.status, Status::PermissionDenied as i32);
+
+    // Every refused request is in the audit log, naming the stranger.
+    let (status, dir) = d.stop_keeping_state();
+    assert!(status.success());
+    let conn =
+        sealgate::audit::query::open_read_only(&dir.path().join("state/sealgate.db")).unwrap();
+    let filter = sealgate::audit::query::Filter {
+        kind: Some("access.denied".into()),
+        ..Default::default()
+    };
+    let mut refused = Vec::new();
+    sealgate::audit::query::for_each(&conn, &filter, |r| {
+        refused.push(r);
+        Ok(())
+    })
+    .unwrap();
+    assert_eq!(refused.len(), 5);
+    for r in &refused {
+        assert_eq!(r.reason, "unknown_caller");
+        assert!(r.caller.starts_with(&format!("uid {me} ")), "{}", r.caller);
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

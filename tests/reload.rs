@@ -67,6 +67,17 @@ async fn a_new_policy_takes_effect_and_a_broken_file_leaves_it_in_force() {
     std::fs::write(&config_path, &stricter).unwrap();
     let line = reload(&d, 1);
     assert!(line.contains("configuration reloaded"), "{line}");
+    // systemd is told: reloading (with the monotonic time it asks for), then ready again.
+    let told = d.notifications_until("READY=1");
+    let reloading = told
+        .iter()
+        .position(|l| l == "RELOADING=1")
+        .expect("RELOADING=1");
+    assert!(reloading < told.len() - 1, "{told:?}");
+    assert!(
+        told.iter().any(|l| l.starts_with("MONOTONIC_USEC=")),
+        "{told:?}"
+    );
     let r = stamp_with(&mut c, "contract", &[2; 32], &["zhang.wei"]).await;
     assert_eq!(r.status, Status::ApprovalDenied as i32);
     assert_eq!(r.reason, "missing_level");

@@ -427,6 +427,8 @@ key_label = "sealgate-audit"
 /// A running sealgated, stopped (SIGTERM, then SIGKILL) when dropped.
 pub struct Daemon {
     child: Option<Child>,
+    /// Where the daemon's sd_notify messages arrive.
+    notify: UnixDatagram,
     pub socket: PathBuf,
     pub dir: tempfile::TempDir,
     log: PathBuf,
@@ -508,11 +510,27 @@ impl Daemon {
             }
         }
         Ok(Daemon {
+            notify,
             child: Some(child),
             socket,
             dir,
             log,
         })
+    }
+
+    /// The sd_notify messages the daemon sends from now on, up to and including `last` (10 s
+    /// at most).
+    pub fn notifications_until(&self, last: &str) -> Vec<String> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut got = Vec::new();
+        let mut buf = [0u8; 512];
+        while !got.iter().any(|l| l == last) {
+            assert!(Instant::now() < deadline, "no {last}; got {got:?}");
+            if let Ok(n) = self.notify.recv(&mut buf) {
+                got.extend(String::from_utf8_lossy(&buf[..n]).lines().map(String::from));
+            }
+        }
+        got
     }
 
     /// The daemon's state database (the audit log is in it).
