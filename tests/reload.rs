@@ -114,3 +114,31 @@ async fn a_new_policy_takes_effect_and_a_broken_file_leaves_it_in_force() {
     assert_eq!(r.status, Status::Ok as i32, "{}", r.message);
     assert!(d.stop().success());
 }
+
+#[tokio::test]
+async fn a_changed_device_profile_takes_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let profiles = dir.path().join("profiles");
+    std::fs::create_dir(&profiles).unwrap();
+    let shipped = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("device-profiles");
+    std::fs::copy(
+        shipped.join("softhsm2.toml"),
+        profiles.join("softhsm2.toml"),
+    )
+    .unwrap();
+    let text = config_text(demo(), &dir.path().join("sealgated.sock"), &Opts::default()).replace(
+        &shipped.display().to_string(),
+        &profiles.display().to_string(),
+    );
+    let d = Daemon::start_with(dir, &text, &[]).unwrap_or_else(|f| panic!("{f:?}"));
+    let profile = profiles.join("softhsm2.toml");
+    let edited = std::fs::read_to_string(&profile)
+        .unwrap()
+        .replace("sessions = 2", "sessions = 4");
+    std::fs::write(&profile, edited).unwrap();
+    let line = reload(&d, 1);
+    assert!(line.contains("profile changes take a restart"), "{line}");
+    let mut c = d.client().await;
+    stamp_ok(&mut c, "contract", &[1; 32]).await;
+    assert!(d.stop().success());
+}
