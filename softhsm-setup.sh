@@ -37,6 +37,8 @@ need=()
 command -v softhsm2-util >/dev/null || need+=(softhsm2)
 command -v pkcs11-tool >/dev/null || need+=(opensc)
 command -v openssl >/dev/null || need+=(openssl)
+# Building sealgated links libpcsclite (PIV cards through pcscd), found with pkg-config.
+pkg-config --exists libpcsclite 2>/dev/null || need+=(pkg-config libpcsclite-dev)
 if [ ${#need[@]} -gt 0 ]; then
   say "installing ${need[*]} with apt-get"
   sudo=""

@@ -3,8 +3,10 @@
 # The tests use real parts: a SoftHSM token (softhsm2, made by softhsm-setup.sh), opensc's
 # pkcs11-tool, openssl as the independent verifier, p11-kit's server and client module for
 # token removal, sqlite3 for tampering with the audit log, make for the install layout, and
-# Python with the protobuf package for a client in another language. The full-disk test
-# mounts a small tmpfs, so run as root to include it.
+# Python with the protobuf package for a client in another language, and the system's PC/SC
+# service (pcscd) with vsmartcard's virtual reader driver, into which the PIV tests insert our
+# card emulator. The full-disk test mounts a small tmpfs, and pcscd is started if it is not
+# running, so run as root (or with sudo) for those.
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -18,12 +20,25 @@ command -v sqlite3 >/dev/null || need+=(sqlite3)
 command -v make >/dev/null || need+=(make)
 command -v python3 >/dev/null || need+=(python3)
 python3 -m venv --help >/dev/null 2>&1 || need+=(python3-venv)
+pkg-config --exists libpcsclite 2>/dev/null || need+=(pkg-config libpcsclite-dev)
+command -v pcscd >/dev/null || [ -x /usr/sbin/pcscd ] || need+=(pcscd)
+[ -e /usr/lib/pcsc/drivers/serial/libifdvpcd.so ] || need+=(vsmartcard-vpcd)
 if [ ${#need[@]} -gt 0 ]; then
   echo "test.sh: installing ${need[*]} with apt-get"
   sudo=""
   [ "$(id -u)" -eq 0 ] || sudo=sudo
   $sudo apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+
+# pcscd, with the virtual readers of vsmartcard-vpcd (it listens for cards on 127.0.0.1:35963
+# and the ports after it). Started here when no pcscd runs; a systemd machine may also start it
+# on demand through pcscd.socket.
+if ! pgrep -x pcscd >/dev/null && ! systemctl is-active --quiet pcscd.socket 2>/dev/null; then
+  sudo=""
+  [ "$(id -u)" -eq 0 ] || sudo=sudo
+  $sudo /usr/sbin/pcscd
+  for _ in $(seq 50); do [ -S /run/pcscd/pcscd.comm ] && break; sleep 0.1; done
 fi
 
 # A private Python environment for the Python client test (Debian's own python3-protobuf is

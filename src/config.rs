@@ -129,6 +129,13 @@ pub struct DeviceConfig {
     /// PKCS#11: label of an AES key on the token that wraps TOTP secrets (see `[mfa]`).
     #[serde(default)]
     pub wrap_key_label: Option<String>,
+    /// PIV: the identity of the one card this device is (the CHUID GUID in hex, or a YubiKey's
+    /// serial number, as the profile says).
+    #[serde(default)]
+    pub card_id: Option<String>,
+    /// PIV: a reader name pattern to use instead of the profile's.
+    #[serde(default)]
+    pub reader: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -130,6 +130,17 @@ pub fn spki_algorithm(spki_der: &[u8]) -> Option<super::Algorithm> {
     }
 }
 
+/// The modulus size in bits of an RSA SubjectPublicKeyInfo; `None` for any other key.
+pub fn rsa_spki_bits(spki_der: &[u8]) -> Option<usize> {
+    use der::Decode;
+    let parsed = spki::SubjectPublicKeyInfoRef::from_der(spki_der).ok()?;
+    if parsed.algorithm.oid != RSA_ENCRYPTION {
+        return None;
+    }
+    let key = pkcs1::RsaPublicKey::from_der(parsed.subject_public_key.raw_bytes()).ok()?;
+    Some(rsa_modulus_bits(key.modulus.as_bytes()))
+}
+
 /// PEM armour for DER data, e.g. `PUBLIC KEY` or `CERTIFICATE`.
 pub fn pem(label: &str, der: &[u8]) -> String {
     pem_rfc7468::encode_string(label, pem_rfc7468::LineEnding::LF, der)
@@ -175,6 +186,8 @@ mod tests {
         let inner = pkcs1::RsaPublicKey::from_der(parsed.subject_public_key.raw_bytes()).unwrap();
         assert_eq!(inner.modulus.as_bytes(), &n[..]);
         assert_eq!(rsa_modulus_bits(&n), 2048);
+        assert_eq!(rsa_spki_bits(&spki), Some(2048));
+        assert_eq!(rsa_spki_bits(&[0x30, 0]), None);
         assert_eq!(rsa_modulus_bits(&[0, 0x01, 0]), 9);
     }
 

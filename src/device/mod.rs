@@ -6,6 +6,7 @@
 //! document, only its digest. Device calls block; callers run them off the async executor.
 
 pub mod keys;
+pub mod piv;
 #[cfg(feature = "pkcs11")]
 pub mod pkcs11;
 pub mod profile;
@@ -27,6 +28,13 @@ pub enum DeviceError {
     /// The device could not be set up at start-up (module, token, PIN or key missing or wrong).
     #[error("{0}")]
     Setup(String),
+    /// The device refused the configured PIN, or has too few tries left to risk it; the message
+    /// gives the tries left. Not retried until the daemon restarts.
+    #[error("{0}")]
+    PinInvalid(String),
+    /// The device's PIN is blocked.
+    #[error("{0}")]
+    PinBlocked(String),
 }
 
 /// Signature algorithms a seal can use. The wire names are stable.
@@ -125,6 +133,11 @@ pub trait SealDevice: Send + Sync {
     /// The device's serial number as it reports it; empty when it has none.
     fn serial(&self) -> String {
         String::new()
+    }
+    /// The PIN error every signature gets until the daemon restarts, when the device has
+    /// refused its PIN or has too few tries left to risk one. Cheap, never touches the device.
+    fn pin_refusal(&self) -> Option<DeviceError> {
+        None
     }
     /// The device reported few PIN tries left when last asked.
     fn pin_tries_low(&self) -> bool {
@@ -225,6 +238,15 @@ impl Registry {
                 DeviceKind::Pkcs11 => {
                     return Err(DeviceError::Setup(format!(
                         "device {:?}: this build has no PKCS#11 support (feature pkcs11)",
+                        dc.id
+                    )))
+                }
+                #[cfg(feature = "pcsc")]
+                DeviceKind::Piv => Arc::new(piv::device::PivDevice::open(dc, profile, specs)?),
+                #[cfg(not(feature = "pcsc"))]
+                DeviceKind::Piv => {
+                    return Err(DeviceError::Setup(format!(
+                        "device {:?}: this build has no PC/SC support (feature pcsc)",
                         dc.id
                     )))
                 }

@@ -19,6 +19,8 @@ pub struct DeviceProfile {
     pub algorithms: Vec<String>,
     #[serde(default)]
     pub pkcs11: Option<Pkcs11Profile>,
+    #[serde(default)]
+    pub piv: Option<PivProfile>,
     /// File name without `.toml`; filled in on load.
     #[serde(skip)]
     pub name: String,
@@ -28,6 +30,8 @@ pub struct DeviceProfile {
 #[serde(rename_all = "lowercase")]
 pub enum DeviceKind {
     Pkcs11,
+    /// A PIV smart card or USB token reached through PC/SC.
+    Piv,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -42,6 +46,51 @@ pub struct Pkcs11Profile {
 
 fn default_sessions() -> usize {
     2
+}
+
+/// How a card model is found and used through PC/SC.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PivProfile {
+    /// Reader names this model shows up under, as glob patterns ("Yubico YubiKey*").
+    pub readers: Vec<String>,
+    /// How the card tells who it is; a device entry binds its seals to one card by this value.
+    pub identity: CardIdentity,
+    /// Key slots (hex key references) a seal of this model may use; a seal names its slot as its
+    /// `key_id`.
+    pub slots: Vec<String>,
+    /// Which PIN the daemon verifies: the application PIN ("80") or the global PIN ("00").
+    #[serde(default = "default_pin_reference")]
+    pub pin_reference: String,
+    /// PIN tries the daemon never spends on its own: with this many or fewer left it does not
+    /// verify, so a wrong configured PIN cannot block the card.
+    #[serde(default = "default_keep_pin_tries")]
+    pub keep_pin_tries: u8,
+    /// Least time between two attempts to reach a missing card.
+    #[serde(default = "default_retry_ms")]
+    pub retry_interval_ms: u64,
+}
+
+/// Where a card's identity comes from.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum CardIdentity {
+    /// The GUID in the Card Holder Unique Identifier (SP 800-73-4), as 32 hex digits.
+    ChuidGuid,
+    /// A YubiKey's serial number (its GET SERIAL command), in decimal.
+    YubikeySerial,
+}
+
+fn default_pin_reference() -> String {
+    "80".into()
+}
+
+fn default_keep_pin_tries() -> u8 {
+    1
+}
+
+fn default_retry_ms() -> u64 {
+    500
 }
 
 impl DeviceProfile {
@@ -72,13 +121,45 @@ impl DeviceProfile {
                 DeviceError::Setup(format!("device profile {}: {e}", path.display()))
             })?;
         }
-        match (profile.kind, &profile.pkcs11) {
-            (DeviceKind::Pkcs11, Some(p)) if !p.modules.is_empty() && p.sessions > 0 => {}
-            (DeviceKind::Pkcs11, _) => {
-                return Err(DeviceError::Setup(format!(
-                    "device profile {} needs a [pkcs11] table with modules and sessions >= 1",
-                    path.display()
-                )))
+        let bad = |m: &str| {
+            Err(DeviceError::Setup(format!(
+                "device profile {}: {m}",
+                path.display()
+            )))
+        };
+        match (profile.kind, &profile.pkcs11, &profile.piv) {
+            (DeviceKind::Pkcs11, Some(p), None) if !p.modules.is_empty() && p.sessions > 0 => {}
+            (DeviceKind::Pkcs11, _, _) => {
+                return bad("a pkcs11 profile needs a [pkcs11] table with modules and sessions >= 1, and no [piv] table")
+            }
+            (DeviceKind::Piv, None, Some(p)) => {
+                if p.readers.is_empty() || p.slots.is_empty() {
+                    return bad("[piv] needs at least one reader pattern and one slot");
+                }
+                for r in &p.readers {
+                    if let Err(e) = glob::Pattern::new(r) {
+                        return bad(&format!("reader pattern {r:?}: {e}"));
+                    }
+                }
+                for s in &p.slots {
+                    if let Err(e) = super::piv::Slot::parse(s) {
+                        return bad(&e);
+                    }
+                }
+                if !["80", "00"].contains(&p.pin_reference.as_str()) {
+                    return bad("[piv] pin_reference is \"80\" (application PIN) or \"00\" (global PIN)");
+                }
+                if p.keep_pin_tries == 0 {
+                    return bad("[piv] keep_pin_tries must be at least 1, or a wrong PIN could block the card");
+                }
+                for a in &profile.algorithms {
+                    if !["ecdsa-p256-sha256", "rsa-pkcs1-sha256"].contains(&a.as_str()) {
+                        return bad(&format!("PIV cards sign with ecdsa-p256-sha256 or rsa-pkcs1-sha256, not {a}"));
+                    }
+                }
+            }
+            (DeviceKind::Piv, _, _) => {
+                return bad("a piv profile needs a [piv] table and no [pkcs11] table")
             }
         }
         Ok(profile)

@@ -113,6 +113,8 @@ impl ServiceError {
             ServiceError::Device(DeviceError::Failed(_) | DeviceError::Setup(_)) => {
                 Status::DeviceError
             }
+            ServiceError::Device(DeviceError::PinInvalid(_)) => Status::PinInvalid,
+            ServiceError::Device(DeviceError::PinBlocked(_)) => Status::PinBlocked,
             ServiceError::Timeout(_) => Status::Timeout,
             ServiceError::Busy(_) => Status::Busy,
             ServiceError::ShuttingDown => Status::ShuttingDown,
@@ -708,6 +710,9 @@ impl Service {
             ))
         })?;
         // A device that is down is found out before an approval's use is spent on it.
+        if let Some(e) = seal.device.pin_refusal() {
+            return Err(ServiceError::Device(e));
+        }
         if seal.device.health() != Health::Ready {
             let device = seal.device.clone();
             off_executor("reconnect", move || device.recover()).await?;

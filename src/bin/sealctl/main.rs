@@ -372,6 +372,8 @@ fn pkcs11_signer(
         pin_credential: None,
         sessions: Some(1),
         wrap_key_label: None,
+        card_id: None,
+        reader: None,
     };
     let profile = DeviceProfile {
         model: "PKCS#11 token".into(),
@@ -382,6 +384,7 @@ fn pkcs11_signer(
             modules: vec![module],
             sessions: 1,
         }),
+        piv: None,
         name: "command-line".into(),
     };
     let spec = KeySpec {

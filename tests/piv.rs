@@ -1,0 +1,618 @@
+//! PIV seals through the real PC/SC stack: the real daemon, the system's real `pcscd` with
+//! Debian's `vsmartcard-vpcd` reader driver, and our card emulator (`sealgate-pivcard`) holding
+//! real keys in the virtual readers. Signatures are checked by openssl against the public key of
+//! the certificate the daemon read from the card.
+//!
+//! pcscd must be running (test.sh starts it). The virtual readers are shared by the whole
+//! machine, so the tests of this file take turns.
+
+mod common;
+
+use common::*;
+use sealgate::protocol::{response::Body, Status};
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+const PIVCARD: &str = env!("CARGO_BIN_EXE_sealgate-pivcard");
+const CARD_PIN: &str = "246810";
+const GUID_A: &str = "5ea16a7e000000000000000000000a0a";
+const GUID_B: &str = "5ea16a7e000000000000000000000b0b";
+const SERIAL_B: u32 = 13572468;
+
+/// The virtual readers are the machine's: one test at a time.
+async fn turn() -> tokio::sync::MutexGuard<'static, ()> {
+    static TURN: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+    TURN.lock().await
+}
+
+/// A key pair and self-signed certificate made by openssl.
+struct CardKey {
+    key: PathBuf,
+    cert: PathBuf,
+}
+
+fn make_key(dir: &Path, name: &str, kind: &str) -> CardKey {
+    let key = dir.join(format!("{name}.key"));
+    let cert = dir.join(format!("{name}.crt"));
+    let newkey: &[&str] = match kind {
+        "ec" => &["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256"],
+        _ => &["-newkey", "rsa:2048"],
+    };
+    let out = Command::new("openssl")
+        .args(["req", "-x509", "-nodes", "-days", "30", "-subj"])
+        .arg(format!("/CN={name}"))
+        .args(newkey)
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "openssl req: {out:?}");
+    CardKey { key, cert }
+}
+
+/// A running card emulator and what it has printed.
+struct Card {
+    port: u16,
+    child: Child,
+    stdin: ChildStdin,
+    lines: Arc<Mutex<Vec<String>>>,
+}
+
+impl Card {
+    fn start(port: u16, guid: &str, slots: &[(&str, &CardKey)], extra: &[&str]) -> Card {
+        let mut cmd = Command::new(PIVCARD);
+        cmd.arg("--port")
+            .arg(port.to_string())
+            .arg("--guid")
+            .arg(guid)
+            .env("PIVCARD_PIN", CARD_PIN)
+            .args(extra)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped());
+        for (slot, k) in slots {
+            cmd.arg("--slot")
+                .arg(format!("{slot}={},{}", k.key.display(), k.cert.display()));
+        }
+        let mut child = cmd.spawn().expect("start sealgate-pivcard");
+        let stdin = child.stdin.take().unwrap();
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let out = child.stdout.take().unwrap();
+        let sink = lines.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines().map_while(Result::ok) {
+                sink.lock().unwrap().push(line);
+            }
+        });
+        let card = Card {
+            port,
+            child,
+            stdin,
+            lines,
+        };
+        let mut card = card;
+        if !extra.contains(&"--absent") {
+            card.wait_for("inserted", 1);
+            card.ensure_seen();
+        }
+        card
+    }
+
+    /// Waits until pcscd sees the card. vpcd now and then accepts a card's connection without
+    /// ever polling it (more often right after another card left the reader); the card is
+    /// then pulled and put back, as a person would.
+    fn ensure_seen(&mut self) {
+        for _ in 0..4 {
+            if seen(self.port, true, Duration::from_secs(4)) {
+                return;
+            }
+            let n = self.count("inserted");
+            self.send("remove");
+            seen(self.port, false, Duration::from_secs(2));
+            self.send("insert");
+            self.wait_for("inserted", n + 1);
+        }
+        panic!("pcscd never saw the card in {}", reader_of(self.port));
+    }
+
+    /// Puts a pulled card back and waits until pcscd sees it.
+    fn insert(&mut self) {
+        let n = self.count("inserted");
+        self.send("insert");
+        self.wait_for("inserted", n + 1);
+        self.ensure_seen();
+    }
+
+    fn send(&mut self, command: &str) {
+        writeln!(self.stdin, "{command}").unwrap();
+        self.stdin.flush().unwrap();
+    }
+
+    fn count(&self, line: &str) -> usize {
+        self.lines
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|l| l.starts_with(line))
+            .count()
+    }
+
+    /// Waits until the card has printed `n` lines starting with `line`.
+    fn wait_for(&self, line: &str, n: usize) {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while self.count(line) < n {
+            assert!(
+                Instant::now() < deadline,
+                "card never printed {n} x {line:?}: {:?}",
+                self.lines.lock().unwrap()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// The card's PIN tries left, as it reports them.
+    fn tries_left(&mut self) -> u8 {
+        let before = self.count("status");
+        self.send("status");
+        self.wait_for("status", before + 1);
+        let lines = self.lines.lock().unwrap();
+        let last = lines
+            .iter()
+            .rev()
+            .find(|l| l.starts_with("status"))
+            .unwrap();
+        last.split_whitespace()
+            .find_map(|w| w.strip_prefix("tries_left="))
+            .unwrap()
+            .parse()
+            .unwrap()
+    }
+}
+
+impl Drop for Card {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        // The next card in this reader must not meet the stale state of this one.
+        seen(self.port, false, Duration::from_secs(5));
+    }
+}
+
+/// The reader name of a vpcd port, as pcscd shows it.
+fn reader_of(port: u16) -> String {
+    format!("Virtual PCD 00 {:02}", port - 35963)
+}
+
+/// Waits until pcscd sees a card in the reader of `port` (or sees none).
+#[track_caller]
+fn wait_present(port: u16, present: bool) {
+    assert!(
+        seen(port, present, Duration::from_secs(15)),
+        "pcscd does not see {} (want a card present: {present})",
+        reader_of(port)
+    );
+}
+
+/// Whether pcscd comes to see a card in the reader of `port` (or none) within `limit`. It
+/// looks at the reader's state without connecting, so it never resets the card.
+fn seen(port: u16, present: bool, limit: Duration) -> bool {
+    let ctx = pcsc::Context::establish(pcsc::Scope::System)
+        .expect("pcscd is not running; test.sh starts it");
+    let reader = std::ffi::CString::new(reader_of(port)).unwrap();
+    let deadline = Instant::now() + limit;
+    let mut states = [pcsc::ReaderState::new(reader, pcsc::State::UNAWARE)];
+    loop {
+        if ctx
+            .get_status_change(Duration::from_millis(200), &mut states)
+            .is_ok()
+        {
+            let there = states[0].event_state().contains(pcsc::State::PRESENT);
+            if there == present {
+                return true;
+            }
+            states[0].sync_current_state();
+        }
+        if Instant::now() > deadline {
+            return false;
+        }
+    }
+}
+
+fn rule() -> &'static str {
+    "\n[[seal.rule]]\nname = \"contracts\"\ndoc_types = [\"contract\"]\nlevels = [\"dept_head\"]\n"
+}
+
+/// A device on a card: (device id, profile, card id, seals as (seal id, slot, algorithm)).
+type CardDevice<'a> = (&'a str, &'a str, &'a str, &'a [(&'a str, &'a str, &'a str)]);
+
+/// Devices and seals for cards.
+fn card_config(pin_file: &Path, devices: &[CardDevice]) -> (String, Vec<String>) {
+    let mut t = String::new();
+    let mut seals = Vec::new();
+    for (device, profile, card_id, device_seals) in devices {
+        t += &format!(
+            "\n[[device]]\nid = \"{device}\"\nprofile = \"{profile}\"\ncard_id = \"{card_id}\"\nreader = \"Virtual PCD*\"\npin_file = \"{}\"\n",
+            pin_file.display()
+        );
+        for (seal, slot, alg) in *device_seals {
+            t += &format!(
+                "\n[[seal]]\nid = \"{seal}\"\nname = \"{seal} on a card\"\ndevice = \"{device}\"\nkey_id = \"{slot}\"\nalgorithm = \"{alg}\"\n"
+            );
+            t += rule();
+            seals.push(seal.to_string());
+        }
+    }
+    (t, seals)
+}
+
+fn start_daemon(extra: String, seals: Vec<String>) -> Daemon {
+    let mut all = seals;
+    all.push("contract".into());
+    Daemon::start(&Opts {
+        extra,
+        caller_seals: Some(all),
+        ..Opts::default()
+    })
+}
+
+fn pin_file(dir: &Path, pin: &str) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let p = dir.join(format!("card-{pin}.pin"));
+    std::fs::write(&p, format!("{pin}\n")).unwrap();
+    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
+    p
+}
+
+/// Verifies with openssl, using the public key taken out of the certificate by openssl.
+fn verify_with_certificate(cert_der: &[u8], algorithm: &str, doc: &[u8], sig: &[u8]) -> bool {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("cert.der"), cert_der).unwrap();
+    let out = Command::new("openssl")
+        .args(["x509", "-inform", "DER", "-noout", "-pubkey", "-in"])
+        .arg(dir.path().join("cert.der"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "openssl cannot read the certificate");
+    let (_, spki) = pem_rfc7468::decode_vec(&out.stdout).unwrap();
+    openssl_verify(algorithm, &spki, doc, sig)
+}
+
+async fn stamp(
+    c: &mut sealgate::protocol::client::Client,
+    seal: &str,
+    doc: &[u8],
+) -> sealgate::protocol::pb::Response {
+    let digest = sha256(doc);
+    c.stamp(seal, &digest, &token_for(seal, &digest), "")
+        .await
+        .unwrap()
+}
+
+fn signature(r: &sealgate::protocol::pb::Response) -> Vec<u8> {
+    match &r.body {
+        Some(Body::Stamp(s)) => s.signature.clone(),
+        _ => panic!("no stamp: {} {}", r.status, r.message),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn card_stamps_verify_with_the_card_certificate() {
+    let _turn = turn().await;
+    let keys = tempfile::tempdir().unwrap();
+    let ec = make_key(keys.path(), "contract-card", "ec");
+    let rsa = make_key(keys.path(), "official-card", "rsa");
+    let mut card = Card::start(35963, GUID_A, &[("9c", &ec), ("9a", &rsa)], &[]);
+    let pin = pin_file(keys.path(), CARD_PIN);
+    let (extra, seals) = card_config(
+        &pin,
+        &[(
+            "card-a",
+            "generic-piv",
+            GUID_A,
+            &[
+                ("card-ec", "9c", "ecdsa-p256-sha256"),
+                ("card-rsa", "9a", "rsa-pkcs1-sha256"),
+            ],
+        )],
+    );
+    let daemon = start_daemon(extra, seals);
+    let mut c = daemon.client().await;
+    for (seal, alg, cert) in [
+        ("card-ec", "ecdsa-p256-sha256", &ec.cert),
+        ("card-rsa", "rsa-pkcs1-sha256", &rsa.cert),
+    ] {
+        let r = c.describe_seal(seal).await.unwrap();
+        let Some(Body::DescribeSeal(d)) = r.body else {
+            panic!("describe {seal}: {}", r.message)
+        };
+        let (_, file_der) = pem_rfc7468::decode_vec(&std::fs::read(cert).unwrap()).unwrap();
+        assert_eq!(
+            d.certificate_der, file_der,
+            "{seal}: the card's certificate"
+        );
+        assert_eq!(d.algorithm, alg);
+        for i in 0..3 {
+            let doc = format!("{seal} document {i}");
+            let r = stamp(&mut c, seal, doc.as_bytes()).await;
+            assert_eq!(r.status, Status::Ok as i32, "{seal}: {}", r.message);
+            let sig = signature(&r);
+            assert!(
+                verify_with_certificate(&d.certificate_der, alg, doc.as_bytes(), &sig),
+                "{seal}: openssl rejects the signature"
+            );
+            assert!(!verify_with_certificate(
+                &d.certificate_der,
+                alg,
+                b"another document",
+                &sig
+            ));
+        }
+    }
+    // The signature slot took the PIN before each signature; the card never lost a try.
+    assert_eq!(card.count("signed slot=9c"), 3);
+    assert_eq!(card.count("signed slot=9a"), 3);
+    assert_eq!(card.count("verify=wrong"), 0);
+    assert_eq!(card.tries_left(), 3);
+    // Other software can use the card between stamps: a shared connection, a transaction and a
+    // SELECT succeed while the daemon holds its own connection.
+    let ctx = pcsc::Context::establish(pcsc::Scope::System).unwrap();
+    let reader = std::ffi::CString::new(reader_of(35963)).unwrap();
+    let mut other = ctx
+        .connect(&reader, pcsc::ShareMode::Shared, pcsc::Protocols::ANY)
+        .expect("the daemon holds the card in shared mode");
+    {
+        let tx = other.transaction().unwrap();
+        let mut buf = [0u8; 258];
+        let resp = tx
+            .transmit(&sealgate::device::piv::select(), &mut buf)
+            .unwrap();
+        assert_eq!(&resp[resp.len() - 2..], &[0x90, 0x00]);
+    }
+    // ... and the daemon's next stamp still works after that.
+    let r = stamp(&mut c, "card-ec", b"after another program").await;
+    assert_eq!(r.status, Status::Ok as i32, "{}", r.message);
+    let (code, out) = audit_verify(&daemon.db());
+    assert_eq!(code, 0, "{out}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_wrong_pin_is_reported_with_tries_left_and_never_blocks_the_card() {
+    let _turn = turn().await;
+    let keys = tempfile::tempdir().unwrap();
+    let ec = make_key(keys.path(), "card", "ec");
+    let mut card = Card::start(35963, GUID_A, &[("9c", &ec)], &["--pin-tries", "3"]);
+    let wrong = pin_file(keys.path(), "135790");
+    let (extra, seals) = card_config(
+        &wrong,
+        &[(
+            "card-a",
+            "generic-piv",
+            GUID_A,
+            &[("card-ec", "9c", "ecdsa-p256-sha256")],
+        )],
+    );
+    let mut daemon = start_daemon(extra.clone(), seals.clone());
+    let mut messages = Vec::new();
+    for run in 0..3 {
+        let mut c = daemon.client().await;
+        for _ in 0..2 {
+            let r = stamp(&mut c, "card-ec", b"a contract").await;
+            assert_eq!(r.status, Status::PinInvalid as i32, "{}", r.message);
+            assert!(!r.message.contains("135790") && !r.message.contains(CARD_PIN));
+            messages.push(r.message);
+        }
+        // Whatever the daemon does, it never spends the last try.
+        let left = card.tries_left();
+        assert_eq!(left, [2, 1, 1][run], "run {run}: {messages:?}");
+        daemon = daemon.crash_and_restart();
+    }
+    assert!(messages[0].contains("wrong PIN") && messages[0].contains("2 tries left"));
+    // The second stamp of a run does not present the PIN again.
+    assert_eq!(messages[1], messages[0]);
+    assert!(messages[2].contains("1 tries left"));
+    assert!(
+        messages[4].contains("1 PIN tries left") && messages[4].contains("does not verify"),
+        "{}",
+        messages[4]
+    );
+    assert_eq!(card.count("verify=wrong"), 2);
+    assert_eq!(card.count("verify=blocked"), 0);
+    // The refusals are in the audit log, with the tries left, and the log verifies.
+    let out = Command::new(SEALCTL)
+        .args([
+            "audit",
+            "query",
+            "--format",
+            "json",
+            "--kind",
+            "stamp.failed",
+            "--db",
+        ])
+        .arg(daemon.db())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("2 tries left"), "{text}");
+    assert!(!text.contains("135790"));
+    let (code, out) = audit_verify(&daemon.db());
+    assert_eq!(code, 0, "{out}");
+    drop(daemon);
+    drop(card);
+
+    // A card whose PIN is already blocked is reported as blocked.
+    let _blocked = Card::start(35963, GUID_A, &[("9c", &ec)], &["--tries-left", "0"]);
+    let right = pin_file(keys.path(), CARD_PIN);
+    let (extra, seals) = card_config(
+        &right,
+        &[(
+            "card-a",
+            "generic-piv",
+            GUID_A,
+            &[("card-ec", "9c", "ecdsa-p256-sha256")],
+        )],
+    );
+    let daemon = start_daemon(extra, seals);
+    let mut c = daemon.client().await;
+    let r = stamp(&mut c, "card-ec", b"a contract").await;
+    assert_eq!(r.status, Status::PinBlocked as i32, "{}", r.message);
+    assert!(r.message.contains("blocked"), "{}", r.message);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_card_pulled_mid_stamp_fails_cleanly_and_works_again_when_back() {
+    let _turn = turn().await;
+    let keys = tempfile::tempdir().unwrap();
+    let ec = make_key(keys.path(), "card", "ec");
+    let mut card = Card::start(35963, GUID_A, &[("9c", &ec)], &[]);
+    let pin = pin_file(keys.path(), CARD_PIN);
+    let (extra, seals) = card_config(
+        &pin,
+        &[(
+            "card-a",
+            "generic-piv",
+            GUID_A,
+            &[("card-ec", "9c", "ecdsa-p256-sha256")],
+        )],
+    );
+    let daemon = start_daemon(extra, seals);
+    let mut c = daemon.client().await;
+    let r = stamp(&mut c, "card-ec", b"before").await;
+    assert_eq!(r.status, Status::Ok as i32, "{}", r.message);
+
+    // The card holds its signature back; it is pulled while the daemon waits for it.
+    card.send("delay 3000");
+    let socket = daemon.socket.clone();
+    let pending = tokio::spawn(async move {
+        let mut c = sealgate::protocol::client::Client::connect(&socket)
+            .await
+            .unwrap();
+        stamp(&mut c, "card-ec", b"during").await
+    });
+    card.wait_for("verify=ok", 2);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    card.send("remove");
+    wait_present(35963, false);
+    let r = tokio::time::timeout(Duration::from_secs(10), pending)
+        .await
+        .expect("the stamp must not hang when the card is pulled")
+        .unwrap();
+    assert_eq!(r.status, Status::DeviceUnavailable as i32, "{}", r.message);
+    assert!(r.message.contains("removed"), "{}", r.message);
+    assert_eq!(card.count("signed"), 1);
+
+    // Meanwhile other seals keep working.
+    stamp_ok(&mut c, "contract", &sha256(b"other seal")).await;
+    let r = stamp(&mut c, "card-ec", b"while out").await;
+    assert_eq!(r.status, Status::DeviceUnavailable as i32, "{}", r.message);
+
+    // Back in: the next stamp succeeds.
+    card.send("delay 0");
+    card.insert();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let r = loop {
+        let r = stamp(&mut c, "card-ec", b"after").await;
+        if r.status == Status::Ok as i32 || Instant::now() > deadline {
+            break r;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(r.status, Status::Ok as i32, "{}", r.message);
+    let d = c.describe_seal("card-ec").await.unwrap();
+    let Some(Body::DescribeSeal(d)) = d.body else {
+        panic!()
+    };
+    assert!(verify_with_certificate(
+        &d.certificate_der,
+        "ecdsa-p256-sha256",
+        b"after",
+        &signature(&r)
+    ));
+    // The removal and the return are in the audit log, which verifies.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let out = Command::new(SEALCTL)
+            .args(["audit", "query", "--format", "json", "--db"])
+            .arg(daemon.db())
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        if text.contains("device.unavailable") && text.contains("device.ready") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no device events: {text}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let (code, out) = audit_verify(&daemon.db());
+    assert_eq!(code, 0, "{out}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn two_cards_in_two_readers_stamp_at_the_same_time() {
+    let _turn = turn().await;
+    let keys = tempfile::tempdir().unwrap();
+    let ka = make_key(keys.path(), "card-a", "ec");
+    let kb = make_key(keys.path(), "card-b", "ec");
+    let card_a = Card::start(35963, GUID_A, &[("9c", &ka)], &[]);
+    let serial = SERIAL_B.to_string();
+    let card_b = Card::start(35964, GUID_B, &[("9c", &kb)], &["--serial", &serial]);
+    let pin = pin_file(keys.path(), CARD_PIN);
+    // One card by its CHUID (generic profile), the other by its YubiKey serial.
+    let (extra, seals) = card_config(
+        &pin,
+        &[
+            (
+                "card-a",
+                "generic-piv",
+                GUID_A,
+                &[("seal-a", "9c", "ecdsa-p256-sha256")],
+            ),
+            (
+                "card-b",
+                "yubikey-piv",
+                &serial,
+                &[("seal-b", "9c", "ecdsa-p256-sha256")],
+            ),
+        ],
+    );
+    let daemon = start_daemon(extra, seals);
+    const EACH: usize = 12;
+    let mut tasks = Vec::new();
+    for seal in ["seal-a", "seal-b"] {
+        let socket = daemon.socket.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut c = sealgate::protocol::client::Client::connect(&socket)
+                .await
+                .unwrap();
+            let d = c.describe_seal(seal).await.unwrap();
+            let Some(Body::DescribeSeal(d)) = d.body else {
+                panic!()
+            };
+            for i in 0..EACH {
+                let doc = format!("{seal} {i}");
+                let r = stamp(&mut c, seal, doc.as_bytes()).await;
+                assert_eq!(r.status, Status::Ok as i32, "{seal}: {}", r.message);
+                assert!(verify_with_certificate(
+                    &d.certificate_der,
+                    "ecdsa-p256-sha256",
+                    doc.as_bytes(),
+                    &signature(&r)
+                ));
+            }
+            d.certificate_der
+        }));
+    }
+    let mut certs = Vec::new();
+    for t in tasks {
+        certs.push(t.await.unwrap());
+    }
+    assert_ne!(certs[0], certs[1], "each seal is on its own card");
+    // Each card made the signatures of its own seal, and only those.
+    assert_eq!(card_a.count("signed"), EACH);
+    assert_eq!(card_b.count("signed"), EACH);
+    let (code, out) = audit_verify(&daemon.db());
+    assert_eq!(code, 0, "{out}");
+}
