@@ -531,6 +531,19 @@ async fn a_card_pulled_mid_stamp_fails_cleanly_and_works_again_when_back() {
         b"after",
         &signature(&r)
     ));
+    // The card moves to the other reader (a reader that appears later works the same way).
+    drop(card);
+    let moved = Card::start(35964, GUID_A, &[("9c", &ec)], &[]);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let r = loop {
+        let r = stamp(&mut c, "card-ec", b"in another reader").await;
+        if r.status == Status::Ok as i32 || Instant::now() > deadline {
+            break r;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(r.status, Status::Ok as i32, "{}", r.message);
+    assert_eq!(moved.count("signed"), 1);
     // The removal and the return are in the audit log, which verifies.
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {

@@ -216,6 +216,8 @@ impl PivDevice {
                 Ok(id) => seen.push(format!("{reader:?}: another card ({id})")),
                 Err(f) => seen.push(format!("{reader:?}: {}", describe(f))),
             }
+            // Someone else's card: leave it as it was (dropping the handle would reset it).
+            let _ = card.disconnect(Disposition::LeaveCard);
         }
         Err(format!(
             "card {} is in no reader matching {} (seen: {})",
