@@ -131,7 +131,15 @@ pub struct TrustError {
 #[derive(Debug, Default, Clone)]
 pub struct TrustStore {
     approvers: HashMap<String, Approver>,
+    /// Fingerprints of signatures that verified under these approvers' keys (see
+    /// [`Token::signature_fingerprint`]). A standing approval with many uses is verified once,
+    /// not on every use; what changes between uses (time, validity, remaining uses) is checked
+    /// every time. A reload builds a new trust store, so a changed key starts with no entries.
+    verified: std::sync::Arc<std::sync::Mutex<std::collections::HashSet<[u8; 32]>>>,
 }
+
+/// Verified signatures remembered at most; the set is emptied when it is full.
+const VERIFIED_CACHE: usize = 65_536;
 
 impl TrustStore {
     pub fn from_config(
@@ -185,11 +193,32 @@ impl TrustStore {
                 return Err(err("defined twice".into()));
             }
         }
-        Ok(TrustStore { approvers: map })
+        Ok(TrustStore {
+            approvers: map,
+            verified: Default::default(),
+        })
     }
 
     pub fn get(&self, id: &str) -> Option<&Approver> {
         self.approvers.get(id)
+    }
+
+    /// Whether signature `i` of `token` verifies under `approver`'s key, remembering a success.
+    fn verify(&self, token: &Token, i: usize, approver: &Approver) -> bool {
+        let fingerprint = token.signature_fingerprint(i);
+        let seen = |set: &std::collections::HashSet<[u8; 32]>| set.contains(&fingerprint);
+        if seen(&self.verified.lock().unwrap_or_else(|p| p.into_inner())) {
+            return true;
+        }
+        if !token.verify(i, &approver.key) {
+            return false;
+        }
+        let mut set = self.verified.lock().unwrap_or_else(|p| p.into_inner());
+        if set.len() >= VERIFIED_CACHE {
+            set.clear();
+        }
+        set.insert(fingerprint);
+        true
     }
 }
 
@@ -241,7 +270,7 @@ pub fn evaluate(
             ));
             continue;
         };
-        if !token.verify(i, &approver.key) {
+        if !trust.verify(&token, i, approver) {
             denials.push(Denial::new(
                 Reason::BadSignature,
                 format!("the signature of {kid:?} does not verify"),
@@ -347,5 +376,67 @@ pub fn evaluate(
         rule,
         denials,
         approvals,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::token::{Claims, DocClaim, SigningKey, Token};
+    use super::*;
+
+    fn approver(key: &SigningKey) -> Approver {
+        Approver {
+            id: "a".into(),
+            name: String::new(),
+            role: "dept_head".into(),
+            department: "sales".into(),
+            key: key.verifying_key(),
+            valid_from: None,
+            valid_until: None,
+            revoked: false,
+        }
+    }
+
+    fn token(key: &SigningKey) -> Token {
+        let mut t = Token::unsigned(Claims {
+            jti: "t".into(),
+            seal: "s".into(),
+            doc: DocClaim {
+                sha256: "ab".repeat(32),
+                doc_type: "contract".into(),
+                title: None,
+            },
+            amount: None,
+            dept: "sales".into(),
+            scope: String::new(),
+            applicant: "z".into(),
+            purpose: String::new(),
+            iat: 1000,
+            nbf: 1000,
+            exp: 2000,
+            uses: 100,
+        });
+        t.add_signature(key, "a", 1100);
+        t
+    }
+
+    #[test]
+    fn a_verified_signature_is_remembered_and_a_forged_one_is_not() {
+        let key = SigningKey::Ed25519(ed25519_dalek::SigningKey::from_bytes(&[4; 32]));
+        let a = approver(&key);
+        let trust = TrustStore::default();
+        let good = token(&key);
+        assert!(trust.verify(&good, 0, &a));
+        assert_eq!(trust.verified.lock().unwrap().len(), 1);
+        // Verified again from memory.
+        assert!(trust.verify(&good, 0, &a));
+        // The same header and payload with other signature bytes still fails.
+        let mut forged = Token::parse(good.to_json().as_bytes()).unwrap();
+        forged.signatures[0].signature[5] ^= 0x40;
+        assert!(!trust.verify(&forged, 0, &a));
+        assert_eq!(trust.verified.lock().unwrap().len(), 1);
+        // Another trust store (a reload) remembers nothing.
+        let other_key = SigningKey::Ed25519(ed25519_dalek::SigningKey::from_bytes(&[5; 32]));
+        assert!(!TrustStore::default().verify(&good, 0, &approver(&other_key)));
     }
 }

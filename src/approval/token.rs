@@ -319,6 +319,21 @@ impl Token {
         )
     }
 
+    /// SHA-256 of everything signature `i` covers and the signature itself: protected header
+    /// (which names the approver), payload, signature bytes. Two signatures with the same
+    /// fingerprint verify alike under the same key.
+    pub fn signature_fingerprint(&self, i: usize) -> [u8; 32] {
+        use sha2::Digest;
+        let s = &self.signatures[i];
+        let mut h = sha2::Sha256::new();
+        h.update(s.protected_b64.as_bytes());
+        h.update(b".");
+        h.update(self.payload_b64.as_bytes());
+        h.update([0u8]);
+        h.update(&s.signature);
+        h.finalize().into()
+    }
+
     /// SHA-256 of the payload: what a replay ledger entry is bound to.
     pub fn payload_digest(&self) -> [u8; 32] {
         use sha2::Digest;
@@ -517,6 +532,24 @@ mod tests {
         );
         let parsed = Token::parse(compact.as_bytes()).unwrap();
         assert!(parsed.verify(0, &p(2).verifying_key()));
+    }
+
+    #[test]
+    fn fingerprints_tell_signatures_apart() {
+        let mut t = Token::unsigned(claims());
+        t.add_signature(&ed(1), "a", 1100);
+        t.add_signature(&ed(2), "b", 1200);
+        let again = Token::parse(t.to_json().as_bytes()).unwrap();
+        assert_eq!(t.signature_fingerprint(0), again.signature_fingerprint(0));
+        assert_ne!(t.signature_fingerprint(0), t.signature_fingerprint(1));
+        // The same header and payload with other signature bytes is another fingerprint.
+        let mut forged = again.clone();
+        forged.signatures[0].signature[0] ^= 1;
+        assert_ne!(forged.signature_fingerprint(0), t.signature_fingerprint(0));
+        // So is another payload under the same header and signature.
+        let mut other = t.clone();
+        other.payload_b64.push('A');
+        assert_ne!(other.signature_fingerprint(0), t.signature_fingerprint(0));
     }
 
     #[test]

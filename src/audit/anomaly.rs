@@ -214,14 +214,25 @@ impl Rule for Restamp {
         if r.kind != kind::STAMP_COMPLETED || r.doc_sha256.is_empty() {
             return Ok(None);
         }
-        let earlier: Option<(i64, String)> = conn
-            .query_row(
-                "SELECT seq, jti FROM audit WHERE kind = 'stamp.completed' AND doc_sha256 = ?1 \
-                 AND seal = ?2 AND jti <> ?3 AND seq < ?4 ORDER BY seq LIMIT 1",
-                params![r.doc_sha256, r.seal, r.jti, r.seq as i64],
-                |row| Ok((row.get(0)?, row.get(1)?)),
-            )
-            .optional()?;
+        // Another approval sorts before or after this one: one index seek each way.
+        let mut earlier: Option<(i64, String)> = None;
+        for sql in [
+            "SELECT seq, jti FROM audit WHERE kind = 'stamp.completed' AND doc_sha256 = ?1 \
+             AND seal = ?2 AND jti < ?3 AND seq < ?4 LIMIT 1",
+            "SELECT seq, jti FROM audit WHERE kind = 'stamp.completed' AND doc_sha256 = ?1 \
+             AND seal = ?2 AND jti > ?3 AND seq < ?4 LIMIT 1",
+        ] {
+            let found: Option<(i64, String)> = conn
+                .prepare_cached(sql)?
+                .query_row(params![r.doc_sha256, r.seal, r.jti, r.seq as i64], |row| {
+                    Ok((row.get(0)?, row.get(1)?))
+                })
+                .optional()?;
+            earlier = match (earlier, found) {
+                (Some(a), Some(b)) => Some(if a.0 <= b.0 { a } else { b }),
+                (a, b) => a.or(b),
+            };
+        }
         Ok(earlier.map(|(seq, jti)| {
             format!(
                 "document {} was stamped with seal {:?} again under approval {:?}; record {seq} stamped it under {jti:?}",

@@ -582,6 +582,31 @@ impl Pkcs11Device {
     }
 }
 
+/// The mechanism and the data to give `C_Sign` for a signature of `algorithm` over a SHA-256
+/// digest. Shared with the benchmark, which measures the raw device the same way.
+pub fn sign_mechanism(algorithm: Algorithm, digest: &[u8; 32]) -> (Mechanism<'static>, Vec<u8>) {
+    match algorithm {
+        Algorithm::EcdsaP256Sha256 => (Mechanism::Ecdsa, digest.to_vec()),
+        Algorithm::Ed25519 => (
+            Mechanism::Eddsa(EddsaParams::new(EddsaSignatureScheme::Pure)),
+            digest.to_vec(),
+        ),
+        Algorithm::RsaPssSha256 => (
+            Mechanism::RsaPkcsPss(PkcsPssParams {
+                hash_alg: MechanismType::SHA256,
+                mgf: PkcsMgfType::MGF1_SHA256,
+                s_len: 32u64.into(),
+            }),
+            digest.to_vec(),
+        ),
+        Algorithm::RsaPkcs1Sha256 => {
+            let mut prefixed = keys::SHA256_DIGEST_INFO_PREFIX.to_vec();
+            prefixed.extend_from_slice(digest);
+            (Mechanism::RsaPkcs, prefixed)
+        }
+    }
+}
+
 impl SealDevice for Pkcs11Device {
     fn id(&self) -> &str {
         &self.id
@@ -608,28 +633,9 @@ impl SealDevice for Pkcs11Device {
 
     fn sign(&self, key: usize, digest: &[u8; 32]) -> Result<Vec<u8>, DeviceError> {
         let algorithm = self.keys[key].algorithm;
-        let pss = PkcsPssParams {
-            hash_alg: MechanismType::SHA256,
-            mgf: PkcsMgfType::MGF1_SHA256,
-            s_len: 32u64.into(),
-        };
-        let mut prefixed;
-        let (mechanism, data): (Mechanism, &[u8]) = match algorithm {
-            Algorithm::EcdsaP256Sha256 => (Mechanism::Ecdsa, digest),
-            Algorithm::Ed25519 => (
-                Mechanism::Eddsa(EddsaParams::new(EddsaSignatureScheme::Pure)),
-                digest,
-            ),
-            Algorithm::RsaPssSha256 => (Mechanism::RsaPkcsPss(pss), digest),
-            Algorithm::RsaPkcs1Sha256 => {
-                prefixed = keys::SHA256_DIGEST_INFO_PREFIX.to_vec();
-                prefixed.extend_from_slice(digest);
-                (Mechanism::RsaPkcs, &prefixed)
-            }
-        };
-
+        let (mechanism, data) = sign_mechanism(algorithm, digest);
         let sig =
-            self.with_session(|conn, session| session.sign(&mechanism, conn.handles[key], data))?;
+            self.with_session(|conn, session| session.sign(&mechanism, conn.handles[key], &data))?;
         match algorithm {
             Algorithm::EcdsaP256Sha256 => {
                 keys::ecdsa_p256_raw_to_der(&sig).map_err(DeviceError::Failed)

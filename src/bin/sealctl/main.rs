@@ -5,6 +5,7 @@
 //! is 1.
 
 mod audit;
+mod bench;
 
 use anyhow::{bail, Context};
 use base64::Engine;
@@ -62,6 +63,9 @@ enum Command {
         #[command(subcommand)]
         command: audit::AuditCommand,
     },
+    /// Measure durable stamps per second against the raw device, on the demo token (starts a
+    /// daemon of its own; see README, "Performance").
+    Bench(bench::BenchArgs),
     /// The newest alerts raised by the anomaly rules; with --follow, every new one as it comes
     /// (administrators only).
     Alerts {
@@ -402,6 +406,13 @@ fn pkcs11_signer(
 
 fn main() {
     let cli = Cli::parse();
+    if let Command::Bench(args) = cli.command {
+        if let Err(e) = bench::run(args) {
+            eprintln!("sealctl bench: {e:#}");
+            std::process::exit(1);
+        }
+        return;
+    }
     if let Command::Audit { command } = &cli.command {
         match audit::run(command, cli.json) {
             Ok(code) => std::process::exit(code),
@@ -640,7 +651,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 std::process::exit(1);
             }
         }
-        Command::Token { .. } | Command::Audit { .. } => {
+        Command::Token { .. } | Command::Audit { .. } | Command::Bench(_) => {
             unreachable!("handled without the daemon")
         }
         Command::Alerts { recent, follow } => {
