@@ -56,9 +56,8 @@ pub fn consume(
     rate_limit: Option<RateLimit>,
 ) -> Result<Result<u32, Denial>, rusqlite::Error> {
     let row = conn
-        .query_row(SELECT, params![u.jti], |r| {
-            Ok((r.get(0)?, r.get(1)?, r.get(2)?))
-        })
+        .prepare_cached(SELECT)?
+        .query_row(params![u.jti], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
         .optional()?;
     if let Some(d) = refusal(u, row.clone()) {
         return Ok(Err(d));
@@ -71,9 +70,8 @@ pub fn consume(
     }
     let remaining = match row {
         None => {
-            conn.execute(
-                "INSERT INTO approvals VALUES (?1, ?2, ?3, ?4, ?5, 1, ?6, ?7)",
-                params![
+            conn.prepare_cached("INSERT INTO approvals VALUES (?1, ?2, ?3, ?4, ?5, 1, ?6, ?7)")?
+                .execute(params![
                     u.jti,
                     &u.payload_sha256[..],
                     u.seal,
@@ -81,22 +79,21 @@ pub fn consume(
                     u.uses,
                     u.exp,
                     now
-                ],
-            )?;
+                ])?;
             u.uses - 1
         }
         Some((_, allowed, consumed)) => {
-            conn.execute(
+            conn.prepare_cached(
                 "UPDATE approvals SET uses_consumed = uses_consumed + 1 WHERE jti = ?1",
-                params![u.jti],
-            )?;
+            )?
+            .execute(params![u.jti])?;
             allowed - consumed - 1
         }
     };
-    conn.execute(
+    conn.prepare_cached(
         "INSERT INTO stamp_uses (applicant, seal, at, jti) VALUES (?1, ?2, ?3, ?4)",
-        params![u.applicant, u.seal, now, u.jti],
-    )?;
+    )?
+    .execute(params![u.applicant, u.seal, now, u.jti])?;
     Ok(Ok(remaining))
 }
 

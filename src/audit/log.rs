@@ -606,24 +606,22 @@ impl Writer {
         }
         let signature = sign_checkpoint(&key, latest.seq, latest.prev_seq, &head, now)?;
         if let Some(old) = replace {
-            tx.execute(
-                "DELETE FROM checkpoints WHERE seq = ?1",
-                params![old as i64],
-            )?;
+            tx.prepare_cached("DELETE FROM checkpoints WHERE seq = ?1")?
+                .execute(params![old as i64])?;
         }
-        tx.execute(
+        tx.prepare_cached(
             "INSERT INTO checkpoints (seq, prev_seq, head, at_ms, key_id, algorithm, signature) \
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-            params![
-                latest.seq as i64,
-                latest.prev_seq as i64,
-                &head[..],
-                now,
-                self.key_id,
-                self.algorithm,
-                signature
-            ],
-        )?;
+        )?
+        .execute(params![
+            latest.seq as i64,
+            latest.prev_seq as i64,
+            &head[..],
+            now,
+            self.key_id,
+            self.algorithm,
+            signature
+        ])?;
         tx.commit()?;
         self.head_seq = seq;
         self.head_hash = head;

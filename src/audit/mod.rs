@@ -152,6 +152,29 @@ impl Record {
         }
     }
 
+    /// The text fields, mutable, in canonical order (as in [`RecordView::text`]).
+    pub fn text_mut(&mut self) -> [&mut String; TEXT_FIELDS] {
+        [
+            &mut self.kind,
+            &mut self.seal,
+            &mut self.device,
+            &mut self.device_profile,
+            &mut self.device_serial,
+            &mut self.caller,
+            &mut self.applicant,
+            &mut self.approvers,
+            &mut self.jti,
+            &mut self.doc_sha256,
+            &mut self.doc_type,
+            &mut self.currency,
+            &mut self.dept,
+            &mut self.purpose,
+            &mut self.reason,
+            &mut self.detail,
+            &mut self.evidence,
+        ]
+    }
+
     /// Sets `seq`, `prev_hash` and `hash` for appending after `prev`.
     pub fn seal_after(&mut self, seq: u64, prev: [u8; 32]) {
         self.seq = seq;

@@ -47,38 +47,43 @@ fn blob32(row: &Row<'_>, i: usize) -> rusqlite::Result<[u8; 32]> {
 }
 
 pub fn record_from_row(row: &Row<'_>) -> rusqlite::Result<Record> {
-    let mut text: [String; TEXT_FIELDS] = Default::default();
-    for (i, t) in text.iter_mut().enumerate() {
-        *t = row.get(2 + i)?;
+    let mut r = Record::default();
+    read_row_into(row, &mut r)?;
+    Ok(r)
+}
+
+/// Reads a row of [`record_columns`] into `r`, reusing its strings' memory: the verifier reads
+/// millions of rows through one pair of records.
+pub fn read_row_into(row: &Row<'_>, r: &mut Record) -> rusqlite::Result<()> {
+    for (i, t) in r.text_mut().into_iter().enumerate() {
+        t.clear();
+        match row.get_ref(2 + i)? {
+            rusqlite::types::ValueRef::Text(b) => {
+                t.push_str(std::str::from_utf8(b).map_err(|e| {
+                    rusqlite::Error::FromSqlConversionFailure(
+                        2 + i,
+                        rusqlite::types::Type::Text,
+                        Box::new(e),
+                    )
+                })?)
+            }
+            other => {
+                return Err(rusqlite::Error::InvalidColumnType(
+                    2 + i,
+                    TEXT_COLUMNS[i].into(),
+                    other.data_type(),
+                ))
+            }
+        }
     }
-    let [kind, seal, device, device_profile, device_serial, caller, applicant, approvers, jti, doc_sha256, doc_type, currency, dept, purpose, reason, detail, evidence] =
-        text;
     let n = 2 + TEXT_FIELDS;
-    Ok(Record {
-        seq: row.get::<_, i64>(0)? as u64,
-        at_ms: row.get(1)?,
-        kind,
-        seal,
-        device,
-        device_profile,
-        device_serial,
-        caller,
-        applicant,
-        approvers,
-        jti,
-        doc_sha256,
-        doc_type,
-        amount: row.get(n)?,
-        currency,
-        dept,
-        purpose,
-        reason,
-        detail,
-        evidence,
-        ref_seq: row.get::<_, Option<i64>>(n + 1)?.map(|s| s as u64),
-        prev_hash: blob32(row, n + 2)?,
-        hash: blob32(row, n + 3)?,
-    })
+    r.seq = row.get::<_, i64>(0)? as u64;
+    r.at_ms = row.get(1)?;
+    r.amount = row.get(n)?;
+    r.ref_seq = row.get::<_, Option<i64>>(n + 1)?.map(|s| s as u64);
+    r.prev_hash = blob32(row, n + 2)?;
+    r.hash = blob32(row, n + 3)?;
+    Ok(())
 }
 
 pub fn record_by_seq(conn: &Connection, seq: u64) -> rusqlite::Result<Option<Record>> {

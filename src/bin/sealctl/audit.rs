@@ -321,7 +321,7 @@ fn verify_db(path: &Path, mut keys: Vec<TrustedKey>, quiet: bool) -> anyhow::Res
         |r| match rows.next().map_err(|e| e.to_string())? {
             None => Ok(false),
             Some(row) => {
-                *r = query::record_from_row(row).map_err(|e| e.to_string())?;
+                query::read_row_into(row, r).map_err(|e| e.to_string())?;
                 Ok(true)
             }
         },

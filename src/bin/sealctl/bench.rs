@@ -63,7 +63,6 @@ fn demo_seal(algorithm: Algorithm) -> anyhow::Result<(&'static str, &'static str
     })
 }
 
-const SOFTHSM: &str = "/usr/lib/softhsm/libsofthsm2.so";
 /// Sessions the daemon opens on the demo token (the softhsm2 profile's default).
 const SESSIONS: usize = 2;
 
@@ -152,7 +151,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         }
     }
     let db = daemon.stop()?;
-    let (ok, completed) = check_log(&db, &demo, total_stamps)?;
+    let (ok, completed) = check_log(&db, &demo)?;
     println!(
         "\naudit log after the run: verifies: {ok}; stamp.completed records {completed}, stamps the clients got {total_stamps}"
     );
@@ -294,7 +293,14 @@ fn raw_rate(
     use cryptoki::object::{Attribute, ObjectClass};
     use cryptoki::session::UserType;
     use cryptoki::types::AuthPin;
-    let ctx = Pkcs11::new(SOFTHSM)?;
+    let profile = sealgate::device::profile::DeviceProfile::load(&profiles_dir(demo)?, "softhsm2")?;
+    let module = profile
+        .pkcs11
+        .iter()
+        .flat_map(|p| p.modules.iter())
+        .find(|m| m.exists())
+        .context("SoftHSM is not installed")?;
+    let ctx = Pkcs11::new(module)?;
     ctx.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK))?;
     let slot = ctx
         .get_slots_with_token()?
@@ -564,7 +570,7 @@ fn profiles_dir(demo: &Path) -> anyhow::Result<PathBuf> {
 }
 
 /// Verifies the log with `sealctl audit verify` and counts its completed stamps.
-fn check_log(db: &Path, demo: &Path, _expected: usize) -> anyhow::Result<(bool, usize)> {
+fn check_log(db: &Path, demo: &Path) -> anyhow::Result<(bool, usize)> {
     let me = std::env::current_exe()?;
     let out = Command::new(&me)
         .args(["audit", "verify", "--db"])

@@ -1,0 +1,51 @@
+//! `sealctl bench` runs end to end on a small scale: raw signing, the three scenarios against
+//! a daemon of its own, the audit log checked, and the verifier timed. (The figures themselves
+//! are not asserted; README's performance section has a full run's.)
+
+mod common;
+
+use common::*;
+use std::process::Command;
+
+#[test]
+fn bench_runs_every_scenario_and_accounts_for_every_stamp() {
+    let demo = demo();
+    let out = Command::new(SEALCTL)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .args(["bench", "--demo"])
+        .arg(&demo.dir)
+        .args([
+            "--algorithms",
+            "ecdsa-p256-sha256,ed25519",
+            "--stamps",
+            "60",
+            "--sequential",
+            "20",
+            "--clients",
+            "4",
+            "--raw-seconds",
+            "0.2",
+            "--verify-records",
+            "3000",
+        ])
+        .output()
+        .unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{text}");
+    for line in [
+        "raw C_Sign",
+        "a. one approval, many uses",
+        "b. single-use approvals, two signatures",
+        "ceiling from measured costs",
+        "c. one client, sequential",
+        "sealctl audit verify: 3000 records",
+    ] {
+        assert!(text.contains(line), "no {line:?} in:\n{text}");
+    }
+    // 2 algorithms x (60 + 60 + 20) stamps, each durable and counted.
+    assert!(
+        text.contains("stamp.completed records 280, stamps the clients got 280"),
+        "{text}"
+    );
+}
