@@ -34,7 +34,7 @@ fi
 # pcscd, with the virtual readers of vsmartcard-vpcd (it listens for cards on 127.0.0.1:35963
 # and the ports after it). Started here when no pcscd runs; a systemd machine may also start it
 # on demand through pcscd.socket.
-if ! pgrep -x pcscd >/dev/null && ! systemctl is-active --quiet pcscd.socket 2>/dev/null; then
+if [ ! -S /run/pcscd/pcscd.comm ]; then
   sudo=""
   [ "$(id -u)" -eq 0 ] || sudo=sudo
   $sudo /usr/sbin/pcscd

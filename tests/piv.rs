@@ -249,6 +249,36 @@ fn card_config(pin_file: &Path, devices: &[CardDevice]) -> (String, Vec<String>)
     (t, seals)
 }
 
+/// Card A with one P-256 seal, "card-ec", in slot 9C.
+fn one_seal_card(pin_file: &Path) -> (String, Vec<String>) {
+    card_config(
+        pin_file,
+        &[(
+            "card-a",
+            "generic-piv",
+            GUID_A,
+            &[("card-ec", "9c", "ecdsa-p256-sha256")],
+        )],
+    )
+}
+
+/// Stamps until the seal's card is back (the daemon reconnects within a second or so); the
+/// last reply after 10 s at most.
+async fn stamp_when_back(
+    c: &mut sealgate::protocol::client::Client,
+    seal: &str,
+    doc: &[u8],
+) -> sealgate::protocol::pb::Response {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let r = stamp(c, seal, doc).await;
+        if r.status == Status::Ok as i32 || Instant::now() > deadline {
+            return r;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 fn start_daemon(extra: String, seals: Vec<String>) -> Daemon {
     let mut all = seals;
     all.push("contract".into());
@@ -386,15 +416,7 @@ async fn a_wrong_pin_is_reported_with_tries_left_and_never_blocks_the_card() {
     let ec = make_key(keys.path(), "card", "ec");
     let mut card = Card::start(35963, GUID_A, &[("9c", &ec)], &["--pin-tries", "3"]);
     let wrong = pin_file(keys.path(), "135790");
-    let (extra, seals) = card_config(
-        &wrong,
-        &[(
-            "card-a",
-            "generic-piv",
-            GUID_A,
-            &[("card-ec", "9c", "ecdsa-p256-sha256")],
-        )],
-    );
+    let (extra, seals) = one_seal_card(&wrong);
     let mut daemon = start_daemon(extra.clone(), seals.clone());
     let mut messages = Vec::new();
     for run in 0..3 {
@@ -446,15 +468,7 @@ async fn a_wrong_pin_is_reported_with_tries_left_and_never_blocks_the_card() {
     // A card whose PIN is already blocked is reported as blocked.
     let _blocked = Card::start(35963, GUID_A, &[("9c", &ec)], &["--tries-left", "0"]);
     let right = pin_file(keys.path(), CARD_PIN);
-    let (extra, seals) = card_config(
-        &right,
-        &[(
-            "card-a",
-            "generic-piv",
-            GUID_A,
-            &[("card-ec", "9c", "ecdsa-p256-sha256")],
-        )],
-    );
+    let (extra, seals) = one_seal_card(&right);
     let daemon = start_daemon(extra, seals);
     let mut c = daemon.client().await;
     let r = stamp(&mut c, "card-ec", b"a contract").await;
@@ -469,15 +483,7 @@ async fn a_card_pulled_mid_stamp_fails_cleanly_and_works_again_when_back() {
     let ec = make_key(keys.path(), "card", "ec");
     let mut card = Card::start(35963, GUID_A, &[("9c", &ec)], &[]);
     let pin = pin_file(keys.path(), CARD_PIN);
-    let (extra, seals) = card_config(
-        &pin,
-        &[(
-            "card-a",
-            "generic-piv",
-            GUID_A,
-            &[("card-ec", "9c", "ecdsa-p256-sha256")],
-        )],
-    );
+    let (extra, seals) = one_seal_card(&pin);
     let daemon = start_daemon(extra, seals);
     let mut c = daemon.client().await;
     let r = stamp(&mut c, "card-ec", b"before").await;
@@ -512,14 +518,7 @@ async fn a_card_pulled_mid_stamp_fails_cleanly_and_works_again_when_back() {
     // Back in: the next stamp succeeds.
     card.send("delay 0");
     card.insert();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let r = loop {
-        let r = stamp(&mut c, "card-ec", b"after").await;
-        if r.status == Status::Ok as i32 || Instant::now() > deadline {
-            break r;
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
+    let r = stamp_when_back(&mut c, "card-ec", b"after").await;
     assert_eq!(r.status, Status::Ok as i32, "{}", r.message);
     let d = c.describe_seal("card-ec").await.unwrap();
     let Some(Body::DescribeSeal(d)) = d.body else {
@@ -534,14 +533,7 @@ async fn a_card_pulled_mid_stamp_fails_cleanly_and_works_again_when_back() {
     // The card moves to the other reader (a reader that appears later works the same way).
     drop(card);
     let moved = Card::start(35964, GUID_A, &[("9c", &ec)], &[]);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let r = loop {
-        let r = stamp(&mut c, "card-ec", b"in another reader").await;
-        if r.status == Status::Ok as i32 || Instant::now() > deadline {
-            break r;
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
+    let r = stamp_when_back(&mut c, "card-ec", b"in another reader").await;
     assert_eq!(r.status, Status::Ok as i32, "{}", r.message);
     assert_eq!(moved.count("signed"), 1);
     // The removal and the return are in the audit log, which verifies.
