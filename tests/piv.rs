@@ -419,6 +419,7 @@ async fn a_wrong_pin_is_reported_with_tries_left_and_never_blocks_the_card() {
     let (extra, seals) = one_seal_card(&wrong);
     let mut daemon = start_daemon(extra.clone(), seals.clone());
     let mut messages = Vec::new();
+    let mut logs = String::new();
     for run in 0..3 {
         let mut c = daemon.client().await;
         for _ in 0..2 {
@@ -430,6 +431,7 @@ async fn a_wrong_pin_is_reported_with_tries_left_and_never_blocks_the_card() {
         // Whatever the daemon does, it never spends the last try.
         let left = card.tries_left();
         assert_eq!(left, [2, 1, 1][run], "run {run}: {messages:?}");
+        logs += &daemon.log();
         daemon = daemon.crash_and_restart();
     }
     assert!(messages[0].contains("wrong PIN") && messages[0].contains("2 tries left"));
@@ -443,6 +445,12 @@ async fn a_wrong_pin_is_reported_with_tries_left_and_never_blocks_the_card() {
     );
     assert_eq!(card.count("verify=wrong"), 2);
     assert_eq!(card.count("verify=blocked"), 0);
+    // Neither PIN reached the daemon's logs.
+    assert!(logs.contains("PIN not presented again"), "{logs}");
+    assert!(
+        !logs.contains("135790") && !logs.contains(CARD_PIN),
+        "{logs}"
+    );
     // The refusals are in the audit log, with the tries left, and the log verifies.
     let out = Command::new(SEALCTL)
         .args([
