@@ -151,25 +151,14 @@ impl PivDevice {
             piv,
             profile,
         };
-        let conn = device.connect().map_err(setup)?;
-        let mut keys = Vec::new();
-        {
-            let mut conn = conn;
-            let tx = conn
-                .card
-                .transaction()
-                .map_err(|e| setup(format!("cannot begin a transaction: {e}")))?;
-            select(&tx).map_err(|f| setup(describe(f)))?;
-            for (slot, spec) in device.slots.iter().zip(&specs) {
-                keys.push(
-                    read_key(&tx, *slot, spec.algorithm).map_err(|f| {
-                        setup(format!("slot {:02x}: {}", slot.key_ref, describe(f)))
-                    })?,
-                );
-            }
-            drop(tx);
-            *device.conn.get_mut().expect("not shared yet") = Some(conn);
-        }
+        let mut conn = device.connect().map_err(setup)?;
+        let keys = read_keys(
+            &mut conn.card,
+            &device.slots,
+            specs.iter().map(|s| s.algorithm),
+        )
+        .map_err(|f| setup(describe(f)))?;
+        *device.conn.get_mut().expect("not shared yet") = Some(conn);
         device.keys = keys;
         *device.health.get_mut().expect("not shared yet") = Health::Ready;
         Ok(device)
@@ -336,13 +325,24 @@ impl PivDevice {
         key: usize,
         digest: &[u8; 32],
     ) -> Result<Vec<u8>, Fault> {
-        let slot = self.slots[key];
-        if let Err(pcsc::Error::ResetCard) = card.transaction().map(drop) {
-            // Someone reset the card between our transactions (or we did, to clear the PIN):
-            // the connection only needs to be told so.
-            card.reconnect(ShareMode::Shared, Protocols::ANY, Disposition::LeaveCard)?;
+        match card.transaction() {
+            Ok(tx) => return self.sign_in(tx, key, digest),
+            Err(pcsc::Error::ResetCard) => {}
+            Err(e) => return Err(e.into()),
         }
-        let tx = card.transaction()?;
+        // Someone reset the card since our last transaction (or we did, to clear the PIN):
+        // the connection only needs to be told so.
+        card.reconnect(ShareMode::Shared, Protocols::ANY, Disposition::LeaveCard)?;
+        self.sign_in(card.transaction()?, key, digest)
+    }
+
+    fn sign_in(
+        &self,
+        tx: pcsc::Transaction<'_>,
+        key: usize,
+        digest: &[u8; 32],
+    ) -> Result<Vec<u8>, Fault> {
+        let slot = self.slots[key];
         select(&tx)?;
         self.verify_pin(&tx, slot)?;
         let result = match self.keys[key].algorithm {
@@ -491,21 +491,22 @@ impl PivDevice {
             self.set_health(Health::Unavailable(reason.clone()));
             self.unavailable(&reason)
         })?;
-        let checked = match c.card.transaction() {
-            Ok(tx) => select(&tx).and_then(|()| {
-                for (slot, key) in self.slots.iter().zip(&self.keys) {
-                    let now = read_key(&tx, *slot, key.algorithm)?;
-                    if now.spki_der != key.spki_der {
-                        return Err(Fault::Garbled(format!(
-                            "slot {:02x} now holds another key than at start-up",
-                            slot.key_ref
-                        )));
-                    }
-                }
-                Ok(())
-            }),
-            Err(e) => Err(e.into()),
-        };
+        let algorithms = self.keys.iter().map(|k| k.algorithm);
+        let checked = read_keys(&mut c.card, &self.slots, algorithms).and_then(|now| {
+            match self
+                .slots
+                .iter()
+                .zip(&self.keys)
+                .zip(&now)
+                .find(|((_, was), now)| was.spki_der != now.spki_der)
+            {
+                Some(((slot, _), _)) => Err(Fault::Garbled(format!(
+                    "slot {:02x} now holds another key than at start-up",
+                    slot.key_ref
+                ))),
+                None => Ok(()),
+            }
+        });
         if let Err(f) = checked {
             let reason = describe(f);
             self.set_health(Health::Unavailable(reason.clone()));
@@ -574,6 +575,26 @@ fn get_object(tx: &pcsc::Transaction, object: u32) -> Result<Vec<u8>, Fault> {
             "object {object:06X} is not a PIV data object"
         ))),
     }
+}
+
+/// Reads every slot's key in one transaction.
+fn read_keys(
+    card: &mut pcsc::Card,
+    slots: &[Slot],
+    algorithms: impl Iterator<Item = Algorithm>,
+) -> Result<Vec<SealKey>, Fault> {
+    let tx = card.transaction()?;
+    select(&tx)?;
+    slots
+        .iter()
+        .zip(algorithms)
+        .map(|(slot, algorithm)| {
+            read_key(&tx, *slot, algorithm).map_err(|f| match f {
+                Fault::Garbled(m) => Fault::Garbled(format!("slot {:02x}: {m}", slot.key_ref)),
+                other => other,
+            })
+        })
+        .collect()
 }
 
 /// Reads a slot's certificate and the public key in it, and checks it fits the algorithm.
