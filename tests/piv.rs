@@ -156,6 +156,11 @@ impl Card {
 
     /// The card's PIN tries left, as it reports them.
     fn tries_left(&mut self) -> u8 {
+        self.status("tries_left").parse().unwrap()
+    }
+
+    /// One field of the card's answer to `status` (tries_left, verified, signatures).
+    fn status(&mut self, field: &str) -> String {
         let before = self.count("status");
         self.send("status");
         self.wait_for("status", before + 1);
@@ -165,11 +170,11 @@ impl Card {
             .rev()
             .find(|l| l.starts_with("status"))
             .unwrap();
+        let prefix = format!("{field}=");
         last.split_whitespace()
-            .find_map(|w| w.strip_prefix("tries_left="))
+            .find_map(|w| w.strip_prefix(prefix.as_str()))
             .unwrap()
-            .parse()
-            .unwrap()
+            .to_owned()
     }
 }
 
@@ -387,6 +392,8 @@ async fn card_stamps_verify_with_the_card_certificate() {
     assert_eq!(card.count("signed slot=9a"), 3);
     assert_eq!(card.count("verify=wrong"), 0);
     assert_eq!(card.tries_left(), 3);
+    // The last stamp used slot 9A, whose PIN would stay verified: the daemon reset the card.
+    assert_eq!(card.status("verified"), "false");
     // Other software can use the card between stamps: a shared connection, a transaction and a
     // SELECT succeed while the daemon holds its own connection.
     let ctx = pcsc::Context::establish(pcsc::Scope::System).unwrap();
@@ -561,6 +568,21 @@ async fn a_card_pulled_mid_stamp_fails_cleanly_and_works_again_when_back() {
     }
     let (code, out) = audit_verify(&daemon.db());
     assert_eq!(code, 0, "{out}");
+    // A card claiming the same identity but holding another key is refused.
+    drop(moved);
+    let other = make_key(keys.path(), "impostor", "ec");
+    let impostor = Card::start(35963, GUID_A, &[("9c", &other)], &[]);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let r = loop {
+        let r = stamp(&mut c, "card-ec", b"to the impostor").await;
+        assert_eq!(r.status, Status::DeviceUnavailable as i32, "{}", r.message);
+        if r.message.contains("another key") || Instant::now() > deadline {
+            break r;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert!(r.message.contains("another key"), "{}", r.message);
+    assert_eq!(impostor.count("signed"), 0);
 }
 
 #[tokio::test(flavor = "multi_thread")]
