@@ -10,6 +10,8 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 
+sudo=""
+[ "$(id -u)" -eq 0 ] || sudo=sudo
 need=()
 command -v softhsm2-util >/dev/null || need+=(softhsm2)
 command -v pkcs11-tool >/dev/null || need+=(opensc)
@@ -25,20 +27,37 @@ command -v pcscd >/dev/null || [ -x /usr/sbin/pcscd ] || need+=(pcscd)
 [ -e /usr/lib/pcsc/drivers/serial/libifdvpcd.so ] || need+=(vsmartcard-vpcd)
 if [ ${#need[@]} -gt 0 ]; then
   echo "test.sh: installing ${need[*]} with apt-get"
-  sudo=""
-  [ "$(id -u)" -eq 0 ] || sudo=sudo
   $sudo apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${need[@]}" >/dev/null
 fi
 
-# pcscd, with the virtual readers of vsmartcard-vpcd (it listens for cards on 127.0.0.1:35963
-# and the ports after it). Started here when no pcscd runs; a systemd machine may also start it
-# on demand through pcscd.socket.
-if [ ! -S /run/pcscd/pcscd.comm ]; then
-  sudo=""
-  [ "$(id -u)" -eq 0 ] || sudo=sudo
+# pcscd, with the virtual readers of vsmartcard-vpcd (vpcd listens for cards on 127.0.0.1:35963,
+# hex 8C7B, and the ports after it). A socket file alone proves nothing: a pcscd that died (or a
+# machine image taken while one ran) leaves its socket behind, and every client is then refused.
+# So the process named in the pid file must be alive and vpcd's first port open; else the
+# leftovers go and pcscd starts afresh. Under systemd, pcscd.socket starts it on demand (the
+# PIV tests hold a context while they run, so it stays).
+pcscd_pid() {
+  local pid
+  pid=$(cat /run/pcscd/pcscd.pid 2>/dev/null) || return 1
+  [ "$(cat "/proc/$pid/comm" 2>/dev/null)" = pcscd ] && echo "$pid"
+}
+pcscd_ready() {
+  pcscd_pid >/dev/null && [ -S /run/pcscd/pcscd.comm ] &&
+    grep -q ':8C7B 00000000:0000 0A' /proc/net/tcp
+}
+if [ -d /run/systemd/system ] && $sudo systemctl start pcscd.socket 2>/dev/null; then
+  :
+elif ! pcscd_ready; then
+  if pid=$(pcscd_pid); then
+    echo "test.sh: restarting pcscd (pid $pid), which has no vpcd reader"
+    $sudo kill "$pid"
+    for _ in $(seq 50); do pcscd_pid >/dev/null || break; sleep 0.1; done
+  fi
+  $sudo rm -f /run/pcscd/pcscd.comm /run/pcscd/pcscd.pid
   $sudo /usr/sbin/pcscd
-  for _ in $(seq 50); do [ -S /run/pcscd/pcscd.comm ] && break; sleep 0.1; done
+  for _ in $(seq 50); do pcscd_ready && break; sleep 0.1; done
+  pcscd_ready || { echo "test.sh: pcscd did not start with vpcd's readers" >&2; exit 1; }
 fi
 
 # A private Python environment for the Python client test (Debian's own python3-protobuf is

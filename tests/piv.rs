@@ -22,10 +22,37 @@ const GUID_A: &str = "5ea16a7e000000000000000000000a0a";
 const GUID_B: &str = "5ea16a7e000000000000000000000b0b";
 const SERIAL_B: u32 = 13572468;
 
-/// The virtual readers are the machine's: one test at a time.
-async fn turn() -> tokio::sync::MutexGuard<'static, ()> {
+/// A test's turn at the virtual readers, and an open PC/SC context for its length. The
+/// context keeps a socket-activated pcscd (started with `--auto-exit`) from leaving while the
+/// test runs, which would take vpcd's readers with it.
+struct Turn {
+    _guard: tokio::sync::MutexGuard<'static, ()>,
+    _ctx: pcsc::Context,
+}
+
+/// The virtual readers are the machine's: one test at a time. Fails at once, and says why,
+/// when pcscd does not answer or shows no vpcd reader.
+async fn turn() -> Turn {
     static TURN: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-    TURN.lock().await
+    let guard = TURN.lock().await;
+    let ctx = pcsc::Context::establish(pcsc::Scope::System).unwrap_or_else(|e| {
+        panic!("pcscd does not answer ({e}); test.sh starts it when it is not running")
+    });
+    let readers: Vec<String> = ctx
+        .list_readers_owned()
+        .unwrap_or_default()
+        .iter()
+        .map(|r| r.to_string_lossy().into_owned())
+        .collect();
+    assert!(
+        readers.iter().any(|r| r.starts_with(&reader_of(35963))),
+        "pcscd shows no vpcd reader (is vsmartcard-vpcd installed, and was pcscd started \
+         after it?); readers: {readers:?}"
+    );
+    Turn {
+        _guard: guard,
+        _ctx: ctx,
+    }
 }
 
 /// A key pair and self-signed certificate made by openssl.
@@ -203,10 +230,12 @@ fn wait_present(port: u16, present: bool) {
 }
 
 /// Whether pcscd comes to see a card in the reader of `port` (or none) within `limit`. It
-/// looks at the reader's state without connecting, so it never resets the card.
+/// looks at the reader's state without connecting, so it never resets the card. A pcscd
+/// that does not answer sees nothing (and `turn` has already said so).
 fn seen(port: u16, present: bool, limit: Duration) -> bool {
-    let ctx = pcsc::Context::establish(pcsc::Scope::System)
-        .expect("pcscd is not running; test.sh starts it");
+    let Ok(ctx) = pcsc::Context::establish(pcsc::Scope::System) else {
+        return false;
+    };
     let reader = std::ffi::CString::new(reader_of(port)).unwrap();
     let deadline = Instant::now() + limit;
     let mut states = [pcsc::ReaderState::new(reader, pcsc::State::UNAWARE)];
