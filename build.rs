@@ -8,6 +8,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("cargo:rerun-if-changed=proto");
     let mut config = prost_build::Config::new();
     config.protoc_executable(protoc);
-    config.compile_protos(&["proto/sealgate/v1/sealgate.proto"], &["proto"])?;
+    config.compile_protos(
+        &[
+            "proto/sealgate/v1/sealgate.proto",
+            "proto/sealgate/terminal/v1/terminal.proto",
+        ],
+        &["proto"],
+    )?;
     Ok(())
 }

@@ -44,6 +44,50 @@ pub struct Config {
     pub mfa: Option<MfaConfig>,
     /// The audit log's signing key and anomaly rules.
     pub audit: AuditConfig,
+    /// Smart-seal terminals, each guarding one physical seal.
+    #[serde(default, rename = "terminal")]
+    pub terminals: Vec<TerminalConfig>,
+    /// The TLS listener of networked terminals; needed only by terminals enrolled by
+    /// certificate.
+    #[serde(default, rename = "terminals")]
+    pub terminal_listener: Option<TerminalListenerConfig>,
+}
+
+/// A smart-seal terminal and the physical seal in it.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TerminalConfig {
+    /// The id the terminal signs its reports with.
+    pub id: String,
+    /// A profile of kind "terminal".
+    pub profile: String,
+    /// The seal id approvals name and callers are given; not also a `[[seal]]`.
+    pub seal: String,
+    /// Display name of the physical seal.
+    #[serde(default)]
+    pub name: String,
+    /// Enrollment: the terminal's Ed25519 device public key, 32 bytes in hex.
+    pub public_key: String,
+    /// Reached over this serial port...
+    #[serde(default)]
+    pub serial: Option<PathBuf>,
+    /// ...or over TLS, presenting the client certificate with this SHA-256 (hex, of the DER).
+    #[serde(default)]
+    pub certificate_sha256: Option<String>,
+    /// The physical seal's policy, as for a seal.
+    #[serde(default, rename = "rule")]
+    pub rules: Vec<RuleConfig>,
+}
+
+/// Where networked terminals connect, and the certificate the daemon shows them.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TerminalListenerConfig {
+    pub listen: std::net::SocketAddr,
+    /// PEM certificate chain, leaf first.
+    pub certificate: PathBuf,
+    /// PEM private key (PKCS#8, SEC1 or PKCS#1) of the certificate.
+    pub key: PathBuf,
 }
 
 #[derive(Debug, Deserialize)]
@@ -288,6 +332,9 @@ pub struct AlertsConfig {
     pub device_removed: bool,
     /// A device reporting few PIN tries left raises `pin_low`.
     pub pin_low: bool,
+    /// Terminal anomalies (impression without grant, counter gap or rollback, replayed or
+    /// unverified report, tamper, lost heartbeat) raise `terminal_*` alerts.
+    pub terminals: bool,
 }
 
 impl Default for AlertsConfig {
@@ -303,6 +350,7 @@ impl Default for AlertsConfig {
             restamp: true,
             device_removed: true,
             pin_low: true,
+            terminals: true,
         }
     }
 }
@@ -345,6 +393,10 @@ impl Config {
             if let Some(p) = d.pin_file.as_mut() {
                 fix(p);
             }
+        }
+        if let Some(l) = self.terminal_listener.as_mut() {
+            fix(&mut l.certificate);
+            fix(&mut l.key);
         }
     }
 
@@ -401,7 +453,53 @@ impl Config {
                 }
             }
         }
-        let wants_mfa = self.seals.iter().any(|s| s.rules.iter().any(|r| r.mfa));
+        let mut terminals = HashSet::new();
+        for t in &self.terminals {
+            if !terminals.insert(t.id.as_str()) {
+                return invalid(format!("terminal {:?} is defined twice", t.id));
+            }
+            if !seals.insert(t.seal.as_str()) {
+                return invalid(format!(
+                    "terminal {:?}: seal {:?} is already a seal of another device or terminal",
+                    t.id, t.seal
+                ));
+            }
+            if hex::decode(&t.public_key).map(|k| k.len()) != Ok(32) {
+                return invalid(format!(
+                    "terminal {:?}: public_key must be 32 bytes (Ed25519) in hex",
+                    t.id
+                ));
+            }
+            match (&t.serial, &t.certificate_sha256) {
+                (Some(_), None) => {}
+                (None, Some(fp)) => {
+                    if hex::decode(fp).map(|k| k.len()) != Ok(32) {
+                        return invalid(format!(
+                            "terminal {:?}: certificate_sha256 must be 32 bytes in hex",
+                            t.id
+                        ));
+                    }
+                    if self.terminal_listener.is_none() {
+                        return invalid(format!(
+                            "terminal {:?} connects over TLS but there is no [terminals] listener",
+                            t.id
+                        ));
+                    }
+                }
+                _ => {
+                    return invalid(format!(
+                        "terminal {:?} needs exactly one of serial and certificate_sha256",
+                        t.id
+                    ))
+                }
+            }
+        }
+        let wants_mfa = self
+            .seals
+            .iter()
+            .flat_map(|s| &s.rules)
+            .chain(self.terminals.iter().flat_map(|t| &t.rules))
+            .any(|r| r.mfa);
         match &self.mfa {
             None if wants_mfa => {
                 return invalid("a rule asks for mfa but there is no [mfa] section".into())
@@ -419,12 +517,16 @@ impl Config {
             }
             None => {}
         }
-        for s in &self.seals {
-            for r in &s.rules {
+        let policies = self
+            .seals
+            .iter()
+            .map(|s| (&s.id, &s.rules))
+            .chain(self.terminals.iter().map(|t| (&t.seal, &t.rules)));
+        for (id, rules) in policies {
+            for r in rules {
                 if r.rate_limit_window_seconds.is_some_and(|w| w > 31 * 86400) {
                     return invalid(format!(
-                        "seal {:?}: rate_limit_window_seconds is at most 31 days",
-                        s.id
+                        "seal {id:?}: rate_limit_window_seconds is at most 31 days"
                     ));
                 }
             }

@@ -9,7 +9,8 @@
 //! - [`policy`]: each seal's rules: which approvals, in which order, when, how often.
 //! - [`audit`]: the hash-chained, device-attested audit log; verification, queries, alerts.
 //! - [`store`]: the durable state (SQLite).
-//! - [`device`]: the seal devices behind one trait (PKCS#11 today), and device profiles.
+//! - [`device`]: the seal devices behind one trait (PKCS#11, PIV cards), and device profiles.
+//! - [`terminal`]: smart-seal terminals: their protocol, lines (serial, mutual TLS), sessions.
 //! - [`config`]: the daemon's TOML configuration and the PINs it points to.
 //! - [`metrics`]: Prometheus counters and histograms, and their loopback endpoint.
 #![deny(unsafe_code)]
@@ -24,3 +25,4 @@ pub mod protocol;
 pub mod server;
 pub mod service;
 pub mod store;
+pub mod terminal;

@@ -107,6 +107,10 @@ CREATE TABLE audit_keys (
 DROP INDEX audit_doc;
 CREATE INDEX audit_doc ON audit(doc_sha256, seal, jti) WHERE kind = 'stamp.completed';
 "#,
+    // A terminal's last impression counter, found at start-up without a scan.
+    r#"
+CREATE INDEX audit_terminal ON audit(device, seq) WHERE kind LIKE 'terminal.%';
+"#,
 ];
 
 pub struct Store {

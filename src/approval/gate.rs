@@ -37,6 +37,8 @@ pub struct PendingUse {
     pub exp: i64,
     /// Checked again inside the consuming transaction, so concurrent stamps cannot overrun it.
     pub rate_limit: Option<RateLimit>,
+    /// Uses to consume at once: 1 for a stamp, the impressions of a terminal grant.
+    pub count: u32,
 }
 
 impl PendingUse {
@@ -48,6 +50,7 @@ impl PendingUse {
             applicant: &self.applicant,
             uses: self.uses,
             exp: self.exp,
+            count: self.count,
         }
     }
 }
@@ -151,6 +154,7 @@ impl Gate {
             uses: c.uses,
             exp: c.exp,
             rate_limit: rule.and_then(|r| r.rate_limit),
+            count: 1,
         };
         if dry_run {
             if let Some(d) = ledger::peek(&self.store, &pending.as_use())? {

@@ -17,6 +17,8 @@ pub struct Use<'a> {
     pub applicant: &'a str,
     pub uses: u32,
     pub exp: i64,
+    /// Uses this one act consumes: 1 for a stamp, the impressions of a terminal grant.
+    pub count: u32,
 }
 
 fn refusal(u: &Use<'_>, row: Option<(Vec<u8>, u32, u32)>) -> Option<Denial> {
@@ -25,6 +27,17 @@ fn refusal(u: &Use<'_>, row: Option<(Vec<u8>, u32, u32)>) -> Option<Denial> {
         return Some(Denial::new(
             Reason::Replayed,
             format!("jti {:?} was already used for another approval", u.jti),
+        ));
+    }
+    if consumed < allowed && consumed + u.count > allowed {
+        return Some(Denial::new(
+            Reason::Exhausted,
+            format!(
+                "approval {:?} has {} of its {allowed} uses left; {} asked",
+                u.jti,
+                allowed - consumed,
+                u.count
+            ),
         ));
     }
     if consumed >= allowed {
@@ -46,7 +59,7 @@ fn refusal(u: &Use<'_>, row: Option<(Vec<u8>, u32, u32)>) -> Option<Denial> {
 const SELECT: &str =
     "SELECT payload_sha256, uses_allowed, uses_consumed FROM approvals WHERE jti = ?1";
 
-/// Consumes one use inside the caller's transaction (the audit writer's, so the use and its
+/// Consumes `u.count` uses (one for a stamp) inside the caller's transaction (the audit writer's, so the use and its
 /// `stamp.authorized` record are made durable together). `Ok(Err(denial))` when the approval
 /// has no use left or the applicant is over the rule's rate limit.
 pub fn consume(
@@ -64,36 +77,48 @@ pub fn consume(
     }
     if let Some(limit) = rate_limit {
         let n = count_since(conn, u.applicant, u.seal, now - limit.window_seconds)?;
-        if n >= limit.count {
+        if n + u.count > limit.count {
             return Ok(Err(rate_limited(u.applicant, u.seal, n, limit)));
         }
     }
     let remaining = match row {
         None => {
-            conn.prepare_cached("INSERT INTO approvals VALUES (?1, ?2, ?3, ?4, ?5, 1, ?6, ?7)")?
+            if u.count > u.uses {
+                return Ok(Err(Denial::new(
+                    Reason::Exhausted,
+                    format!(
+                        "approval {:?} allows {} uses; {} asked",
+                        u.jti, u.uses, u.count
+                    ),
+                )));
+            }
+            conn.prepare_cached("INSERT INTO approvals VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)")?
                 .execute(params![
                     u.jti,
                     &u.payload_sha256[..],
                     u.seal,
                     u.applicant,
                     u.uses,
+                    u.count,
                     u.exp,
                     now
                 ])?;
-            u.uses - 1
+            u.uses - u.count
         }
         Some((_, allowed, consumed)) => {
             conn.prepare_cached(
-                "UPDATE approvals SET uses_consumed = uses_consumed + 1 WHERE jti = ?1",
+                "UPDATE approvals SET uses_consumed = uses_consumed + ?2 WHERE jti = ?1",
             )?
-            .execute(params![u.jti])?;
-            allowed - consumed - 1
+            .execute(params![u.jti, u.count])?;
+            allowed - consumed - u.count
         }
     };
-    conn.prepare_cached(
-        "INSERT INTO stamp_uses (applicant, seal, at, jti) VALUES (?1, ?2, ?3, ?4)",
-    )?
-    .execute(params![u.applicant, u.seal, now, u.jti])?;
+    for _ in 0..u.count {
+        conn.prepare_cached(
+            "INSERT INTO stamp_uses (applicant, seal, at, jti) VALUES (?1, ?2, ?3, ?4)",
+        )?
+        .execute(params![u.applicant, u.seal, now, u.jti])?;
+    }
     Ok(Ok(remaining))
 }
 
@@ -187,6 +212,7 @@ mod tests {
             applicant: "a",
             uses,
             exp: 1000,
+            count: 1,
         }
     }
 
@@ -210,6 +236,25 @@ mod tests {
         assert_eq!(d.reason, Reason::Replayed);
         assert_eq!(uses_since(&s, "a", "s", 0).unwrap(), 5);
         assert!(peek(&s, &u("one", &p, 1)).unwrap().is_some());
+    }
+
+    #[test]
+    fn a_grant_takes_several_uses_at_once_or_none() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path()).unwrap();
+        let p = [1u8; 32];
+        let many = |n| Use {
+            count: n,
+            ..u("four", &p, 4)
+        };
+        let d = consume_one(&s, &many(5), 10, None).unwrap_err();
+        assert_eq!(d.reason, Reason::Exhausted);
+        assert_eq!(consume_one(&s, &many(3), 10, None), Ok(1));
+        let d = consume_one(&s, &many(2), 10, None).unwrap_err();
+        assert_eq!(d.reason, Reason::Exhausted);
+        assert!(d.detail.contains("1 of its 4 uses left"), "{}", d.detail);
+        assert_eq!(consume_one(&s, &many(1), 10, None), Ok(0));
+        assert_eq!(uses_since(&s, "a", "s", 0).unwrap(), 4);
     }
 
     #[test]

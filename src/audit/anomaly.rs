@@ -21,10 +21,22 @@ pub mod rule {
     pub const DENIAL_SPIKE: &str = "denial_spike";
     pub const DEVICE_REMOVED: &str = "device_removed";
     pub const PIN_LOW: &str = "pin_low";
+    /// Terminal anomalies: the `terminal.rejected` reasons, tamper reports and silence.
+    pub const TERMINAL_NO_GRANT: &str = "terminal_no_grant";
+    pub const TERMINAL_COUNTER_GAP: &str = "terminal_counter_gap";
+    pub const TERMINAL_COUNTER_ROLLBACK: &str = "terminal_counter_rollback";
+    pub const TERMINAL_REPLAY: &str = "terminal_replay";
+    pub const TERMINAL_BAD_SIGNATURE: &str = "terminal_bad_signature";
+    pub const TERMINAL_TAMPER: &str = "terminal_tamper";
+    pub const TERMINAL_HEARTBEAT_LOST: &str = "terminal_heartbeat_lost";
 }
 
 trait Rule: Send {
     fn name(&self) -> &'static str;
+    /// The alert's name for `r`: the rule's name, unless one rule raises several kinds.
+    fn alert_name(&self, _r: &Record) -> &'static str {
+        self.name()
+    }
     /// The alert's detail, when `r` is an anomaly.
     fn observe(&mut self, r: &Record, conn: &Connection) -> rusqlite::Result<Option<String>>;
 }
@@ -75,6 +87,9 @@ impl Anomaly {
         if c.pin_low {
             rules.push(Box::new(OnKind(rule::PIN_LOW, kind::DEVICE_PIN_LOW)));
         }
+        if c.terminals {
+            rules.push(Box::new(Terminal));
+        }
         Ok(Anomaly { rules })
     }
 
@@ -84,7 +99,7 @@ impl Anomaly {
         for rule in &mut self.rules {
             if let Some(detail) = rule.observe(r, conn)? {
                 let mut a = Record::new(kind::ALERT);
-                a.reason = rule.name().into();
+                a.reason = rule.alert_name(r).into();
                 a.detail = detail;
                 a.ref_seq = Some(r.seq);
                 a.seal = r.seal.clone();
@@ -251,6 +266,39 @@ impl Rule for OnKind {
     }
     fn observe(&mut self, r: &Record, _: &Connection) -> rusqlite::Result<Option<String>> {
         Ok((r.kind == self.1).then(|| format!("device {:?}: {}", r.device, r.detail)))
+    }
+}
+
+/// A terminal's anomaly, as its session judged and recorded it: one alert per record.
+struct Terminal;
+
+impl Terminal {
+    fn rule_of(r: &Record) -> Option<&'static str> {
+        use crate::terminal::session::rejection as why;
+        Some(match r.kind.as_str() {
+            kind::TERMINAL_TAMPER => rule::TERMINAL_TAMPER,
+            kind::TERMINAL_HEARTBEAT_LOST => rule::TERMINAL_HEARTBEAT_LOST,
+            kind::TERMINAL_REJECTED => match r.reason.as_str() {
+                why::NO_GRANT => rule::TERMINAL_NO_GRANT,
+                why::COUNTER_GAP => rule::TERMINAL_COUNTER_GAP,
+                why::COUNTER_ROLLBACK => rule::TERMINAL_COUNTER_ROLLBACK,
+                why::REPLAY => rule::TERMINAL_REPLAY,
+                _ => rule::TERMINAL_BAD_SIGNATURE,
+            },
+            _ => return None,
+        })
+    }
+}
+
+impl Rule for Terminal {
+    fn name(&self) -> &'static str {
+        "terminal"
+    }
+    fn observe(&mut self, r: &Record, _: &Connection) -> rusqlite::Result<Option<String>> {
+        Ok(Terminal::rule_of(r).map(|_| format!("terminal {:?}: {}", r.device, r.detail)))
+    }
+    fn alert_name(&self, r: &Record) -> &'static str {
+        Terminal::rule_of(r).unwrap_or("terminal")
     }
 }
 
@@ -439,6 +487,53 @@ mod tests {
         run.feed(device(kind::DEVICE_READY), t + 1);
         run.feed(device(kind::DEVICE_PIN_LOW), t + 2);
         assert_eq!(run.rules(), ["device_removed", "pin_low"]);
+    }
+
+    #[test]
+    fn terminal_anomalies_fire_one_alert_each_and_normal_reports_none() {
+        let mut run = Run::new();
+        let t = MONDAY + 10 * HOUR;
+        let terminal = |k: &str, reason: &str| {
+            let mut r = Record::new(k);
+            r.device = "t1".into();
+            r.reason = reason.into();
+            r
+        };
+        for k in [
+            kind::TERMINAL_CONNECTED,
+            kind::TERMINAL_HELLO,
+            kind::TERMINAL_GRANTED,
+            kind::TERMINAL_IMPRESSION,
+            kind::TERMINAL_LOCKED,
+            kind::TERMINAL_HEARTBEAT_BACK,
+        ] {
+            run.feed(terminal(k, ""), t);
+        }
+        assert!(run.alerts.is_empty(), "{:?}", run.rules());
+        for reason in [
+            "no_grant",
+            "counter_gap",
+            "counter_rollback",
+            "replay",
+            "bad_signature",
+        ] {
+            run.feed(terminal(kind::TERMINAL_REJECTED, reason), t);
+        }
+        run.feed(terminal(kind::TERMINAL_TAMPER, ""), t);
+        run.feed(terminal(kind::TERMINAL_HEARTBEAT_LOST, ""), t);
+        assert_eq!(
+            run.rules(),
+            [
+                "terminal_no_grant",
+                "terminal_counter_gap",
+                "terminal_counter_rollback",
+                "terminal_replay",
+                "terminal_bad_signature",
+                "terminal_tamper",
+                "terminal_heartbeat_lost"
+            ]
+        );
+        assert_eq!(run.alerts[0].device, "t1");
     }
 
     #[test]

@@ -191,8 +191,9 @@ impl AuditLog {
         }
     }
 
-    /// Consumes one use of an approval and records `stamp.authorized` (or, when the ledger
-    /// refuses, `stamp.denied`) in one durable transaction.
+    /// Consumes the uses of an approval and records `record` (`stamp.authorized` or
+    /// `terminal.granted`) or, when the ledger refuses, its denial (`stamp.denied`,
+    /// `terminal.denied`) in one durable transaction.
     pub async fn authorize(
         &self,
         pending: PendingUse,
@@ -562,14 +563,19 @@ impl Writer {
                             pending.rate_limit,
                         )? {
                             Ok(uses_left) => {
-                                r.kind = kind::STAMP_AUTHORIZED.into();
+                                // `stamp.authorized`, or `terminal.granted` for a terminal.
                                 results.push(Appended::Authorized {
                                     seq: push(r)?,
                                     uses_left,
                                 });
                             }
                             Err(denial) => {
-                                r.kind = kind::STAMP_DENIED.into();
+                                r.kind = if r.kind == kind::TERMINAL_GRANTED {
+                                    kind::TERMINAL_DENIED
+                                } else {
+                                    kind::STAMP_DENIED
+                                }
+                                .into();
                                 r.reason = denial.reason.code().into();
                                 r.detail = denial.detail.clone();
                                 results.push(Appended::Refused {

@@ -41,6 +41,26 @@ pub mod kind {
     pub const DEVICE_PIN_LOW: &str = "device.pin_low";
     pub const MFA_ENROLLED: &str = "mfa.enrolled";
     pub const MFA_RESET: &str = "mfa.reset";
+    /// A terminal's link came up or went down.
+    pub const TERMINAL_CONNECTED: &str = "terminal.connected";
+    pub const TERMINAL_DISCONNECTED: &str = "terminal.disconnected";
+    /// A terminal's TLS connection was refused (certificate not pinned).
+    pub const TERMINAL_REFUSED: &str = "terminal.refused";
+    /// A verified HELLO: firmware and impression counter.
+    pub const TERMINAL_HELLO: &str = "terminal.hello";
+    /// Uses consumed and an unlock grant recorded; only then is it sent.
+    pub const TERMINAL_GRANTED: &str = "terminal.granted";
+    pub const TERMINAL_DENIED: &str = "terminal.denied";
+    /// An impression inside a live grant with counter = last + 1, with its signed report.
+    pub const TERMINAL_IMPRESSION: &str = "terminal.impression";
+    /// A report not accepted; `reason` says why (see `terminal::session::rejection`).
+    pub const TERMINAL_REJECTED: &str = "terminal.rejected";
+    pub const TERMINAL_LOCKED: &str = "terminal.locked";
+    pub const TERMINAL_TAMPER: &str = "terminal.tamper";
+    pub const TERMINAL_GRANT_EXPIRED: &str = "terminal.grant_expired";
+    /// No frame from a terminal for the profile's heartbeat timeout, and its return.
+    pub const TERMINAL_HEARTBEAT_LOST: &str = "terminal.heartbeat_lost";
+    pub const TERMINAL_HEARTBEAT_BACK: &str = "terminal.heartbeat_back";
     pub const ALERT: &str = "alert";
 }
 

@@ -205,6 +205,21 @@ pub fn for_each(
     Ok(())
 }
 
+/// The impression counter the audit log last recorded for terminal `id` (from the
+/// `counter_after` of its newest HELLO, impression or rejection that set one).
+pub fn terminal_counter(conn: &Connection, id: &str) -> rusqlite::Result<Option<u64>> {
+    conn.query_row(
+        "SELECT json_extract(evidence, '$.counter_after') FROM audit \
+         WHERE device = ?1 AND kind LIKE 'terminal.%' \
+         AND json_extract(evidence, '$.counter_after') IS NOT NULL \
+         ORDER BY seq DESC LIMIT 1",
+        [id],
+        |r| r.get::<_, i64>(0),
+    )
+    .optional()
+    .map(|c| c.map(|c| c as u64))
+}
+
 /// The most recent `n` records of `kind`, oldest first.
 pub fn latest(conn: &Connection, kind: &str, n: u64) -> rusqlite::Result<Vec<Record>> {
     let mut stmt = conn.prepare(&format!(

@@ -124,6 +124,10 @@ fn run(args: Args) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
+    service.start_terminals(runtime.handle().clone())?;
+    if let Some(l) = &config.terminal_listener {
+        serve_terminals(l, &config, service.clone())?;
+    }
     runtime.block_on(async move {
         let listener = match Listener::from_systemd()? {
             Some(l) => {
@@ -175,6 +179,67 @@ fn run(args: Args) -> anyhow::Result<()> {
         Ok::<(), anyhow::Error>(())
     })?;
     // Devices close (sessions, logout, C_Finalize) when the service is dropped with the runtime.
+    Ok(())
+}
+
+/// Most TLS handshakes of terminals in progress at once; further connections are closed.
+const MAX_HANDSHAKES: usize = 16;
+
+/// Listens for networked terminals: each connection's TLS handshake runs on its own thread and
+/// must present a pinned client certificate; the connection is then handed to that terminal's
+/// session. Refusals are recorded.
+fn serve_terminals(
+    l: &sealgate::config::TerminalListenerConfig,
+    config: &Config,
+    service: Arc<Service>,
+) -> anyhow::Result<()> {
+    let pins: Vec<(String, [u8; 32])> = config
+        .terminals
+        .iter()
+        .filter_map(|t| {
+            let fp = hex::decode(t.certificate_sha256.as_ref()?).ok()?;
+            Some((t.id.clone(), fp.try_into().ok()?))
+        })
+        .collect();
+    let acceptor = Arc::new(
+        sealgate::terminal::link::TlsAcceptor::new(&l.certificate, &l.key, &pins)
+            .map_err(anyhow::Error::msg)?,
+    );
+    let listener = std::net::TcpListener::bind(l.listen)
+        .with_context(|| format!("cannot listen for terminals on {}", l.listen))?;
+    tracing::info!(addr = %l.listen, "listening for terminals (TLS, pinned client certificates)");
+    let busy = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    std::thread::Builder::new()
+        .name("terminal listener".into())
+        .spawn(move || {
+            for tcp in listener.incoming() {
+                let Ok(tcp) = tcp else { continue };
+                if busy.fetch_add(1, std::sync::atomic::Ordering::SeqCst) >= MAX_HANDSHAKES {
+                    busy.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+                    continue;
+                }
+                let (acceptor, service, busy) = (acceptor.clone(), service.clone(), busy.clone());
+                std::thread::spawn(move || {
+                    let accepted = acceptor.accept(tcp);
+                    busy.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+                    match accepted {
+                        Ok((id, link)) => match service.terminal_by_id(&id) {
+                            Some(t) => t.connect(link),
+                            None => {
+                                tracing::error!(terminal = %id, "a pinned terminal has no session")
+                            }
+                        },
+                        Err(e) => {
+                            tracing::warn!(error = %e, "terminal connection refused");
+                            let mut r = Record::new(kind::TERMINAL_REFUSED);
+                            r.detail = e;
+                            service.audit().append_later(r);
+                        }
+                    }
+                });
+            }
+        })
+        .context("cannot start the terminal listener")?;
     Ok(())
 }
 

@@ -250,6 +250,12 @@ impl Registry {
                         dc.id
                     )))
                 }
+                DeviceKind::Terminal => {
+                    return Err(DeviceError::Setup(format!(
+                        "device {:?}: profile {:?} is a smart-seal terminal; configure it under [[terminal]]",
+                        dc.id, dc.profile
+                    )))
+                }
             };
             for (i, s) in seal_cfgs.iter().enumerate() {
                 seals.insert(

@@ -21,6 +21,8 @@ pub struct DeviceProfile {
     pub pkcs11: Option<Pkcs11Profile>,
     #[serde(default)]
     pub piv: Option<PivProfile>,
+    #[serde(default)]
+    pub terminal: Option<TerminalProfile>,
     /// File name without `.toml`; filled in on load.
     #[serde(skip)]
     pub name: String,
@@ -32,6 +34,85 @@ pub enum DeviceKind {
     Pkcs11,
     /// A PIV smart card or USB token reached through PC/SC.
     Piv,
+    /// A smart-seal terminal (a stamping machine) speaking terminal protocol v1; configured
+    /// under `[[terminal]]`, not `[[device]]`.
+    Terminal,
+}
+
+/// How a terminal model is reached and how it behaves on the line.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TerminalProfile {
+    /// Protocol variant; only "sealgate-terminal-v1" exists.
+    pub protocol: String,
+    /// Serial line settings (ignored over TLS).
+    #[serde(default = "default_baud")]
+    pub baud_rate: u32,
+    /// "none", "even" or "odd".
+    #[serde(default = "default_parity")]
+    pub parity: String,
+    #[serde(default = "default_data_bits")]
+    pub data_bits: u8,
+    #[serde(default = "default_stop_bits")]
+    pub stop_bits: u8,
+    /// Longest wait for the rest of a frame once its first byte came.
+    #[serde(default = "default_frame_timeout")]
+    pub frame_timeout_ms: u64,
+    /// Wait for an ACK before sending a frame again...
+    #[serde(default = "default_ack_timeout")]
+    pub ack_timeout_ms: u64,
+    /// ...this many times, after which the link is taken as broken.
+    #[serde(default = "default_retries")]
+    pub retries: u32,
+    /// The terminal sends HEARTBEAT this often...
+    #[serde(default = "default_heartbeat_interval")]
+    pub heartbeat_interval_ms: u64,
+    /// ...and is taken as lost after this long without any frame.
+    #[serde(default = "default_heartbeat_timeout")]
+    pub heartbeat_timeout_ms: u64,
+    /// Least time between attempts to reopen a vanished serial port.
+    #[serde(default = "default_retry_ms")]
+    pub reconnect_interval_ms: u64,
+    /// Time limit of a grant.
+    #[serde(default = "default_grant_seconds")]
+    pub grant_seconds: u32,
+    /// Most impressions one grant may allow.
+    #[serde(default = "default_max_impressions")]
+    pub max_impressions: u32,
+}
+
+fn default_baud() -> u32 {
+    115_200
+}
+fn default_parity() -> String {
+    "none".into()
+}
+fn default_data_bits() -> u8 {
+    8
+}
+fn default_stop_bits() -> u8 {
+    1
+}
+fn default_frame_timeout() -> u64 {
+    500
+}
+fn default_ack_timeout() -> u64 {
+    400
+}
+fn default_retries() -> u32 {
+    3
+}
+fn default_heartbeat_interval() -> u64 {
+    5000
+}
+fn default_heartbeat_timeout() -> u64 {
+    15000
+}
+fn default_grant_seconds() -> u32 {
+    300
+}
+fn default_max_impressions() -> u32 {
+    20
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -127,6 +208,9 @@ impl DeviceProfile {
                 path.display()
             )))
         };
+        if profile.kind != DeviceKind::Terminal && profile.terminal.is_some() {
+            return bad("a [terminal] table belongs in a terminal profile only");
+        }
         match (profile.kind, &profile.pkcs11, &profile.piv) {
             (DeviceKind::Pkcs11, Some(p), None) if !p.modules.is_empty() && p.sessions > 0 => {}
             (DeviceKind::Pkcs11, _, _) => {
@@ -161,12 +245,54 @@ impl DeviceProfile {
             (DeviceKind::Piv, _, _) => {
                 return bad("a piv profile needs a [piv] table and no [pkcs11] table")
             }
+            (DeviceKind::Terminal, None, None) => {
+                let Some(t) = &profile.terminal else {
+                    return bad("a terminal profile needs a [terminal] table");
+                };
+                if let Err(e) = t.check() {
+                    return bad(&e);
+                }
+            }
+            (DeviceKind::Terminal, _, _) => {
+                return bad("a terminal profile has a [terminal] table only")
+            }
         }
         Ok(profile)
     }
 
     pub fn supports(&self, algorithm: Algorithm) -> bool {
         self.algorithms.iter().any(|a| a == algorithm.name())
+    }
+}
+
+impl TerminalProfile {
+    fn check(&self) -> Result<(), String> {
+        if self.protocol != "sealgate-terminal-v1" {
+            return Err(format!(
+                "[terminal] protocol {:?} is unknown; this build speaks \"sealgate-terminal-v1\"",
+                self.protocol
+            ));
+        }
+        if !["none", "even", "odd"].contains(&self.parity.as_str()) {
+            return Err("[terminal] parity is \"none\", \"even\" or \"odd\"".into());
+        }
+        if !(5..=8).contains(&self.data_bits) || !(1..=2).contains(&self.stop_bits) {
+            return Err("[terminal] data_bits is 5 to 8 and stop_bits 1 or 2".into());
+        }
+        if self.baud_rate == 0 || self.ack_timeout_ms == 0 || self.frame_timeout_ms == 0 {
+            return Err(
+                "[terminal] baud_rate, ack_timeout_ms and frame_timeout_ms must be above 0".into(),
+            );
+        }
+        if self.heartbeat_timeout_ms <= self.heartbeat_interval_ms {
+            return Err(
+                "[terminal] heartbeat_timeout_ms must be longer than heartbeat_interval_ms".into(),
+            );
+        }
+        if self.grant_seconds == 0 || self.max_impressions == 0 {
+            return Err("[terminal] grant_seconds and max_impressions must be at least 1".into());
+        }
+        Ok(())
     }
 }
 

@@ -333,6 +333,7 @@ fn request_kind(req: &Request) -> &'static str {
         Some(B::EnrollMfa(_)) => "enroll_mfa",
         Some(B::ResetMfa(_)) => "reset_mfa",
         Some(B::WatchAlerts(_)) => "watch_alerts",
+        Some(B::GrantTerminal(_)) => "grant_terminal",
     }
 }
 
@@ -343,6 +344,7 @@ fn request_seal(req: &Request) -> &str {
         Some(B::DescribeSeal(d)) => d.seal_id.as_str(),
         Some(B::Stamp(s)) => s.seal_id.as_str(),
         Some(B::CheckApproval(c)) => c.seal_id.as_str(),
+        Some(B::GrantTerminal(g)) => g.seal_id.as_str(),
         _ => "",
     };
     match seal.char_indices().nth(64) {

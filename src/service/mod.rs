@@ -21,6 +21,7 @@ use crate::device::{DeviceError, Health, Registry, SealBinding, SealDevice};
 use crate::policy::SealPolicy;
 use crate::protocol::{pb, request, response, Request, Response, Status, PROTOCOL_VERSION};
 use crate::store::Store;
+use crate::terminal::session::{self as terminal, TerminalError, TerminalSpec};
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
@@ -71,6 +72,18 @@ impl From<AuditError> for ServiceError {
     }
 }
 
+impl From<TerminalError> for ServiceError {
+    fn from(e: TerminalError) -> Self {
+        match e {
+            TerminalError::Unavailable(m) => ServiceError::Device(DeviceError::Unavailable(m)),
+            TerminalError::Busy(m) => ServiceError::Busy(m),
+            TerminalError::Invalid(m) => ServiceError::InvalidArgument(m),
+            TerminalError::Denied(d) => ServiceError::Denied(d),
+            TerminalError::Audit(m) => ServiceError::AuditUnavailable(m),
+        }
+    }
+}
+
 impl From<ApprovalError> for ServiceError {
     fn from(e: ApprovalError) -> Self {
         match e {
@@ -98,6 +111,8 @@ pub enum StartError {
     Audit(#[from] AuditError),
     #[error("{0}")]
     Reload(String),
+    #[error("{0}")]
+    Terminal(String),
 }
 
 impl ServiceError {
@@ -175,6 +190,41 @@ pub struct Service {
     /// Stamps past their authorisation: they run to their recorded outcome even when the
     /// request that started them times out or its client goes away.
     outcomes: tokio_util::task::TaskTracker,
+    /// Smart-seal terminals, by their seal id; their sessions start with the runtime.
+    terminals: std::sync::OnceLock<HashMap<String, terminal::Handle>>,
+    terminal_specs: std::sync::Mutex<Vec<TerminalSpec>>,
+}
+
+/// The configured terminals, their profiles and enrolled keys checked.
+fn terminal_specs(config: &Config) -> Result<Vec<TerminalSpec>, StartError> {
+    let mut out = Vec::new();
+    for t in &config.terminals {
+        let bad = |m: String| StartError::Terminal(format!("terminal {:?}: {m}", t.id));
+        let profile =
+            crate::device::profile::DeviceProfile::load(&config.daemon.profiles_dir, &t.profile)
+                .map_err(|e| bad(e.to_string()))?;
+        if profile.kind != crate::device::profile::DeviceKind::Terminal {
+            return Err(bad(format!(
+                "profile {:?} is not a terminal profile",
+                t.profile
+            )));
+        }
+        let raw: [u8; 32] = hex::decode(&t.public_key)
+            .ok()
+            .and_then(|k| k.try_into().ok())
+            .ok_or_else(|| bad("public_key is not 32 bytes of hex".into()))?;
+        let key = ed25519_dalek::VerifyingKey::from_bytes(&raw)
+            .map_err(|_| bad("public_key is not an Ed25519 public key".into()))?;
+        out.push(TerminalSpec {
+            id: t.id.clone(),
+            seal: t.seal.clone(),
+            name: t.name.clone(),
+            profile,
+            key,
+            serial: t.serial.clone(),
+        });
+    }
+    Ok(out)
 }
 
 /// The trust store and every seal's policy, as configured.
@@ -183,6 +233,9 @@ fn rules_of(config: &Config, config_dir: &std::path::Path) -> Result<Rules, Star
     let mut policies = HashMap::new();
     for s in &config.seals {
         policies.insert(s.id.clone(), SealPolicy::from_config(&s.id, &s.rules)?);
+    }
+    for t in &config.terminals {
+        policies.insert(t.seal.clone(), SealPolicy::from_config(&t.seal, &t.rules)?);
     }
     Ok(Rules { trust, policies })
 }
@@ -249,6 +302,7 @@ impl Service {
         config_dir: &std::path::Path,
     ) -> Result<(), StartError> {
         rules_of(config, config_dir)?;
+        terminal_specs(config)?;
         let store = Store::open(&config.daemon.state_dir)?;
         let (key, _) = audit_parts(config, registry)?;
         AuditLog::check(store.path().to_owned(), key)?;
@@ -263,6 +317,7 @@ impl Service {
         config_dir: &std::path::Path,
     ) -> Result<Service, StartError> {
         let rules = rules_of(config, config_dir)?;
+        let specs = terminal_specs(config)?;
         let store = Store::open(&config.daemon.state_dir)?;
         let (key, anomaly) = audit_parts(config, &registry)?;
         let audit = AuditLog::open(store.path().to_owned(), key, anomaly)?;
@@ -306,7 +361,47 @@ impl Service {
             fixed: restart_only(config),
             audit,
             outcomes: tokio_util::task::TaskTracker::new(),
+            terminals: std::sync::OnceLock::new(),
+            terminal_specs: std::sync::Mutex::new(specs),
         })
+    }
+
+    /// Starts each terminal's session, from the impression counter the audit log last
+    /// recorded for it. Blocks briefly (one query per terminal); call once, with the runtime
+    /// the sessions use for the audit log.
+    pub fn start_terminals(&self, runtime: tokio::runtime::Handle) -> Result<(), StartError> {
+        let specs = std::mem::take(
+            &mut *self
+                .terminal_specs
+                .lock()
+                .unwrap_or_else(|p| p.into_inner()),
+        );
+        let ctx = terminal::Context {
+            gate: self.gate.clone(),
+            audit: self.audit.clone(),
+            runtime,
+        };
+        let mut map = HashMap::new();
+        for spec in specs {
+            let counter = self
+                .gate
+                .store
+                .with(|c| crate::audit::query::terminal_counter(c, &spec.id))
+                .map_err(|e| StartError::Terminal(format!("terminal {:?}: {e}", spec.id)))?;
+            let seal = spec.seal.clone();
+            map.insert(seal, terminal::spawn(spec, ctx.clone(), counter));
+        }
+        let _ = self.terminals.set(map);
+        Ok(())
+    }
+
+    fn terminals(&self) -> impl Iterator<Item = &terminal::Handle> {
+        self.terminals.get().into_iter().flat_map(|m| m.values())
+    }
+
+    /// A terminal by its id, for the TLS listener.
+    pub fn terminal_by_id(&self, id: &str) -> Option<&terminal::Handle> {
+        self.terminals().find(|t| t.id == id)
     }
 
     /// After the server stopped: lets stamps in flight record their outcomes, then writes what
@@ -458,6 +553,7 @@ impl Service {
                 Ok(response::Body::DescribeSeal(describe(seal)))
             }
             request::Body::Stamp(s) => self.stamp(caller, s).await,
+            request::Body::GrantTerminal(g) => self.grant_terminal(caller, g).await,
             request::Body::Status(_) => Ok(response::Body::StatusReport(self.status(caller))),
             request::Body::CheckApproval(c) => self.check_approval(caller, c).await,
             request::Body::WatchAlerts(w) => {
@@ -587,18 +683,35 @@ impl Service {
     }
 
     fn seal_for(&self, caller: &Caller, seal_id: &str) -> Result<&SealBinding, ServiceError> {
-        let seal = self
-            .registry
-            .seals
-            .get(seal_id)
-            .ok_or_else(|| ServiceError::UnknownSeal(seal_id.to_owned()))?;
-        if !caller.seals.contains(seal_id) {
-            return Err(ServiceError::PermissionDenied(format!(
-                "caller {:?} may not use seal {seal_id:?}",
-                caller.name
-            )));
-        }
+        let seal = self.registry.seals.get(seal_id);
+        let Some(seal) = seal.filter(|_| caller.seals.contains(seal_id)) else {
+            return Err(self.not_for(caller, seal_id));
+        };
         Ok(seal)
+    }
+
+    /// Why `caller` may not use `seal_id` as a signing seal. A caller learns only of seals it
+    /// was given: for any other name the answer is the same whether it exists or not.
+    fn not_for(&self, caller: &Caller, seal_id: &str) -> ServiceError {
+        if !caller.seals.contains(seal_id) {
+            return if self.registry.seals.contains_key(seal_id)
+                || self.terminals().any(|t| t.seal == seal_id)
+            {
+                ServiceError::PermissionDenied(format!(
+                    "caller {:?} may not use seal {seal_id:?}",
+                    caller.name
+                ))
+            } else {
+                ServiceError::UnknownSeal(seal_id.to_owned())
+            };
+        }
+        if let Some(t) = self.terminals().find(|t| t.seal == seal_id) {
+            return ServiceError::InvalidArgument(format!(
+                "seal {seal_id:?} is the physical seal in terminal {:?}; ask for a terminal grant",
+                t.id
+            ));
+        }
+        ServiceError::UnknownSeal(seal_id.to_owned())
     }
 
     fn summaries(&self, caller: &Caller) -> Vec<pb::SealSummary> {
@@ -613,6 +726,16 @@ impl Service {
                 algorithm: s.device.key(s.key).algorithm.name().to_owned(),
                 available: s.device.health() == Health::Ready,
             })
+            .chain(
+                self.terminals()
+                    .filter(|t| caller.seals.contains(&t.seal))
+                    .map(|t| pb::SealSummary {
+                        id: t.seal.clone(),
+                        name: t.name.clone(),
+                        algorithm: "terminal".into(),
+                        available: t.connected(),
+                    }),
+            )
             .collect()
     }
 
@@ -640,6 +763,20 @@ impl Service {
                         queue_limit: limit as u32,
                     }
                 })
+                .chain(self.terminals().map(|t| {
+                    let (status, detail) = if t.connected() {
+                        (pb::DeviceStatus::Ready, String::new())
+                    } else {
+                        (pb::DeviceStatus::Unavailable, "not connected".to_owned())
+                    };
+                    pb::DeviceReport {
+                        id: t.id.clone(),
+                        profile: t.profile.clone(),
+                        status: status as i32,
+                        detail,
+                        ..Default::default()
+                    }
+                }))
                 .collect(),
             seals: self.summaries(caller),
             audit: Some({
@@ -787,6 +924,64 @@ impl Service {
                 .as_ref()
                 .map(|c| c.jti.clone())
                 .unwrap_or_default(),
+        }))
+    }
+
+    /// Unlocks a terminal's physical seal on an approval: the session checks it, consumes the
+    /// uses and records the grant, sends it, and answers once the terminal has ACKed it.
+    async fn grant_terminal(
+        &self,
+        caller: &Caller,
+        req: pb::GrantTerminalRequest,
+    ) -> Result<response::Body, ServiceError> {
+        let Some(t) = self
+            .terminals()
+            .find(|t| t.seal == req.seal_id)
+            .filter(|_| caller.seals.contains(&req.seal_id))
+        else {
+            let e = if self.registry.seals.contains_key(&req.seal_id)
+                && caller.seals.contains(&req.seal_id)
+            {
+                ServiceError::InvalidArgument(format!(
+                    "seal {:?} signs documents; it is not in a terminal",
+                    req.seal_id
+                ))
+            } else {
+                self.not_for(caller, &req.seal_id)
+            };
+            let mut r = Record::new(kind::ACCESS_DENIED);
+            r.caller = caller.name.clone();
+            r.seal = req.seal_id.chars().take(200).collect();
+            r.reason = e.status().as_str_name().to_ascii_lowercase();
+            r.detail = e.to_string();
+            self.record_refusal(r).await;
+            return Err(e);
+        };
+        let doc = digest32(&req.document_sha256)?;
+        if req.purpose.len() > MAX_PURPOSE_BYTES {
+            return Err(ServiceError::InvalidArgument(format!(
+                "purpose is {} bytes; at most {MAX_PURPOSE_BYTES} are accepted",
+                req.purpose.len()
+            )));
+        }
+        let g = t
+            .grant(terminal::GrantRequest {
+                token: zeroize::Zeroizing::new(req.approval_token),
+                doc,
+                photo: Vec::new(),
+                impressions: req.impressions,
+                mfa_code: zeroize::Zeroizing::new(req.mfa_code),
+                caller: caller.name.clone(),
+                purpose: req.purpose,
+            })
+            .await?;
+        Ok(response::Body::GrantTerminal(pb::GrantTerminalResponse {
+            terminal_id: t.id.clone(),
+            grant_id: g.grant_id.to_vec(),
+            impressions: g.impressions,
+            seconds: g.seconds,
+            uses_left: g.uses_left,
+            approval_id: g.jti,
         }))
     }
 

@@ -389,6 +389,7 @@ fn pkcs11_signer(
             sessions: 1,
         }),
         piv: None,
+        terminal: None,
         name: "command-line".into(),
     };
     let spec = KeySpec {

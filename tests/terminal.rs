@@ -1,0 +1,770 @@
+//! Smart-seal terminals: the real daemon talking terminal protocol v1 to our terminal simulator
+//! (`sealgate-terminal`) over a real pseudo-terminal, opened by the daemon as a serial port, and
+//! over TCP with mutual TLS (certificates made by openssl). Impression signatures are checked
+//! here against the enrolled key, from the evidence in the audit log.
+
+mod common;
+
+use common::*;
+use ed25519_dalek::{Signature, SigningKey, Verifier};
+use prost::Message;
+use sealgate::protocol::{pb, request, response::Body, Status};
+use sealgate::terminal::{pb as tpb, signed_bytes, Command as Cmd};
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+const SIM: &str = env!("CARGO_BIN_EXE_sealgate-terminal");
+
+/// The shipped profile with test timings: heartbeats every 200 ms, lost after 1.5 s.
+const PROFILE: &str = r#"
+model = "terminal under test"
+kind = "terminal"
+algorithms = ["ed25519"]
+
+[terminal]
+protocol = "sealgate-terminal-v1"
+frame_timeout_ms = 300
+ack_timeout_ms = 300
+retries = 3
+heartbeat_interval_ms = 200
+heartbeat_timeout_ms = 1500
+reconnect_interval_ms = 200
+grant_seconds = 30
+max_impressions = 5
+"#;
+
+/// A running simulator and what it has printed.
+struct Sim {
+    child: Child,
+    stdin: ChildStdin,
+    lines: Arc<Mutex<Vec<String>>>,
+}
+
+impl Sim {
+    fn start(id: &str, key_file: &Path, line: &[String]) -> Sim {
+        let mut child = Command::new(SIM)
+            .args(["--id", id, "--heartbeat-ms", "200"])
+            .arg("--key-file")
+            .arg(key_file)
+            .args(line)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("start sealgate-terminal");
+        let stdin = child.stdin.take().unwrap();
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let out = child.stdout.take().unwrap();
+        let sink = lines.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines().map_while(Result::ok) {
+                sink.lock().unwrap().push(line);
+            }
+        });
+        Sim {
+            child,
+            stdin,
+            lines,
+        }
+    }
+
+    fn send(&mut self, command: &str) {
+        writeln!(self.stdin, "{command}").unwrap();
+        self.stdin.flush().unwrap();
+    }
+
+    fn count(&self, prefix: &str) -> usize {
+        self.lines
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|l| l.starts_with(prefix))
+            .count()
+    }
+
+    /// Waits until `n` lines starting with `prefix` have been printed.
+    #[track_caller]
+    fn wait_for(&self, prefix: &str, n: usize) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.count(prefix) < n {
+            assert!(
+                Instant::now() < deadline,
+                "simulator never printed {n} x {prefix:?}: {:?}",
+                self.lines.lock().unwrap()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Sends `command` and waits for one more `prefix` line.
+    #[track_caller]
+    fn expect(&mut self, command: &str, prefix: &str) {
+        let n = self.count(prefix);
+        self.send(command);
+        self.wait_for(prefix, n + 1);
+    }
+
+    /// Waits until every frame sent so far is ACKed (the last ack names the last seq sent).
+    fn settle(&self) {
+        std::thread::sleep(Duration::from_millis(700));
+    }
+
+    fn printed(&self) -> Vec<String> {
+        self.lines.lock().unwrap().clone()
+    }
+}
+
+impl Drop for Sim {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A terminal's identity: device key (seed file and public half).
+struct Identity {
+    seed_file: PathBuf,
+    public: [u8; 32],
+}
+
+fn identity(dir: &Path, name: &str, seed: u8) -> Identity {
+    let key = SigningKey::from_bytes(&[seed; 32]);
+    let seed_file = dir.join(format!("{name}.seed"));
+    std::fs::write(&seed_file, hex::encode([seed; 32])).unwrap();
+    Identity {
+        seed_file,
+        public: key.verifying_key().to_bytes(),
+    }
+}
+
+fn openssl(args: &[&str]) {
+    let out = Command::new("openssl").args(args).output().unwrap();
+    assert!(out.status.success(), "openssl {args:?}: {out:?}");
+}
+
+/// Certificates for the TLS tests, made by openssl: a CA and the daemon's certificate for
+/// "localhost" signed by it, and self-signed client certificates for terminals.
+struct Pki {
+    dir: PathBuf,
+}
+
+impl Pki {
+    fn new(dir: &Path) -> Pki {
+        let d = |f: &str| dir.join(f).display().to_string();
+        let ec = [
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+        ];
+        let mut a = vec!["req", "-x509"];
+        a.extend(ec);
+        let (ca_key, ca_crt) = (d("ca.key"), d("ca.crt"));
+        a.extend([
+            "-keyout",
+            &ca_key,
+            "-out",
+            &ca_crt,
+            "-subj",
+            "/CN=test ca",
+            "-days",
+            "2",
+        ]);
+        openssl(&a);
+        let (sk, csr, scrt, ext) = (
+            d("server.key"),
+            d("server.csr"),
+            d("server.crt"),
+            d("server.ext"),
+        );
+        std::fs::write(
+            &ext,
+            "subjectAltName=DNS:localhost\nbasicConstraints=CA:FALSE\nkeyUsage=digitalSignature\nextendedKeyUsage=serverAuth\n",
+        )
+        .unwrap();
+        let mut a = vec!["req"];
+        a.extend(ec);
+        a.extend(["-keyout", &sk, "-out", &csr, "-subj", "/CN=localhost"]);
+        openssl(&a);
+        openssl(&[
+            "x509",
+            "-req",
+            "-in",
+            &csr,
+            "-CA",
+            &ca_crt,
+            "-CAkey",
+            &ca_key,
+            "-CAcreateserial",
+            "-out",
+            &scrt,
+            "-days",
+            "2",
+            "-extfile",
+            &ext,
+        ]);
+        Pki {
+            dir: dir.to_owned(),
+        }
+    }
+
+    /// A client certificate for a terminal; returns its SHA-256 (hex, of the DER).
+    fn client(&self, name: &str) -> String {
+        let (k, c) = (
+            self.path(&format!("{name}.key")),
+            self.path(&format!("{name}.crt")),
+        );
+        openssl(&[
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-keyout",
+            &k,
+            "-out",
+            &c,
+            "-subj",
+            &format!("/CN={name}"),
+            "-days",
+            "2",
+            "-addext",
+            "basicConstraints=critical,CA:FALSE",
+            "-addext",
+            "extendedKeyUsage=clientAuth",
+        ]);
+        use rustls::pki_types::pem::PemObject;
+        let der = rustls::pki_types::CertificateDer::from_pem_file(&c).unwrap();
+        hex::encode(sha256(der.as_ref()))
+    }
+
+    fn path(&self, f: &str) -> String {
+        self.dir.join(f).display().to_string()
+    }
+
+    /// Simulator arguments for a TLS terminal presenting `name`'s certificate.
+    fn sim_args(&self, addr: &str, name: &str) -> Vec<String> {
+        [
+            "--tls",
+            addr,
+            "--ca",
+            &self.path("ca.crt"),
+            "--cert",
+            &self.path(&format!("{name}.crt")),
+            "--key",
+            &self.path(&format!("{name}.key")),
+        ]
+        .map(String::from)
+        .to_vec()
+    }
+}
+
+/// A directory with the test profile and SoftHSM's, for `profiles_dir`.
+fn profiles(dir: &Path) -> PathBuf {
+    let p = dir.join("profiles");
+    std::fs::create_dir_all(&p).unwrap();
+    std::fs::write(p.join("terminal-test.toml"), PROFILE).unwrap();
+    let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join("device-profiles");
+    std::fs::copy(shipped.join("softhsm2.toml"), p.join("softhsm2.toml")).unwrap();
+    p
+}
+
+/// A terminal entry: its seal, policy (contracts, one dept_head approval) and line.
+fn terminal_config(id: &str, seal: &str, public: &[u8; 32], line: &str) -> String {
+    format!(
+        "\n[[terminal]]\nid = \"{id}\"\nprofile = \"terminal-test\"\nseal = \"{seal}\"\nname = \"{seal} in {id}\"\npublic_key = \"{}\"\n{line}\n\n[[terminal.rule]]\nname = \"contracts\"\ndoc_types = [\"contract\"]\nlevels = [\"dept_head\"]\n",
+        hex::encode(public)
+    )
+}
+
+/// Starts the daemon with the demo seals plus `terminals` (TOML), the caller given every seal
+/// in `seals` too.
+fn start_daemon(dir: tempfile::TempDir, terminals: &str, seals: &[&str], listener: &str) -> Daemon {
+    let socket = dir.path().join("sealgated.sock");
+    let mut caller_seals: Vec<String> = vec!["contract".into()];
+    caller_seals.extend(seals.iter().map(|s| s.to_string()));
+    let opts = Opts {
+        extra: format!("{listener}\n{terminals}"),
+        caller_seals: Some(caller_seals),
+        ..Opts::default()
+    };
+    let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join("device-profiles");
+    let text = config_text(demo(), &socket, &opts).replace(
+        &format!("profiles_dir = \"{}\"", shipped.display()),
+        &format!("profiles_dir = \"{}\"", profiles(dir.path()).display()),
+    );
+    Daemon::start_with(dir, &text, &[]).unwrap_or_else(|f| panic!("daemon did not start: {f:?}"))
+}
+
+/// An approval for `impressions` uses of `seal` on `doc`.
+fn approval(seal: &str, doc: &[u8], impressions: u32) -> Vec<u8> {
+    let mut a = Approval::for_seal(seal, doc);
+    a.claims.uses = impressions;
+    a.token()
+}
+
+async fn grant(
+    d: &Daemon,
+    seal: &str,
+    doc: &[u8],
+    impressions: u32,
+) -> sealgate::protocol::Response {
+    let mut c = d.client().await;
+    c.call(request::Body::GrantTerminal(pb::GrantTerminalRequest {
+        seal_id: seal.into(),
+        document_sha256: doc.to_vec(),
+        approval_token: approval(seal, doc, impressions),
+        impressions,
+        purpose: "sign the lease".into(),
+        mfa_code: String::new(),
+    }))
+    .await
+    .unwrap()
+}
+
+/// Records of the audit log as (kind, reason), in order, from `sealctl`-independent SQL.
+fn kinds(db: &Path) -> Vec<(String, String)> {
+    let c = rusqlite::Connection::open(db).unwrap();
+    let mut s = c
+        .prepare("SELECT kind, reason FROM audit ORDER BY seq")
+        .unwrap();
+    s.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect()
+}
+
+fn alerts(db: &Path) -> Vec<String> {
+    kinds(db)
+        .into_iter()
+        .filter(|(k, _)| k == "alert")
+        .map(|(_, r)| r)
+        .collect()
+}
+
+fn count(db: &Path, kind: &str, reason: &str) -> usize {
+    kinds(db)
+        .iter()
+        .filter(|(k, r)| k == kind && (reason.is_empty() || r == reason))
+        .count()
+}
+
+/// Waits until the log holds `n` records of `kind` (with `reason`, when not empty).
+#[track_caller]
+fn wait_records(db: &Path, kind: &str, reason: &str, n: usize) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while count(db, kind, reason) < n {
+        assert!(
+            Instant::now() < deadline,
+            "no {n} x {kind} {reason}: {:?}",
+            kinds(db)
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Every `terminal.impression` record's report verifies under `public`, and they carry
+/// counters `want`.
+fn impressions_verify(db: &Path, terminal: &str, public: &[u8; 32], want: &[u64]) {
+    use base64::Engine;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let key = ed25519_dalek::VerifyingKey::from_bytes(public).unwrap();
+    let c = rusqlite::Connection::open(db).unwrap();
+    let mut s = c
+        .prepare("SELECT evidence FROM audit WHERE kind = 'terminal.impression' ORDER BY seq")
+        .unwrap();
+    let mut counters = Vec::new();
+    for ev in s.query_map([], |r| r.get::<_, String>(0)).unwrap() {
+        let ev: serde_json::Value = serde_json::from_str(&ev.unwrap()).unwrap();
+        assert_eq!(ev["public_key"], hex::encode(public));
+        let body = b64.decode(ev["body"].as_str().unwrap()).unwrap();
+        let sig: [u8; 64] = b64
+            .decode(ev["signature"].as_str().unwrap())
+            .unwrap()
+            .try_into()
+            .unwrap();
+        key.verify(
+            &signed_bytes(terminal, Cmd::Impression, &body),
+            &Signature::from_bytes(&sig),
+        )
+        .expect("the impression's signature verifies under the enrolled key");
+        counters.push(tpb::Impression::decode(body.as_slice()).unwrap().counter);
+    }
+    assert_eq!(counters, want);
+}
+
+/// Request → grant for 2 → 2 impressions → locked; a third is an alert. Shared by both lines.
+async fn full_flow(d: &Daemon, sim: &mut Sim, terminal: &str, seal: &str, public: &[u8; 32]) {
+    sim.wait_for("ack", 1); // HELLO taken
+    let doc = sha256(b"lease for the Pudong office");
+    let r = grant(d, seal, &doc, 2).await;
+    assert_eq!(r.status, Status::Ok as i32, "{}", r.message);
+    let Some(Body::GrantTerminal(g)) = r.body else {
+        panic!("no grant")
+    };
+    assert_eq!((g.terminal_id.as_str(), g.impressions), (terminal, 2));
+    assert_eq!(g.grant_id.len(), 16);
+    sim.wait_for("granted impressions=2", 1);
+    sim.expect("press", "impression counter=1");
+    sim.expect("press", "locked");
+    sim.wait_for("impression counter=2", 1);
+    let db = d.db();
+    wait_records(&db, "terminal.locked", "", 1);
+    assert_eq!(count(&db, "terminal.granted", ""), 1);
+    impressions_verify(&db, terminal, public, &[1, 2]);
+    assert!(alerts(&db).is_empty(), "{:?}", alerts(&db));
+    // The seal is locked: pressing does nothing, and a forced third impression is an alert.
+    sim.expect("press", "refused no-grant");
+    sim.expect("force", "impression counter=3");
+    wait_records(&db, "alert", "terminal_no_grant", 1);
+    assert_eq!(count(&db, "terminal.rejected", "no_grant"), 1);
+    assert_eq!(alerts(&db), ["terminal_no_grant"]);
+    impressions_verify(&db, terminal, public, &[1, 2]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn full_flow_over_a_pseudo_terminal() {
+    let dir = tempfile::tempdir().unwrap();
+    let id = identity(dir.path(), "front", 1);
+    let tty = dir.path().join("tty-front");
+    let mut sim = Sim::start(
+        "front-desk",
+        &id.seed_file,
+        &["--pty-link".into(), tty.display().to_string()],
+    );
+    sim.wait_for("connected", 1);
+    let t = terminal_config(
+        "front-desk",
+        "contract-physical",
+        &id.public,
+        &format!("serial = \"{}\"", tty.display()),
+    );
+    let d = start_daemon(dir, &t, &["contract-physical"], "");
+    full_flow(&d, &mut sim, "front-desk", "contract-physical", &id.public).await;
+    // The physical seal is listed, and is not a signing seal.
+    let mut c = d.client().await;
+    let r = c.list_seals().await.unwrap();
+    let Some(Body::ListSeals(l)) = r.body else {
+        panic!()
+    };
+    let s = l
+        .seals
+        .iter()
+        .find(|s| s.id == "contract-physical")
+        .unwrap();
+    assert_eq!((s.algorithm.as_str(), s.available), ("terminal", true));
+    let doc = sha256(b"x");
+    let r = c
+        .stamp(
+            "contract-physical",
+            &doc,
+            &token_for("contract-physical", &doc),
+            "",
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status, Status::InvalidArgument as i32, "{}", r.message);
+    assert_eq!(audit_verify(&d.db()).0, 0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn full_flow_over_mutual_tls_and_strangers_are_refused_before_any_byte() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::new(dir.path());
+    let pin = pki.client("branch");
+    pki.client("stranger");
+    let id = identity(dir.path(), "branch", 2);
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let addr = format!("127.0.0.1:{port}");
+    let listener = format!(
+        "\n[terminals]\nlisten = \"{addr}\"\ncertificate = \"{}\"\nkey = \"{}\"\n",
+        pki.path("server.crt"),
+        pki.path("server.key")
+    );
+    let t = terminal_config(
+        "branch-office",
+        "branch-contract",
+        &id.public,
+        &format!("certificate_sha256 = \"{pin}\""),
+    );
+    let d = start_daemon(dir, &t, &["branch-contract"], &listener);
+    let db = d.db();
+    // A terminal with a certificate nobody pinned, even with the right device key, and one
+    // with no certificate the daemon trusts: refused in the handshake.
+    let stranger = Sim::start(
+        "branch-office",
+        &id.seed_file,
+        &pki.sim_args(&addr, "stranger"),
+    );
+    wait_records(&db, "terminal.refused", "", 1);
+    stranger.wait_for("disconnected", 1);
+    assert_eq!(stranger.count("ack"), 0, "{:?}", stranger.printed());
+    drop(stranger);
+    assert_eq!(count(&db, "terminal.hello", ""), 0);
+    assert_eq!(count(&db, "terminal.connected", ""), 0);
+    let refused: Vec<(String, String)> = kinds(&db);
+    assert!(
+        refused
+            .iter()
+            .all(|(k, _)| !k.starts_with("terminal.") || k == "terminal.refused"),
+        "{refused:?}"
+    );
+    let mut sim = Sim::start(
+        "branch-office",
+        &id.seed_file,
+        &pki.sim_args(&addr, "branch"),
+    );
+    full_flow(&d, &mut sim, "branch-office", "branch-contract", &id.public).await;
+    assert_eq!(audit_verify(&d.db()).0, 0);
+}
+
+/// One pty terminal and a running daemon, for the scripted scenarios.
+fn pty_rig(seed: u8) -> (Daemon, Sim, Identity) {
+    let dir = tempfile::tempdir().unwrap();
+    let id = identity(dir.path(), "t", seed);
+    let tty = dir.path().join("tty");
+    let sim = Sim::start(
+        "t1",
+        &id.seed_file,
+        &["--pty-link".into(), tty.display().to_string()],
+    );
+    sim.wait_for("connected", 1);
+    let t = terminal_config(
+        "t1",
+        "stamp-room",
+        &id.public,
+        &format!("serial = \"{}\"", tty.display()),
+    );
+    let d = start_daemon(dir, &t, &["stamp-room"], "");
+    sim.wait_for("ack", 1);
+    (d, sim, id)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn each_anomaly_fires_once() {
+    let (d, mut sim, _) = pty_rig(3);
+    let db = d.db();
+    let step = |sim: &Sim, db: &Path, rule: &str| {
+        wait_records(db, "alert", rule, 1);
+        sim.settle();
+        assert_eq!(count(db, "alert", rule), 1, "{rule}: {:?}", alerts(db));
+    };
+    // An impression without a grant.
+    sim.send("force");
+    step(&sim, &db, "terminal_no_grant");
+    // A counter gap inside a grant: the second impression skips two numbers.
+    let doc = sha256(b"board resolution");
+    assert_eq!(
+        grant(&d, "stamp-room", &doc, 3).await.status,
+        Status::Ok as i32
+    );
+    sim.wait_for("granted", 1);
+    sim.expect("press", "impression counter=2");
+    sim.send("jump 2");
+    sim.expect("press", "impression counter=5");
+    step(&sim, &db, "terminal_counter_gap");
+    // The same signed report again.
+    sim.send("replay");
+    step(&sim, &db, "terminal_replay");
+    // A counter that goes back.
+    sim.send("rollback 3");
+    sim.send("force");
+    step(&sim, &db, "terminal_counter_rollback");
+    // A report signed by another key.
+    sim.send("badsig");
+    step(&sim, &db, "terminal_bad_signature");
+    // Tamper.
+    sim.send("tamper");
+    step(&sim, &db, "terminal_tamper");
+    // Silence longer than the heartbeat timeout; then the terminal is heard again.
+    sim.send("silence");
+    step(&sim, &db, "terminal_heartbeat_lost");
+    sim.send("resume");
+    wait_records(&db, "terminal.heartbeat_back", "", 1);
+    sim.settle();
+    let mut got = alerts(&db);
+    got.sort();
+    assert_eq!(
+        got,
+        [
+            "terminal_bad_signature",
+            "terminal_counter_gap",
+            "terminal_counter_rollback",
+            "terminal_heartbeat_lost",
+            "terminal_no_grant",
+            "terminal_replay",
+            "terminal_tamper",
+        ]
+    );
+    assert_eq!(audit_verify(&db).0, 0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_normal_day_raises_no_alert() {
+    let (d, mut sim, id) = pty_rig(4);
+    let db = d.db();
+    let mut counter = 0;
+    for (i, n) in [2u32, 1, 3].iter().enumerate() {
+        let doc = sha256(format!("contract {i}").as_bytes());
+        if i == 1 {
+            // The operator asks at the terminal itself.
+            use base64::Engine;
+            let token =
+                base64::engine::general_purpose::STANDARD.encode(approval("stamp-room", &doc, *n));
+            sim.send(&format!("request {token} {} {n}", hex::encode(&doc)));
+        } else {
+            assert_eq!(
+                grant(&d, "stamp-room", &doc, *n).await.status,
+                Status::Ok as i32
+            );
+        }
+        sim.wait_for("granted", i + 1);
+        for _ in 0..*n {
+            counter += 1;
+            sim.expect("press", &format!("impression counter={counter}"));
+        }
+        sim.wait_for("locked", i + 1);
+        std::thread::sleep(Duration::from_millis(400));
+    }
+    // A second grant while one is live is refused, and nothing is consumed for it.
+    let doc = sha256(b"one more");
+    assert_eq!(
+        grant(&d, "stamp-room", &doc, 2).await.status,
+        Status::Ok as i32
+    );
+    let r = grant(&d, "stamp-room", &sha256(b"another"), 1).await;
+    assert_eq!(r.status, Status::Busy as i32, "{}", r.message);
+    sim.wait_for("granted", 4);
+    sim.expect("press", "impression counter=7");
+    sim.expect("press", "locked");
+    // Heartbeats for a while (over the heartbeat timeout in total).
+    std::thread::sleep(Duration::from_millis(2000));
+    wait_records(&db, "terminal.locked", "", 4);
+    assert!(alerts(&db).is_empty(), "{:?}", alerts(&db));
+    assert_eq!(counter, 6);
+    impressions_verify(&db, "t1", &id.public, &[1, 2, 3, 4, 5, 6, 7, 8]);
+    assert_eq!(count(&db, "terminal.granted", ""), 4);
+    assert_eq!(audit_verify(&db).0, 0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn damaged_lines_get_naks_or_a_clean_reconnect_and_other_seals_keep_stamping() {
+    let (d, mut sim, id) = pty_rig(5);
+    let db = d.db();
+    let mut c = d.client().await;
+    let naks = |sim: &Sim| sim.count("nak");
+    let mut seen = naks(&sim);
+    for damage in ["corrupt", "noise 64", "unknown", "truncate"] {
+        sim.send(damage);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while naks(&sim) <= seen {
+            assert!(
+                Instant::now() < deadline,
+                "no NAK after {damage}: {:?}",
+                sim.printed()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        seen = naks(&sim);
+        // A PKCS#11 seal is served all along.
+        stamp_ok(&mut c, "contract", &sha256(damage.as_bytes())).await;
+    }
+    // Cut mid-frame: the simulator comes back on a new pty behind the same port name.
+    let hellos = count(&db, "terminal.hello", "");
+    sim.send("cut");
+    wait_records(&db, "terminal.hello", "", hellos + 1);
+    // The port vanishes, then comes back.
+    sim.send("vanish");
+    wait_records(&db, "terminal.disconnected", "", 2);
+    stamp_ok(&mut c, "contract", &sha256(b"while the port is gone")).await;
+    std::thread::sleep(Duration::from_millis(400));
+    sim.send("return");
+    wait_records(&db, "terminal.hello", "", hellos + 2);
+    // And the terminal works.
+    let doc = sha256(b"after the storm");
+    let r = grant(&d, "stamp-room", &doc, 1).await;
+    assert_eq!(r.status, Status::Ok as i32, "{}", r.message);
+    sim.wait_for("granted", 1);
+    sim.expect("press", "locked");
+    wait_records(&db, "terminal.locked", "", 1);
+    impressions_verify(&db, "t1", &id.public, &[1]);
+    assert!(alerts(&db).is_empty(), "{:?}", alerts(&db));
+    assert!(!d.log().contains("panicked"), "{}", d.log());
+    assert_eq!(audit_verify(&db).0, 0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_grant_for_a_terminal_that_is_not_connected_consumes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let id = identity(dir.path(), "t", 6);
+    let tty = dir.path().join("tty-nobody");
+    let t = terminal_config(
+        "absent",
+        "absent-seal",
+        &id.public,
+        &format!("serial = \"{}\"", tty.display()),
+    );
+    let d = start_daemon(dir, &t, &["absent-seal"], "");
+    let doc = sha256(b"nobody home");
+    let token = approval("absent-seal", &doc, 1);
+    let mut c = d.client().await;
+    let ask = |token: Vec<u8>| {
+        request::Body::GrantTerminal(pb::GrantTerminalRequest {
+            seal_id: "absent-seal".into(),
+            document_sha256: doc.clone(),
+            approval_token: token,
+            impressions: 1,
+            purpose: String::new(),
+            mfa_code: String::new(),
+        })
+    };
+    let r = c.call(ask(token.clone())).await.unwrap();
+    assert_eq!(r.status, Status::DeviceUnavailable as i32, "{}", r.message);
+    assert!(r.message.contains("nothing was consumed"), "{}", r.message);
+    assert_eq!(count(&d.db(), "terminal.granted", ""), 0);
+    // Unknown and foreign names are told apart only for seals the caller was given.
+    let r = c
+        .call(request::Body::GrantTerminal(pb::GrantTerminalRequest {
+            seal_id: "no-such-seal".into(),
+            document_sha256: doc.clone(),
+            approval_token: token,
+            impressions: 1,
+            purpose: String::new(),
+            mfa_code: String::new(),
+        }))
+        .await
+        .unwrap();
+    assert_eq!(r.status, Status::UnknownSeal as i32, "{}", r.message);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn lost_frames_are_sent_again_and_taken_once() {
+    let (d, mut sim, id) = pty_rig(7);
+    let db = d.db();
+    // The GRANT is lost once: the daemon sends it again, and answers the office app once the
+    // terminal has ACKed it.
+    sim.send("deaf 1");
+    let doc = sha256(b"retransmitted");
+    let r = grant(&d, "stamp-room", &doc, 2).await;
+    assert_eq!(r.status, Status::Ok as i32, "{}", r.message);
+    assert_eq!(sim.count("lost cmd=3"), 1, "{:?}", sim.printed());
+    assert_eq!(sim.count("granted"), 1);
+    // The ACK of an impression is lost: the terminal sends the report again, and the daemon
+    // ACKs it again without taking it twice (no second record, no replay alert).
+    sim.send("deaf 1");
+    sim.expect("press", "impression counter=1");
+    sim.wait_for("lost cmd=16", 1);
+    sim.expect("press", "locked");
+    wait_records(&db, "terminal.locked", "", 1);
+    sim.settle();
+    impressions_verify(&db, "t1", &id.public, &[1, 2]);
+    assert!(alerts(&db).is_empty(), "{:?}", alerts(&db));
+}
