@@ -593,6 +593,81 @@ impl Config {
     }
 }
 
+/// What others may do to a file: the mode bits a file must not have.
+#[derive(Debug, Clone, Copy)]
+enum Guard {
+    /// Nobody but the owner (and root) may change it: no group or other write.
+    NoForeignWrite,
+    /// A secret: also not readable by others (its group may read, e.g. mode 0640).
+    Secret,
+}
+
+fn check_mode(path: &Path, what: &str, guard: Guard) -> Result<(), ConfigError> {
+    use std::os::unix::fs::PermissionsExt;
+    let meta = match std::fs::metadata(path) {
+        Ok(m) => m,
+        // A file that is not there is reported by whoever reads it.
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => {
+            return Err(ConfigError::Read {
+                path: path.to_owned(),
+                source: e,
+            })
+        }
+    };
+    let mode = meta.permissions().mode() & 0o7777;
+    let forbidden = match guard {
+        Guard::NoForeignWrite => 0o022,
+        Guard::Secret => 0o026,
+    };
+    if mode & forbidden != 0 {
+        let who = if mode & 0o002 != 0 {
+            "anyone"
+        } else if mode & 0o020 != 0 {
+            "its group"
+        } else {
+            "other users"
+        };
+        let verb = if mode & 0o022 != 0 { "changed" } else { "read" };
+        return Err(ConfigError::Invalid(format!(
+            "{what} {} has mode {mode:04o}: it can be {verb} by {who}; refusing to start (chmod {})",
+            path.display(),
+            match guard {
+                Guard::NoForeignWrite => "go-w",
+                Guard::Secret => "g-w,o-rwx",
+            }
+        )));
+    }
+    Ok(())
+}
+
+impl Config {
+    /// Refuses files others could change (the configuration, the state directory) or read
+    /// (PIN files, the terminal listener's key): someone who can rewrite the configuration can
+    /// add approvers, and one who can read a PIN can use the token elsewhere.
+    pub fn check_file_modes(&self, config_path: &Path) -> Result<(), ConfigError> {
+        check_mode(config_path, "the configuration", Guard::NoForeignWrite)?;
+        check_mode(
+            &self.daemon.state_dir,
+            "the state directory",
+            Guard::NoForeignWrite,
+        )?;
+        for d in &self.devices {
+            if let Some(p) = &d.pin_file {
+                check_mode(
+                    p,
+                    &format!("the PIN file of device {:?}", d.id),
+                    Guard::Secret,
+                )?;
+            }
+        }
+        if let Some(l) = &self.terminal_listener {
+            check_mode(&l.key, "the terminal listener's key", Guard::Secret)?;
+        }
+        Ok(())
+    }
+}
+
 fn location(text: &str, span: Option<std::ops::Range<usize>>) -> String {
     match span {
         Some(span) => {

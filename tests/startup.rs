@@ -267,3 +267,74 @@ fn check_mode_opens_everything_and_exits() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("at least one approval level"));
 }
+
+/// Files others could change (the configuration, the state directory) or read (a PIN file) stop
+/// the start, naming the file and its mode.
+#[test]
+fn files_others_could_change_or_read_are_refused() {
+    use std::os::unix::fs::PermissionsExt;
+    let chmod = |p: &std::path::Path, m: u32| {
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(m)).unwrap()
+    };
+    // The configuration: run_to_exit writes it, so make it group-writable through the umask.
+    let dir = tempfile::tempdir().unwrap();
+    let config = base().replace("@SOCKET@", &dir.path().join("s.sock").display().to_string());
+    let old = nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o002));
+    let path = dir.path().join("sealgate.toml");
+    let _ = std::fs::remove_file(&path);
+    std::fs::write(&path, &config).unwrap();
+    nix::sys::stat::umask(old);
+    chmod(&path, 0o664);
+    let (status, stderr) = run_to_exit_keeping_mode(&path);
+    assert!(!status.success());
+    assert!(
+        stderr.contains("the configuration") && stderr.contains("mode 0664"),
+        "{stderr}"
+    );
+    // A PIN file readable by anyone.
+    let pins = tempfile::tempdir().unwrap();
+    let pin = pins.path().join("pin");
+    std::fs::copy(demo().pin_file(), &pin).unwrap();
+    chmod(&pin, 0o644);
+    let c = base().replace(
+        &demo().pin_file().display().to_string(),
+        &pin.display().to_string(),
+    );
+    fails_with(
+        &c,
+        &["PIN file of device \"demo-hsm\"", "mode 0644", "read by"],
+    );
+    // A state directory anyone may write to.
+    let state = tempfile::tempdir().unwrap();
+    chmod(state.path(), 0o777);
+    let c = base();
+    let line = c.lines().find(|l| l.starts_with("state_dir")).unwrap();
+    let c = c.replace(line, &format!("state_dir = \"{}\"", state.path().display()));
+    fails_with(&c, &["the state directory", "mode 0777"]);
+    // The same PIN file at 0640 (its group may read it) is accepted.
+    chmod(&pin, 0o640);
+    let c = base().replace(
+        &demo().pin_file().display().to_string(),
+        &pin.display().to_string(),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("sealgated.sock");
+    let c = c.replace("@SOCKET@", &socket.display().to_string());
+    let d = Daemon::start_with(dir, &c, &[]).unwrap_or_else(|f| panic!("{f:?}"));
+    d.stop();
+}
+
+/// Runs sealgated on an existing configuration file, as it is.
+fn run_to_exit_keeping_mode(config: &std::path::Path) -> (std::process::ExitStatus, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_sealgated"))
+        .arg("--config")
+        .arg(config)
+        .env("SOFTHSM2_CONF", demo().softhsm_conf())
+        .env_remove("NOTIFY_SOCKET")
+        .output()
+        .unwrap();
+    (
+        out.status,
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}

@@ -92,7 +92,12 @@ fn main() {
 }
 
 fn run(args: Args) -> anyhow::Result<()> {
+    // No core dumps: a dump of this process would hold PINs and TOTP secrets in the clear.
+    if let Err(e) = nix::sys::prctl::set_dumpable(false) {
+        tracing::warn!(error = %e, "cannot mark the process as not dumpable");
+    }
     let config = Config::load(&args.config)?;
+    config.check_file_modes(&args.config)?;
     if nix::unistd::geteuid().is_root() && !config.daemon.allow_root {
         bail!(
             "refusing to run as root; run as a dedicated user, or set daemon.allow_root = true in {}",

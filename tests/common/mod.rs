@@ -115,6 +115,11 @@ pub fn own_token(label: &str, pin: &str) {
 pub fn own_token_config(dir: &Path, label: &str, pin: &str) -> String {
     let pin_file = dir.join("pin");
     std::fs::write(&pin_file, format!("{pin}\n")).unwrap();
+    std::fs::set_permissions(
+        &pin_file,
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )
+    .unwrap();
     format!(
         r#"
 [daemon]
