@@ -69,4 +69,19 @@ if ! "$venv/bin/python3" -c 'import google.protobuf, cryptography' 2>/dev/null; 
 fi
 export SEALGATE_TEST_PYTHON="$PWD/$venv/bin/python3"
 
+# Every daemon run of the suite leaves its log (and every failed start its error) in
+# target/tmp/daemon-logs, beside the PINs and TOTP seeds the tests used; none may appear there.
+logs=target/tmp/daemon-logs
+rm -rf "$logs"
 cargo test --locked "$@"
+if [ -s "$logs/secrets.txt" ]; then
+  # Short PINs could match an unrelated number by chance; those are checked by their own tests.
+  awk 'length($0) >= 8' "$logs/secrets.txt" | sort -u >"$logs/secrets.8"
+  found=$(find "$logs" -name '*.log' -print0 | xargs -0 -r grep -lwF -f "$logs/secrets.8" || true)
+  if [ -n "$found" ]; then
+    echo "test.sh: a PIN or TOTP seed appears in these daemon logs:" >&2
+    echo "$found" >&2
+    exit 1
+  fi
+  echo "test.sh: $(find "$logs" -name '*.log' | wc -l) daemon logs hold none of $(wc -l <"$logs/secrets.8") secrets"
+fi

@@ -38,6 +38,39 @@ impl Demo {
     }
 }
 
+/// Where the suite keeps every daemon's log and start-up error, and the secrets that must never
+/// appear in them; test.sh checks them after the run (and empties the folder before it).
+pub fn evidence_dir() -> PathBuf {
+    let d = Path::new(env!("CARGO_TARGET_TMPDIR")).join("daemon-logs");
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// Adds a secret (a PIN, a TOTP seed) to the list the logs are checked against.
+pub fn note_secret(secret: &str) {
+    use std::io::Write;
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(evidence_dir().join("secrets.txt"))
+        .unwrap();
+    writeln!(f, "{}", secret.trim()).unwrap();
+}
+
+/// Keeps a copy of what a daemon wrote, under a name unique in the suite.
+pub fn keep_output(text: &str) {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static N: AtomicU32 = AtomicU32::new(0);
+    let exe = std::env::current_exe().unwrap();
+    let name = format!(
+        "{}-{}-{}.log",
+        exe.file_stem().unwrap().to_string_lossy(),
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    );
+    std::fs::write(evidence_dir().join(name), text).unwrap();
+}
+
 /// Runs softhsm-setup.sh once for this test binary, in a directory left for the process's life.
 pub fn demo() -> &'static Demo {
     static DEMO: OnceLock<Demo> = OnceLock::new();
@@ -59,6 +92,9 @@ pub fn demo() -> &'static Demo {
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
         );
+        for pin in ["user.pin", "so.pin"] {
+            note_secret(&std::fs::read_to_string(dir.join(pin)).unwrap());
+        }
         Demo { dir }
     })
 }
@@ -67,6 +103,7 @@ pub fn demo() -> &'static Demo {
 /// a wrong PIN never touches the shared demo token. It holds two P-256 keys: "k" (a seal) and
 /// "audit".
 pub fn own_token(label: &str, pin: &str) {
+    note_secret(pin);
     let run = |args: &[&str]| {
         let out = Command::new(args[0])
             .args(&args[1..])
@@ -552,6 +589,7 @@ impl Daemon {
         )
         .unwrap();
         child.wait().unwrap();
+        keep_output(&self.log());
         let dir = tempfile::TempDir::with_prefix("unused").unwrap();
         let dir = std::mem::replace(&mut self.dir, dir);
         let config = std::fs::read_to_string(dir.path().join("sealgate.toml")).unwrap();
@@ -597,6 +635,7 @@ impl Drop for Daemon {
             let _ = child.kill();
             let _ = child.wait();
         }
+        keep_output(&self.log());
     }
 }
 
@@ -637,6 +676,7 @@ pub fn run_to_exit(dir: &Path, config: &str) -> (ExitStatus, String) {
         .unwrap()
         .read_to_string(&mut stderr)
         .unwrap();
+    keep_output(&stderr);
     (child.wait().unwrap(), stderr)
 }
 
@@ -796,7 +836,9 @@ pub async fn enroll(c: &mut sealgate::protocol::client::Client, user: &str) -> t
     let Some(sealgate::protocol::response::Body::EnrollMfa(e)) = r.body else {
         panic!("enroll failed: {}", r.message)
     };
-    totp_rs::Totp::from_url(&e.otpauth_uri).unwrap()
+    let totp = totp_rs::Totp::from_url(&e.otpauth_uri).unwrap();
+    note_secret(&totp.secret().to_base32());
+    totp
 }
 
 /// The code for the current time step (`offset` steps away).
