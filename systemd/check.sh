@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # systemd/check.sh SEALGATED_BINARY: checks the shipped units with systemd's own tools.
 # `systemd-analyze verify` must be clean and the offline security exposure must be 2.0 or
-# better. The units name /usr/bin/sealgated; the check points them at the given binary.
+# better, and the service must not leave core dumps (they would hold PINs). The units name
+# /usr/bin/sealgated; the check points them at the given binary.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 bin=$(realpath "${1:?usage: systemd/check.sh PATH-TO-sealgated}")
@@ -10,6 +11,7 @@ trap 'rm -rf "$work"' EXIT
 sed "s|/usr/bin/sealgated|$bin|" "$here/sealgated.service" >"$work/sealgated.service"
 cp "$here/sealgated.socket" "$work/"
 cd "$work"
+grep -qx 'LimitCORE=0' sealgated.service || { echo "sealgated.service must set LimitCORE=0"; exit 1; }
 out=$(systemd-analyze verify ./sealgated.socket ./sealgated.service 2>&1) || { echo "$out"; exit 1; }
 [ -z "$out" ] || { echo "systemd-analyze verify is not clean:"; echo "$out"; exit 1; }
 score=$(systemd-analyze security --offline=true ./sealgated.service 2>&1 |
