@@ -259,7 +259,8 @@ fn callers_of(config: &Config) -> Arc<Vec<Arc<Caller>>> {
 }
 
 /// The parts of a configuration that only a restart changes: the daemon's settings, devices,
-/// seals and their keys, TOTP and the audit key. A reload that changes them is refused.
+/// seals and their keys, terminals (not their policies) and their listener, TOTP and the audit
+/// key. A reload that changes them is refused.
 fn restart_only(config: &Config) -> String {
     let seals: Vec<_> = config
         .seals
@@ -275,6 +276,20 @@ fn restart_only(config: &Config) -> String {
             )
         })
         .collect();
+    let terminals: Vec<_> = config
+        .terminals
+        .iter()
+        .map(|t| {
+            (
+                &t.id,
+                &t.profile,
+                &t.seal,
+                &t.public_key,
+                &t.serial,
+                &t.certificate_sha256,
+            )
+        })
+        .collect();
     let a = &config.audit;
     format!(
         "{:?}",
@@ -283,7 +298,9 @@ fn restart_only(config: &Config) -> String {
             &config.devices,
             seals,
             &config.mfa,
-            (&a.device, &a.key_label, &a.key_id, &a.algorithm)
+            (&a.device, &a.key_label, &a.key_id, &a.algorithm),
+            terminals,
+            &config.terminal_listener,
         )
     )
 }
@@ -432,7 +449,7 @@ impl Service {
     pub fn reload(&self, config: &Config, config_dir: &std::path::Path) -> Result<(), StartError> {
         if restart_only(config) != self.fixed {
             return Err(StartError::Reload(
-                "devices, seals' keys, [daemon], [mfa] or the audit key changed; those take a restart"
+                "devices, seals' keys, terminals, [daemon], [mfa] or the audit key changed; those take a restart"
                     .into(),
             ));
         }
