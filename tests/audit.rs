@@ -484,7 +484,7 @@ async fn a_full_disk_refuses_stamps_and_they_resume_when_space_returns() {
     let state = dir.path().join("state");
     std::fs::create_dir(&state).unwrap();
     let mounted = Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=3M", "tmpfs"])
+        .args(["-t", "tmpfs", "-o", "size=3M,mode=0700", "tmpfs"])
         .arg(&state)
         .status()
         .unwrap();
