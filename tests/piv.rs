@@ -10,10 +10,9 @@ mod common;
 
 use common::*;
 use sealgate::protocol::{response::Body, Status};
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Stdio};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 const PIVCARD: &str = env!("CARGO_BIN_EXE_sealgate-pivcard");
@@ -87,7 +86,7 @@ struct Card {
     port: u16,
     child: Child,
     stdin: ChildStdin,
-    lines: Arc<Mutex<Vec<String>>>,
+    lines: Printed,
 }
 
 impl Card {
@@ -107,14 +106,7 @@ impl Card {
         }
         let mut child = cmd.spawn().expect("start sealgate-pivcard");
         let stdin = child.stdin.take().unwrap();
-        let lines = Arc::new(Mutex::new(Vec::new()));
-        let out = child.stdout.take().unwrap();
-        let sink = lines.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(out).lines().map_while(Result::ok) {
-                sink.lock().unwrap().push(line);
-            }
-        });
+        let lines = Printed::collect(child.stdout.take().unwrap());
         let card = Card {
             port,
             child,
@@ -160,25 +152,12 @@ impl Card {
     }
 
     fn count(&self, line: &str) -> usize {
-        self.lines
-            .lock()
-            .unwrap()
-            .iter()
-            .filter(|l| l.starts_with(line))
-            .count()
+        self.lines.count(line)
     }
 
     /// Waits until the card has printed `n` lines starting with `line`.
     fn wait_for(&self, line: &str, n: usize) {
-        let deadline = Instant::now() + Duration::from_secs(15);
-        while self.count(line) < n {
-            assert!(
-                Instant::now() < deadline,
-                "card never printed {n} x {line:?}: {:?}",
-                self.lines.lock().unwrap()
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        self.lines.wait_for(line, n, Duration::from_secs(15))
     }
 
     /// The card's PIN tries left, as it reports them.
@@ -191,7 +170,7 @@ impl Card {
         let before = self.count("status");
         self.send("status");
         self.wait_for("status", before + 1);
-        let lines = self.lines.lock().unwrap();
+        let lines = self.lines.all();
         let last = lines
             .iter()
             .rev()

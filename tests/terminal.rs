@@ -10,10 +10,9 @@ use ed25519_dalek::{Signature, SigningKey, Verifier};
 use prost::Message;
 use sealgate::protocol::{pb, request, response::Body, Status};
 use sealgate::terminal::{pb as tpb, signed_bytes, Command as Cmd};
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Stdio};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 const SIM: &str = env!("CARGO_BIN_EXE_sealgate-terminal");
@@ -40,7 +39,7 @@ max_impressions = 5
 struct Sim {
     child: Child,
     stdin: ChildStdin,
-    lines: Arc<Mutex<Vec<String>>>,
+    lines: Printed,
 }
 
 impl Sim {
@@ -55,14 +54,7 @@ impl Sim {
             .spawn()
             .expect("start sealgate-terminal");
         let stdin = child.stdin.take().unwrap();
-        let lines = Arc::new(Mutex::new(Vec::new()));
-        let out = child.stdout.take().unwrap();
-        let sink = lines.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(out).lines().map_while(Result::ok) {
-                sink.lock().unwrap().push(line);
-            }
-        });
+        let lines = Printed::collect(child.stdout.take().unwrap());
         Sim {
             child,
             stdin,
@@ -76,26 +68,13 @@ impl Sim {
     }
 
     fn count(&self, prefix: &str) -> usize {
-        self.lines
-            .lock()
-            .unwrap()
-            .iter()
-            .filter(|l| l.starts_with(prefix))
-            .count()
+        self.lines.count(prefix)
     }
 
     /// Waits until `n` lines starting with `prefix` have been printed.
     #[track_caller]
     fn wait_for(&self, prefix: &str, n: usize) {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while self.count(prefix) < n {
-            assert!(
-                Instant::now() < deadline,
-                "simulator never printed {n} x {prefix:?}: {:?}",
-                self.lines.lock().unwrap()
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        self.lines.wait_for(prefix, n, Duration::from_secs(10))
     }
 
     /// Sends `command` and waits for one more `prefix` line.
@@ -112,7 +91,7 @@ impl Sim {
     }
 
     fn printed(&self) -> Vec<String> {
-        self.lines.lock().unwrap().clone()
+        self.lines.all()
     }
 }
 

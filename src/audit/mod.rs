@@ -144,6 +144,29 @@ impl Record {
         }
     }
 
+    /// Fills in who approved what, from an approval's verdict: the approvers, and the claims
+    /// (applicant, approval id, document type, department, amount; the purpose unless set).
+    pub fn set_approval(
+        &mut self,
+        approvers: &str,
+        claims: Option<&crate::approval::token::Claims>,
+    ) {
+        self.approvers = approvers.to_owned();
+        if let Some(c) = claims {
+            self.applicant = c.applicant.clone();
+            self.jti = c.jti.clone();
+            self.doc_type = c.doc.doc_type.clone();
+            self.dept = c.dept.clone();
+            if let Some(a) = &c.amount {
+                self.amount = Some(a.value);
+                self.currency = a.currency.clone();
+            }
+            if self.purpose.is_empty() {
+                self.purpose = c.purpose.clone();
+            }
+        }
+    }
+
     pub fn view(&self) -> RecordView<'_> {
         RecordView {
             seq: self.seq,

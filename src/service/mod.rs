@@ -831,30 +831,10 @@ impl Service {
         let started = Instant::now();
         let seal = match self.seal_for(caller, &req.seal_id) {
             Ok(s) => s,
-            Err(e) => {
-                let mut r = Record::new(kind::ACCESS_DENIED);
-                r.caller = caller.name.clone();
-                r.seal = req.seal_id.chars().take(200).collect();
-                r.reason = e.status().as_str_name().to_ascii_lowercase();
-                r.detail = e.to_string();
-                // Only configured seal names become labels; a made-up one counts under "".
-                let label = if self.registry.seals.contains_key(&req.seal_id) {
-                    req.seal_id.as_str()
-                } else {
-                    ""
-                };
-                crate::metrics::get().denial(label, &r.reason);
-                self.record_refusal(r).await;
-                return Err(e);
-            }
+            Err(e) => return Err(self.refuse_access(caller, &req.seal_id, e).await),
         };
         let digest = digest32(&req.document_sha256)?;
-        if req.purpose.len() > MAX_PURPOSE_BYTES {
-            return Err(ServiceError::InvalidArgument(format!(
-                "purpose is {} bytes; at most {MAX_PURPOSE_BYTES} are accepted",
-                req.purpose.len()
-            )));
-        }
+        purpose_ok(&req.purpose)?;
         // No use is consumed for a request the device queue would refuse anyway.
         let (in_flight, queue) = &self.slots[seal.device.id()];
         let queued = queue.clone().try_acquire_owned().map_err(|_| {
@@ -966,21 +946,10 @@ impl Service {
             } else {
                 self.not_for(caller, &req.seal_id)
             };
-            let mut r = Record::new(kind::ACCESS_DENIED);
-            r.caller = caller.name.clone();
-            r.seal = req.seal_id.chars().take(200).collect();
-            r.reason = e.status().as_str_name().to_ascii_lowercase();
-            r.detail = e.to_string();
-            self.record_refusal(r).await;
-            return Err(e);
+            return Err(self.refuse_access(caller, &req.seal_id, e).await);
         };
         let doc = digest32(&req.document_sha256)?;
-        if req.purpose.len() > MAX_PURPOSE_BYTES {
-            return Err(ServiceError::InvalidArgument(format!(
-                "purpose is {} bytes; at most {MAX_PURPOSE_BYTES} are accepted",
-                req.purpose.len()
-            )));
-        }
+        purpose_ok(&req.purpose)?;
         let g = t
             .grant(terminal::GrantRequest {
                 token: zeroize::Zeroizing::new(req.approval_token),
@@ -1000,6 +969,22 @@ impl Service {
             uses_left: g.uses_left,
             approval_id: g.jti,
         }))
+    }
+
+    /// Records and counts a caller's refusal before any approval was looked at (a seal it may
+    /// not use, or that does not exist), and hands the error back.
+    async fn refuse_access(&self, caller: &Caller, seal_id: &str, e: ServiceError) -> ServiceError {
+        let mut r = Record::new(kind::ACCESS_DENIED);
+        r.caller = caller.name.clone();
+        r.seal = seal_id.chars().take(200).collect();
+        r.reason = e.status().as_str_name().to_ascii_lowercase();
+        r.detail = e.to_string();
+        // Only configured seal names become labels; a made-up one counts under "".
+        let known = self.registry.seals.contains_key(seal_id)
+            || self.terminals().any(|t| t.seal == seal_id);
+        crate::metrics::get().denial(if known { seal_id } else { "" }, &r.reason);
+        self.record_refusal(r).await;
+        e
     }
 
     /// Records a refusal; the refusal stands whether or not the record could be written.
@@ -1131,21 +1116,8 @@ fn stamp_record(
     r.device_serial = seal.device.serial();
     r.caller = caller.name.clone();
     r.doc_sha256 = hex::encode(digest);
-    r.approvers = verdict.approvers.clone();
     r.purpose = purpose.to_owned();
-    if let Some(c) = &verdict.claims {
-        r.applicant = c.applicant.clone();
-        r.jti = c.jti.clone();
-        r.doc_type = c.doc.doc_type.clone();
-        r.dept = c.dept.clone();
-        if let Some(a) = &c.amount {
-            r.amount = Some(a.value);
-            r.currency = a.currency.clone();
-        }
-        if r.purpose.is_empty() {
-            r.purpose = c.purpose.clone();
-        }
-    }
+    r.set_approval(&verdict.approvers, verdict.claims.as_ref());
     r
 }
 
@@ -1164,6 +1136,16 @@ fn unix_now() -> i64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs() as i64)
         .unwrap_or(0)
+}
+
+fn purpose_ok(purpose: &str) -> Result<(), ServiceError> {
+    if purpose.len() > MAX_PURPOSE_BYTES {
+        return Err(ServiceError::InvalidArgument(format!(
+            "purpose is {} bytes; at most {MAX_PURPOSE_BYTES} are accepted",
+            purpose.len()
+        )));
+    }
+    Ok(())
 }
 
 fn digest32(bytes: &[u8]) -> Result<[u8; 32], ServiceError> {

@@ -837,21 +837,8 @@ impl Session {
         let mut r = self.record(kind::TERMINAL_GRANTED);
         r.caller = req.caller;
         r.doc_sha256 = hex::encode(req.doc);
-        r.approvers = verdict.approvers.clone();
         r.purpose = req.purpose;
-        if let Some(c) = &verdict.claims {
-            r.applicant = c.applicant.clone();
-            r.jti = c.jti.clone();
-            r.doc_type = c.doc.doc_type.clone();
-            r.dept = c.dept.clone();
-            if let Some(a) = &c.amount {
-                r.amount = Some(a.value);
-                r.currency = a.currency.clone();
-            }
-            if r.purpose.is_empty() {
-                r.purpose = c.purpose.clone();
-            }
-        }
+        r.set_approval(&verdict.approvers, verdict.claims.as_ref());
         if let Some(d) = verdict.denials.into_iter().next() {
             r.kind = kind::TERMINAL_DENIED.into();
             r.reason = d.reason.code().into();

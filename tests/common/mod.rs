@@ -868,3 +868,50 @@ pub async fn stamp_ok(
         other => panic!("a stamp reply without a stamp: {other:?}"),
     }
 }
+
+/// The lines a child process prints on its standard output, collected as they come.
+#[derive(Clone)]
+pub struct Printed(std::sync::Arc<std::sync::Mutex<Vec<String>>>);
+
+impl Printed {
+    /// Starts collecting `out` on a thread of its own.
+    pub fn collect(out: impl std::io::Read + Send + 'static) -> Printed {
+        use std::io::BufRead;
+        let p = Printed(Default::default());
+        let sink = p.0.clone();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+                sink.lock().unwrap().push(line);
+            }
+        });
+        p
+    }
+
+    pub fn all(&self) -> Vec<String> {
+        self.0.lock().unwrap().clone()
+    }
+
+    /// Lines starting with `prefix` so far.
+    pub fn count(&self, prefix: &str) -> usize {
+        self.0
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|l| l.starts_with(prefix))
+            .count()
+    }
+
+    /// Waits until `n` lines starting with `prefix` have been printed (within `limit`).
+    #[track_caller]
+    pub fn wait_for(&self, prefix: &str, n: usize, limit: Duration) {
+        let deadline = Instant::now() + limit;
+        while self.count(prefix) < n {
+            assert!(
+                Instant::now() < deadline,
+                "never printed {n} x {prefix:?}: {:?}",
+                self.all()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
