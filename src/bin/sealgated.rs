@@ -218,7 +218,11 @@ fn serve_terminals(
         .name("terminal listener".into())
         .spawn(move || {
             for tcp in listener.incoming() {
-                let Ok(tcp) = tcp else { continue };
+                let Ok(tcp) = tcp else {
+                    // EMFILE and friends: back off briefly rather than spin.
+                    std::thread::sleep(Duration::from_millis(50));
+                    continue;
+                };
                 if busy.fetch_add(1, std::sync::atomic::Ordering::SeqCst) >= MAX_HANDSHAKES {
                     busy.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
                     continue;

@@ -82,6 +82,9 @@ pub struct Granted {
 
 type Reply = tokio::sync::oneshot::Sender<Result<Granted, TerminalError>>;
 
+/// Impression reports remembered for replay detection (about 3 MB).
+const MAX_SEEN: usize = 100_000;
+
 enum Control {
     Grant(GrantRequest, Reply),
     Connect(Box<dyn Link>),
@@ -734,6 +737,10 @@ impl Session {
         let counter = imp.counter;
         self.commit(r, move |s: &mut Session| {
             if reason != Some(rejection::REPLAY) {
+                // Bounded: an older report sent again is still caught, as a rollback.
+                if s.seen.len() >= MAX_SEEN {
+                    s.seen.clear();
+                }
                 s.seen.insert(digest);
             }
             if advance {
