@@ -996,7 +996,8 @@ fn deny_frame(e: &TerminalError) -> Frame {
         Command::UnlockDeny,
         pb::UnlockDeny {
             reason: reason as u32,
-            message: e.to_string(),
+            // Well under a frame's payload limit.
+            message: e.to_string().chars().take(1000).collect(),
         }
         .encode_to_vec(),
     )
