@@ -4,33 +4,6 @@ mod common;
 
 use common::*;
 use sealgate::protocol::Status;
-use std::time::{Duration, Instant};
-
-fn hangup(d: &Daemon) {
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(d.pid()),
-        nix::sys::signal::Signal::SIGHUP,
-    )
-    .unwrap();
-}
-
-/// Sends SIGHUP and waits for the log line of its outcome (the `n`th such line).
-fn reload(d: &Daemon, n: usize) -> String {
-    hangup(d);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let log = d.log();
-        let outcomes: Vec<&str> = log
-            .lines()
-            .filter(|l| l.contains("configuration reloaded") || l.contains("reload refused"))
-            .collect();
-        if outcomes.len() >= n {
-            return outcomes[n - 1].to_owned();
-        }
-        assert!(Instant::now() < deadline, "no reload outcome: {log}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
 
 async fn stamp_with(
     c: &mut sealgate::protocol::client::Client,
@@ -65,7 +38,7 @@ async fn a_new_policy_takes_effect_and_a_broken_file_leaves_it_in_force() {
         .replacen("\"finance\", ", "", 1);
     assert_ne!(stricter, original);
     std::fs::write(&config_path, &stricter).unwrap();
-    let line = reload(&d, 1);
+    let line = d.reload(1);
     assert!(line.contains("configuration reloaded"), "{line}");
     // systemd is told: reloading (with the monotonic time it asks for), then ready again.
     let told = d.notifications_until("READY=1");
@@ -90,7 +63,7 @@ async fn a_new_policy_takes_effect_and_a_broken_file_leaves_it_in_force() {
 
     // A broken file is refused; the policy in force stays.
     std::fs::write(&config_path, format!("{stricter}\nthis is [not toml\n")).unwrap();
-    let line = reload(&d, 2);
+    let line = d.reload(2);
     assert!(line.contains("reload refused"), "{line}");
     let r = stamp_with(&mut c, "contract", &[4; 32], &["zhang.wei"]).await;
     assert_eq!(r.reason, "missing_level");
@@ -98,18 +71,18 @@ async fn a_new_policy_takes_effect_and_a_broken_file_leaves_it_in_force() {
     // So is a change only a restart can make, and a policy that does not hold together.
     let other_pin = stricter.replace("max_failures = 3", "max_failures = 4");
     std::fs::write(&config_path, other_pin).unwrap();
-    let line = reload(&d, 3);
+    let line = d.reload(3);
     assert!(line.contains("take a restart"), "{line}");
     let no_levels = stricter.replace("levels = [\"dept_head\", \"executive\"]", "levels = []");
     std::fs::write(&config_path, no_levels).unwrap();
-    let line = reload(&d, 4);
+    let line = d.reload(4);
     assert!(line.contains("reload refused"), "{line}");
     let r = stamp_with(&mut c, "contract", &[5; 32], &["zhang.wei", "li.na"]).await;
     assert_eq!(r.status, Status::Ok as i32, "{}", r.message);
 
     // And the original file, once more, loosens it again.
     std::fs::write(&config_path, &original).unwrap();
-    assert!(reload(&d, 5).contains("configuration reloaded"));
+    assert!(d.reload(5).contains("configuration reloaded"));
     let r = stamp_with(&mut c, "contract", &[6; 32], &["zhang.wei"]).await;
     assert_eq!(r.status, Status::Ok as i32, "{}", r.message);
     assert!(d.stop().success());
@@ -136,7 +109,7 @@ async fn a_changed_device_profile_takes_a_restart() {
         .unwrap()
         .replace("sessions = 2", "sessions = 4");
     std::fs::write(&profile, edited).unwrap();
-    let line = reload(&d, 1);
+    let line = d.reload(1);
     assert!(line.contains("profile changes take a restart"), "{line}");
     let mut c = d.client().await;
     stamp_ok(&mut c, "contract", &[1; 32]).await;

@@ -596,6 +596,28 @@ impl Daemon {
         Daemon::start_with(dir, &config, &[]).unwrap_or_else(|f| panic!("restart: {f:?}"))
     }
 
+    /// Sends SIGHUP and waits for the log line of its outcome (the `n`th such line).
+    pub fn reload(&self, n: usize) -> String {
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.pid()),
+            nix::sys::signal::Signal::SIGHUP,
+        )
+        .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let log = self.log();
+            let outcomes: Vec<&str> = log
+                .lines()
+                .filter(|l| l.contains("configuration reloaded") || l.contains("reload refused"))
+                .collect();
+            if outcomes.len() >= n {
+                return outcomes[n - 1].to_owned();
+            }
+            assert!(Instant::now() < deadline, "no reload outcome: {log}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     pub fn pid(&self) -> i32 {
         self.child.as_ref().unwrap().id() as i32
     }
