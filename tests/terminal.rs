@@ -85,7 +85,8 @@ impl Sim {
         self.wait_for(prefix, n + 1);
     }
 
-    /// Waits until every frame sent so far is ACKed (the last ack names the last seq sent).
+    /// Gives frames in flight time to be ACKed and recorded (over two ACK timeouts), so that a
+    /// count taken next would see a second record if there were one.
     fn settle(&self) {
         std::thread::sleep(Duration::from_millis(700));
     }
@@ -741,4 +742,46 @@ async fn lost_frames_are_sent_again_and_taken_once() {
     sim.settle();
     impressions_verify(&db, "t1", &id.public, &[1, 2]);
     assert!(alerts(&db).is_empty(), "{:?}", alerts(&db));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_terminal_policy_reloads_and_a_changed_terminal_takes_a_restart() {
+    let (d, mut sim, _) = pty_rig(8);
+    let path = d.dir.path().join("sealgate.toml");
+    let text = std::fs::read_to_string(&path).unwrap();
+    // Another enrolled key: refused, the running terminal goes on.
+    let key_line = text
+        .lines()
+        .find(|l| l.starts_with("public_key = "))
+        .unwrap()
+        .to_owned();
+    let other = format!(
+        "public_key = \"{}\"",
+        hex::encode(identity(d.dir.path(), "x", 9).public)
+    );
+    std::fs::write(&path, text.replace(&key_line, &other)).unwrap();
+    let line = d.reload(1);
+    assert!(
+        line.contains("reload refused") && line.contains("terminals"),
+        "{line}"
+    );
+    let doc = sha256(b"still the old key");
+    assert_eq!(
+        grant(&d, "stamp-room", &doc, 1).await.status,
+        Status::Ok as i32
+    );
+    sim.wait_for("granted", 1);
+    sim.expect("press", "locked");
+    // The terminal seal's policy changes on a reload: contracts now need an executive too.
+    let stricter = text.replace(
+        "levels = [\"dept_head\"]\n",
+        "levels = [\"dept_head\", \"executive\"]\n",
+    );
+    assert_ne!(stricter, text);
+    std::fs::write(&path, stricter).unwrap();
+    let line = d.reload(2);
+    assert!(line.contains("configuration reloaded"), "{line}");
+    let r = grant(&d, "stamp-room", &sha256(b"needs two now"), 1).await;
+    assert_eq!(r.status, Status::ApprovalDenied as i32, "{}", r.message);
+    assert_eq!(r.reason, "missing_level", "{}", r.message);
 }
