@@ -104,6 +104,10 @@ pub struct DaemonConfig {
     /// Connections served at once; further ones are told BUSY and closed.
     #[serde(default = "default_max_connections")]
     pub max_connections: usize,
+    /// Connections one uid may hold at once, so that one local user (or one runaway office
+    /// app) cannot take every slot. Unset: three quarters of `max_connections`, rounded up.
+    #[serde(default)]
+    pub max_connections_per_uid: Option<usize>,
     /// Time allowed for a whole request to arrive, and for it to be carried out.
     #[serde(default = "default_request_timeout")]
     pub request_timeout_ms: u64,
@@ -118,6 +122,14 @@ pub struct DaemonConfig {
     /// unset.
     #[serde(default)]
     pub metrics_listen: Option<std::net::SocketAddr>,
+}
+
+impl DaemonConfig {
+    /// Connections one uid may hold at once.
+    pub fn per_uid_connections(&self) -> usize {
+        self.max_connections_per_uid
+            .unwrap_or(self.max_connections - self.max_connections / 4)
+    }
 }
 
 fn default_max_frame() -> usize {
@@ -370,9 +382,14 @@ impl Config {
             path: path.to_owned(),
             source,
         })?;
-        let mut config: Config = toml::from_str(&text).map_err(|e| ConfigError::Parse {
+        Config::parse(&text, path)
+    }
+
+    /// Parses and checks the text of the configuration file at `path` (which is not read).
+    pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        let mut config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
             path: path.to_owned(),
-            message: e.message().to_owned() + &location(&text, e.span()),
+            message: e.message().to_owned() + &location(text, e.span()),
         })?;
         let base = path.parent().unwrap_or(Path::new("."));
         config.resolve_paths(base);
@@ -407,6 +424,14 @@ impl Config {
         }
         if self.daemon.max_connections == 0 {
             return invalid("daemon.max_connections must be at least 1".into());
+        }
+        if let Some(n) = self.daemon.max_connections_per_uid {
+            if n == 0 || n > self.daemon.max_connections {
+                return invalid(format!(
+                    "daemon.max_connections_per_uid must be between 1 and max_connections ({})",
+                    self.daemon.max_connections
+                ));
+            }
         }
         if self.daemon.request_timeout_ms == 0 {
             return invalid("daemon.request_timeout_ms must be at least 1".into());
@@ -807,6 +832,29 @@ key_label = "audit"
     fn seal_on_unknown_device_is_refused() {
         let text = GOOD.replacen("device = \"hsm\"", "device = \"other\"", 1);
         assert!(parse(&text).unwrap_err().to_string().contains("\"other\""));
+    }
+
+    #[test]
+    fn one_uid_gets_three_quarters_of_the_slots_unless_told() {
+        let with = |lines: &str| {
+            GOOD.replace(
+                "state_dir = \"state\"",
+                &format!("state_dir = \"state\"\n{lines}"),
+            )
+        };
+        let share = |lines: &str| parse(&with(lines)).unwrap().daemon.per_uid_connections();
+        assert_eq!(share(""), 48);
+        assert_eq!(share("max_connections = 2"), 2);
+        assert_eq!(share("max_connections = 1"), 1);
+        assert_eq!(share("max_connections = 10"), 8);
+        assert_eq!(share("max_connections_per_uid = 5"), 5);
+        for bad in [
+            "max_connections_per_uid = 0",
+            "max_connections_per_uid = 65",
+        ] {
+            let err = parse(&with(bad)).unwrap_err().to_string();
+            assert!(err.contains("max_connections_per_uid"), "{err}");
+        }
     }
 
     #[test]

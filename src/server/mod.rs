@@ -1,9 +1,9 @@
 //! The listener and the per-connection loop.
 //!
 //! Owns: creating the Unix socket (mode 0660, its group, a stale file replaced only when nobody
-//! listens on it) or adopting one from systemd, the connection cap, reading frames with a time
-//! limit, peer credentials, and graceful shutdown (stop accepting, let requests in flight finish,
-//! close idle connections).
+//! listens on it) or adopting one from systemd, the connection caps (the daemon's and each
+//! uid's share), reading frames with a time limit, peer credentials, and graceful shutdown (stop
+//! accepting, let requests in flight finish, close idle connections).
 //! Never: interprets a request beyond decoding it; the service does that.
 
 use crate::protocol::codec::{FrameCodec, FrameError};
@@ -44,7 +44,51 @@ pub enum ServerError {
 pub struct Limits {
     pub max_frame: usize,
     pub max_connections: usize,
+    /// Connections one uid may hold at once.
+    pub max_per_uid: usize,
     pub request_timeout: Duration,
+}
+
+/// Connections held per uid. A [`UidSlot`] gives its place back when dropped.
+#[derive(Default)]
+struct PerUid(std::sync::Mutex<std::collections::HashMap<u32, usize>>);
+
+struct UidSlot {
+    counts: Arc<PerUid>,
+    uid: u32,
+}
+
+impl PerUid {
+    fn take(self: &Arc<Self>, uid: u32, max: usize) -> Option<UidSlot> {
+        let mut m = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let held = m.entry(uid).or_insert(0);
+        if *held >= max {
+            return None;
+        }
+        *held += 1;
+        Some(UidSlot {
+            counts: self.clone(),
+            uid,
+        })
+    }
+}
+
+impl Drop for UidSlot {
+    fn drop(&mut self) {
+        let mut m = self.counts.0.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(held) = m.get_mut(&self.uid) {
+            *held -= 1;
+            if *held == 0 {
+                m.remove(&self.uid);
+            }
+        }
+    }
+}
+
+/// Both places a connection holds: one of the daemon's, one of its uid's share.
+struct Slot {
+    _daemon: tokio::sync::OwnedSemaphorePermit,
+    _uid: UidSlot,
 }
 
 /// A listening socket, and whether we made its file (and so remove it on exit).
@@ -148,6 +192,7 @@ pub async fn run(
     shutdown: impl std::future::Future<Output = ()>,
 ) {
     let slots = Arc::new(Semaphore::new(limits.max_connections));
+    let per_uid = Arc::new(PerUid::default());
     let tracker = TaskTracker::new();
     let (stop_tx, stop_rx) = watch::channel(false);
     tokio::pin!(shutdown);
@@ -164,14 +209,35 @@ pub async fn run(
                         continue;
                     }
                 };
+                let cred = match stream.peer_cred() {
+                    Ok(c) => c,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot read peer credentials; closing");
+                        continue;
+                    }
+                };
+                let Some(uid_slot) = per_uid.take(cred.uid(), limits.max_per_uid) else {
+                    let why = format!(
+                        "uid {} already holds {} connections, its most at once",
+                        cred.uid(),
+                        limits.max_per_uid
+                    );
+                    tracker.spawn(refuse_busy(stream, limits, why));
+                    continue;
+                };
                 match slots.clone().try_acquire_owned() {
                     Ok(permit) => {
                         let service = service.clone();
                         let stop = stop_rx.clone();
-                        tracker.spawn(serve(stream, service, limits, stop, permit));
+                        let slot = Slot { _daemon: permit, _uid: uid_slot };
+                        tracker.spawn(serve(stream, cred, service, limits, stop, slot));
                     }
                     Err(_) => {
-                        tracker.spawn(refuse_busy(stream, limits));
+                        let why = format!(
+                            "the daemon serves at most {} connections at once",
+                            limits.max_connections
+                        );
+                        tracker.spawn(refuse_busy(stream, limits, why));
                     }
                 }
             }
@@ -183,12 +249,9 @@ pub async fn run(
     tracker.wait().await;
 }
 
-async fn refuse_busy(stream: UnixStream, limits: Limits) {
+async fn refuse_busy(stream: UnixStream, limits: Limits, why: String) {
     let mut framed = Framed::new(stream, FrameCodec::new(limits.max_frame));
-    let e = ServiceError::Busy(format!(
-        "the daemon serves at most {} connections at once",
-        limits.max_connections
-    ));
+    let e = ServiceError::Busy(why);
     let _ = send(&mut framed, e.into_response(0)).await;
 }
 
@@ -198,18 +261,13 @@ async fn send(framed: &mut Framed<UnixStream, FrameCodec>, resp: Response) -> bo
 
 async fn serve(
     stream: UnixStream,
+    cred: tokio::net::unix::UCred,
     service: Arc<Service>,
     limits: Limits,
     mut stop: watch::Receiver<bool>,
-    slot: tokio::sync::OwnedSemaphorePermit,
+    slot: Slot,
 ) {
-    let peer = match stream.peer_cred() {
-        Ok(c) => service.identify(c.uid(), c.gid(), c.pid()),
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot read peer credentials; closing");
-            return;
-        }
-    };
+    let peer = service.identify(cred.uid(), cred.gid(), cred.pid());
     let span = tracing::info_span!(
         "conn",
         pid = peer.pid.unwrap_or(0),
@@ -274,7 +332,12 @@ async fn connection(
             }
             Ok(Some(Ok(frame))) => frame,
         };
-        let response = match Request::decode(frame.freeze()) {
+        let mut frame = frame;
+        let decoded = Request::decode(&frame[..]);
+        // The frame may hold an approval token and a TOTP code; the decoded request keeps its
+        // own copies (wiped by the service after use), so this one goes now.
+        zeroize::Zeroize::zeroize(&mut frame[..]);
+        let response = match decoded {
             Err(e) => {
                 ServiceError::Malformed(format!("frame is not a Request: {e}")).into_response(0)
             }
