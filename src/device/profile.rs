@@ -189,7 +189,12 @@ impl DeviceProfile {
                 path.display()
             ))
         })?;
-        let mut profile: DeviceProfile = toml::from_str(&text).map_err(|e| {
+        DeviceProfile::parse(&text, name, &path)
+    }
+
+    /// Parses and checks the text of profile `name`, read from `path` (named in errors only).
+    pub fn parse(text: &str, name: &str, path: &Path) -> Result<DeviceProfile, DeviceError> {
+        let mut profile: DeviceProfile = toml::from_str(text).map_err(|e| {
             DeviceError::Setup(format!(
                 "device profile {} is not valid: {}",
                 path.display(),

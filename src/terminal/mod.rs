@@ -30,6 +30,8 @@ pub const MAX_PAYLOAD: usize = 8 * 1024;
 /// Bytes around the payload: marker, length, seq, cmd before it; CRC after.
 const HEADER: usize = 6;
 const TRAILER: usize = 4;
+/// The largest frame, in bytes.
+pub const MAX_FRAME: usize = HEADER + MAX_PAYLOAD + TRAILER;
 /// Domain tag that starts every signed report's signed bytes.
 pub const SIGN_TAG: &[u8] = b"sealgate-terminal-v1\0";
 
@@ -157,7 +159,7 @@ impl FrameError {
 }
 
 /// Turns a byte stream into frames, resynchronising on the start marker after any damage.
-/// Holds at most one frame's worth of bytes.
+/// Once drained by [`Decoder::next_frame`], holds less than one frame's worth of bytes.
 #[derive(Default)]
 pub struct Decoder {
     buf: Vec<u8>,
@@ -170,6 +172,11 @@ impl Decoder {
 
     pub fn push(&mut self, bytes: &[u8]) {
         self.buf.extend_from_slice(bytes);
+    }
+
+    /// Bytes held, waiting for the rest of a frame.
+    pub fn buffered(&self) -> usize {
+        self.buf.len()
     }
 
     /// Whether part of a frame is waiting for the rest.

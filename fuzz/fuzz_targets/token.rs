@@ -1,0 +1,66 @@
+//! Approval tokens: parsing (compact, flattened and general JWS) and every check that needs
+//! no state, against the fuzz configuration's trust store and the contract seal's policy.
+//!
+//! Checks: nothing panics; a token that passes is for this seal and document, and each of its
+//! signatures verifies afresh under its approver's configured key (so the trust store's memory
+//! of verified signatures never lets a forgery through); a parsed token written out again
+//! parses to the same claims.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+use sealgate::approval::token::{Token, VerifyingKey};
+use sealgate::approval::{evaluate, TrustStore};
+use sealgate::policy::SealPolicy;
+use sealgate_fuzz::{approvers, config, DIGEST, NOW};
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::OnceLock;
+
+struct Fixture {
+    trust: TrustStore,
+    policy: SealPolicy,
+    keys: HashMap<&'static str, VerifyingKey>,
+}
+
+static FIXTURE: OnceLock<Fixture> = OnceLock::new();
+
+fn fixture() -> Fixture {
+    let dir = Path::new("/nonexistent");
+    let config = config(dir);
+    let trust = TrustStore::from_config(&config.approvers, dir).expect("the trust store");
+    let seal = config
+        .seals
+        .iter()
+        .find(|s| s.id == "contract")
+        .expect("contract");
+    let policy = SealPolicy::from_config(&seal.id, &seal.rules).expect("the policy");
+    let keys = approvers()
+        .into_iter()
+        .map(|(id, _, _, key)| (id, key.verifying_key()))
+        .collect();
+    Fixture {
+        trust,
+        policy,
+        keys,
+    }
+}
+
+fuzz_target!(|data: &[u8]| {
+    let f = FIXTURE.get_or_init(fixture);
+    let ev = evaluate(data, "contract", &DIGEST, NOW, &f.trust, &f.policy);
+    if ev.denials.is_empty() {
+        let t = ev.token.expect("a token that passed was parsed");
+        assert_eq!(t.claims.seal, "contract");
+        assert_eq!(t.claims.doc.sha256, hex::encode(DIGEST));
+        assert!(ev.rule.is_some() && !ev.approvals.is_empty());
+        for (i, s) in t.signatures.iter().enumerate() {
+            let key = &f.keys[s.header.kid.as_str()];
+            assert!(t.verify(i, key), "signature {i} passed but does not verify");
+        }
+    }
+    if let Ok(t) = Token::parse(data) {
+        let again = Token::parse(t.to_json().as_bytes()).expect("a parsed token re-parses");
+        assert_eq!(again.claims, t.claims);
+        assert_eq!(again.signatures.len(), t.signatures.len());
+    }
+});
