@@ -333,11 +333,7 @@ async fn connection(
             Ok(Some(Ok(frame))) => frame,
         };
         let mut frame = frame;
-        let decoded = Request::decode(&frame[..]);
-        // The frame may hold an approval token and a TOTP code; the decoded request keeps its
-        // own copies (wiped by the service after use), so this one goes now.
-        zeroize::Zeroize::zeroize(&mut frame[..]);
-        let response = match decoded {
+        let response = match take_request(&mut frame) {
             Err(e) => {
                 ServiceError::Malformed(format!("frame is not a Request: {e}")).into_response(0)
             }
@@ -380,6 +376,14 @@ async fn connection(
             return framed;
         }
     }
+}
+
+/// Decodes a frame's request and wipes the frame: it may hold an approval token and a TOTP
+/// code, and the request keeps its own copies (which the service wipes after use).
+fn take_request(frame: &mut [u8]) -> Result<Request, prost::DecodeError> {
+    let decoded = Request::decode(&frame[..]);
+    zeroize::Zeroize::zeroize(frame);
+    decoded
 }
 
 /// The request's name, for its log span.
@@ -452,5 +456,27 @@ async fn follow_alerts(
                 Err(RecvError::Closed) => return,
             },
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_decoded_frame_is_wiped() {
+        let req = Request {
+            request_id: 7,
+            body: Some(request::Body::Stamp(pb::StampRequest {
+                seal_id: "contract".into(),
+                document_sha256: vec![1; 32],
+                approval_token: b"token-bytes".to_vec(),
+                purpose: String::new(),
+                mfa_code: "123456".into(),
+            })),
+        };
+        let mut frame = req.encode_to_vec();
+        assert_eq!(take_request(&mut frame).unwrap(), req);
+        assert!(frame.iter().all(|&b| b == 0), "frame bytes left: {frame:?}");
     }
 }
