@@ -513,6 +513,8 @@ impl Daemon {
         let mut cmd = Command::new(SEALGATED);
         cmd.arg("--config")
             .arg(&config_path)
+            // Its own folder, so anything it might write there (a core, say) is the test's.
+            .current_dir(dir.path())
             .env("SOFTHSM2_CONF", demo.softhsm_conf())
             .env("NOTIFY_SOCKET", &notify_path)
             .env_remove("LISTEN_FDS")
