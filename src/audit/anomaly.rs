@@ -207,10 +207,12 @@ impl Rule for DenialSpike {
         if r.kind != kind::STAMP_DENIED && r.kind != kind::ACCESS_DENIED {
             return Ok(None);
         }
-        Ok(self.0.hit(&r.caller, r.at_ms).map(|n| {
+        // A stranger is named "uid U gid G pid P": counted by uid and gid, so that opening
+        // each connection from a new process does not spread the count thin.
+        let who = r.caller.split(" pid ").next().unwrap_or(&r.caller);
+        Ok(self.0.hit(who, r.at_ms).map(|n| {
             format!(
-                "caller {:?} was refused {n} times within {} s (more than {})",
-                r.caller,
+                "caller {who:?} was refused {n} times within {} s (more than {})",
                 self.0.window_ms / 1000,
                 self.0.limit
             )
@@ -477,6 +479,24 @@ mod tests {
         run.feed(denied("oa"), t + 10);
         assert_eq!(run.rules(), ["denial_spike"]);
         assert_eq!(run.alerts[0].caller, "oa");
+    }
+
+    #[test]
+    fn a_stranger_is_counted_by_uid_whatever_its_process() {
+        let mut run = Run::new();
+        let t = MONDAY + 10 * HOUR;
+        for pid in 0..4 {
+            let mut r = Record::new(kind::ACCESS_DENIED);
+            r.caller = format!("uid 4242 gid 4242 pid {}", 100 + pid);
+            r.reason = "unknown_caller".into();
+            run.feed(r, t + pid);
+        }
+        assert_eq!(run.rules(), ["denial_spike"]);
+        assert!(
+            run.alerts[0].detail.contains("\"uid 4242 gid 4242\""),
+            "{}",
+            run.alerts[0].detail
+        );
     }
 
     #[test]
