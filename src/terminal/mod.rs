@@ -94,6 +94,13 @@ pub struct Frame {
     pub payload: Vec<u8>,
 }
 
+/// A frame's payload may hold an approval token (UNLOCK_REQUEST); it is wiped when dropped.
+impl Drop for Frame {
+    fn drop(&mut self) {
+        zeroize::Zeroize::zeroize(&mut self.payload);
+    }
+}
+
 impl Frame {
     pub fn new(seq: u8, cmd: Command, payload: Vec<u8>) -> Frame {
         Frame {
@@ -196,7 +203,7 @@ impl Decoder {
                 skipped: self.buf.len(),
             }
         };
-        self.buf.clear();
+        zeroize::Zeroize::zeroize(&mut self.buf);
         Some(err)
     }
 
@@ -232,6 +239,8 @@ impl Decoder {
             cmd: self.buf[5],
             payload: self.buf[HEADER..total - 4].to_vec(),
         };
+        // An UNLOCK_REQUEST carries an approval token: no copy stays behind in the buffer.
+        zeroize::Zeroize::zeroize(&mut self.buf[..total]);
         self.buf.drain(..total);
         Some(Ok(frame))
     }
