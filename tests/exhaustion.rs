@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 const MAX_CONNECTIONS: usize = 64;
 const MAX_FRAME: usize = 256 * 1024;
-/// Connections the other local user opens.
+/// Connections the other local user opens (fewer if its file limit is lower).
 const FLOOD: usize = 3000;
 /// Denied stamps the configured caller sends, over `DENIED_CONNS` connections.
 const DENIED: usize = 2000;
@@ -96,14 +96,21 @@ async fn floods_leave_memory_bounded_and_other_callers_are_served() {
         .spawn()
         .expect("python3");
     let mut lines = BufReader::new(flood.stdout.take().unwrap()).lines();
-    let opened = lines.next().unwrap().unwrap();
-    assert_eq!(opened, format!("opened {FLOOD}"));
+    let opened: usize = lines
+        .next()
+        .unwrap()
+        .unwrap()
+        .strip_prefix("opened ")
+        .and_then(|n| n.parse().ok())
+        .expect("flood.py says how many it opened");
+    // Fewer only where the file limit is low; a thousand still makes the point.
+    assert!(opened >= 1000, "only {opened} connections opened");
     let counts = lines.next().unwrap().unwrap();
     // Its share is three quarters of the slots; every connection past it was told BUSY.
     let share = MAX_CONNECTIONS - MAX_CONNECTIONS / 4;
     assert_eq!(
         counts,
-        format!("answered {} held {share}", FLOOD - share),
+        format!("answered {} held {share}", opened - share),
         "one uid holds at most its share of the daemon's connections"
     );
 

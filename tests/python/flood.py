@@ -14,6 +14,8 @@ import time
 path, count, frame = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
 resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+# As many as this process may hold, if that is fewer.
+count = min(count, hard - 16)
 
 conns = []
 for i in range(count):
