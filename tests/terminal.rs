@@ -17,7 +17,8 @@ use std::time::{Duration, Instant};
 
 const SIM: &str = env!("CARGO_BIN_EXE_sealgate-terminal");
 
-/// The shipped profile with test timings: heartbeats every 200 ms, lost after 1.5 s.
+/// The shipped profile with test timings: heartbeats every 200 ms, lost after 1.5 s; grants
+/// last `@GRANT@` seconds.
 const PROFILE: &str = r#"
 model = "terminal under test"
 kind = "terminal"
@@ -31,7 +32,7 @@ retries = 3
 heartbeat_interval_ms = 200
 heartbeat_timeout_ms = 1500
 reconnect_interval_ms = 200
-grant_seconds = 30
+grant_seconds = @GRANT@
 max_impressions = 5
 "#;
 
@@ -244,11 +245,15 @@ impl Pki {
     }
 }
 
+/// Grants' time limit in the test profile, unless a test needs a short one.
+const GRANT_SECONDS: u32 = 30;
+
 /// A directory with the test profile and SoftHSM's, for `profiles_dir`.
-fn profiles(dir: &Path) -> PathBuf {
+fn profiles(dir: &Path, grant_seconds: u32) -> PathBuf {
     let p = dir.join("profiles");
     std::fs::create_dir_all(&p).unwrap();
-    std::fs::write(p.join("terminal-test.toml"), PROFILE).unwrap();
+    let profile = PROFILE.replace("@GRANT@", &grant_seconds.to_string());
+    std::fs::write(p.join("terminal-test.toml"), profile).unwrap();
     let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join("device-profiles");
     std::fs::copy(shipped.join("softhsm2.toml"), p.join("softhsm2.toml")).unwrap();
     p
@@ -265,6 +270,16 @@ fn terminal_config(id: &str, seal: &str, public: &[u8; 32], line: &str) -> Strin
 /// Starts the daemon with the demo seals plus `terminals` (TOML), the caller given every seal
 /// in `seals` too.
 fn start_daemon(dir: tempfile::TempDir, terminals: &str, seals: &[&str], listener: &str) -> Daemon {
+    start_daemon_with(dir, terminals, seals, listener, GRANT_SECONDS)
+}
+
+fn start_daemon_with(
+    dir: tempfile::TempDir,
+    terminals: &str,
+    seals: &[&str],
+    listener: &str,
+    grant_seconds: u32,
+) -> Daemon {
     let socket = dir.path().join("sealgated.sock");
     let mut caller_seals: Vec<String> = vec!["contract".into()];
     caller_seals.extend(seals.iter().map(|s| s.to_string()));
@@ -276,7 +291,10 @@ fn start_daemon(dir: tempfile::TempDir, terminals: &str, seals: &[&str], listene
     let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join("device-profiles");
     let text = config_text(demo(), &socket, &opts).replace(
         &format!("profiles_dir = \"{}\"", shipped.display()),
-        &format!("profiles_dir = \"{}\"", profiles(dir.path()).display()),
+        &format!(
+            "profiles_dir = \"{}\"",
+            profiles(dir.path(), grant_seconds).display()
+        ),
     );
     Daemon::start_with(dir, &text, &[]).unwrap_or_else(|f| panic!("daemon did not start: {f:?}"))
 }
@@ -503,6 +521,10 @@ async fn full_flow_over_mutual_tls_and_strangers_are_refused_before_any_byte() {
 
 /// One pty terminal and a running daemon, for the scripted scenarios.
 fn pty_rig(seed: u8) -> (Daemon, Sim, Identity) {
+    pty_rig_with(seed, GRANT_SECONDS)
+}
+
+fn pty_rig_with(seed: u8, grant_seconds: u32) -> (Daemon, Sim, Identity) {
     let dir = tempfile::tempdir().unwrap();
     let id = identity(dir.path(), "t", seed);
     let tty = dir.path().join("tty");
@@ -518,7 +540,7 @@ fn pty_rig(seed: u8) -> (Daemon, Sim, Identity) {
         &id.public,
         &format!("serial = \"{}\"", tty.display()),
     );
-    let d = start_daemon(dir, &t, &["stamp-room"], "");
+    let d = start_daemon_with(dir, &t, &["stamp-room"], "", grant_seconds);
     sim.wait_for("ack", 1);
     (d, sim, id)
 }
@@ -731,6 +753,9 @@ async fn lost_frames_are_sent_again_and_taken_once() {
     let r = grant(&d, "stamp-room", &doc, 2).await;
     assert_eq!(r.status, Status::Ok as i32, "{}", r.message);
     assert_eq!(sim.count("lost cmd=3"), 1, "{:?}", sim.printed());
+    // The terminal prints its grant after ACKing it, so the line may come a moment later.
+    sim.wait_for("granted", 1);
+    sim.settle();
     assert_eq!(sim.count("granted"), 1);
     // The ACK of an impression is lost: the terminal sends the report again, and the daemon
     // ACKs it again without taking it twice (no second record, no replay alert).
@@ -784,4 +809,39 @@ async fn a_terminal_policy_reloads_and_a_changed_terminal_takes_a_restart() {
     let r = grant(&d, "stamp-room", &sha256(b"needs two now"), 1).await;
     assert_eq!(r.status, Status::ApprovalDenied as i32, "{}", r.message);
     assert_eq!(r.reason, "missing_level", "{}", r.message);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_grant_ends_at_its_time_limit_and_a_later_impression_is_an_alert() {
+    let (d, mut sim, id) = pty_rig_with(9, 2);
+    let db = d.db();
+    let doc = sha256(b"supplier contract, two copies");
+    let r = grant(&d, "stamp-room", &doc, 2).await;
+    assert_eq!(r.status, Status::Ok as i32, "{}", r.message);
+    sim.wait_for("granted impressions=2 seconds=2", 1);
+    sim.expect("press", "impression counter=1");
+    // One of two impressions made, then the time limit passes.
+    wait_records(&db, "terminal.grant_expired", "", 1);
+    let detail: String = rusqlite::Connection::open(&db)
+        .unwrap()
+        .query_row(
+            "SELECT detail FROM audit WHERE kind = 'terminal.grant_expired'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert!(detail.contains("1 of 2 impressions"), "{detail}");
+    // The terminal keeps to the limit too (by its own clock, which started a moment after the
+    // daemon's); one that does not is caught.
+    sim.settle();
+    sim.expect("press", "refused no-grant");
+    sim.expect("force", "impression counter=2");
+    wait_records(&db, "alert", "terminal_no_grant", 1);
+    sim.settle();
+    assert_eq!(count(&db, "terminal.impression", ""), 1);
+    assert_eq!(count(&db, "terminal.rejected", "no_grant"), 1);
+    assert_eq!(count(&db, "terminal.grant_expired", ""), 1);
+    assert_eq!(alerts(&db), ["terminal_no_grant"]);
+    impressions_verify(&db, "t1", &id.public, &[1]);
+    assert_eq!(audit_verify(&db).0, 0);
 }
