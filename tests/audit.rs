@@ -465,15 +465,6 @@ async fn killed_twenty_times_under_load_it_loses_no_stamp() {
     assert_eq!(code, 0, "{out}");
 }
 
-/// A tmpfs mounted for the length of a test.
-struct Tmpfs(PathBuf);
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
-    }
-}
-
 #[tokio::test]
 async fn a_full_disk_refuses_stamps_and_they_resume_when_space_returns() {
     if !nix::unistd::geteuid().is_root() {
@@ -482,27 +473,14 @@ async fn a_full_disk_refuses_stamps_and_they_resume_when_space_returns() {
     }
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("state");
-    std::fs::create_dir(&state).unwrap();
-    let mounted = Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=3M,mode=0700", "tmpfs"])
-        .arg(&state)
-        .status()
-        .unwrap();
-    assert!(mounted.success(), "mount tmpfs");
-    let _tmpfs = Tmpfs(state.clone());
+    let tmpfs = Tmpfs::mount(&state, "3M");
     let text = config_text(demo(), &dir.path().join("sealgated.sock"), &Opts::default());
     let d = Daemon::start_with(dir, &text, &[]).unwrap_or_else(|f| panic!("{f:?}"));
     let mut c = d.client().await;
     stamp_ok(&mut c, "contract", &[1; 32]).await;
 
     // Leave about 150 KiB free.
-    let free = |p: &Path| {
-        let s = nix::sys::statvfs::statvfs(p).unwrap();
-        s.blocks_available() as u64 * s.fragment_size() as u64
-    };
-    let filler = state.join("filler");
-    let size = free(&state).saturating_sub(150 * 1024);
-    std::fs::write(&filler, vec![0u8; size as usize]).unwrap();
+    let filler = tmpfs.fill(150 * 1024);
 
     let mut ok = 1;
     let mut refused = None;
@@ -563,7 +541,7 @@ async fn a_full_disk_refuses_stamps_and_they_resume_when_space_returns() {
     assert_eq!(code, 0, "{out}");
     assert_eq!(records(&db, Some("stamp.completed")).len(), ok);
     every_authorisation_has_one_outcome(&db);
-    drop(_tmpfs);
+    drop(tmpfs);
     drop(dir);
 }
 

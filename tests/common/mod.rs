@@ -939,3 +939,41 @@ impl Printed {
         }
     }
 }
+
+/// A small tmpfs (mode 0700) mounted at a new folder for the length of a test, so that the
+/// daemon's state can run out of space. Needs root.
+pub struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    pub fn mount(path: &Path, size: &str) -> Tmpfs {
+        std::fs::create_dir(path).unwrap();
+        let mounted = Command::new("mount")
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size},mode=0700"),
+                "tmpfs",
+            ])
+            .arg(path)
+            .status()
+            .unwrap();
+        assert!(mounted.success(), "mount tmpfs");
+        Tmpfs(path.to_owned())
+    }
+
+    /// Fills the file system but for `leave` bytes; returns the filler file.
+    pub fn fill(&self, leave: u64) -> PathBuf {
+        let s = nix::sys::statvfs::statvfs(&self.0).unwrap();
+        let free = s.blocks_available() as u64 * s.fragment_size() as u64;
+        let filler = self.0.join("filler");
+        std::fs::write(&filler, vec![0u8; free.saturating_sub(leave) as usize]).unwrap();
+        filler
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
