@@ -525,14 +525,21 @@ fn pty_rig(seed: u8) -> (Daemon, Sim, Identity) {
 }
 
 fn pty_rig_with(seed: u8, grant_seconds: u32) -> (Daemon, Sim, Identity) {
-    let dir = tempfile::tempdir().unwrap();
+    pty_rig_in(tempfile::tempdir().unwrap(), seed, grant_seconds, &[])
+}
+
+/// `pty_rig` in a prepared folder, the simulator given `sim_args` too.
+fn pty_rig_in(
+    dir: tempfile::TempDir,
+    seed: u8,
+    grant_seconds: u32,
+    sim_args: &[&str],
+) -> (Daemon, Sim, Identity) {
     let id = identity(dir.path(), "t", seed);
     let tty = dir.path().join("tty");
-    let sim = Sim::start(
-        "t1",
-        &id.seed_file,
-        &["--pty-link".into(), tty.display().to_string()],
-    );
+    let mut args = vec!["--pty-link".to_string(), tty.display().to_string()];
+    args.extend(sim_args.iter().map(|a| a.to_string()));
+    let sim = Sim::start("t1", &id.seed_file, &args);
     sim.wait_for("connected", 1);
     let t = terminal_config(
         "t1",
@@ -844,4 +851,65 @@ async fn a_grant_ends_at_its_time_limit_and_a_later_impression_is_an_alert() {
     assert_eq!(alerts(&db), ["terminal_no_grant"]);
     impressions_verify(&db, "t1", &id.public, &[1]);
     assert_eq!(audit_verify(&db).0, 0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_report_is_not_acknowledged_until_its_record_is_on_disk() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("SKIPPED: mounting a small tmpfs for the state directory needs root");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let tmpfs = Tmpfs::mount(&dir.path().join("state"), "3M");
+    // The terminal keeps sending an unacknowledged report for about 30 s.
+    let (d, mut sim, id) = pty_rig_in(dir, 10, GRANT_SECONDS, &["--retries", "100"]);
+    let db = d.db();
+    let doc = sha256(b"annual report");
+    let r = grant(&d, "stamp-room", &doc, 1).await;
+    assert_eq!(r.status, Status::Ok as i32, "{}", r.message);
+    sim.wait_for("granted", 1);
+
+    // Fill the disk: stamp until the audit log cannot commit.
+    let filler = tmpfs.fill(100 * 1024);
+    let mut c = d.client().await;
+    let mut full = false;
+    for i in 0..5000u32 {
+        let digest = sha256(format!("filling {i}").as_bytes());
+        let r = c
+            .stamp("contract", &digest, &token_for("contract", &digest), "")
+            .await
+            .unwrap();
+        if r.status == Status::AuditUnavailable as i32 {
+            full = true;
+            break;
+        }
+        assert_eq!(r.status, Status::Ok as i32, "{}", r.message);
+    }
+    assert!(full, "the disk never filled");
+
+    // The impression's report cannot be recorded: it is not acknowledged, and the terminal
+    // sends it again and again.
+    let acks = sim.count("ack");
+    sim.send("press");
+    sim.wait_for("impression counter=1", 1);
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(
+        sim.count("ack"),
+        acks,
+        "a report was acknowledged unrecorded"
+    );
+    assert_eq!(count(&db, "terminal.impression", ""), 0);
+
+    // Space returns: the next copy is recorded, acknowledged, and taken once.
+    std::fs::remove_file(&filler).unwrap();
+    sim.wait_for("ack", acks + 1);
+    sim.settle();
+    assert_eq!(count(&db, "terminal.impression", ""), 1);
+    assert!(alerts(&db).is_empty(), "{:?}", alerts(&db));
+    impressions_verify(&db, "t1", &id.public, &[1]);
+    assert_eq!(sim.count("gave-up"), 0);
+    let (status, dir) = d.stop_keeping_state();
+    assert!(status.success());
+    assert_eq!(audit_verify(&dir.path().join("state/sealgate.db")).0, 0);
+    drop(tmpfs);
 }
