@@ -470,13 +470,14 @@ async fn full_flow_over_a_pseudo_terminal() {
     assert_eq!(audit_verify(&d.db()).0, 0);
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn full_flow_over_mutual_tls_and_strangers_are_refused_before_any_byte() {
+/// A daemon with a TLS listener and one terminal, "branch-office", pinned by the certificate
+/// of client "branch"; a client "stranger" has a certificate nobody pinned.
+fn tls_rig(seed: u8) -> (Daemon, Pki, Identity, String) {
     let dir = tempfile::tempdir().unwrap();
     let pki = Pki::new(dir.path());
     let pin = pki.client("branch");
     pki.client("stranger");
-    let id = identity(dir.path(), "branch", 2);
+    let id = identity(dir.path(), "branch", seed);
     let port = {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         l.local_addr().unwrap().port()
@@ -494,6 +495,12 @@ async fn full_flow_over_mutual_tls_and_strangers_are_refused_before_any_byte() {
         &format!("certificate_sha256 = \"{pin}\""),
     );
     let d = start_daemon(dir, &t, &["branch-contract"], &listener);
+    (d, pki, id, addr)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn full_flow_over_mutual_tls_and_strangers_are_refused_before_any_byte() {
+    let (d, pki, id, addr) = tls_rig(2);
     let db = d.db();
     let mut sim = Sim::start(
         "branch-office",
@@ -521,11 +528,7 @@ async fn full_flow_over_mutual_tls_and_strangers_are_refused_before_any_byte() {
 
 /// One pty terminal and a running daemon, for the scripted scenarios.
 fn pty_rig(seed: u8) -> (Daemon, Sim, Identity) {
-    pty_rig_with(seed, GRANT_SECONDS)
-}
-
-fn pty_rig_with(seed: u8, grant_seconds: u32) -> (Daemon, Sim, Identity) {
-    pty_rig_in(tempfile::tempdir().unwrap(), seed, grant_seconds, &[])
+    pty_rig_in(tempfile::tempdir().unwrap(), seed, GRANT_SECONDS, &[])
 }
 
 /// `pty_rig` in a prepared folder, the simulator given `sim_args` too.
@@ -820,7 +823,13 @@ async fn a_terminal_policy_reloads_and_a_changed_terminal_takes_a_restart() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_grant_ends_at_its_time_limit_and_a_later_impression_is_an_alert() {
-    let (d, mut sim, id) = pty_rig_with(9, 2);
+    // The terminal's clock runs a second slow, so the daemon's limit is what ends the grant.
+    let (d, mut sim, id) = pty_rig_in(
+        tempfile::tempdir().unwrap(),
+        9,
+        2,
+        &["--grant-slack-ms", "1000"],
+    );
     let db = d.db();
     let doc = sha256(b"supplier contract, two copies");
     let r = grant(&d, "stamp-room", &doc, 2).await;
@@ -838,9 +847,10 @@ async fn a_grant_ends_at_its_time_limit_and_a_later_impression_is_an_alert() {
         )
         .unwrap();
     assert!(detail.contains("1 of 2 impressions"), "{detail}");
-    // The terminal keeps to the limit too (by its own clock, which started a moment after the
-    // daemon's); one that does not is caught.
-    sim.settle();
+    // The terminal locks by its own clock a second later (recorded, no alert); a terminal that
+    // kept stamping would be caught.
+    sim.wait_for("locked", 1);
+    wait_records(&db, "terminal.locked", "", 1);
     sim.expect("press", "refused no-grant");
     sim.expect("force", "impression counter=2");
     wait_records(&db, "alert", "terminal_no_grant", 1);
@@ -912,4 +922,56 @@ async fn a_report_is_not_acknowledged_until_its_record_is_on_disk() {
     assert!(status.success());
     assert_eq!(audit_verify(&dir.path().join("state/sealgate.db")).0, 0);
     drop(tmpfs);
+}
+
+/// The daemon's threads that are running a terminal's TLS handshake.
+fn handshake_threads(pid: i32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .flatten()
+        .filter(|t| {
+            std::fs::read_to_string(t.path().join("comm"))
+                .is_ok_and(|c| c.trim() == "tls handshake")
+        })
+        .count()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn stalled_handshakes_hold_at_most_sixteen_threads_and_a_terminal_gets_in_after_them() {
+    use std::io::Read;
+    let (d, pki, id, addr) = tls_rig(11);
+    let db = d.db();
+    // Twenty connections that never start their handshake.
+    let mut stalled: Vec<std::net::TcpStream> = (0..20)
+        .map(|_| std::net::TcpStream::connect(&addr).unwrap())
+        .collect();
+    std::thread::sleep(Duration::from_millis(500));
+    let closed = |s: &mut std::net::TcpStream| {
+        s.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
+        matches!(s.read(&mut [0u8; 1]), Ok(0))
+    };
+    let shut = stalled.iter_mut().map(&closed).filter(|&c| c).count();
+    assert_eq!(
+        shut, 4,
+        "at most 16 handshakes wait; the rest are closed at once"
+    );
+    assert_eq!(handshake_threads(d.pid()), 16);
+    // The enrolled terminal cannot get in while they wait...
+    let sim = Sim::start(
+        "branch-office",
+        &id.seed_file,
+        &pki.sim_args(&addr, "branch"),
+    );
+    std::thread::sleep(Duration::from_millis(1000));
+    assert_eq!(sim.count("connected"), 0, "{:?}", sim.printed());
+    // ...and does once their time is up (5 s), each recorded as a refused connection.
+    sim.wait_for("ack", 1);
+    assert!(
+        stalled.iter_mut().all(closed),
+        "a stalled handshake outlived its time"
+    );
+    assert_eq!(handshake_threads(d.pid()), 0);
+    assert_eq!(count(&db, "terminal.refused", ""), 16);
+    assert_eq!(count(&db, "terminal.connected", ""), 1);
+    assert_eq!(audit_verify(&db).0, 0);
 }

@@ -70,6 +70,9 @@ struct Args {
     ack_timeout_ms: u64,
     #[arg(long, default_value_t = 5)]
     retries: u32,
+    /// Milliseconds this terminal keeps a grant beyond its time limit (a slow clock).
+    #[arg(long, default_value_t = 0)]
+    grant_slack_ms: u64,
 }
 
 fn say(line: &str) {
@@ -476,7 +479,9 @@ impl Terminal {
                             self.grant = Some(Grant {
                                 id: g.grant_id,
                                 left: g.impressions,
-                                until: Instant::now() + Duration::from_secs(g.seconds as u64),
+                                until: Instant::now()
+                                    + Duration::from_secs(g.seconds as u64)
+                                    + Duration::from_millis(self.args.grant_slack_ms),
                             });
                         }
                         Err(e) => say(&format!("line-error bad grant: {e}")),

@@ -228,10 +228,11 @@ fn serve_terminals(
                     busy.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
                     continue;
                 }
-                let (acceptor, service, busy) = (acceptor.clone(), service.clone(), busy.clone());
-                std::thread::spawn(move || {
+                let (acceptor, service, done) = (acceptor.clone(), service.clone(), busy.clone());
+                let handshake = std::thread::Builder::new().name("tls handshake".into());
+                let spawned = handshake.spawn(move || {
                     let accepted = acceptor.accept(tcp);
-                    busy.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+                    done.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
                     match accepted {
                         Ok((id, link)) => match service.terminal_by_id(&id) {
                             Some(t) => t.connect(link),
@@ -247,6 +248,11 @@ fn serve_terminals(
                         }
                     }
                 });
+                if let Err(e) = spawned {
+                    // The connection went with the closure; its place is given back here.
+                    busy.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+                    tracing::warn!(error = %e, "cannot start a thread for a terminal handshake");
+                }
             }
         })
         .context("cannot start the terminal listener")?;
