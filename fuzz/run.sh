@@ -10,7 +10,8 @@ cd "$(dirname "$0")"
 seconds=${1:-30}
 shift || true
 export RUSTC_BOOTSTRAP=1
-command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked
+# The version this was last run with; a newer one may want a newer compiler.
+command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --version 0.13.2 --locked
 cargo fuzz build
 targets=("$@")
 [ ${#targets[@]} -gt 0 ] || mapfile -t targets < <(ls fuzz_targets | sed "s/\.rs$//")
