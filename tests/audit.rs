@@ -482,22 +482,8 @@ async fn a_full_disk_refuses_stamps_and_they_resume_when_space_returns() {
     // Leave about 150 KiB free.
     let filler = tmpfs.fill(150 * 1024);
 
-    let mut ok = 1;
-    let mut refused = None;
-    for i in 0..5000u32 {
-        let digest = sha256(format!("full disk {i}").as_bytes());
-        let r = c
-            .stamp("contract", &digest, &token_for("contract", &digest), "")
-            .await
-            .unwrap();
-        if r.status == Status::Ok as i32 {
-            ok += 1;
-        } else {
-            refused = Some(r);
-            break;
-        }
-    }
-    let refused = refused.expect("the disk never filled");
+    let (stamped, refused) = stamp_until_refused(&mut c).await;
+    let mut ok = 1 + stamped;
     assert_eq!(
         refused.status,
         Status::AuditUnavailable as i32,

@@ -893,6 +893,24 @@ pub async fn stamp_ok(
     }
 }
 
+/// Stamps new documents with the contract seal until one is refused (a full disk, say);
+/// returns how many went through, and the refusal.
+pub async fn stamp_until_refused(
+    c: &mut sealgate::protocol::client::Client,
+) -> (usize, sealgate::protocol::Response) {
+    for i in 0..5000u32 {
+        let digest = sha256(format!("until refused {i}").as_bytes());
+        let r = c
+            .stamp("contract", &digest, &token_for("contract", &digest), "")
+            .await
+            .unwrap();
+        if r.status != sealgate::protocol::Status::Ok as i32 {
+            return (i as usize, r);
+        }
+    }
+    panic!("5000 stamps and none refused");
+}
+
 /// The lines a child process prints on its standard output, collected as they come.
 #[derive(Clone)]
 pub struct Printed(std::sync::Arc<std::sync::Mutex<Vec<String>>>);
