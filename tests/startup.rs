@@ -339,9 +339,9 @@ fn run_to_exit_keeping_mode(config: &std::path::Path) -> (std::process::ExitStat
     )
 }
 
-/// Sends SIGABRT (whose default action dumps core) to `pid` after lifting its core size limit (`prlimit`, util-linux) and waits
-/// for it to end.
-fn crash_with_cores_allowed(pid: u32, wait: impl FnOnce()) {
+/// Lifts the core size limit of `pid` (`prlimit`, util-linux) and sends it SIGABRT, whose
+/// default action dumps core.
+fn abort_with_cores_allowed(pid: u32) {
     let out = std::process::Command::new("prlimit")
         .args(["--pid", &pid.to_string(), "--core=unlimited"])
         .output()
@@ -356,7 +356,6 @@ fn crash_with_cores_allowed(pid: u32, wait: impl FnOnce()) {
         nix::sys::signal::Signal::SIGABRT,
     )
     .unwrap();
-    wait();
 }
 
 fn cores_in(dir: &std::path::Path) -> Vec<String> {
@@ -380,9 +379,8 @@ fn a_crash_leaves_no_core_with_secrets_in_it() {
         .spawn()
         .unwrap();
     let pid = sleeper.id();
-    crash_with_cores_allowed(pid, || {
-        sleeper.wait().unwrap();
-    });
+    abort_with_cores_allowed(pid);
+    sleeper.wait().unwrap();
     if cores_in(control.path()).is_empty() {
         let pattern = std::fs::read_to_string("/proc/sys/kernel/core_pattern").unwrap_or_default();
         eprintln!(
@@ -395,21 +393,16 @@ fn a_crash_leaves_no_core_with_secrets_in_it() {
     let d = Daemon::start(&Opts::default());
     let dir = d.dir.path().to_owned();
     let pid = d.pid() as u32;
-    crash_with_cores_allowed(pid, || {
-        // The daemon is reaped by its Drop; until then it ends as a zombie.
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        while nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), None).is_ok()
-            && std::fs::read_to_string(format!("/proc/{pid}/stat"))
-                .map(|s| !s.contains(") Z "))
-                .unwrap_or(false)
-        {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "the daemon did not end"
-            );
-            std::thread::sleep(std::time::Duration::from_millis(20));
-        }
-    });
+    abort_with_cores_allowed(pid);
+    // The daemon is reaped by its Drop; until then it ends as a zombie.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| !s.contains(") Z ")) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the daemon did not end"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
     // A core is written before the process becomes a zombie, so it would be there now.
     assert_eq!(
         cores_in(&dir),
