@@ -87,7 +87,7 @@ allow_root = true
 [[caller]]
 name = "office"
 uids = [{CALLER_UID}]
-seals = ["contract", "official", "finance"]
+seals = {SEALS:?}
 admin = true
 
 [[device]]

@@ -304,7 +304,7 @@ async fn connection(
             _ = stop.changed() => return framed,
             next = tokio::time::timeout(limits.request_timeout, framed.next()) => next,
         };
-        let frame = match next {
+        let mut frame = match next {
             Err(_) => {
                 let e = ServiceError::Timeout(format!(
                     "no complete request within {} ms; closing",
@@ -332,7 +332,6 @@ async fn connection(
             }
             Ok(Some(Ok(frame))) => frame,
         };
-        let mut frame = frame;
         let response = match take_request(&mut frame) {
             Err(e) => {
                 ServiceError::Malformed(format!("frame is not a Request: {e}")).into_response(0)
