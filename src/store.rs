@@ -16,6 +16,8 @@ pub enum StoreError {
     Open { path: PathBuf, detail: String },
     #[error("the state database cannot be written: {0}")]
     Write(String),
+    #[error("the state database cannot be read: {0}")]
+    Read(String),
 }
 
 impl From<rusqlite::Error> for StoreError {
@@ -181,6 +183,15 @@ impl Store {
     ) -> Result<T, StoreError> {
         let mut conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
         Ok(f(&mut conn)?)
+    }
+
+    /// Runs a query that only reads; its failure is reported as a read. Blocks.
+    pub fn read<T>(
+        &self,
+        f: impl FnOnce(&Connection) -> Result<T, rusqlite::Error>,
+    ) -> Result<T, StoreError> {
+        let conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+        f(&conn).map_err(|e| StoreError::Read(e.to_string()))
     }
 }
 

@@ -967,3 +967,35 @@ async fn stalled_handshakes_hold_at_most_sixteen_threads_and_a_terminal_gets_in_
     assert_eq!(count(&db, "terminal.connected", ""), 1);
     assert_eq!(audit_verify(&db).0, 0);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_daemon_that_knew_a_terminal_starts_again_and_stamps() {
+    let (d, mut sim, _) = pty_rig(9);
+    // Records with and without a signed report: connected, hello, granted, impression, locked.
+    let doc = sha256(b"restart lease");
+    let r = grant(&d, "stamp-room", &doc, 1).await;
+    assert_eq!(r.status, Status::Ok as i32, "{}", r.message);
+    sim.wait_for("granted impressions=1", 1);
+    sim.expect("press", "impression counter=1");
+    wait_records(&d.db(), "terminal.locked", "", 1);
+    // The newest terminal record then has no report in it.
+    sim.expect("vanish", "disconnected vanished");
+    wait_records(&d.db(), "terminal.disconnected", "", 1);
+    let (status, dir) = d.stop_keeping_state();
+    assert!(status.success());
+    sim.send("return");
+    let config = std::fs::read_to_string(dir.path().join("sealgate.toml")).unwrap();
+    let d = Daemon::start_with(dir, &config, &[]).unwrap_or_else(|f| panic!("restart: {f:?}"));
+    let mut c = d.client().await;
+    stamp_ok(&mut c, "contract", &sha256(b"after the restart")).await;
+    // The terminal comes back at the counter the log holds: no gap or rollback.
+    sim.wait_for("ack", 2);
+    let r = grant(&d, "stamp-room", &sha256(b"second lease"), 1).await;
+    assert_eq!(r.status, Status::Ok as i32, "{}", r.message);
+    sim.wait_for("granted impressions=1", 2);
+    sim.expect("press", "impression counter=2");
+    wait_records(&d.db(), "terminal.impression", "", 2);
+    assert!(alerts(&d.db()).is_empty(), "{:?}", alerts(&d.db()));
+    assert_eq!(count(&d.db(), "daemon.started", ""), 2);
+    assert_eq!(audit_verify(&d.db()).0, 0);
+}

@@ -206,13 +206,14 @@ pub fn for_each(
 }
 
 /// The impression counter the audit log last recorded for terminal `id` (from the
-/// `counter_after` of its newest HELLO, impression or rejection that set one).
+/// `counter_after` of its newest HELLO, impression or rejection that set one). Terminal
+/// records without a report (link changes, heartbeats) have empty evidence and are passed over.
 pub fn terminal_counter(conn: &Connection, id: &str) -> rusqlite::Result<Option<u64>> {
     conn.query_row(
-        "SELECT json_extract(evidence, '$.counter_after') FROM audit \
-         WHERE device = ?1 AND kind LIKE 'terminal.%' \
-         AND json_extract(evidence, '$.counter_after') IS NOT NULL \
-         ORDER BY seq DESC LIMIT 1",
+        "SELECT c FROM (SELECT seq, CASE WHEN json_valid(evidence) \
+           THEN json_extract(evidence, '$.counter_after') END AS c FROM audit \
+           WHERE device = ?1 AND kind LIKE 'terminal.%') \
+         WHERE c IS NOT NULL ORDER BY seq DESC LIMIT 1",
         [id],
         |r| r.get::<_, i64>(0),
     )

@@ -192,7 +192,8 @@ pub struct Service {
     outcomes: tokio_util::task::TaskTracker,
     /// Smart-seal terminals, by their seal id; their sessions start with the runtime.
     terminals: std::sync::OnceLock<HashMap<String, terminal::Handle>>,
-    terminal_specs: std::sync::Mutex<Vec<TerminalSpec>>,
+    /// Each terminal with the impression counter the log last recorded for it.
+    terminal_specs: std::sync::Mutex<Vec<(TerminalSpec, Option<u64>)>>,
 }
 
 /// The configured terminals, their profiles and enrolled keys checked.
@@ -336,6 +337,21 @@ impl Service {
         let rules = rules_of(config, config_dir)?;
         let specs = terminal_specs(config)?;
         let store = Store::open(&config.daemon.state_dir)?;
+        // Read before the log is opened, so that a start that fails here appends nothing.
+        let specs = specs
+            .into_iter()
+            .map(|spec| {
+                let counter = store
+                    .read(|c| crate::audit::query::terminal_counter(c, &spec.id))
+                    .map_err(|e| {
+                        StartError::Terminal(format!(
+                            "terminal {:?}: its impression counter: {e}",
+                            spec.id
+                        ))
+                    })?;
+                Ok((spec, counter))
+            })
+            .collect::<Result<Vec<_>, StartError>>()?;
         let (key, anomaly) = audit_parts(config, &registry)?;
         let audit = AuditLog::open(store.path().to_owned(), key, anomaly)?;
         let mfa = match &config.mfa {
@@ -384,8 +400,8 @@ impl Service {
     }
 
     /// Starts each terminal's session, from the impression counter the audit log last
-    /// recorded for it. Blocks briefly (one query per terminal); call once, with the runtime
-    /// the sessions use for the audit log.
+    /// recorded for it (read when the service was built). Call once, with the runtime the
+    /// sessions use for the audit log.
     pub fn start_terminals(&self, runtime: tokio::runtime::Handle) -> Result<(), StartError> {
         let specs = std::mem::take(
             &mut *self
@@ -399,12 +415,7 @@ impl Service {
             runtime,
         };
         let mut map = HashMap::new();
-        for spec in specs {
-            let counter = self
-                .gate
-                .store
-                .with(|c| crate::audit::query::terminal_counter(c, &spec.id))
-                .map_err(|e| StartError::Terminal(format!("terminal {:?}: {e}", spec.id)))?;
+        for (spec, counter) in specs {
             let seal = spec.seal.clone();
             map.insert(seal, terminal::spawn(spec, ctx.clone(), counter));
         }
