@@ -663,3 +663,118 @@ fn sealctl_issues_signs_inspects_and_checks_tokens() {
         "{out}"
     );
 }
+
+/// Records of `kind` in the log, as (reason, detail, evidence).
+fn records_of(db: &std::path::Path, kind: &str) -> Vec<(String, String, String)> {
+    let c = rusqlite::Connection::open(db).unwrap();
+    let mut s = c
+        .prepare("SELECT reason, detail, evidence FROM audit WHERE kind = ?1 ORDER BY seq")
+        .unwrap();
+    s.query_map([kind], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn totp_codes_are_weighed_only_in_a_stamp_with_a_good_unspent_approval() {
+    let d = Daemon::start(&Opts::default());
+    let mut c = d.client().await;
+    let totp = enroll(&mut c, "mfa.target").await;
+    let mut a = Approval::for_seal("official-pkcs1", &doc(200));
+    a.claims.applicant = "mfa.target".into();
+    let good = a.token();
+    // A token whose signature does not verify, with every code of a guesser: the dry run
+    // says nothing about codes, and counts nothing towards the lockout.
+    let mut forged = Token::parse(&good).unwrap();
+    forged.signatures[0].signature[3] ^= 1;
+    let forged = forged.to_json().into_bytes();
+    let right = totp_code(&totp, 0);
+    for code in ["000000", "111111", right.as_str(), "222222", "333333"] {
+        let r = c
+            .check_approval("official-pkcs1", &doc(200), &forged, code)
+            .await
+            .unwrap();
+        let Some(response::Body::CheckApproval(v)) = r.body else {
+            panic!("{}", r.message)
+        };
+        let reasons: Vec<_> = v.denials.iter().map(|d| d.reason.as_str()).collect();
+        assert_eq!(reasons, ["bad_signature", "missing_level"], "code {code}");
+    }
+    // A good token in a dry run with a wrong code would pass: the code is not looked at.
+    let r = c
+        .check_approval("official-pkcs1", &doc(200), &good, "000000")
+        .await
+        .unwrap();
+    let Some(response::Body::CheckApproval(v)) = r.body else {
+        panic!("{}", r.message)
+    };
+    assert!(v.would_pass, "{:?}", v.denials);
+    // Every dry run is recorded.
+    let checked = records_of(&d.db(), "approval.checked");
+    assert_eq!(checked.len(), 6);
+    assert_eq!(checked[0].0, "bad_signature");
+    assert_eq!(checked[5].1, "would pass");
+    // The applicant is not locked out: the right code stamps.
+    assert_ok(
+        &stamp(&mut c, "official-pkcs1", &doc(200), &good, &right).await,
+        "the real stamp",
+    );
+    // The spent approval, with wrong codes (more than max_failures = 3): refused as replayed,
+    // the codes never weighed, so no lockout either.
+    for code in ["000000", "111111", "222222", "333333"] {
+        let r = stamp(&mut c, "official-pkcs1", &doc(200), &good, code).await;
+        assert_denied(&r, "replayed", "a spent approval with a wrong code");
+    }
+    let mut a = Approval::for_seal("official-pkcs1", &doc(201));
+    a.claims.applicant = "mfa.target".into();
+    assert_ok(
+        &stamp(
+            &mut c,
+            "official-pkcs1",
+            &doc(201),
+            &a.token(),
+            &totp_code(&totp, 1),
+        )
+        .await,
+        "not locked out",
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_log_keeps_both_purposes_the_rule_and_the_scope_and_invalid_requests() {
+    let d = Daemon::start(&Opts::default());
+    let mut c = d.client().await;
+    let mut a = large(&doc(210));
+    a.claims.purpose = "annual supply of steel".into();
+    a.claims.scope = "procurement".into();
+    let r = c
+        .stamp("contract", &doc(210), &a.token(), "something else")
+        .await
+        .unwrap();
+    assert_ok(&r, "stamp");
+    let authorized = records_of(&d.db(), "stamp.authorized");
+    let e: serde_json::Value = serde_json::from_str(&authorized[0].2).unwrap();
+    assert_eq!(e["rule"], "large contracts");
+    assert_eq!(e["scope"], "procurement");
+    assert_eq!(e["caller_purpose"], "something else");
+    let db = rusqlite::Connection::open(d.db()).unwrap();
+    let purposes: Vec<String> = db
+        .prepare("SELECT purpose FROM audit WHERE kind LIKE 'stamp.%' ORDER BY seq")
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    assert_eq!(purposes, ["annual supply of steel"; 2]);
+    // A stamp refused as invalid on a seal the caller may use is recorded too.
+    let r = c
+        .stamp("contract", &[1, 2, 3], &a.token(), "")
+        .await
+        .unwrap();
+    assert_eq!(r.status, Status::InvalidArgument as i32, "{}", r.message);
+    let denied = records_of(&d.db(), "stamp.denied");
+    assert_eq!(denied.len(), 1);
+    assert_eq!(denied[0].0, "status_invalid_argument");
+    assert_eq!(audit_verify(&d.db()).0, 0);
+}

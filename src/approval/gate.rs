@@ -7,7 +7,7 @@
 use super::ledger::{self, Use};
 use super::mfa::Mfa;
 use super::token::Claims;
-use super::{evaluate, ApprovalError, Denial, TrustStore};
+use super::{evaluate, ApprovalError, Denial, Reason, TrustStore};
 use crate::policy::{RateLimit, SealPolicy};
 use crate::store::Store;
 use std::collections::HashMap;
@@ -89,9 +89,10 @@ impl Gate {
     }
 
     /// Runs every check. For a stamp (`dry_run` false) it stops at the first refusal, spends
-    /// the TOTP code, and returns the use to consume; a dry run collects every refusal,
-    /// including one the replay ledger would give, and changes nothing. Blocks (database,
-    /// device for TOTP).
+    /// the TOTP code (weighed only when every other check, the replay ledger's included,
+    /// passed), and returns the use to consume; a dry run collects every refusal, including
+    /// one the replay ledger would give, never weighs a TOTP code, and changes nothing.
+    /// Blocks (database, device for TOTP).
     pub fn check(
         &self,
         seal: &str,
@@ -118,31 +119,16 @@ impl Gate {
         let stop = |v: &Verdict| !dry_run && !v.denials.is_empty();
         let c = &token.claims;
         if !stop(&v) {
-            if let Some(rule) = rule {
-                if let Some(limit) = rule.rate_limit {
-                    let n = ledger::uses_since(
-                        &self.store,
-                        &c.applicant,
-                        seal,
-                        now - limit.window_seconds,
-                    )?;
-                    if n >= limit.count {
-                        v.denials
-                            .push(ledger::rate_limited(&c.applicant, seal, n, limit));
-                    }
-                }
-                if rule.mfa && !stop(&v) {
-                    let mfa = self.mfa.as_ref().ok_or_else(|| {
-                        ApprovalError::Invalid("a rule asks for TOTP but none is configured".into())
-                    })?;
-                    // In a real stamp a code is only weighed once the token is good.
-                    if v.denials.is_empty() || dry_run {
-                        if let Err(d) =
-                            mfa.check(&self.store, &c.applicant, mfa_code, now, !dry_run)?
-                        {
-                            v.denials.push(d);
-                        }
-                    }
+            if let Some(limit) = rule.and_then(|r| r.rate_limit) {
+                let n = ledger::uses_since(
+                    &self.store,
+                    &c.applicant,
+                    seal,
+                    now - limit.window_seconds,
+                )?;
+                if n >= limit.count {
+                    v.denials
+                        .push(ledger::rate_limited(&c.applicant, seal, n, limit));
                 }
             }
         }
@@ -156,11 +142,33 @@ impl Gate {
             rate_limit: rule.and_then(|r| r.rate_limit),
             count: 1,
         };
-        if dry_run {
+        // A spent approval is refused before any code is weighed, so an old approval cannot be
+        // used to guess codes or to lock its applicant out.
+        if !stop(&v) {
             if let Some(d) = ledger::peek(&self.store, &pending.as_use())? {
                 v.denials.push(d);
             }
-        } else if v.denials.is_empty() {
+        }
+        if rule.is_some_and(|r| r.mfa) {
+            let mfa = self.mfa.as_ref().ok_or_else(|| {
+                ApprovalError::Invalid("a rule asks for TOTP but none is configured".into())
+            })?;
+            if dry_run {
+                // A dry run never weighs a code: it would be an oracle that costs nothing.
+                if mfa_code.is_empty() {
+                    v.denials.push(Denial::new(
+                        Reason::MfaRequired,
+                        "this rule requires the applicant's TOTP code",
+                    ));
+                }
+            } else if v.denials.is_empty() {
+                // In a stamp a code is only weighed once everything else passed.
+                if let Err(d) = mfa.check(&self.store, &c.applicant, mfa_code, now)? {
+                    v.denials.push(d);
+                }
+            }
+        }
+        if !dry_run && v.denials.is_empty() {
             v.pending = Some(pending);
         }
         v.claims = Some(token.claims);

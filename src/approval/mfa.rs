@@ -9,7 +9,8 @@ use super::{ApprovalError as MfaError, Denial, Reason};
 use crate::device::SealDevice;
 use crate::store::Store;
 use rusqlite::{params, OptionalExtension};
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use totp_rs::{Algorithm, Builder, Secret};
 use zeroize::Zeroizing;
 
@@ -17,7 +18,19 @@ pub struct Mfa {
     device: Arc<dyn SealDevice>,
     max_failures: u32,
     issuer: String,
+    attempts: Attempts,
 }
+
+/// Codes weighed per applicant in the current window: (window start, count).
+#[derive(Default)]
+struct Attempts(Mutex<HashMap<String, (i64, u32)>>);
+
+/// Codes weighed for one applicant per window, whatever their outcome; more are refused
+/// without being looked at. Two authenticator steps' worth of honest retries fit easily.
+pub const MAX_ATTEMPTS: u32 = 6;
+pub const ATTEMPT_WINDOW_SECONDS: i64 = 60;
+/// Applicants remembered at most; the map is emptied when it is full.
+const ATTEMPT_MAP: usize = 65_536;
 
 fn context(user: &str) -> Vec<u8> {
     format!("sealgate totp v1 {user}").into_bytes()
@@ -45,12 +58,32 @@ fn valid_user(user: &str) -> Result<(), MfaError> {
     Ok(())
 }
 
+impl Attempts {
+    /// Counts one code for `user` at `now`; false when the applicant is over the limit.
+    fn count(&self, user: &str, now: i64) -> bool {
+        let mut map = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if map.len() >= ATTEMPT_MAP && !map.contains_key(user) {
+            map.retain(|_, (start, _)| now - *start < ATTEMPT_WINDOW_SECONDS);
+            if map.len() >= ATTEMPT_MAP {
+                map.clear();
+            }
+        }
+        let e = map.entry(user.to_owned()).or_insert((now, 0));
+        if now - e.0 >= ATTEMPT_WINDOW_SECONDS {
+            *e = (now, 0);
+        }
+        e.1 += 1;
+        e.1 <= MAX_ATTEMPTS
+    }
+}
+
 impl Mfa {
     pub fn new(device: Arc<dyn SealDevice>, max_failures: u32, issuer: String) -> Mfa {
         Mfa {
             device,
             max_failures,
             issuer,
+            attempts: Attempts::default(),
         }
     }
 
@@ -95,21 +128,28 @@ impl Mfa {
         Ok(n == 1)
     }
 
-    /// Checks `code` for `user` at `now`. With `consume`, a good code is spent (a later check
-    /// with a code of the same or an earlier time step fails) and a bad one counts towards the
-    /// lockout; without it (dry runs) nothing changes. Blocks.
+    /// Checks `code` for `user` at `now`: a good code is spent (a later check with a code of
+    /// the same or an earlier time step fails) and a bad one counts towards the lockout. At
+    /// most [`MAX_ATTEMPTS`] codes a minute are weighed per applicant. Blocks.
     pub fn check(
         &self,
         store: &Store,
         user: &str,
         code: &str,
         now: i64,
-        consume: bool,
     ) -> Result<Result<(), Denial>, MfaError> {
         if code.is_empty() {
             return Ok(Err(Denial::new(
                 Reason::MfaRequired,
                 "this rule requires the applicant's TOTP code",
+            )));
+        }
+        if !self.attempts.count(user, now) {
+            return Ok(Err(Denial::new(
+                Reason::RateLimited,
+                format!(
+                    "more than {MAX_ATTEMPTS} TOTP codes for applicant {user:?} within {ATTEMPT_WINDOW_SECONDS} s; wait"
+                ),
             )));
         }
         let row: Option<(Vec<u8>, i64, u32, bool)> = store.with(|c| {
@@ -136,9 +176,6 @@ impl Mfa {
         let step = totp(&secret, user, &self.issuer)?.check(code, now.max(0) as u64);
         let mut fresh = step.filter(|s| *s as i64 > last_step);
         if let Some(s) = fresh {
-            if !consume {
-                return Ok(Ok(()));
-            }
             // Spent only if no concurrent check spent this step first.
             let won = store.with(|c| {
                 c.execute(
@@ -157,20 +194,36 @@ impl Mfa {
         } else {
             "wrong TOTP code"
         };
-        if consume {
-            let locked: bool = store.with(|c| {
-                c.query_row(
-                    "UPDATE mfa_users SET failures = failures + 1,
-                         locked = (failures + 1 >= ?2)
-                     WHERE user = ?1 RETURNING locked",
-                    params![user, self.max_failures],
-                    |r| r.get(0),
-                )
-            })?;
-            if locked {
-                tracing::warn!(applicant = %user, "TOTP lockout after repeated wrong codes");
-            }
+        let locked: bool = store.with(|c| {
+            c.query_row(
+                "UPDATE mfa_users SET failures = failures + 1,
+                     locked = (failures + 1 >= ?2)
+                 WHERE user = ?1 RETURNING locked",
+                params![user, self.max_failures],
+                |r| r.get(0),
+            )
+        })?;
+        if locked {
+            tracing::warn!(applicant = %user, "TOTP lockout after repeated wrong codes");
         }
         Ok(Err(Denial::new(Reason::MfaInvalid, why)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn codes_are_limited_per_applicant_per_window() {
+        let a = Attempts::default();
+        for _ in 0..MAX_ATTEMPTS {
+            assert!(a.count("zhao.lei", 1000));
+        }
+        assert!(!a.count("zhao.lei", 1000 + ATTEMPT_WINDOW_SECONDS - 1));
+        // Another applicant has a count of their own.
+        assert!(a.count("li.na", 1000));
+        // A new window starts afresh.
+        assert!(a.count("zhao.lei", 1000 + ATTEMPT_WINDOW_SECONDS));
     }
 }

@@ -34,6 +34,8 @@ pub mod kind {
     /// Written at start-up for an authorisation whose outcome was never recorded.
     pub const STAMP_OUTCOME_UNKNOWN: &str = "stamp.outcome_unknown";
     pub const STAMP_DENIED: &str = "stamp.denied";
+    /// A dry run of the approval checks (`CheckApproval`): what it would answer.
+    pub const APPROVAL_CHECKED: &str = "approval.checked";
     /// A caller was refused before any approval was looked at (unknown caller, foreign seal).
     pub const ACCESS_DENIED: &str = "access.denied";
     pub const DEVICE_UNAVAILABLE: &str = "device.unavailable";
@@ -145,13 +147,21 @@ impl Record {
     }
 
     /// Fills in who approved what, from an approval's verdict: the approvers, and the claims
-    /// (applicant, approval id, document type, department, amount; the purpose unless set).
+    /// (applicant, approval id, document type, department, amount, and the purpose the
+    /// approvers signed). The matched rule, the approval's scope and the purpose the caller
+    /// stated go into `evidence` as `rule`, `scope` and `caller_purpose`.
     pub fn set_approval(
         &mut self,
         approvers: &str,
         claims: Option<&crate::approval::token::Claims>,
+        rule: Option<&str>,
+        caller_purpose: &str,
     ) {
         self.approvers = approvers.to_owned();
+        let mut context = serde_json::Map::new();
+        if let Some(r) = rule {
+            context.insert("rule".into(), r.into());
+        }
         if let Some(c) = claims {
             self.applicant = c.applicant.clone();
             self.jti = c.jti.clone();
@@ -161,10 +171,27 @@ impl Record {
                 self.amount = Some(a.value);
                 self.currency = a.currency.clone();
             }
-            if self.purpose.is_empty() {
-                self.purpose = c.purpose.clone();
+            self.purpose = c.purpose.clone();
+            if !c.scope.is_empty() {
+                context.insert("scope".into(), c.scope.clone().into());
             }
         }
+        if !caller_purpose.is_empty() {
+            context.insert("caller_purpose".into(), caller_purpose.into());
+        }
+        self.add_evidence(context);
+    }
+
+    /// Adds `fields` to the JSON object in `evidence` (made when empty).
+    pub fn add_evidence(&mut self, fields: serde_json::Map<String, serde_json::Value>) {
+        if fields.is_empty() {
+            return;
+        }
+        let mut obj =
+            serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(&self.evidence)
+                .unwrap_or_default();
+        obj.extend(fields);
+        self.evidence = serde_json::Value::Object(obj).to_string();
     }
 
     pub fn view(&self) -> RecordView<'_> {

@@ -679,11 +679,31 @@ impl Service {
         caller: &Caller,
         req: pb::CheckApprovalRequest,
     ) -> Result<response::Body, ServiceError> {
-        let seal = self.seal_for(caller, &req.seal_id)?;
-        let digest = digest32(&req.document_sha256)?;
+        let seal = match self.seal_for(caller, &req.seal_id) {
+            Ok(s) => s,
+            Err(e) => return Err(self.refuse_access(caller, &req.seal_id, e).await),
+        };
+        let mut record = Record::new(kind::APPROVAL_CHECKED);
+        record.caller = caller.name.clone();
+        record.seal = seal.id.clone();
+        let digest = match digest32(&req.document_sha256) {
+            Ok(d) => d,
+            Err(e) => return Err(self.refuse_invalid(record, e).await),
+        };
+        record.doc_sha256 = hex::encode(digest);
         let v = self
             .run_gate(&seal.id, digest, req.approval_token, req.mfa_code, true)
             .await?;
+        record.set_approval(&v.approvers, v.claims.as_ref(), v.rule.as_deref(), "");
+        match v.denials.first() {
+            None => record.detail = "would pass".into(),
+            Some(d) => {
+                record.reason = d.reason.code().into();
+                record.detail = format!("would be refused: {}", d.detail);
+            }
+        }
+        // A dry run that cannot be recorded is not answered.
+        self.audit.append(record).await?;
         Ok(response::Body::CheckApproval(pb::CheckApprovalResponse {
             would_pass: v.denials.is_empty(),
             denials: v
@@ -696,6 +716,16 @@ impl Service {
                 .collect(),
             rule: v.rule.unwrap_or_default(),
         }))
+    }
+
+    /// Records a request refused as invalid on a seal the caller may use, and hands the error
+    /// back.
+    async fn refuse_invalid(&self, mut record: Record, e: ServiceError) -> ServiceError {
+        record.reason = e.status().as_str_name().to_ascii_lowercase();
+        record.detail = e.to_string();
+        crate::metrics::get().denial(&record.seal, &record.reason);
+        self.record_refusal(record).await;
+        e
     }
 
     fn hello(&self, peer: &Peer, _h: pb::HelloRequest) -> response::Body {
@@ -844,8 +874,16 @@ impl Service {
             Ok(s) => s,
             Err(e) => return Err(self.refuse_access(caller, &req.seal_id, e).await),
         };
-        let digest = digest32(&req.document_sha256)?;
-        purpose_ok(&req.purpose)?;
+        let mut refused = Record::new(kind::STAMP_DENIED);
+        refused.caller = caller.name.clone();
+        refused.seal = seal.id.clone();
+        let digest = match digest32(&req.document_sha256).and_then(|d| {
+            purpose_ok(&req.purpose)?;
+            Ok(d)
+        }) {
+            Ok(d) => d,
+            Err(e) => return Err(self.refuse_invalid(refused, e).await),
+        };
         // No use is consumed for a request the device queue would refuse anyway.
         let (in_flight, queue) = &self.slots[seal.device.id()];
         let queued = queue.clone().try_acquire_owned().map_err(|_| {
@@ -1060,6 +1098,7 @@ impl Signing {
         };
         let spki = &self.device.key(self.key).spki_der;
         outcome.kind = kind::STAMP_COMPLETED.into();
+        // The rule, scope and caller's purpose stay on the authorisation (`ref_seq`).
         outcome.evidence = serde_json::json!({
             "algorithm": self.device.key(self.key).algorithm.name(),
             "key_id": crate::audit::key_id(spki),
@@ -1127,8 +1166,12 @@ fn stamp_record(
     r.device_serial = seal.device.serial();
     r.caller = caller.name.clone();
     r.doc_sha256 = hex::encode(digest);
-    r.purpose = purpose.to_owned();
-    r.set_approval(&verdict.approvers, verdict.claims.as_ref());
+    r.set_approval(
+        &verdict.approvers,
+        verdict.claims.as_ref(),
+        verdict.rule.as_deref(),
+        purpose,
+    );
     r
 }
 

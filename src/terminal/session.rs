@@ -844,8 +844,12 @@ impl Session {
         let mut r = self.record(kind::TERMINAL_GRANTED);
         r.caller = req.caller;
         r.doc_sha256 = hex::encode(req.doc);
-        r.purpose = req.purpose;
-        r.set_approval(&verdict.approvers, verdict.claims.as_ref());
+        r.set_approval(
+            &verdict.approvers,
+            verdict.claims.as_ref(),
+            verdict.rule.as_deref(),
+            &req.purpose,
+        );
         if let Some(d) = verdict.denials.into_iter().next() {
             r.kind = kind::TERMINAL_DENIED.into();
             r.reason = d.reason.code().into();
@@ -868,14 +872,16 @@ impl Session {
             "{} impressions within {seconds} s on terminal {:?}",
             req.impressions, self.spec.id
         );
-        r.evidence = serde_json::json!({
+        let serde_json::Value::Object(grant) = serde_json::json!({
             "terminal": self.spec.id,
             "grant_id": hex::encode(id),
             "impressions": req.impressions,
             "seconds": seconds,
             "photo_sha256": hex::encode(&req.photo),
-        })
-        .to_string();
+        }) else {
+            unreachable!("a JSON object literal")
+        };
+        r.add_evidence(grant);
         let (jti, applicant, doc) = (r.jti.clone(), r.applicant.clone(), r.doc_sha256.clone());
         let appended = self
             .ctx
