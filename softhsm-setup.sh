@@ -256,6 +256,8 @@ name = "large contracts"
 doc_types = ["contract"]
 currency = "CNY"
 amount_min = 10000000
+# A contract approval without an amount is refused, not taken as a small contract.
+amount_required = true
 levels = ["dept_head", "executive"]
 dept_scoped = ["dept_head"]
 # A rule may also limit hours, e.g. hours = "08:00-20:00" with timezone = "Asia/Shanghai".

@@ -77,6 +77,11 @@ pub struct TerminalConfig {
     /// The physical seal's policy, as for a seal.
     #[serde(default, rename = "rule")]
     pub rules: Vec<RuleConfig>,
+    /// As for a seal: the longest approval life and most uses (impressions) accepted.
+    #[serde(default)]
+    pub max_token_lifetime_seconds: Option<u64>,
+    #[serde(default)]
+    pub max_uses: Option<u32>,
 }
 
 /// Where networked terminals connect, and the certificate the daemon shows them.
@@ -212,6 +217,13 @@ pub struct SealConfig {
     /// The seal's policy, first matching rule wins; no rule, no stamp.
     #[serde(default, rename = "rule")]
     pub rules: Vec<RuleConfig>,
+    /// Longest life of an approval, from `min(iat, nbf)` to `exp`, in seconds (default 30
+    /// days).
+    #[serde(default)]
+    pub max_token_lifetime_seconds: Option<u64>,
+    /// Most uses one approval may grant (default 100,000).
+    #[serde(default)]
+    pub max_uses: Option<u32>,
 }
 
 /// One policy rule of a seal. Empty lists match anything.
@@ -259,6 +271,39 @@ pub struct RuleConfig {
     /// The applicant must give a TOTP code.
     #[serde(default)]
     pub mfa: bool,
+    /// An approval of this rule's document types (and departments and scopes) that carries no
+    /// amount is refused, instead of falling through to a rule without amount bounds.
+    #[serde(default)]
+    pub amount_required: bool,
+}
+
+/// Bounds on the approvals a seal accepts, whatever its rules say.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TokenLimits {
+    /// Longest life of an approval, from `min(iat, nbf)` to `exp`, in seconds.
+    pub max_lifetime_seconds: i64,
+    /// Most uses one approval may grant.
+    pub max_uses: u32,
+}
+
+impl TokenLimits {
+    pub const DEFAULT_LIFETIME_SECONDS: u64 = 30 * 24 * 3600;
+    pub const DEFAULT_USES: u32 = 100_000;
+
+    pub fn of(lifetime: Option<u64>, uses: Option<u32>) -> TokenLimits {
+        TokenLimits {
+            max_lifetime_seconds: lifetime
+                .unwrap_or(Self::DEFAULT_LIFETIME_SECONDS)
+                .min(i64::MAX as u64) as i64,
+            max_uses: uses.unwrap_or(Self::DEFAULT_USES),
+        }
+    }
+}
+
+impl Default for TokenLimits {
+    fn default() -> Self {
+        TokenLimits::of(None, None)
+    }
 }
 
 /// An approver in the trust store.

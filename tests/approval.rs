@@ -588,9 +588,31 @@ fn sealctl_issues_signs_inspects_and_checks_tokens() {
     assert!(!ok && out.contains("malformed"), "{out}");
 
     let key = demo().dir.join("approvers/zhang.wei.key");
+    // Without --yes and with no answer, nothing is signed; the claims are shown.
+    let before = std::fs::read(&token).unwrap();
     let (ok, _, err) = sealctl(&[
         "token",
         "sign",
+        "--key",
+        key.to_str().unwrap(),
+        "--kid",
+        "zhang.wei",
+        t,
+    ]);
+    assert!(!ok && err.contains("not signed"), "{err}");
+    for shown in [
+        "seal        contract",
+        "amount      ",
+        "applicant   ",
+        "purpose     ",
+    ] {
+        assert!(err.contains(shown), "{shown:?} not in {err}");
+    }
+    assert_eq!(std::fs::read(&token).unwrap(), before);
+    let (ok, _, err) = sealctl(&[
+        "token",
+        "sign",
+        "--yes",
         "--key",
         key.to_str().unwrap(),
         "--kid",
@@ -608,6 +630,7 @@ fn sealctl_issues_signs_inspects_and_checks_tokens() {
         .args([
             "token",
             "sign",
+            "--yes",
             "--kid",
             "hsm.approver",
             "--pkcs11-module",
@@ -777,4 +800,92 @@ async fn the_log_keeps_both_purposes_the_rule_and_the_scope_and_invalid_requests
     assert_eq!(denied.len(), 1);
     assert_eq!(denied[0].0, "status_invalid_argument");
     assert_eq!(audit_verify(&d.db()).0, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_contract_cannot_reach_the_cheaper_rule_and_approvals_have_limits() {
+    let strict = r#"
+[[seal]]
+id = "contract-strict"
+device = "demo-hsm"
+key_label = "contract-seal"
+algorithm = "ecdsa-p256-sha256"
+max_token_lifetime_seconds = 864000
+max_uses = 50
+
+[[seal.rule]]
+name = "large contracts"
+doc_types = ["contract"]
+currency = "CNY"
+amount_min = 10000000
+amount_required = true
+levels = ["dept_head", "executive"]
+
+[[seal.rule]]
+name = "contracts"
+doc_types = ["contract"]
+levels = ["dept_head"]
+"#;
+    let d = Daemon::start(&Opts {
+        extra: strict.into(),
+        caller_seals: Some(vec!["contract".into(), "contract-strict".into()]),
+        ..Opts::default()
+    });
+    let mut c = d.client().await;
+    // Approved by the department head alone (the small-contract rule's level).
+    let head_only = |seal: &str, n: u32, amount: Option<(i64, &str)>| {
+        let mut a = Approval::for_seal(seal, &doc(n));
+        a.claims.seal = seal.into();
+        a.claims.amount = amount.map(|(value, currency)| Amount {
+            value,
+            currency: currency.into(),
+        });
+        a
+    };
+    for (seal, n, amount, reason) in [
+        ("contract", 220, Some((25_000_000, "cny")), "malformed"),
+        ("contract", 221, Some((25_000_000, "XYZ")), "malformed"),
+        ("contract", 222, Some((25_000_000, "USD")), "no_rule"),
+        ("contract-strict", 223, None, "no_rule"),
+        ("contract-strict", 224, Some((25_000_000, "USD")), "no_rule"),
+        (
+            "contract-strict",
+            225,
+            Some((25_000_000, "CNY")),
+            "missing_level",
+        ),
+    ] {
+        let a = head_only(seal, n, amount);
+        let r = stamp(&mut c, seal, &doc(n), &a.token(), "").await;
+        assert_denied(&r, reason, &format!("{seal} {amount:?}"));
+    }
+    // A small contract with its amount still passes on the department head alone.
+    let a = head_only("contract-strict", 226, Some((500_000, "CNY")));
+    assert_ok(
+        &stamp(&mut c, "contract-strict", &doc(226), &a.token(), "").await,
+        "small contract",
+    );
+    // Limits: a life over ten days, more than 50 uses, an expiry at the end of time.
+    let now = unix_now();
+    for (what, n, exp, uses) in [
+        ("eleven days", 227, now + 11 * 86400, 1),
+        ("51 uses", 228, now + 3600, 51),
+        ("exp at i64::MAX", 229, i64::MAX, 1),
+    ] {
+        let mut a = head_only("contract-strict", n, Some((500_000, "CNY")));
+        a.claims.exp = exp;
+        a.claims.uses = uses;
+        let r = stamp(&mut c, "contract-strict", &doc(n), &a.token(), "").await;
+        assert_denied(&r, "malformed", what);
+    }
+    // The default limit (30 days) holds for a seal that names none.
+    let mut a = Approval::for_seal("contract", &doc(230));
+    a.claims.exp = now + 31 * 86400;
+    assert_denied(
+        &stamp(&mut c, "contract", &doc(230), &a.token(), "").await,
+        "malformed",
+        "31 days",
+    );
+    // The daemon still serves.
+    stamp_ok(&mut c, "contract", &doc(231)).await;
 }

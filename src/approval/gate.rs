@@ -26,6 +26,18 @@ pub struct Rules {
     pub policies: HashMap<String, SealPolicy>,
 }
 
+impl Rules {
+    /// Every seal's policy warnings (see [`SealPolicy::warnings`]), in seal order.
+    pub fn warnings(&self) -> Vec<String> {
+        let mut seals: Vec<_> = self.policies.iter().collect();
+        seals.sort_by(|a, b| a.0.cmp(b.0));
+        seals
+            .into_iter()
+            .flat_map(|(id, p)| p.warnings(id))
+            .collect()
+    }
+}
+
 /// One use of an approval, ready to be consumed durably.
 #[derive(Debug, Clone)]
 pub struct PendingUse {
@@ -102,7 +114,13 @@ impl Gate {
         now: i64,
         dry_run: bool,
     ) -> Result<Verdict, ApprovalError> {
-        static NO_RULES: SealPolicy = SealPolicy { rules: Vec::new() };
+        static NO_RULES: SealPolicy = SealPolicy {
+            rules: Vec::new(),
+            limits: crate::config::TokenLimits {
+                max_lifetime_seconds: 0,
+                max_uses: 0,
+            },
+        };
         let rules = self.rules();
         let policy = rules.policies.get(seal).unwrap_or(&NO_RULES);
         let ev = evaluate(token, seal, digest, now, &rules.trust, policy);

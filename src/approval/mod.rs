@@ -296,7 +296,10 @@ pub fn evaluate(
             ));
             continue;
         }
-        if at > now + CLOCK_SKEW || at + CLOCK_SKEW < c.iat || at > c.exp {
+        if at > now.saturating_add(CLOCK_SKEW)
+            || at.saturating_add(CLOCK_SKEW) < c.iat
+            || at > c.exp
+        {
             denials.push(Denial::new(
                 Reason::Malformed,
                 format!("approval time of {kid:?} is outside the token's life"),
@@ -325,13 +328,13 @@ pub fn evaluate(
         });
     }
 
-    if now > c.exp + CLOCK_SKEW {
+    if now > c.exp.saturating_add(CLOCK_SKEW) {
         denials.push(Denial::new(
             Reason::Expired,
             format!("expired at {}", c.exp),
         ));
     }
-    if now + CLOCK_SKEW < c.nbf {
+    if now.saturating_add(CLOCK_SKEW) < c.nbf {
         denials.push(Denial::new(
             Reason::NotYetValid,
             format!("valid from {}", c.nbf),
@@ -350,27 +353,43 @@ pub fn evaluate(
         ));
     }
 
-    let rule = policy.match_rule(c);
-    match rule {
-        None => denials.push(Denial::new(
-            Reason::NoRule,
+    let lifetime = c.exp.saturating_sub(c.iat.min(c.nbf));
+    if lifetime > policy.limits.max_lifetime_seconds {
+        denials.push(Denial::new(
+            Reason::Malformed,
             format!(
-                "no rule of seal {seal_id:?} covers document type {:?}{}",
-                c.doc.doc_type,
-                c.amount
-                    .as_ref()
-                    .map(|a| format!(" for {} {}", a.value, a.currency))
-                    .unwrap_or_default()
+                "the approval is valid for {lifetime} s; seal {seal_id:?} accepts at most {} s",
+                policy.limits.max_lifetime_seconds
             ),
-        )),
-        Some(i) => {
+        ));
+    }
+    if c.uses > policy.limits.max_uses {
+        denials.push(Denial::new(
+            Reason::Malformed,
+            format!(
+                "the approval grants {} uses; seal {seal_id:?} accepts at most {}",
+                c.uses, policy.limits.max_uses
+            ),
+        ));
+    }
+
+    let rule = match policy.match_rule(c) {
+        Err(why) => {
+            denials.push(Denial::new(
+                Reason::NoRule,
+                format!("seal {seal_id:?}: {why}"),
+            ));
+            None
+        }
+        Ok(i) => {
             let r = &policy.rules[i];
             denials.extend(r.check_levels(c, &approvals));
             if let Some(d) = r.check_hours(now) {
                 denials.push(d);
             }
+            Some(i)
         }
-    }
+    };
     Evaluation {
         token: Some(token),
         rule,

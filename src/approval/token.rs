@@ -138,6 +138,15 @@ struct SignatureJson {
     header: Option<serde_json::Value>,
 }
 
+/// RFC 7797's `b64` changes what is signed; this implementation does not support it, so a
+/// header that names it, protected or not, makes the token malformed.
+fn no_b64(header: Option<&serde_json::Value>) -> Result<(), ParseError> {
+    if header.is_some_and(|h| h.get("b64").is_some()) {
+        return perr("the b64 header parameter (RFC 7797) is not supported");
+    }
+    Ok(())
+}
+
 fn b64(field: &str, s: &str) -> Result<Vec<u8>, ParseError> {
     B64.decode(s)
         .map_err(|_| ParseError(format!("{field} is not base64url")))
@@ -165,6 +174,9 @@ impl Token {
             if value.get("signatures").is_some() {
                 let g: GeneralJson = serde_json::from_value(value)
                     .map_err(|e| ParseError(format!("not a general JWS: {e}")))?;
+                for s in &g.signatures {
+                    no_b64(s.header.as_ref())?;
+                }
                 (
                     g.payload,
                     g.signatures
@@ -175,7 +187,7 @@ impl Token {
             } else {
                 let f: FlattenedJson = serde_json::from_value(value)
                     .map_err(|e| ParseError(format!("not a flattened JWS: {e}")))?;
-                let _ = f.header;
+                no_b64(f.header.as_ref())?;
                 (f.payload, vec![(f.protected, f.signature)])
             }
         } else {
@@ -209,7 +221,10 @@ impl Token {
         let mut signatures = Vec::with_capacity(sigs.len());
         for (protected_b64, sig_b64) in sigs {
             let raw = b64("protected header", &protected_b64)?;
-            let header: Header = serde_json::from_slice(&raw)
+            let value: serde_json::Value = serde_json::from_slice(&raw)
+                .map_err(|e| ParseError(format!("protected header: {e}")))?;
+            no_b64(Some(&value))?;
+            let header: Header = serde_json::from_value(value)
                 .map_err(|e| ParseError(format!("protected header: {e}")))?;
             if let Some(crit) = &header.crit {
                 if crit.is_empty() {
@@ -345,6 +360,25 @@ fn signing_input(protected_b64: &str, payload_b64: &str) -> String {
     format!("{protected_b64}.{payload_b64}")
 }
 
+/// The ISO 4217 alphabetic codes in use (active list, including funds and metals codes).
+const ISO_4217: &str = concat!(
+    "AED AFN ALL AMD ANG AOA ARS AUD AWG AZN BAM BBD BDT BGN BHD BIF BMD BND BOB BOV BRL BSD BTN BWP ",
+    "BYN BZD CAD CDF CHE CHF CHW CLF CLP CNY COP COU CRC CUC CUP CVE CZK DJF DKK DOP DZD EGP ERN ETB EUR ",
+    "FJD FKP GBP GEL GHS GIP GMD GNF GTQ GYD HKD HNL HTG HUF IDR ILS INR IQD IRR ISK JMD JOD JPY KES KGS ",
+    "KHR KMF KPW KRW KWD KYD KZT LAK LBP LKR LRD LSL LYD MAD MDL MGA MKD MMK MNT MOP MRU MUR MVR MWK MXN ",
+    "MXV MYR MZN NAD NGN NIO NOK NPR NZD OMR PAB PEN PGK PHP PKR PLN PYG QAR RON RSD RUB RWF SAR SBD SCR ",
+    "SDG SEK SGD SHP SLE SLL SOS SRD SSP STN SVC SYP SZL THB TJS TMT TND TOP TRY TTD TWD TZS UAH UGX USD ",
+    "USN UYI UYU UYW UZS VED VES VND VUV WST XAF XAG XAU XBA XBB XBC XBD XCD XCG XDR XOF XPD XPF XPT XSU ",
+    "XTS XUA XXX YER ZAR ZMW ZWG ZWL ",
+);
+
+/// Whether `code` is an ISO 4217 alphabetic code, upper case as the standard writes it.
+pub fn is_currency(code: &str) -> bool {
+    code.len() == 3
+        && code.bytes().all(|b| b.is_ascii_uppercase())
+        && ISO_4217.split(' ').any(|c| c == code)
+}
+
 fn check_claims(c: &Claims) -> Result<(), ParseError> {
     let sha = &c.doc.sha256;
     if sha.len() != 64
@@ -367,8 +401,14 @@ fn check_claims(c: &Claims) -> Result<(), ParseError> {
         return perr("applicant, seal and doc.type must not be empty");
     }
     if let Some(a) = &c.amount {
-        if a.value < 0 || a.currency.len() != 3 {
-            return perr("amount needs a non-negative value and a 3-letter currency");
+        if a.value < 0 {
+            return perr("amount needs a non-negative value");
+        }
+        if !is_currency(&a.currency) {
+            return perr(format!(
+                "amount.currency {:?} is not an ISO 4217 code (three upper-case letters, e.g. \"CNY\")",
+                a.currency
+            ));
         }
     }
     Ok(())
@@ -500,6 +540,53 @@ mod tests {
     }
     fn p(seed: u8) -> SigningKey {
         SigningKey::P256(p256::ecdsa::SigningKey::from_slice(&[seed; 32]).unwrap())
+    }
+
+    #[test]
+    fn a_currency_is_an_iso_4217_code_in_upper_case() {
+        for (code, ok) in [
+            ("CNY", true),
+            ("USD", true),
+            ("cny", false),
+            ("Cny", false),
+            ("XYZ", false),
+            ("CNYY", false),
+            ("", false),
+        ] {
+            let mut c = claims();
+            c.amount.as_mut().unwrap().currency = code.into();
+            let mut t = Token::unsigned(c);
+            t.add_signature(&ed(1), "a", 1100);
+            assert_eq!(Token::parse(t.to_json().as_bytes()).is_ok(), ok, "{code:?}");
+        }
+    }
+
+    #[test]
+    fn b64_in_any_header_is_malformed() {
+        let mut t = Token::unsigned(claims());
+        t.add_signature(&ed(1), "a", 1100);
+        let json: serde_json::Value = serde_json::from_str(&t.to_json()).unwrap();
+        let payload = json["payload"].as_str().unwrap();
+        let sig = &json["signatures"][0];
+        // Protected: a header with b64 = true, re-signed so that only b64 is wrong.
+        let protected = B64
+            .encode(br#"{"alg":"EdDSA","kid":"a","approved_at":1100,"b64":true,"crit":["b64"]}"#);
+        let err = Token::parse(
+            format!(
+                "{protected}.{payload}.{}",
+                sig["signature"].as_str().unwrap()
+            )
+            .as_bytes(),
+        )
+        .unwrap_err();
+        assert!(err.0.contains("b64"), "{}", err.0);
+        let protected = B64.encode(br#"{"alg":"EdDSA","kid":"a","approved_at":1100,"b64":false}"#);
+        assert!(Token::parse(format!("{protected}.{payload}.AA").as_bytes()).is_err());
+        // Unprotected, in the general serialization.
+        let mut g = json.clone();
+        g["signatures"][0]["header"] = serde_json::json!({"b64": false});
+        let err = Token::parse(g.to_string().as_bytes()).unwrap_err();
+        assert!(err.0.contains("b64"), "{}", err.0);
     }
 
     #[test]

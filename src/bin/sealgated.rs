@@ -118,7 +118,9 @@ fn run(args: Args) -> anyhow::Result<()> {
         .unwrap_or_default();
     let (devices, seals) = (registry.devices.len(), registry.seals.len());
     if args.check {
-        Service::check(&config, &registry, &config_dir)?;
+        for w in Service::check(&config, &registry, &config_dir)? {
+            eprintln!("sealgated: warning: {w}");
+        }
         println!(
             "configuration {} is valid; {devices} device(s) and {seals} seal(s) ready; the audit log's tail verifies",
             args.config.display(),

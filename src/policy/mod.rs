@@ -8,7 +8,7 @@
 
 use crate::approval::token::Claims;
 use crate::approval::{Denial, Reason};
-use crate::config::RuleConfig;
+use crate::config::{RuleConfig, TokenLimits};
 use std::collections::HashSet;
 
 #[derive(Debug, thiserror::Error)]
@@ -50,11 +50,14 @@ pub struct Rule {
     hours: TimeWindow,
     pub rate_limit: Option<RateLimit>,
     pub mfa: bool,
+    amount_required: bool,
 }
 
 #[derive(Debug, Clone, Default)]
 pub struct SealPolicy {
     pub rules: Vec<Rule>,
+    /// The longest approval life and most uses this seal accepts.
+    pub limits: TokenLimits,
 }
 
 fn parse_hhmm(s: &str) -> Option<u32> {
@@ -125,7 +128,7 @@ impl SealPolicy {
                 }
             }
             out.push(Rule {
-                name,
+                name: name.clone(),
                 doc_types: r.doc_types.clone(),
                 departments: r.departments.clone(),
                 scopes: r.scopes.clone(),
@@ -137,29 +140,120 @@ impl SealPolicy {
                 hours,
                 rate_limit,
                 mfa: r.mfa,
+                amount_required: r.amount_required,
             });
+            let rule = out.last().expect("just pushed");
+            if rule.amount_required && !rule.amount_bounded() {
+                return Err(err(
+                    "amount_required needs amount bounds or a currency on the rule".into(),
+                ));
+            }
+            if let Some(c) = &rule.currency {
+                if !crate::approval::token::is_currency(c) {
+                    return Err(err(format!("currency {c:?} is not an ISO 4217 code")));
+                }
+            }
         }
-        Ok(SealPolicy { rules: out })
+        Ok(SealPolicy {
+            rules: out,
+            limits: TokenLimits::default(),
+        })
     }
 
-    /// Index of the first rule that matches these claims.
-    pub fn match_rule(&self, c: &Claims) -> Option<usize> {
-        self.rules.iter().position(|r| r.matches(c))
+    /// The same policy with these limits on approvals.
+    pub fn with_limits(mut self, limits: TokenLimits) -> SealPolicy {
+        self.limits = limits;
+        self
+    }
+
+    /// Index of the rule these claims fall under, or why none does. Amount-bounded rules for
+    /// the claims' document type, department and scope form a family. An approval may fall
+    /// through to a rule without bounds only if it leaves out its amount while no member
+    /// requires one; one whose currency no member covers matches nothing. So an approval can
+    /// never reach a cheaper rule by omitting its amount or writing another currency.
+    pub fn match_rule(&self, c: &Claims) -> Result<usize, String> {
+        let family = || {
+            self.rules
+                .iter()
+                .filter(|r| r.applies_to(c) && r.amount_bounded())
+        };
+        match &c.amount {
+            None => {
+                if let Some(r) = family().find(|r| r.amount_required) {
+                    return Err(format!(
+                        "rule {:?} requires an amount for document type {:?}; the approval carries none",
+                        r.name, c.doc.doc_type
+                    ));
+                }
+            }
+            Some(a) => {
+                let covered = |r: &&Rule| r.currency.as_ref().is_none_or(|cur| *cur == a.currency);
+                if family().next().is_some() && !family().any(|r| covered(&r)) {
+                    return Err(format!(
+                        "no rule covers document type {:?} in currency {:?}",
+                        c.doc.doc_type, a.currency
+                    ));
+                }
+            }
+        }
+        self.rules.iter().position(|r| r.matches(c)).ok_or_else(|| {
+            format!(
+                "no rule covers document type {:?}{}",
+                c.doc.doc_type,
+                c.amount
+                    .as_ref()
+                    .map(|a| format!(" for {} {}", a.value, a.currency))
+                    .unwrap_or_default()
+            )
+        })
+    }
+
+    /// What in this policy lets an approval reach a cheaper rule: an amount-bounded rule that
+    /// does not require an amount, with a rule without bounds that the same approval reaches.
+    pub fn warnings(&self, seal: &str) -> Vec<String> {
+        let overlap = |a: &[String], b: &[String]| {
+            a.is_empty() || b.is_empty() || a.iter().any(|x| b.contains(x))
+        };
+        let mut out = Vec::new();
+        for bounded in self
+            .rules
+            .iter()
+            .filter(|r| r.amount_bounded() && !r.amount_required)
+        {
+            for open in self.rules.iter().filter(|r| !r.amount_bounded()) {
+                if overlap(&bounded.doc_types, &open.doc_types)
+                    && overlap(&bounded.departments, &open.departments)
+                    && overlap(&bounded.scopes, &open.scopes)
+                {
+                    out.push(format!(
+                        "seal {seal:?}: an approval without an amount falls from rule {:?} to rule {:?}; set amount_required = true on {:?} unless that is meant",
+                        bounded.name, open.name, bounded.name
+                    ));
+                }
+            }
+        }
+        out
     }
 }
 
 impl Rule {
-    fn matches(&self, c: &Claims) -> bool {
+    fn amount_bounded(&self) -> bool {
+        self.amount_min.is_some() || self.amount_max.is_some() || self.currency.is_some()
+    }
+
+    /// Whether the document type, department and scope fall under this rule.
+    fn applies_to(&self, c: &Claims) -> bool {
         let any_or = |list: &[String], v: &str| list.is_empty() || list.iter().any(|x| x == v);
-        if !any_or(&self.doc_types, &c.doc.doc_type)
-            || !any_or(&self.departments, &c.dept)
-            || !any_or(&self.scopes, &c.scope)
-        {
+        any_or(&self.doc_types, &c.doc.doc_type)
+            && any_or(&self.departments, &c.dept)
+            && any_or(&self.scopes, &c.scope)
+    }
+
+    fn matches(&self, c: &Claims) -> bool {
+        if !self.applies_to(c) {
             return false;
         }
-        let needs_amount =
-            self.amount_min.is_some() || self.amount_max.is_some() || self.currency.is_some();
-        if !needs_amount {
+        if !self.amount_bounded() {
             return true;
         }
         let Some(a) = &c.amount else {
@@ -404,11 +498,65 @@ mod tests {
             ..rule(&["dept_head"], &[])
         };
         let p = SealPolicy::from_config("s", &[big, small]).unwrap();
-        assert_eq!(p.match_rule(&claims("sales", 20_000_000)), Some(0));
-        assert_eq!(p.match_rule(&claims("sales", 5_00)), Some(1));
+        assert_eq!(p.match_rule(&claims("sales", 20_000_000)), Ok(0));
+        assert_eq!(p.match_rule(&claims("sales", 5_00)), Ok(1));
         let mut other = claims("sales", 5_00);
         other.doc.doc_type = "invoice".into();
-        assert_eq!(p.match_rule(&other), None);
+        assert!(p.match_rule(&other).is_err());
+    }
+
+    #[test]
+    fn no_approval_reaches_the_cheaper_rule_by_its_currency_or_by_leaving_out_its_amount() {
+        let big = |required| RuleConfig {
+            name: "big".into(),
+            doc_types: vec!["contract".into()],
+            amount_min: Some(10_000_000),
+            currency: Some("CNY".into()),
+            amount_required: required,
+            ..rule(&["dept_head", "executive"], &[])
+        };
+        let small = RuleConfig {
+            name: "small".into(),
+            doc_types: vec!["contract".into()],
+            ..rule(&["dept_head"], &[])
+        };
+        let p = SealPolicy::from_config("s", &[big(true), small.clone()]).unwrap();
+        assert!(p.warnings("s").is_empty());
+        // Another currency: no member of the amount family covers it.
+        let mut usd = claims("sales", 25_000_000);
+        usd.amount.as_mut().unwrap().currency = "USD".into();
+        let why = p.match_rule(&usd).unwrap_err();
+        assert!(why.contains("currency \"USD\""), "{why}");
+        // No amount, where the family requires one.
+        let mut none = claims("sales", 0);
+        none.amount = None;
+        let why = p.match_rule(&none).unwrap_err();
+        assert!(why.contains("requires an amount"), "{why}");
+        // Another document type is not in the family, and falls to no rule either way.
+        let mut other = none.clone();
+        other.doc.doc_type = "notice".into();
+        assert!(p.match_rule(&other).is_err());
+        // Without amount_required, leaving out the amount reaches the cheaper rule, and the
+        // policy says so.
+        let loose = SealPolicy::from_config("s", &[big(false), small]).unwrap();
+        assert_eq!(loose.match_rule(&none), Ok(1));
+        let w = loose.warnings("s");
+        assert_eq!(w.len(), 1);
+        assert!(w[0].contains("amount_required"), "{w:?}");
+    }
+
+    #[test]
+    fn a_rule_names_an_iso_4217_currency_and_requires_an_amount_only_with_bounds() {
+        let bad = RuleConfig {
+            currency: Some("cny".into()),
+            ..rule(&["dept_head"], &[])
+        };
+        assert!(SealPolicy::from_config("s", &[bad]).is_err());
+        let unbounded = RuleConfig {
+            amount_required: true,
+            ..rule(&["dept_head"], &[])
+        };
+        assert!(SealPolicy::from_config("s", &[unbounded]).is_err());
     }
 
     #[test]

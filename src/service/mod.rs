@@ -233,10 +233,18 @@ fn rules_of(config: &Config, config_dir: &std::path::Path) -> Result<Rules, Star
     let trust = TrustStore::from_config(&config.approvers, config_dir)?;
     let mut policies = HashMap::new();
     for s in &config.seals {
-        policies.insert(s.id.clone(), SealPolicy::from_config(&s.id, &s.rules)?);
+        let limits = crate::config::TokenLimits::of(s.max_token_lifetime_seconds, s.max_uses);
+        policies.insert(
+            s.id.clone(),
+            SealPolicy::from_config(&s.id, &s.rules)?.with_limits(limits),
+        );
     }
     for t in &config.terminals {
-        policies.insert(t.seal.clone(), SealPolicy::from_config(&t.seal, &t.rules)?);
+        let limits = crate::config::TokenLimits::of(t.max_token_lifetime_seconds, t.max_uses);
+        policies.insert(
+            t.seal.clone(),
+            SealPolicy::from_config(&t.seal, &t.rules)?.with_limits(limits),
+        );
     }
     Ok(Rules { trust, policies })
 }
@@ -314,17 +322,18 @@ fn audit_parts(config: &Config, registry: &Registry) -> Result<(AuditKey, Anomal
 
 impl Service {
     /// Everything `new` checks, without writing to the audit log: for `sealgated --check`.
+    /// Returns the policy's warnings.
     pub fn check(
         config: &Config,
         registry: &Registry,
         config_dir: &std::path::Path,
-    ) -> Result<(), StartError> {
-        rules_of(config, config_dir)?;
+    ) -> Result<Vec<String>, StartError> {
+        let warnings = rules_of(config, config_dir)?.warnings();
         terminal_specs(config)?;
         let store = Store::open(&config.daemon.state_dir)?;
         let (key, _) = audit_parts(config, registry)?;
         AuditLog::check(store.path().to_owned(), key)?;
-        Ok(())
+        Ok(warnings)
     }
 
     /// Builds the service: trust store, policies, state database, TOTP, and the audit log
@@ -335,6 +344,9 @@ impl Service {
         config_dir: &std::path::Path,
     ) -> Result<Service, StartError> {
         let rules = rules_of(config, config_dir)?;
+        for w in rules.warnings() {
+            tracing::warn!("{w}");
+        }
         let specs = terminal_specs(config)?;
         let store = Store::open(&config.daemon.state_dir)?;
         // Read before the log is opened, so that a start that fails here appends nothing.
@@ -483,6 +495,9 @@ impl Service {
             }
         }
         let rules = rules_of(config, config_dir)?;
+        for w in rules.warnings() {
+            tracing::warn!("{w}");
+        }
         let anomaly = Anomaly::from_config(&config.audit.alerts).map_err(StartError::Reload)?;
         let callers = callers_of(config);
         self.gate.replace_rules(rules);

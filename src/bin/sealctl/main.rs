@@ -102,6 +102,52 @@ enum TokenCommand {
     },
 }
 
+/// Shows the claims an approver is about to sign (on stderr) and, unless `yes`, asks: an
+/// answer starting with y or Y on standard input signs, anything else (or none) does not.
+fn confirm_signing(
+    c: &sealgate::approval::token::Claims,
+    kid: &str,
+    yes: bool,
+) -> anyhow::Result<()> {
+    let amount = c
+        .amount
+        .as_ref()
+        .map(|a| format!("{} {} (minor units)", a.value, a.currency))
+        .unwrap_or_else(|| "none".into());
+    let show = |v: &str| {
+        if v.is_empty() {
+            "-".to_owned()
+        } else {
+            v.to_owned()
+        }
+    };
+    eprintln!(
+        "{kid} is about to approve:\n  seal        {}\n  document    {}{}\n  type        {}\n  amount      {amount}\n  department  {}\n  scope       {}\n  applicant   {}\n  purpose     {}\n  uses        {}\n  valid       {} .. {} (Unix seconds)",
+        c.seal,
+        c.doc.sha256,
+        c.doc.title.as_deref().map(|t| format!(" ({t})")).unwrap_or_default(),
+        c.doc.doc_type,
+        show(&c.dept),
+        show(&c.scope),
+        c.applicant,
+        show(&c.purpose),
+        c.uses,
+        c.nbf,
+        c.exp,
+    );
+    if yes {
+        return Ok(());
+    }
+    eprint!("sign? [y/N] ");
+    let mut answer = String::new();
+    std::io::stdin().read_line(&mut answer).ok();
+    if answer.trim_start().starts_with(['y', 'Y']) {
+        Ok(())
+    } else {
+        bail!("not signed: no confirmation (answer y, or pass --yes)")
+    }
+}
+
 #[derive(ClapArgs)]
 #[command(group(clap::ArgGroup::new("doc").required(true).args(["file", "sha256"])))]
 struct DocArgs {
@@ -184,6 +230,9 @@ struct TokenSignArgs {
     /// Write here instead of changing the token file.
     #[arg(long)]
     out: Option<PathBuf>,
+    /// Sign without asking; the claims are still shown on stderr.
+    #[arg(long)]
+    yes: bool,
     /// The token file.
     token: PathBuf,
 }
@@ -317,6 +366,7 @@ fn offline(cli: &Cli) -> anyhow::Result<bool> {
             let bytes = std::fs::read(&a.token)
                 .with_context(|| format!("cannot read {}", a.token.display()))?;
             let mut token = Token::parse_for_signing(&bytes).map_err(|e| anyhow::anyhow!(e))?;
+            confirm_signing(&token.claims, &a.kid, a.yes)?;
             let at = a.approved_at.unwrap_or_else(now);
             if let Some(key) = &a.key {
                 let pem = zeroize::Zeroizing::new(
