@@ -672,8 +672,13 @@ enum Guard {
     Secret,
 }
 
+/// Whether `uid` may own what the daemon trusts: root, or the user the daemon runs as.
+fn trusted_owner(uid: u32) -> bool {
+    uid == 0 || uid == nix::unistd::geteuid().as_raw()
+}
+
 fn check_mode(path: &Path, what: &str, guard: Guard) -> Result<(), ConfigError> {
-    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
     let meta = match std::fs::metadata(path) {
         Ok(m) => m,
         // A file that is not there is reported by whoever reads it.
@@ -685,6 +690,14 @@ fn check_mode(path: &Path, what: &str, guard: Guard) -> Result<(), ConfigError> 
             })
         }
     };
+    if !trusted_owner(meta.uid()) {
+        return Err(ConfigError::Invalid(format!(
+            "{what} {} is owned by uid {}, neither root nor the daemon's user (uid {}): its owner could change it; refused",
+            path.display(),
+            meta.uid(),
+            nix::unistd::geteuid()
+        )));
+    }
     let mode = meta.permissions().mode() & 0o7777;
     let forbidden = match guard {
         Guard::NoForeignWrite => 0o022,
@@ -700,7 +713,7 @@ fn check_mode(path: &Path, what: &str, guard: Guard) -> Result<(), ConfigError> 
         };
         let verb = if mode & 0o022 != 0 { "changed" } else { "read" };
         return Err(ConfigError::Invalid(format!(
-            "{what} {} has mode {mode:04o}: it can be {verb} by {who}; refusing to start (chmod {})",
+            "{what} {} has mode {mode:04o}: it can be {verb} by {who}; refused (chmod {})",
             path.display(),
             match guard {
                 Guard::NoForeignWrite => "go-w",
@@ -711,28 +724,114 @@ fn check_mode(path: &Path, what: &str, guard: Guard) -> Result<(), ConfigError> 
     Ok(())
 }
 
+/// The folder holding `path`: whoever may write in it may put another file in its place,
+/// unless the folder is sticky (like /tmp), where only a file's owner may rename or remove it.
+fn check_folder_of(path: &Path, what: &str) -> Result<(), ConfigError> {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let abs = if path.is_absolute() {
+        path.to_owned()
+    } else {
+        std::env::current_dir().unwrap_or_default().join(path)
+    };
+    let Some(folder) = abs.parent().filter(|p| !p.as_os_str().is_empty()) else {
+        return Ok(());
+    };
+    let Ok(meta) = std::fs::metadata(folder) else {
+        return Ok(());
+    };
+    let mode = meta.permissions().mode() & 0o7777;
+    if mode & 0o1000 != 0 && trusted_owner(meta.uid()) {
+        return Ok(());
+    }
+    check_mode(
+        folder,
+        &format!("the folder of {what}"),
+        Guard::NoForeignWrite,
+    )
+}
+
+/// A file and the folder that holds it.
+fn check_trusted(path: &Path, what: &str, guard: Guard) -> Result<(), ConfigError> {
+    check_mode(path, what, guard)?;
+    check_folder_of(path, what)
+}
+
 impl Config {
-    /// Refuses files others could change (the configuration, the state directory) or read
-    /// (PIN files, the terminal listener's key): someone who can rewrite the configuration can
-    /// add approvers, and one who can read a PIN can use the token elsewhere.
+    /// Refuses what others could change or read among the files and folders the daemon trusts:
+    /// the configuration, approvers' public keys, device profiles and their folder, PKCS#11
+    /// modules, the state directory and the socket's folder (by owner and mode), and PIN files
+    /// and the terminal listener's key (also not readable by others). Someone who can rewrite
+    /// any of them can add approvers, load code next to the PIN, or take the socket's place.
+    /// Run at start-up and at every reload.
     pub fn check_file_modes(&self, config_path: &Path) -> Result<(), ConfigError> {
-        check_mode(config_path, "the configuration", Guard::NoForeignWrite)?;
-        check_mode(
+        let base = config_path.parent().unwrap_or(Path::new(""));
+        let resolve = |p: &Path| {
+            if p.is_relative() {
+                base.join(p)
+            } else {
+                p.to_owned()
+            }
+        };
+        check_trusted(config_path, "the configuration", Guard::NoForeignWrite)?;
+        check_trusted(
             &self.daemon.state_dir,
             "the state directory",
             Guard::NoForeignWrite,
         )?;
+        check_folder_of(&self.daemon.socket, "the socket")?;
+        check_mode(
+            &self.daemon.profiles_dir,
+            "the device profiles' folder",
+            Guard::NoForeignWrite,
+        )?;
+        let profiles = self
+            .devices
+            .iter()
+            .map(|d| &d.profile)
+            .chain(self.terminals.iter().map(|t| &t.profile));
+        for name in profiles {
+            let path = self.daemon.profiles_dir.join(format!("{name}.toml"));
+            check_mode(&path, "the device profile", Guard::NoForeignWrite)?;
+            if let Ok(p) =
+                crate::device::profile::DeviceProfile::load(&self.daemon.profiles_dir, name)
+            {
+                for m in p.pkcs11.iter().flat_map(|k| k.modules.iter()) {
+                    check_trusted(m, "the PKCS#11 module", Guard::NoForeignWrite)?;
+                }
+            }
+        }
         for d in &self.devices {
+            if let Some(m) = &d.module {
+                check_trusted(&resolve(m), "the PKCS#11 module", Guard::NoForeignWrite)?;
+            }
             if let Some(p) = &d.pin_file {
-                check_mode(
-                    p,
+                check_trusted(
+                    &resolve(p),
                     &format!("the PIN file of device {:?}", d.id),
                     Guard::Secret,
                 )?;
             }
         }
+        for a in &self.approvers {
+            if let Some(f) = &a.public_key_file {
+                check_trusted(
+                    &resolve(f),
+                    &format!("the public key of approver {:?}", a.id),
+                    Guard::NoForeignWrite,
+                )?;
+            }
+        }
         if let Some(l) = &self.terminal_listener {
-            check_mode(&l.key, "the terminal listener's key", Guard::Secret)?;
+            check_trusted(
+                &resolve(&l.key),
+                "the terminal listener's key",
+                Guard::Secret,
+            )?;
+            check_trusted(
+                &resolve(&l.certificate),
+                "the terminal listener's certificate",
+                Guard::NoForeignWrite,
+            )?;
         }
         Ok(())
     }

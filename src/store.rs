@@ -113,6 +113,11 @@ CREATE INDEX audit_doc ON audit(doc_sha256, seal, jti) WHERE kind = 'stamp.compl
     r#"
 CREATE INDEX audit_terminal ON audit(device, seq) WHERE kind LIKE 'terminal.%';
 "#,
+    // The uses of an approval, counted from the log as well as the ledger, so a ledger row
+    // deleted behind the daemon's back re-opens nothing.
+    r#"
+CREATE INDEX audit_jti ON audit(jti, kind) WHERE jti <> '';
+"#,
 ];
 
 pub struct Store {

@@ -889,3 +889,53 @@ levels = ["dept_head"]
     // The daemon still serves.
     stamp_ok(&mut c, "contract", &doc(231)).await;
 }
+
+#[test]
+fn sealctl_sends_nothing_to_a_socket_served_by_another_user() {
+    let d = Daemon::start(&Opts::default());
+    let work = tempfile::tempdir().unwrap();
+    let f = work.path().join("doc.txt");
+    std::fs::write(&f, "x").unwrap();
+    let token = work.path().join("t.json");
+    std::fs::write(&token, token_for("contract", &sha256(b"x"))).unwrap();
+    let run = |uid: Option<&str>| {
+        let mut cmd = Command::new(SEALCTL);
+        cmd.env("SEALGATE_SOCKET", &d.socket).args([
+            "stamp",
+            "--seal",
+            "contract",
+            "--file",
+            f.to_str().unwrap(),
+            "--token",
+            token.to_str().unwrap(),
+        ]);
+        if let Some(u) = uid {
+            cmd.env("SEALGATE_DAEMON_UID", u);
+        }
+        cmd.output().unwrap()
+    };
+    // Expecting the daemon under another uid: refused before the token leaves.
+    let out = run(Some("4242"));
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("is served by uid") && err.contains("nothing was sent"),
+        "{err}"
+    );
+    let db = rusqlite::Connection::open(d.db()).unwrap();
+    let n: i64 = db
+        .query_row(
+            "SELECT count(*) FROM audit WHERE kind LIKE 'stamp.%'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(n, 0, "the daemon saw the request");
+    // By default the daemon's own user passes.
+    let out = run(None);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -714,3 +714,66 @@ async fn few_pin_tries_left_is_an_alert() {
     }
     assert!(d.stop().success());
 }
+
+#[tokio::test]
+async fn a_state_directory_put_back_or_deleted_is_refused_and_a_deleted_ledger_row_reopens_nothing()
+{
+    let d = Daemon::start(&Opts::default());
+    let mut c = d.client().await;
+    stamp_ok(&mut c, "contract", &[1; 32]).await;
+    // A ledger row deleted while the daemon runs gives the single-use approval no use back:
+    // the log counts its use too.
+    let token = token_for("contract", &[2; 32]);
+    let r = c.stamp("contract", &[2; 32], &token, "").await.unwrap();
+    assert_eq!(r.status, Status::Ok as i32, "{}", r.message);
+    sqlite3(&d.db(), "DELETE FROM approvals");
+    let r = c.stamp("contract", &[2; 32], &token, "").await.unwrap();
+    assert_eq!(
+        (r.status, r.reason.as_str()),
+        (Status::ApprovalDenied as i32, "replayed"),
+        "{}",
+        r.message
+    );
+    let (status, dir) = d.stop_keeping_state();
+    assert!(status.success());
+    let state = dir.path().join("state");
+    let old = copy_db(&state.join("sealgate.db"), &dir.path().join("old"));
+    let config = std::fs::read_to_string(dir.path().join("sealgate.toml")).unwrap();
+    let d = Daemon::start_with(dir, &config, &[]).unwrap_or_else(|f| panic!("restart: {f:?}"));
+    let mut c = d.client().await;
+    let spent = token_for("contract", &[3; 32]);
+    stamp_ok(&mut c, "contract", &[4; 32]).await;
+    let r = c.stamp("contract", &[3; 32], &spent, "").await.unwrap();
+    assert_eq!(r.status, Status::Ok as i32, "{}", r.message);
+    let (status, dir) = d.stop_keeping_state();
+    assert!(status.success());
+    let newest = copy_db(&state.join("sealgate.db"), &dir.path().join("newest"));
+    // The older copy put back: consistent on its own (it verifies), refused by the daemon.
+    for f in ["sealgate.db", "sealgate.db-wal", "sealgate.db-shm"] {
+        let _ = std::fs::remove_file(state.join(f));
+    }
+    copy_db(&old, &state);
+    assert_eq!(audit_verify(&state.join("sealgate.db")).0, 0);
+    let (status, stderr) = run_to_exit(dir.path(), &config);
+    assert!(!status.success());
+    assert!(
+        stderr.contains("rolled back or replaced")
+            && stderr.contains("the audit device last took seq"),
+        "{stderr}"
+    );
+    // Deleted altogether: refused the same way.
+    for f in ["sealgate.db", "sealgate.db-wal", "sealgate.db-shm"] {
+        let _ = std::fs::remove_file(state.join(f));
+    }
+    let (status, stderr) = run_to_exit(dir.path(), &config);
+    assert!(!status.success());
+    assert!(stderr.contains("rolled back or replaced"), "{stderr}");
+    // The newest copy starts again.
+    for f in ["sealgate.db", "sealgate.db-wal", "sealgate.db-shm"] {
+        let _ = std::fs::remove_file(state.join(f));
+    }
+    copy_db(&newest, &state);
+    let d = Daemon::start_with(dir, &config, &[]).unwrap_or_else(|f| panic!("newest: {f:?}"));
+    let mut c = d.client().await;
+    stamp_ok(&mut c, "contract", &[5; 32]).await;
+}

@@ -411,3 +411,91 @@ fn a_crash_leaves_no_core_with_secrets_in_it() {
     );
     drop(d);
 }
+
+/// Every file and folder the daemon trusts is checked for owner and mode, at start-up and at
+/// every reload: approvers' keys, device profiles and their folder, the socket's folder, and a
+/// configuration made writable after the start.
+#[test]
+fn every_trusted_file_and_folder_is_checked_at_start_and_at_reload() {
+    use std::os::unix::fs::PermissionsExt;
+    let chmod = |p: &std::path::Path, m: u32| {
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(m)).unwrap()
+    };
+    let work = tempfile::tempdir().unwrap();
+    // An approver's public key its group may change.
+    let key = work.path().join("zhang.wei.pub.pem");
+    std::fs::copy(demo().dir.join("approvers/zhang.wei.pub.pem"), &key).unwrap();
+    chmod(&key, 0o664);
+    let c = base().replacen(
+        &demo()
+            .dir
+            .join("approvers/zhang.wei.pub.pem")
+            .display()
+            .to_string(),
+        &key.display().to_string(),
+        1,
+    );
+    fails_with(&c, &["public key of approver \"zhang.wei\"", "mode 0664"]);
+    // A profiles folder anyone may write to (a profile there could name any module).
+    let profiles = work.path().join("profiles");
+    std::fs::create_dir(&profiles).unwrap();
+    let shipped = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("device-profiles");
+    std::fs::copy(
+        shipped.join("softhsm2.toml"),
+        profiles.join("softhsm2.toml"),
+    )
+    .unwrap();
+    chmod(&profiles, 0o777);
+    let with_profiles = base().replace(
+        &format!("profiles_dir = \"{}\"", shipped.display()),
+        &format!("profiles_dir = \"{}\"", profiles.display()),
+    );
+    fails_with(&with_profiles, &["device profiles' folder", "mode 0777"]);
+    chmod(&profiles, 0o755);
+    // The profile itself, writable by its group.
+    chmod(&profiles.join("softhsm2.toml"), 0o664);
+    fails_with(&with_profiles, &["the device profile", "mode 0664"]);
+    chmod(&profiles.join("softhsm2.toml"), 0o644);
+    // Owned by another user (only root can make such a file).
+    if nix::unistd::geteuid().is_root() {
+        nix::unistd::chown(
+            &profiles.join("softhsm2.toml"),
+            Some(nix::unistd::Uid::from_raw(4242)),
+            None,
+        )
+        .unwrap();
+        fails_with(&with_profiles, &["the device profile", "owned by uid 4242"]);
+    }
+    // A socket in a folder others may write to (they could put their own socket there).
+    let open = work.path().join("open");
+    std::fs::create_dir(&open).unwrap();
+    chmod(&open, 0o777);
+    let c = base().replace("@SOCKET@", &open.join("s.sock").display().to_string());
+    let dir = tempfile::tempdir().unwrap();
+    let (status, stderr) = run_to_exit(dir.path(), &c);
+    assert!(!status.success());
+    assert!(
+        stderr.contains("the folder of the socket") && stderr.contains("mode 0777"),
+        "{stderr}"
+    );
+    // A configuration made writable by others after the start: the reload is refused and the
+    // caller it would add is not in force.
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("sealgated.sock");
+    let c = base().replace("@SOCKET@", &socket.display().to_string());
+    let d = Daemon::start_with(dir, &c, &[]).unwrap_or_else(|f| panic!("{f:?}"));
+    let path = d.dir.path().join("sealgate.toml");
+    let added =
+        format!("{c}\n[[caller]]\nname = \"intruder\"\nuids = [4242]\nseals = [\"contract\"]\n");
+    std::fs::write(&path, added).unwrap();
+    chmod(&path, 0o666);
+    let outcome = d.reload(1);
+    assert!(
+        outcome.contains("reload refused") && outcome.contains("mode 0666"),
+        "{outcome}"
+    );
+    chmod(&path, 0o644);
+    let outcome = d.reload(2);
+    assert!(outcome.contains("configuration reloaded"), "{outcome}");
+    d.stop();
+}

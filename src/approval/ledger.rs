@@ -21,7 +21,7 @@ pub struct Use<'a> {
     pub count: u32,
 }
 
-fn refusal(u: &Use<'_>, row: Option<(Vec<u8>, u32, u32)>) -> Option<Denial> {
+fn refusal(u: &Use<'_>, row: Option<Row>) -> Option<Denial> {
     let (payload, allowed, consumed) = row?;
     if payload != u.payload_sha256 {
         return Some(Denial::new(
@@ -59,6 +59,30 @@ fn refusal(u: &Use<'_>, row: Option<(Vec<u8>, u32, u32)>) -> Option<Denial> {
 const SELECT: &str =
     "SELECT payload_sha256, uses_allowed, uses_consumed FROM approvals WHERE jti = ?1";
 
+/// (payload digest, uses allowed, uses consumed) of an approval.
+type Row = (Vec<u8>, u32, u32);
+
+/// The ledger's row for `u`, and the row as counted: the log is the second count, so a ledger
+/// row that was deleted or lowered behind the daemon's back gives no uses back.
+fn counts(conn: &Connection, u: &Use<'_>) -> Result<(Option<Row>, Option<Row>), rusqlite::Error> {
+    let row: Option<Row> = conn
+        .prepare_cached(SELECT)?
+        .query_row(params![u.jti], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+        .optional()?;
+    let logged = logged_uses(conn, u.jti)?;
+    let counted = match &row {
+        Some((payload, allowed, consumed)) => {
+            Some((payload.clone(), *allowed, (*consumed).max(logged)))
+        }
+        None if logged > 0 => Some((u.payload_sha256.to_vec(), u.uses, logged)),
+        None => None,
+    };
+    if row.as_ref().map_or(logged > 0, |r| r.2 < logged) {
+        tracing::error!(approval = %u.jti, logged, "the replay ledger holds fewer uses than the audit log; the log's count stands");
+    }
+    Ok((row, counted))
+}
+
 /// Consumes `u.count` uses (one for a stamp) inside the caller's transaction (the audit writer's, so the use and its
 /// `stamp.authorized` record are made durable together). `Ok(Err(denial))` when the approval
 /// has no use left or the applicant is over the rule's rate limit.
@@ -68,11 +92,8 @@ pub fn consume(
     now: i64,
     rate_limit: Option<RateLimit>,
 ) -> Result<Result<u32, Denial>, rusqlite::Error> {
-    let row = conn
-        .prepare_cached(SELECT)?
-        .query_row(params![u.jti], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
-        .optional()?;
-    if let Some(d) = refusal(u, row.clone()) {
+    let (row, counted) = counts(conn, u)?;
+    if let Some(d) = refusal(u, counted.clone()) {
         return Ok(Err(d));
     }
     if let Some(limit) = rate_limit {
@@ -81,7 +102,7 @@ pub fn consume(
             return Ok(Err(rate_limited(u.applicant, u.seal, n, limit)));
         }
     }
-    let remaining = match row {
+    let remaining = match counted {
         None => {
             if u.count > u.uses {
                 return Ok(Err(Denial::new(
@@ -92,24 +113,16 @@ pub fn consume(
                     ),
                 )));
             }
-            conn.prepare_cached("INSERT INTO approvals VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)")?
-                .execute(params![
-                    u.jti,
-                    &u.payload_sha256[..],
-                    u.seal,
-                    u.applicant,
-                    u.uses,
-                    u.count,
-                    u.exp,
-                    now
-                ])?;
+            insert_row(conn, u, u.count, now)?;
             u.uses - u.count
         }
         Some((_, allowed, consumed)) => {
-            conn.prepare_cached(
-                "UPDATE approvals SET uses_consumed = uses_consumed + ?2 WHERE jti = ?1",
-            )?
-            .execute(params![u.jti, u.count])?;
+            if row.is_some() {
+                conn.prepare_cached("UPDATE approvals SET uses_consumed = ?2 WHERE jti = ?1")?
+                    .execute(params![u.jti, consumed + u.count])?;
+            } else {
+                insert_row(conn, u, consumed + u.count, now)?;
+            }
             allowed - consumed - u.count
         }
     };
@@ -120,6 +133,33 @@ pub fn consume(
         .execute(params![u.applicant, u.seal, now, u.jti])?;
     }
     Ok(Ok(remaining))
+}
+
+fn insert_row(conn: &Connection, u: &Use<'_>, consumed: u32, now: i64) -> rusqlite::Result<()> {
+    conn.prepare_cached("INSERT INTO approvals VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)")?
+        .execute(params![
+            u.jti,
+            &u.payload_sha256[..],
+            u.seal,
+            u.applicant,
+            u.uses,
+            consumed,
+            u.exp,
+            now
+        ])?;
+    Ok(())
+}
+
+/// Uses of approval `jti` the audit log records: one per `stamp.authorized`, the impressions of
+/// each `terminal.granted`.
+fn logged_uses(conn: &Connection, jti: &str) -> Result<u32, rusqlite::Error> {
+    conn.prepare_cached(
+        "SELECT COALESCE(SUM(CASE kind WHEN 'stamp.authorized' THEN 1 \
+           ELSE COALESCE(json_extract(evidence, '$.impressions'), 1) END), 0) \
+         FROM audit WHERE jti = ?1 AND kind IN ('stamp.authorized', 'terminal.granted')",
+    )?
+    .query_row(params![jti], |r| r.get::<_, i64>(0))
+    .map(|n| n.clamp(0, u32::MAX as i64) as u32)
 }
 
 /// The refusal for an applicant over a rate limit, having stamped `n` times in its window.
@@ -149,12 +189,8 @@ fn count_since(
 /// Whether `consume` would refuse, without consuming (for dry runs).
 pub fn peek(store: &Store, u: &Use<'_>) -> Result<Option<Denial>, StoreError> {
     store.with(|conn| {
-        let row = conn
-            .query_row(SELECT, params![u.jti], |r| {
-                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
-            })
-            .optional()?;
-        Ok(refusal(u, row))
+        let (_, counted) = counts(conn, u)?;
+        Ok(refusal(u, counted))
     })
 }
 

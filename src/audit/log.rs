@@ -62,6 +62,95 @@ pub enum AuditError {
     Closed,
     #[error("cannot open the audit log: {0}")]
     Open(String),
+    #[error("the audit log was rolled back or replaced: {0}")]
+    RolledBack(String),
+}
+
+/// What the audit device keeps of the newest committed head, so that a state directory put
+/// back to an older copy, or deleted, is noticed at start-up.
+const WITNESS_TAG: &[u8] = b"sealgate-witness-v1\0";
+
+/// The witness's label: one per state database, by its absolute path, so that several state
+/// directories may share a token.
+fn witness_label(db: &std::path::Path) -> String {
+    use sha2::Digest;
+    let abs = std::fs::canonicalize(db).unwrap_or_else(|_| db.to_owned());
+    let digest = sha2::Sha256::digest(abs.as_os_str().as_encoded_bytes());
+    format!("sealgate-audit-witness {}", hex::encode(&digest[..12]))
+}
+
+fn witness_bytes(seq: u64, head: &[u8; 32]) -> Vec<u8> {
+    let mut v = WITNESS_TAG.to_vec();
+    v.extend_from_slice(&seq.to_be_bytes());
+    v.extend_from_slice(head);
+    v
+}
+
+/// The witness is brought up to the log's head at most this often (a token object write costs
+/// milliseconds), and always when the writer stops.
+const WITNESS_SPACING: Duration = Duration::from_secs(1);
+
+/// The thread that keeps the audit device's witness of the head, off the commit path.
+struct Witness {
+    tx: Option<mpsc::Sender<(u64, [u8; 32])>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Witness {
+    fn start(device: Arc<dyn SealDevice>, label: String) -> std::io::Result<Witness> {
+        let (tx, rx) = mpsc::channel::<(u64, [u8; 32])>();
+        let thread = std::thread::Builder::new()
+            .name("audit-witness".into())
+            .spawn(move || {
+                let mut last: Option<Instant> = None;
+                while let Ok(mut v) = rx.recv() {
+                    if let Some(t) = last {
+                        let due = t + WITNESS_SPACING;
+                        loop {
+                            let wait = due.saturating_duration_since(Instant::now());
+                            match rx.recv_timeout(wait) {
+                                Ok(newer) => v = newer,
+                                Err(_) => break,
+                            }
+                        }
+                    }
+                    while let Ok(newer) = rx.try_recv() {
+                        v = newer;
+                    }
+                    if let Err(e) = device.replace_data(&label, &witness_bytes(v.0, &v.1)) {
+                        tracing::error!(error = %e, seq = v.0, "the audit device did not take the log's new head");
+                    }
+                    last = Some(Instant::now());
+                }
+            })?;
+        Ok(Witness {
+            tx: Some(tx),
+            thread: Some(thread),
+        })
+    }
+
+    fn tell(&self, seq: u64, head: [u8; 32]) {
+        if let Some(tx) = &self.tx {
+            let _ = tx.send((seq, head));
+        }
+    }
+
+    /// Writes the newest head it was told and stops. Blocks.
+    fn finish(&mut self) {
+        self.tx.take();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn parse_witness(v: &[u8]) -> Option<(u64, [u8; 32])> {
+    let rest = v.strip_prefix(WITNESS_TAG)?;
+    if rest.len() != 40 {
+        return None;
+    }
+    let seq = u64::from_be_bytes(rest[..8].try_into().ok()?);
+    Some((seq, rest[8..].try_into().ok()?))
 }
 
 /// The key that signs checkpoints: one of a device's keys, never a seal's.
@@ -138,6 +227,7 @@ impl AuditLog {
         let mut w = Writer::new(path, key, anomaly, alerts.clone(), status.clone());
         w.open().map_err(|e| AuditError::Open(e.to_string()))?;
         w.check_tail()?;
+        w.check_witness()?;
         let mut first = w.dangling()?;
         let mut started = Record::new(kind::DAEMON_STARTED);
         started.detail = format!("sealgated {}", env!("CARGO_PKG_VERSION"));
@@ -166,7 +256,8 @@ impl AuditLog {
         let mut w = Writer::new(path, key, Anomaly::none(), alerts, Default::default());
         w.read_only = true;
         w.open().map_err(|e| AuditError::Open(e.to_string()))?;
-        w.check_tail()
+        w.check_tail()?;
+        w.check_witness()
     }
 
     async fn submit(&self, entry: Entry) -> Result<Appended, AuditError> {
@@ -270,6 +361,8 @@ struct Writer {
     error: String,
     /// Only checking (`sealgated --check`): open() writes nothing.
     read_only: bool,
+    /// Keeps the head's witness in the audit device; None where it keeps none.
+    witness: Option<Witness>,
 }
 
 /// How a failed statement leaves the store.
@@ -386,6 +479,7 @@ impl Writer {
             failing: false,
             error: String::new(),
             read_only: false,
+            witness: None,
         }
     }
 
@@ -444,6 +538,9 @@ impl Writer {
         // Alerts raised by the last batch.
         if !self.pending.is_empty() {
             self.flush_pending();
+        }
+        if let Some(w) = &mut self.witness {
+            w.finish();
         }
         if !self.pending.is_empty() {
             tracing::error!(
@@ -632,7 +729,81 @@ impl Writer {
         self.head_seq = seq;
         self.head_hash = head;
         self.latest = Some(latest);
+        self.update_witness();
         Ok((results, committed))
+    }
+
+    /// Tells the witness thread the new head. The witness may be behind the log (start-up
+    /// accepts that), never ahead of it.
+    fn update_witness(&self) {
+        if let Some(w) = &self.witness {
+            w.tell(self.head_seq, self.head_hash);
+        }
+    }
+
+    /// At start-up: the head the audit device last took must be in this log, the same record.
+    /// A log behind it, or with another record there, was rolled back, replaced or deleted.
+    /// Where the device has no witness yet it is made now.
+    fn check_witness(&mut self) -> Result<(), AuditError> {
+        let label = witness_label(&self.path);
+        let stored = match self.key.device.read_data(&label) {
+            Ok(v) => v,
+            Err(e) => {
+                tracing::warn!(error = %e, "the audit device keeps no witness of the log's head; a rolled-back state directory would not be noticed");
+                return Ok(());
+            }
+        };
+        let refuse = |m: String| {
+            tracing::error!(alert = "audit_rollback", "{m}");
+            Err(AuditError::RolledBack(m))
+        };
+        if !stored.is_empty() {
+            // After an interrupted replacement the newest of two stands.
+            let Some((seq, head)) = stored
+                .iter()
+                .map(|v| parse_witness(v))
+                .collect::<Option<Vec<_>>>()
+                .and_then(|w| w.into_iter().max_by_key(|(seq, _)| *seq))
+            else {
+                return refuse(format!(
+                    "the audit device's witness {label:?} cannot be read"
+                ));
+            };
+            if seq > self.head_seq {
+                return refuse(format!(
+                    "the audit device last took seq {seq}, but the log in {} ends at seq {}; restore the newest state directory or investigate",
+                    self.path.display(),
+                    self.head_seq
+                ));
+            }
+            let conn = self.conn.as_ref().expect("opened");
+            let hash: Option<Vec<u8>> = conn
+                .query_row(
+                    "SELECT hash FROM audit WHERE seq = ?1",
+                    params![seq as i64],
+                    |r| r.get(0),
+                )
+                .optional()
+                .map_err(|e| AuditError::Open(e.to_string()))?;
+            if seq > 0 && hash.as_deref() != Some(&head[..]) {
+                return refuse(format!(
+                    "record {seq} of the log in {} is not the one the audit device took; the log was replaced",
+                    self.path.display()
+                ));
+            }
+        }
+        if !self.read_only {
+            let device = self.key.device.clone();
+            if stored.is_empty() {
+                device
+                    .replace_data(&label, &witness_bytes(self.head_seq, &self.head_hash))
+                    .map_err(|e| AuditError::Open(format!("cannot make the log's witness: {e}")))?;
+            }
+            let w = Witness::start(device, label)
+                .map_err(|e| AuditError::Open(format!("cannot start the witness thread: {e}")))?;
+            self.witness = Some(w);
+        }
+        Ok(())
     }
 
     fn after_commit(&mut self, committed: &[Record]) {

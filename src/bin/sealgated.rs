@@ -278,6 +278,7 @@ async fn reload_on_hangup(
         let (s, p, d) = (service.clone(), path.clone(), config_dir.clone());
         let outcome = tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
             let config = Config::load(&p)?;
+            config.check_file_modes(&p)?;
             s.reload(&config, &d)?;
             Ok(())
         })

@@ -153,6 +153,23 @@ pub trait SealDevice: Send + Sync {
             self.id()
         )))
     }
+    /// The values of the small data objects labelled `label` kept inside the device, private
+    /// to the logged-in user (PKCS#11 `CKO_DATA`): none, one, or more after an interrupted
+    /// [`SealDevice::replace_data`]. Blocks.
+    fn read_data(&self, _label: &str) -> Result<Vec<Vec<u8>>, DeviceError> {
+        Err(DeviceError::Failed(format!(
+            "device {:?} cannot keep data objects",
+            self.id()
+        )))
+    }
+    /// Makes a new data object `label` holding `value`, then removes the earlier ones with
+    /// that label (values of a data object cannot be changed in place on every token). Blocks.
+    fn replace_data(&self, _label: &str, _value: &[u8]) -> Result<(), DeviceError> {
+        Err(DeviceError::Failed(format!(
+            "device {:?} cannot keep data objects",
+            self.id()
+        )))
+    }
     /// Reverses [`SealDevice::seal_secret`]. Blocks.
     fn open_secret(
         &self,

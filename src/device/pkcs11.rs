@@ -459,15 +459,36 @@ impl Pkcs11Device {
         &self,
         op: impl FnOnce(&Conn, &Session) -> Result<T, CkError>,
     ) -> Result<T, DeviceError> {
+        self.run_session(false, op)
+    }
+
+    /// As [`Self::with_session`]; with `rw`, on a read-write session of its own (for token
+    /// objects), closed afterwards.
+    fn run_session<T>(
+        &self,
+        rw: bool,
+        op: impl FnOnce(&Conn, &Session) -> Result<T, CkError>,
+    ) -> Result<T, DeviceError> {
         let state = self.state.read().unwrap_or_else(|p| p.into_inner());
         let conn = match &*state {
             State::Up(conn) => conn,
             State::Down { reason, .. } => return Err(self.unavailable(reason)),
         };
-        let session = conn.pool.lock().unwrap_or_else(|p| p.into_inner()).pop();
-        let session = match session {
+        let pooled = if rw {
+            None
+        } else {
+            conn.pool.lock().unwrap_or_else(|p| p.into_inner()).pop()
+        };
+        let opened = || {
+            if rw {
+                conn.ctx.open_rw_session(conn.slot)
+            } else {
+                conn.ctx.open_ro_session(conn.slot)
+            }
+        };
+        let session = match pooled {
             Some(s) => s,
-            None => match conn.ctx.open_ro_session(conn.slot) {
+            None => match opened() {
                 Ok(s) => s,
                 Err(e) => {
                     let reason = format!("cannot open a session: {e}");
@@ -487,7 +508,7 @@ impl Pkcs11Device {
             }
             result => {
                 let mut pool = conn.pool.lock().unwrap_or_else(|p| p.into_inner());
-                if pool.len() < self.sessions {
+                if !rw && pool.len() < self.sessions {
                     pool.push(session);
                 }
                 result.map_err(|e| DeviceError::Failed(format!("device {:?}: {e}", self.id)))
@@ -607,6 +628,16 @@ pub fn sign_mechanism(algorithm: Algorithm, digest: &[u8; 32]) -> (Mechanism<'st
     }
 }
 
+/// A private token data object by its label.
+fn data_template(label: &str) -> Vec<Attribute> {
+    vec![
+        Attribute::Class(ObjectClass::DATA),
+        Attribute::Token(true),
+        Attribute::Private(true),
+        Attribute::Label(label.as_bytes().to_vec()),
+    ]
+}
+
 impl SealDevice for Pkcs11Device {
     fn id(&self) -> &str {
         &self.id
@@ -642,6 +673,37 @@ impl SealDevice for Pkcs11Device {
             }
             _ => Ok(sig),
         }
+    }
+
+    fn read_data(&self, label: &str) -> Result<Vec<Vec<u8>>, DeviceError> {
+        self.with_session(|_, session| {
+            let mut out = Vec::new();
+            for object in session.find_objects(&data_template(label))? {
+                for a in session.get_attributes(object, &[AttributeType::Value])? {
+                    if let Attribute::Value(v) = a {
+                        out.push(v);
+                    }
+                }
+            }
+            Ok(out)
+        })
+    }
+
+    fn replace_data(&self, label: &str, value: &[u8]) -> Result<(), DeviceError> {
+        self.run_session(true, |_, session| {
+            let template = data_template(label);
+            let earlier = session.find_objects(&template)?;
+            let mut t = template;
+            t.extend([
+                Attribute::Application(b"sealgate".to_vec()),
+                Attribute::Value(value.to_vec()),
+            ]);
+            session.create_object(&t)?;
+            for object in earlier {
+                session.destroy_object(object)?;
+            }
+            Ok(())
+        })
     }
 
     fn seal_secret(&self, plaintext: &[u8], context: &[u8]) -> Result<Vec<u8>, DeviceError> {

@@ -58,6 +58,12 @@ impl Client {
         })
     }
 
+    /// The uid of the process on the other end of the socket (SO_PEERCRED), as the kernel
+    /// reports it.
+    pub fn peer_uid(&self) -> std::io::Result<u32> {
+        Ok(self.framed.get_ref().peer_cred()?.uid())
+    }
+
     /// Waits for the next response on this connection (for requests answered more than once,
     /// such as followed alerts).
     pub async fn next_response(&mut self) -> Result<Response, ClientError> {

@@ -28,6 +28,10 @@ struct Cli {
         default_value = "/run/sealgate/sealgated.sock"
     )]
     socket: PathBuf,
+    /// The uid the daemon must run as; sealctl checks the socket's peer (SO_PEERCRED) before
+    /// sending anything. Default: root, the user `sealgate`, or your own uid.
+    #[arg(long, global = true, env = "SEALGATE_DAEMON_UID")]
+    daemon_uid: Option<u32>,
     /// Print JSON instead of text.
     #[arg(long, global = true)]
     json: bool,
@@ -494,6 +498,36 @@ fn main() {
     }
 }
 
+/// Refuses a socket whose other end is not the daemon's user: whoever could take the socket's
+/// place would otherwise receive approval tokens and TOTP codes.
+fn check_peer(client: &Client, cli: &Cli) -> anyhow::Result<()> {
+    let uid = client
+        .peer_uid()
+        .with_context(|| format!("cannot read the peer of {}", cli.socket.display()))?;
+    let allowed: Vec<u32> = match cli.daemon_uid {
+        Some(u) => vec![u],
+        None => {
+            let mut v = vec![0, nix::unistd::getuid().as_raw()];
+            if let Ok(Some(u)) = nix::unistd::User::from_name("sealgate") {
+                v.push(u.uid.as_raw());
+            }
+            v
+        }
+    };
+    if !allowed.contains(&uid) {
+        bail!(
+            "the socket {} is served by uid {uid}, not by the daemon's user ({}); nothing was sent",
+            cli.socket.display(),
+            allowed
+                .iter()
+                .map(|u| u.to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
+    Ok(())
+}
+
 /// Turns a refused response into an error naming its status.
 fn check(resp: Response) -> anyhow::Result<response::Body> {
     if resp.status != Status::Ok as i32 {
@@ -540,6 +574,7 @@ fn device_status(code: i32) -> &'static str {
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let mut client = Client::connect(&cli.socket).await?;
+    check_peer(&client, &cli)?;
     match cli.command {
         Command::Seals => {
             let response::Body::ListSeals(list) = check(client.list_seals().await?)? else {
