@@ -39,6 +39,10 @@ pub struct Config {
     /// The trust store: who may approve, with which role, for which department.
     #[serde(default, rename = "approver")]
     pub approvers: Vec<ApproverConfig>,
+    /// Optional directory of applicants and their departments: when it has entries, an
+    /// approval's applicant must be in it and its `dept` claim must be that applicant's.
+    #[serde(default, rename = "applicant")]
+    pub applicants: Vec<ApplicantConfig>,
     /// TOTP for applicants, needed when a rule sets `mfa = true`.
     #[serde(default)]
     pub mfa: Option<MfaConfig>,
@@ -307,6 +311,14 @@ impl Default for TokenLimits {
 }
 
 /// An approver in the trust store.
+/// One applicant of the directory.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApplicantConfig {
+    pub id: String,
+    pub department: String,
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ApproverConfig {

@@ -939,3 +939,79 @@ fn sealctl_sends_nothing_to_a_socket_served_by_another_user() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_applicant_is_one_person_in_every_spelling_and_one_key_is_one_approver() {
+    let directory = "\n[[applicant]]\nid = \"zhao.lei\"\ndepartment = \"sales\"\n\n[[applicant]]\nid = \"zhang.wei\"\ndepartment = \"sales\"\n";
+    let d = Daemon::start(&Opts {
+        extra: directory.into(),
+        ..Opts::default()
+    });
+    let mut c = d.client().await;
+    let mut n = 240;
+    let mut try_as = |applicant: &str, dept: &str| {
+        n += 1;
+        let mut a = Approval::for_seal("contract", &doc(n));
+        a.claims.applicant = applicant.into();
+        a.claims.dept = dept.into();
+        (n, a.token())
+    };
+    // zhang.wei approves; the applicant is zhang.wei written otherwise.
+    for (applicant, reason) in [
+        ("Zhang.Wei", "self_approval"),
+        ("ZHANG.WEI", "self_approval"),
+        ("ｚｈａｎｇ.ｗｅｉ", "self_approval"), // full-width letters, NFKC
+        ("张伟", "self_approval"),              // the approver's name
+        ("zhang.wei ", "malformed"),
+        ("zhang\u{200b}.wei", "malformed"),
+        ("zhang.wei\u{202e}", "malformed"),
+    ] {
+        let (n, t) = try_as(applicant, "sales");
+        let r = stamp(&mut c, "contract", &doc(n), &t, "").await;
+        assert_eq!(
+            (r.status, r.reason.as_str()),
+            (Status::ApprovalDenied as i32, reason),
+            "{applicant:?}: {}",
+            r.message
+        );
+    }
+    // The directory binds an applicant to a department.
+    let (n, t) = try_as("zhao.lei", "finance");
+    assert_denied(
+        &stamp(&mut c, "contract", &doc(n), &t, "").await,
+        "department_mismatch",
+        "another department",
+    );
+    let (n, t) = try_as("qian.qi", "sales");
+    assert_denied(
+        &stamp(&mut c, "contract", &doc(n), &t, "").await,
+        "unknown_applicant",
+        "not listed",
+    );
+    let (n, t) = try_as("Zhao.Lei", "sales");
+    assert_ok(
+        &stamp(&mut c, "contract", &doc(n), &t, "").await,
+        "listed, any case",
+    );
+    drop(c);
+    d.stop();
+    // One public key under two living approver ids is refused at start-up.
+    let twin = format!(
+        "\n[[approver]]\nid = \"li.na.second\"\nrole = \"dept_head\"\ndepartment = \"sales\"\npublic_key_file = \"{}\"\n",
+        demo().dir.join("approvers/li.na.pub.pem").display()
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let config = config_text(demo(), &dir.path().join("s.sock"), &Opts::default()) + &twin;
+    let (status, stderr) = run_to_exit(dir.path(), &config);
+    assert!(!status.success());
+    assert!(
+        stderr.contains("li.na.second") && stderr.contains("same public key as approver \"li.na\""),
+        "{stderr}"
+    );
+    // An id not in its normal form is refused too.
+    let upper = twin.replace("li.na.second", "Li.Na.Second");
+    let config = config_text(demo(), &dir.path().join("s.sock"), &Opts::default()) + &upper;
+    let (status, stderr) = run_to_exit(dir.path(), &config);
+    assert!(!status.success());
+    assert!(stderr.contains("normal form"), "{stderr}");
+}

@@ -131,6 +131,7 @@ impl Gate {
             approvers: approvers_json(&ev.approvals, rule.map(|r| r.levels.as_slice())),
             ..Verdict::default()
         };
+        let applicant = ev.applicant;
         let Some(token) = ev.token else {
             return Ok(v);
         };
@@ -138,15 +139,11 @@ impl Gate {
         let c = &token.claims;
         if !stop(&v) {
             if let Some(limit) = rule.and_then(|r| r.rate_limit) {
-                let n = ledger::uses_since(
-                    &self.store,
-                    &c.applicant,
-                    seal,
-                    now - limit.window_seconds,
-                )?;
+                let n =
+                    ledger::uses_since(&self.store, &applicant, seal, now - limit.window_seconds)?;
                 if n >= limit.count {
                     v.denials
-                        .push(ledger::rate_limited(&c.applicant, seal, n, limit));
+                        .push(ledger::rate_limited(&applicant, seal, n, limit));
                 }
             }
         }
@@ -154,7 +151,7 @@ impl Gate {
             jti: c.jti.clone(),
             payload_sha256: token.payload_digest(),
             seal: seal.to_owned(),
-            applicant: c.applicant.clone(),
+            applicant: applicant.clone(),
             uses: c.uses,
             exp: c.exp,
             rate_limit: rule.and_then(|r| r.rate_limit),
@@ -181,7 +178,7 @@ impl Gate {
                 }
             } else if v.denials.is_empty() {
                 // In a stamp a code is only weighed once everything else passed.
-                if let Err(d) = mfa.check(&self.store, &c.applicant, mfa_code, now)? {
+                if let Err(d) = mfa.check(&self.store, &applicant, mfa_code, now)? {
                     v.denials.push(d);
                 }
             }

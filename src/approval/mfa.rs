@@ -95,6 +95,7 @@ impl Mfa {
         user: &str,
         now: i64,
     ) -> Result<Zeroizing<String>, MfaError> {
+        let user = &super::normalize_id(user).map_err(MfaError::Invalid)?;
         valid_user(user)?;
         let mut secret = Zeroizing::new(vec![0u8; 20]);
         getrandom::fill(&mut secret)
@@ -119,6 +120,7 @@ impl Mfa {
 
     /// Clears `user`'s failure count and lockout. Returns false when the user is not enrolled.
     pub fn reset(&self, store: &Store, user: &str) -> Result<bool, MfaError> {
+        let user = &super::normalize_id(user).map_err(MfaError::Invalid)?;
         let n = store.with(|c| {
             c.execute(
                 "UPDATE mfa_users SET failures = 0, locked = 0 WHERE user = ?1",

@@ -41,6 +41,7 @@ pub enum Reason {
     MfaLocked,
     Replayed,
     Exhausted,
+    UnknownApplicant,
 }
 
 impl Reason {
@@ -67,6 +68,7 @@ impl Reason {
             Reason::MfaLocked => "mfa_locked",
             Reason::Replayed => "replayed",
             Reason::Exhausted => "exhausted",
+            Reason::UnknownApplicant => "unknown_applicant",
         }
     }
 }
@@ -104,6 +106,36 @@ pub enum ApprovalError {
     Invalid(String),
 }
 
+/// The form in which people's ids are compared: Unicode NFKC, lower case, with no control,
+/// format (zero-width, bidirectional) or white-space characters, and not empty. So
+/// `Zhang.Wei`, `zhang.wei ` and `zhang\u{200b}.wei` are refused or are one person, never two.
+pub fn normalize_id(id: &str) -> Result<String, String> {
+    use unicode_normalization::UnicodeNormalization;
+    let n: String = id.nfkc().flat_map(char::to_lowercase).collect();
+    let n: String = n.nfkc().collect();
+    if n.is_empty() {
+        return Err("an id must not be empty".into());
+    }
+    if let Some(c) = n.chars().find(|c| invisible(*c)) {
+        return Err(format!(
+            "id {id:?} holds the invisible or control character U+{:04X}",
+            c as u32
+        ));
+    }
+    Ok(n)
+}
+
+/// Characters that do not show, or change what is around them: controls, white space, and
+/// the format characters (zero-width spaces and joiners, direction marks, the BOM, tags).
+fn invisible(c: char) -> bool {
+    c.is_control()
+        || c.is_whitespace()
+        || matches!(c as u32,
+            0x00AD | 0x034F | 0x061C | 0x115F | 0x1160 | 0x17B4 | 0x17B5 | 0x180B..=0x180F
+            | 0x200B..=0x200F | 0x202A..=0x202E | 0x2060..=0x206F | 0x3164 | 0xFE00..=0xFE0F
+            | 0xFEFF | 0xFFA0 | 0xFFF0..=0xFFFB | 0x1D173..=0x1D17A | 0xE0000..=0xE0FFF)
+}
+
 /// Accepted clock difference between approvers' machines and this one, in seconds.
 pub const CLOCK_SKEW: i64 = 60;
 
@@ -131,6 +163,8 @@ pub struct TrustError {
 #[derive(Debug, Default, Clone)]
 pub struct TrustStore {
     approvers: HashMap<String, Approver>,
+    /// The applicant directory (normalised id to department); empty when not configured.
+    applicants: HashMap<String, String>,
     /// Fingerprints of signatures that verified under these approvers' keys (see
     /// [`Token::signature_fingerprint`]). A standing approval with many uses is verified once,
     /// not on every use; what changes between uses (time, validity, remaining uses) is checked
@@ -146,12 +180,33 @@ impl TrustStore {
         approvers: &[crate::config::ApproverConfig],
         base: &Path,
     ) -> Result<TrustStore, TrustError> {
+        TrustStore::with_applicants(approvers, &[], base)
+    }
+
+    /// The trust store with the applicant directory.
+    pub fn with_applicants(
+        approvers: &[crate::config::ApproverConfig],
+        applicants: &[crate::config::ApplicantConfig],
+        base: &Path,
+    ) -> Result<TrustStore, TrustError> {
         let mut map = HashMap::new();
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs() as i64)
+            .unwrap_or(0);
         for a in approvers {
             let err = |detail: String| TrustError {
                 id: a.id.clone(),
                 detail,
             };
+            match normalize_id(&a.id) {
+                Ok(n) if n == a.id => {}
+                Ok(n) => return Err(err(format!("write the id in its normal form, {n:?}"))),
+                Err(e) => return Err(err(e)),
+            }
+            if !a.name.is_empty() {
+                normalize_id(&a.name).map_err(|e| err(format!("name: {e}")))?;
+            }
             let pem = match (&a.public_key, &a.public_key_file) {
                 (Some(p), None) => p.clone(),
                 (None, Some(f)) => {
@@ -189,12 +244,39 @@ impl TrustStore {
                 valid_until: time(&a.valid_until)?,
                 revoked: a.revoked,
             };
+            // One key is one person: two living entries with it would let one person fill two
+            // levels, or approve their own application under the second id. An entry that is
+            // revoked or whose validity has ended can sign nothing and does not count.
+            let alive = |x: &Approver| !x.revoked && x.valid_until.is_none_or(|u| u >= now);
+            if alive(&approver) {
+                if let Some(other) = map
+                    .values()
+                    .find(|o: &&Approver| alive(o) && o.key.same_as(&approver.key))
+                {
+                    return Err(err(format!(
+                        "has the same public key as approver {:?}; one key belongs to one person",
+                        other.id
+                    )));
+                }
+            }
             if map.insert(a.id.clone(), approver).is_some() {
                 return Err(err("defined twice".into()));
             }
         }
+        let mut directory = HashMap::new();
+        for p in applicants {
+            let err = |detail: String| TrustError {
+                id: p.id.clone(),
+                detail: format!("applicant: {detail}"),
+            };
+            let id = normalize_id(&p.id).map_err(err)?;
+            if directory.insert(id, p.department.clone()).is_some() {
+                return Err(err("listed twice".into()));
+            }
+        }
         Ok(TrustStore {
             approvers: map,
+            applicants: directory,
             verified: Default::default(),
         })
     }
@@ -231,6 +313,9 @@ pub struct Evaluation {
     pub denials: Vec<Denial>,
     /// The signatures that verified, with roles and departments from the trust store.
     pub approvals: Vec<ApprovalFact>,
+    /// The applicant in normal form (see [`normalize_id`]): what rate limits, the replay
+    /// ledger and TOTP key on.
+    pub applicant: String,
 }
 
 /// Checks a token against the request, the trust store, the seal's policy and the clock.
@@ -253,10 +338,23 @@ pub fn evaluate(
                 rule: None,
                 denials: vec![Denial::new(Reason::Malformed, e.0)],
                 approvals: Vec::new(),
+                applicant: String::new(),
             }
         }
     };
     let c = &token.claims;
+    let applicant = match normalize_id(&c.applicant) {
+        Ok(a) => a,
+        Err(e) => {
+            denials.push(Denial::new(Reason::Malformed, format!("applicant: {e}")));
+            c.applicant.clone()
+        }
+    };
+    // An applicant who is an approver, by id or by name, in any spelling.
+    let applicant_approves = |a: &Approver| {
+        normalize_id(&a.id).is_ok_and(|n| n == applicant)
+            || (!a.name.is_empty() && normalize_id(&a.name).is_ok_and(|n| n == applicant))
+    };
 
     // Signatures: every one must verify; a token with a bad signature is refused whole.
     let mut approvals = Vec::new();
@@ -306,10 +404,13 @@ pub fn evaluate(
             ));
             continue;
         }
-        if kid == &c.applicant {
+        if applicant_approves(approver) {
             denials.push(Denial::new(
                 Reason::SelfApproval,
-                format!("applicant {kid:?} approved their own request"),
+                format!(
+                    "applicant {:?} is approver {kid:?}, who approved their own request",
+                    c.applicant
+                ),
             ));
             continue;
         }
@@ -328,6 +429,25 @@ pub fn evaluate(
         });
     }
 
+    if !trust.applicants.is_empty() {
+        match trust.applicants.get(&applicant) {
+            None => denials.push(Denial::new(
+                Reason::UnknownApplicant,
+                format!(
+                    "applicant {:?} is not in the applicant directory",
+                    c.applicant
+                ),
+            )),
+            Some(dept) if *dept != c.dept => denials.push(Denial::new(
+                Reason::DepartmentMismatch,
+                format!(
+                    "applicant {:?} belongs to department {dept:?}, not {:?}",
+                    c.applicant, c.dept
+                ),
+            )),
+            Some(_) => {}
+        }
+    }
     if now > c.exp.saturating_add(CLOCK_SKEW) {
         denials.push(Denial::new(
             Reason::Expired,
@@ -395,6 +515,7 @@ pub fn evaluate(
         rule,
         denials,
         approvals,
+        applicant,
     }
 }
 
@@ -437,6 +558,25 @@ mod tests {
         });
         t.add_signature(key, "a", 1100);
         t
+    }
+
+    #[test]
+    fn ids_are_compared_in_one_normal_form() {
+        for same in ["zhang.wei", "Zhang.Wei", "ZHANG.WEI", "ｚｈａｎｇ．ｗｅｉ"] {
+            assert_eq!(normalize_id(same).unwrap(), "zhang.wei", "{same:?}");
+        }
+        for bad in [
+            "",
+            " ",
+            "zhang.wei ",
+            "zhang\u{200b}.wei",
+            "\u{202e}zhang",
+            "zhang\nwei",
+            "zh\u{ad}ang",
+        ] {
+            assert!(normalize_id(bad).is_err(), "{bad:?}");
+        }
+        assert_eq!(normalize_id("张伟").unwrap(), "张伟");
     }
 
     #[test]

@@ -434,6 +434,15 @@ impl VerifyingKey {
         Err("not an Ed25519 or P-256 public key in PEM (SPKI)".into())
     }
 
+    /// Whether two keys are the same public key.
+    pub fn same_as(&self, other: &VerifyingKey) -> bool {
+        match (self, other) {
+            (VerifyingKey::Ed25519(a), VerifyingKey::Ed25519(b)) => a.as_bytes() == b.as_bytes(),
+            (VerifyingKey::P256(a), VerifyingKey::P256(b)) => a == b,
+            _ => false,
+        }
+    }
+
     pub fn alg(&self) -> JwsAlg {
         match self {
             VerifyingKey::Ed25519(_) => JwsAlg::EdDSA,

@@ -376,8 +376,15 @@ fn approvers_text(demo: &Demo) -> String {
             false,
         ),
     ] {
+        let name = match id {
+            "zhang.wei" => "张伟",
+            "liu.yang" => "刘洋",
+            "li.na" => "李娜",
+            "wang.fang" => "王芳",
+            _ => "",
+        };
         t += &format!(
-            "\n[[approver]]\nid = \"{id}\"\nrole = \"{role}\"\ndepartment = \"{dept}\"\npublic_key_file = \"{}\"\nrevoked = {revoked}\n",
+            "\n[[approver]]\nid = \"{id}\"\nname = \"{name}\"\nrole = \"{role}\"\ndepartment = \"{dept}\"\npublic_key_file = \"{}\"\nrevoked = {revoked}\n",
             demo.dir.join(key).display()
         );
     }
