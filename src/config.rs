@@ -117,6 +117,11 @@ pub struct DaemonConfig {
     /// app) cannot take every slot. Unset: three quarters of `max_connections`, rounded up.
     #[serde(default)]
     pub max_connections_per_uid: Option<usize>,
+    /// Connections held at once by all strangers (uids that are no configured caller)
+    /// together, apart from the callers' slots; default a sixteenth of `max_connections`, at
+    /// least 1. A stranger is answered one request (Hello) and closed.
+    #[serde(default)]
+    pub max_stranger_connections: Option<usize>,
     /// Time allowed for a whole request to arrive, and for it to be carried out.
     #[serde(default = "default_request_timeout")]
     pub request_timeout_ms: u64,
@@ -138,6 +143,11 @@ impl DaemonConfig {
     pub fn per_uid_connections(&self) -> usize {
         self.max_connections_per_uid
             .unwrap_or(self.max_connections - self.max_connections / 4)
+    }
+
+    pub fn stranger_connections(&self) -> usize {
+        self.max_stranger_connections
+            .unwrap_or((self.max_connections / 16).max(1))
     }
 }
 
@@ -486,6 +496,14 @@ impl Config {
             if n == 0 || n > self.daemon.max_connections {
                 return invalid(format!(
                     "daemon.max_connections_per_uid must be between 1 and max_connections ({})",
+                    self.daemon.max_connections
+                ));
+            }
+        }
+        if let Some(n) = self.daemon.max_stranger_connections {
+            if n == 0 || n > self.daemon.max_connections {
+                return invalid(format!(
+                    "daemon.max_stranger_connections must be between 1 and max_connections ({})",
                     self.daemon.max_connections
                 ));
             }

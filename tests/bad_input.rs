@@ -177,26 +177,37 @@ async fn a_uid_not_in_config_is_refused_and_learns_nothing() {
         panic!()
     };
     assert_eq!(h.caller, "");
-    for r in [
-        c.list_seals().await.unwrap(),
-        c.describe_seal("contract").await.unwrap(),
-        c.stamp(
-            "contract",
-            &[0u8; 32],
-            &token_for("contract", &[0u8; 32]),
-            "",
-        )
-        .await
-        .unwrap(),
-        c.status().await.unwrap(),
-    ] {
+    // A stranger is answered once, then closed: it cannot keep a slot with Hellos.
+    assert!(
+        c.hello("again").await.is_err(),
+        "a stranger's connection stays open after its Hello"
+    );
+    // Each further request, on a connection of its own, is refused alike.
+    let mut refusals = Vec::new();
+    for i in 0..5 {
+        let mut c = d.client().await;
+        refusals.push(match i {
+            0 => c.list_seals().await.unwrap(),
+            1 => c.describe_seal("contract").await.unwrap(),
+            2 => c
+                .stamp(
+                    "contract",
+                    &[0u8; 32],
+                    &token_for("contract", &[0u8; 32]),
+                    "",
+                )
+                .await
+                .unwrap(),
+            3 => c.status().await.unwrap(),
+            // An unknown seal gets the same answer as a known one: no probing for names.
+            _ => c.describe_seal("no-such-seal").await.unwrap(),
+        });
+    }
+    for r in refusals {
         assert_eq!(r.status, Status::PermissionDenied as i32, "{}", r.message);
         assert!(r.body.is_none());
         assert!(!r.message.contains("contract"));
     }
-    // An unknown seal gets the same answer as a known one: no probing for seal names.
-    let r = c.describe_seal("no-such-seal").await.unwrap();
-    assert_eq!(r.status, Status::PermissionDenied as i32);
 
     // Every refused request is in the audit log, naming the stranger.
     let (status, dir) = d.stop_keeping_state();
@@ -213,7 +224,13 @@ async fn a_uid_not_in_config_is_refused_and_learns_nothing() {
         Ok(())
     })
     .unwrap();
-    assert_eq!(refused.len(), 5);
+    // The Hello and the five refusals.
+    assert_eq!(refused.len(), 6);
+    assert!(
+        refused[0].detail.starts_with("Hello from"),
+        "{}",
+        refused[0].detail
+    );
     for r in &refused {
         assert_eq!(r.reason, "unknown_caller");
         assert!(r.caller.starts_with(&format!("uid {me} ")), "{}", r.caller);

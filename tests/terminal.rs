@@ -888,6 +888,25 @@ async fn a_report_is_not_acknowledged_until_its_record_is_on_disk() {
         "{}",
         refused.message
     );
+    // A stamp's batch needs more room than a report's: take the rest too, and send refused
+    // stamps (small records) until one cannot be written either, as the daemon's status says.
+    let rest = tmpfs.fill(0);
+    let mut c = d.client().await;
+    let bad = token_for("contract", &sha256(b"another document"));
+    let mut failing = false;
+    for _ in 0..500 {
+        c.stamp("contract", &sha256(b"filler"), &bad, "")
+            .await
+            .unwrap();
+        let Some(Body::StatusReport(s)) = c.status().await.unwrap().body else {
+            panic!("no status")
+        };
+        if !s.audit.unwrap().error.is_empty() {
+            failing = true;
+            break;
+        }
+    }
+    assert!(failing, "the audit log never failed on a full disk");
 
     // The impression's report cannot be recorded: it is not acknowledged, and the terminal
     // sends it again and again.
@@ -904,6 +923,7 @@ async fn a_report_is_not_acknowledged_until_its_record_is_on_disk() {
 
     // Space returns: the next copy is recorded, acknowledged, and taken once.
     std::fs::remove_file(&filler).unwrap();
+    std::fs::remove_file(&rest).unwrap();
     sim.wait_for("ack", acks + 1);
     sim.settle();
     assert_eq!(count(&db, "terminal.impression", ""), 1);

@@ -109,6 +109,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         max_frame: config.daemon.max_frame_bytes,
         max_connections: config.daemon.max_connections,
         max_per_uid: config.daemon.per_uid_connections(),
+        max_strangers: config.daemon.stranger_connections(),
         request_timeout: Duration::from_millis(config.daemon.request_timeout_ms),
     };
     let config_dir = args

@@ -46,6 +46,8 @@ pub struct Limits {
     pub max_connections: usize,
     /// Connections one uid may hold at once.
     pub max_per_uid: usize,
+    /// Connections all strangers together may hold, apart from the callers' slots.
+    pub max_strangers: usize,
     pub request_timeout: Duration,
 }
 
@@ -85,10 +87,16 @@ impl Drop for UidSlot {
     }
 }
 
-/// Both places a connection holds: one of the daemon's, one of its uid's share.
-struct Slot {
-    _daemon: tokio::sync::OwnedSemaphorePermit,
-    _uid: UidSlot,
+/// The places a connection holds: a caller's, one of the daemon's and one of its uid's share;
+/// a stranger's, one of the strangers' few.
+enum Slot {
+    Caller {
+        _daemon: tokio::sync::OwnedSemaphorePermit,
+        _uid: UidSlot,
+    },
+    Stranger {
+        _held: tokio::sync::OwnedSemaphorePermit,
+    },
 }
 
 /// A listening socket, and whether we made its file (and so remove it on exit).
@@ -193,6 +201,7 @@ pub async fn run(
 ) {
     let slots = Arc::new(Semaphore::new(limits.max_connections));
     let per_uid = Arc::new(PerUid::default());
+    let strangers = Arc::new(Semaphore::new(limits.max_strangers));
     let tracker = TaskTracker::new();
     let (stop_tx, stop_rx) = watch::channel(false);
     tokio::pin!(shutdown);
@@ -216,30 +225,46 @@ pub async fn run(
                         continue;
                     }
                 };
-                let Some(uid_slot) = per_uid.take(cred.uid(), limits.max_per_uid) else {
-                    let why = format!(
-                        "uid {} already holds {} connections, its most at once",
-                        cred.uid(),
-                        limits.max_per_uid
-                    );
-                    tracker.spawn(refuse_busy(stream, limits, why));
-                    continue;
-                };
-                match slots.clone().try_acquire_owned() {
-                    Ok(permit) => {
-                        let service = service.clone();
-                        let stop = stop_rx.clone();
-                        let slot = Slot { _daemon: permit, _uid: uid_slot };
-                        tracker.spawn(serve(stream, cred, service, limits, stop, slot));
+                let peer = service.identify(cred.uid(), cred.gid(), cred.pid());
+                let slot = if peer.caller.is_none() {
+                    // Strangers share a few places of their own: however many connections
+                    // they open, the callers' slots stay free.
+                    match strangers.clone().try_acquire_owned() {
+                        Ok(permit) => Slot::Stranger { _held: permit },
+                        Err(_) => {
+                            let why = format!(
+                                "uids that are not configured callers hold {} connections, their most at once",
+                                limits.max_strangers
+                            );
+                            tracker.spawn(refuse_busy(stream, limits, why));
+                            continue;
+                        }
                     }
-                    Err(_) => {
+                } else {
+                    let Some(uid_slot) = per_uid.take(cred.uid(), limits.max_per_uid) else {
                         let why = format!(
-                            "the daemon serves at most {} connections at once",
-                            limits.max_connections
+                            "uid {} already holds {} connections, its most at once",
+                            cred.uid(),
+                            limits.max_per_uid
                         );
                         tracker.spawn(refuse_busy(stream, limits, why));
+                        continue;
+                    };
+                    match slots.clone().try_acquire_owned() {
+                        Ok(permit) => Slot::Caller { _daemon: permit, _uid: uid_slot },
+                        Err(_) => {
+                            let why = format!(
+                                "the daemon serves at most {} connections at once",
+                                limits.max_connections
+                            );
+                            tracker.spawn(refuse_busy(stream, limits, why));
+                            continue;
+                        }
                     }
-                }
+                };
+                let service = service.clone();
+                let stop = stop_rx.clone();
+                tracker.spawn(serve(stream, peer, service, limits, stop, slot));
             }
         }
     }
@@ -261,13 +286,12 @@ async fn send(framed: &mut Framed<UnixStream, FrameCodec>, resp: Response) -> bo
 
 async fn serve(
     stream: UnixStream,
-    cred: tokio::net::unix::UCred,
+    peer: crate::service::Peer,
     service: Arc<Service>,
     limits: Limits,
     mut stop: watch::Receiver<bool>,
     slot: Slot,
 ) {
-    let peer = service.identify(cred.uid(), cred.gid(), cred.pid());
     let span = tracing::info_span!(
         "conn",
         pid = peer.pid.unwrap_or(0),
@@ -372,6 +396,10 @@ async fn connection(
             }
         };
         if !send(&mut framed, response).await {
+            return framed;
+        }
+        // A stranger is answered once (a Hello, or the refusal of anything else), then closed.
+        if peer.caller.is_none() {
             return framed;
         }
     }

@@ -543,7 +543,17 @@ impl Service {
         let id = req.request_id;
         let result = match req.body {
             None => Err(ServiceError::UnknownRequest),
-            Some(request::Body::Hello(h)) => Ok(self.hello(peer, h)),
+            Some(request::Body::Hello(h)) => {
+                if peer.caller.is_none() {
+                    let mut r = Record::new(kind::ACCESS_DENIED);
+                    r.caller = stranger_name(peer);
+                    r.reason = "unknown_caller".into();
+                    r.detail = "Hello from a uid and gid that are no configured caller; answered, then the connection was closed".into();
+                    crate::metrics::get().denial("", "unknown_caller");
+                    self.record_refusal(r).await;
+                }
+                Ok(self.hello(peer, h))
+            }
             Some(body) => match &peer.caller {
                 None => {
                     let e = ServiceError::PermissionDenied(format!(
@@ -551,12 +561,7 @@ impl Service {
                         peer.uid, peer.gid
                     ));
                     let mut r = Record::new(kind::ACCESS_DENIED);
-                    r.caller = format!(
-                        "uid {} gid {} pid {}",
-                        peer.uid,
-                        peer.gid,
-                        peer.pid.unwrap_or(0)
-                    );
+                    r.caller = stranger_name(peer);
                     r.reason = "unknown_caller".into();
                     r.detail = e.to_string();
                     crate::metrics::get().denial("", "unknown_caller");
@@ -1164,6 +1169,16 @@ fn note_refusal(record: &Record, d: &crate::approval::Denial) {
         "stamp refused"
     );
     crate::metrics::get().denial(&record.seal, d.reason.code());
+}
+
+/// How a stranger is named in the log.
+fn stranger_name(peer: &Peer) -> String {
+    format!(
+        "uid {} gid {} pid {}",
+        peer.uid,
+        peer.gid,
+        peer.pid.unwrap_or(0)
+    )
 }
 
 /// The record of a stamp request, before its kind is known.

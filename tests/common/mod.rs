@@ -987,11 +987,15 @@ impl Tmpfs {
         Tmpfs(path.to_owned())
     }
 
-    /// Fills the file system but for `leave` bytes; returns the filler file.
+    /// Fills the file system but for `leave` bytes; returns the filler file (a new one each
+    /// call).
     pub fn fill(&self, leave: u64) -> PathBuf {
         let s = nix::sys::statvfs::statvfs(&self.0).unwrap();
         let free = s.blocks_available() as u64 * s.fragment_size() as u64;
-        let filler = self.0.join("filler");
+        let n = (0..)
+            .find(|n| !self.0.join(format!("filler-{n}")).exists())
+            .unwrap();
+        let filler = self.0.join(format!("filler-{n}"));
         std::fs::write(&filler, vec![0u8; free.saturating_sub(leave) as usize]).unwrap();
         filler
     }
