@@ -1019,3 +1019,91 @@ async fn a_daemon_that_knew_a_terminal_starts_again_and_stamps() {
     assert_eq!(count(&d.db(), "daemon.started", ""), 2);
     assert_eq!(audit_verify(&d.db()).0, 0);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_hello_below_the_counter_does_not_lower_it_and_a_live_grant_has_its_own_status() {
+    let (d, mut sim, _) = pty_rig(11);
+    let db = d.db();
+    let doc = sha256(b"lease 2026-07");
+    // Two impressions: the recorded counter is 2.
+    let r = grant(&d, "stamp-room", &doc, 3).await;
+    assert_eq!(r.status, Status::Ok as i32, "{}", r.message);
+    sim.wait_for("granted impressions=3", 1);
+    sim.expect("press", "impression counter=1");
+    sim.expect("press", "impression counter=2");
+    wait_records(&db, "terminal.impression", "", 2);
+    // While the grant is live, another is refused with a status of its own, and consumes
+    // nothing.
+    let r = grant(&d, "stamp-room", &sha256(b"another lease"), 1).await;
+    assert_eq!(r.status, Status::GrantLive as i32, "{}", r.message);
+    assert!(r.message.contains("live grant"), "{}", r.message);
+    assert_eq!(count(&db, "terminal.granted", ""), 1);
+    // The terminal says HELLO with counter 0: one rollback alert, and the counter stays 2.
+    sim.send("rollback 2");
+    sim.send("hello");
+    wait_records(&db, "alert", "terminal_counter_rollback", 1);
+    // So the terminal cannot use counters 1 and 2 again: an impression numbered 1 is a
+    // rollback, not a new impression.
+    sim.expect("press", "impression counter=1");
+    wait_records(&db, "terminal.rejected", "counter_rollback", 2);
+    assert_eq!(count(&db, "terminal.impression", ""), 2);
+    let c = rusqlite::Connection::open(&db).unwrap();
+    let after: i64 = c
+        .query_row(
+            "SELECT json_extract(evidence, '$.counter_after') FROM audit \
+             WHERE kind = 'terminal.rejected' AND reason = 'counter_rollback' ORDER BY seq LIMIT 1",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(after, 2, "the HELLO's record keeps the counter");
+    assert_eq!(audit_verify(&db).0, 0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sealctl_checks_an_approval_for_a_terminal_seal_and_grants_it() {
+    let (d, sim, _) = pty_rig(12);
+    let work = tempfile::tempdir().unwrap();
+    let file = work.path().join("lease.txt");
+    std::fs::write(&file, "lease for the Minhang warehouse").unwrap();
+    let token = work.path().join("approval.json");
+    std::fs::write(
+        &token,
+        approval("stamp-room", &sha256(&std::fs::read(&file).unwrap()), 1),
+    )
+    .unwrap();
+    let sealctl = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_sealctl"))
+            .env("SEALGATE_SOCKET", &d.socket)
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned()
+                + &String::from_utf8_lossy(&out.stderr),
+        )
+    };
+    let (f, t) = (file.to_str().unwrap(), token.to_str().unwrap());
+    let (ok, out) = sealctl(&["token", "check", "--seal", "stamp-room", "--file", f, t]);
+    assert!(ok && out.contains("would pass (rule contracts)"), "{out}");
+    let (ok, out) = sealctl(&[
+        "terminal",
+        "grant",
+        "--seal",
+        "stamp-room",
+        "--file",
+        f,
+        "--token",
+        t,
+    ]);
+    assert!(ok, "{out}");
+    assert!(
+        out.contains("terminal t1 unlocked for 1 impression(s)"),
+        "{out}"
+    );
+    sim.wait_for("granted impressions=1", 1);
+    // Spent: the check now names the replay.
+    let (ok, out) = sealctl(&["token", "check", "--seal", "stamp-room", "--file", f, t]);
+    assert!(!ok && out.contains("replayed"), "{out}");
+}

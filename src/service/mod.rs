@@ -56,6 +56,8 @@ pub enum ServiceError {
     Timeout(String),
     #[error("{0}")]
     Busy(String),
+    #[error("{0}")]
+    GrantLive(String),
     #[error("the daemon is shutting down")]
     ShuttingDown,
     #[error("internal error: {0}")]
@@ -77,6 +79,7 @@ impl From<TerminalError> for ServiceError {
         match e {
             TerminalError::Unavailable(m) => ServiceError::Device(DeviceError::Unavailable(m)),
             TerminalError::Busy(m) => ServiceError::Busy(m),
+            TerminalError::GrantLive(m) => ServiceError::GrantLive(m),
             TerminalError::Invalid(m) => ServiceError::InvalidArgument(m),
             TerminalError::Denied(d) => ServiceError::Denied(d),
             TerminalError::Audit(m) => ServiceError::AuditUnavailable(m),
@@ -132,6 +135,7 @@ impl ServiceError {
             ServiceError::Device(DeviceError::PinBlocked(_)) => Status::PinBlocked,
             ServiceError::Timeout(_) => Status::Timeout,
             ServiceError::Busy(_) => Status::Busy,
+            ServiceError::GrantLive(_) => Status::GrantLive,
             ServiceError::ShuttingDown => Status::ShuttingDown,
             ServiceError::Internal(_) => Status::Internal,
             ServiceError::Denied(_) => Status::ApprovalDenied,
@@ -699,20 +703,25 @@ impl Service {
         caller: &Caller,
         req: pb::CheckApprovalRequest,
     ) -> Result<response::Body, ServiceError> {
-        let seal = match self.seal_for(caller, &req.seal_id) {
-            Ok(s) => s,
-            Err(e) => return Err(self.refuse_access(caller, &req.seal_id, e).await),
+        // A signing seal, or the physical seal in a terminal: both have a policy to check.
+        let terminal = self
+            .terminals()
+            .find(|t| t.seal == req.seal_id && caller.seals.contains(&t.seal));
+        let seal_id = match (terminal, self.seal_for(caller, &req.seal_id)) {
+            (Some(t), _) => t.seal.clone(),
+            (None, Ok(s)) => s.id.clone(),
+            (None, Err(e)) => return Err(self.refuse_access(caller, &req.seal_id, e).await),
         };
         let mut record = Record::new(kind::APPROVAL_CHECKED);
         record.caller = caller.name.clone();
-        record.seal = seal.id.clone();
+        record.seal = seal_id.clone();
         let digest = match digest32(&req.document_sha256) {
             Ok(d) => d,
             Err(e) => return Err(self.refuse_invalid(record, e).await),
         };
         record.doc_sha256 = hex::encode(digest);
         let v = self
-            .run_gate(&seal.id, digest, req.approval_token, req.mfa_code, true)
+            .run_gate(&seal_id, digest, req.approval_token, req.mfa_code, true)
             .await?;
         record.set_approval(&v.approvers, v.claims.as_ref(), v.rule.as_deref(), "");
         match v.denials.first() {

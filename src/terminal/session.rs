@@ -50,6 +50,9 @@ pub enum TerminalError {
     Unavailable(String),
     #[error("{0}")]
     Busy(String),
+    /// The terminal already has a live grant.
+    #[error("{0}")]
+    GrantLive(String),
     #[error("{0}")]
     Invalid(String),
     #[error("approval refused: {0}")]
@@ -657,7 +660,12 @@ impl Session {
                 _ => {}
             }
         }
-        let counter = h.counter;
+        // A HELLO below the recorded counter never lowers it (that would let counters be
+        // used again after one alert); one above it moves it up to what the terminal counted.
+        let counter = match self.counter {
+            Some(last) if h.counter < last => last,
+            _ => h.counter,
+        };
         let named_right = r.reason != rejection::BAD_SIGNATURE;
         r.evidence = self.evidence(&signed, named_right.then_some(counter));
         self.commit(r, |s: &mut Session| {
@@ -808,7 +816,7 @@ impl Session {
         let now = Instant::now();
         if let Some(g) = &self.grant {
             if g.used < g.allowed && now <= g.expires {
-                return Err(TerminalError::Busy(format!(
+                return Err(TerminalError::GrantLive(format!(
                     "terminal {:?} still has a live grant ({} of {} impressions made)",
                     self.spec.id, g.used, g.allowed
                 )));
@@ -993,7 +1001,7 @@ impl Session {
 fn deny_frame(e: &TerminalError) -> Frame {
     let reason = match e {
         TerminalError::Denied(_) => pb::DenyReason::Approval,
-        TerminalError::Busy(_) => pb::DenyReason::Busy,
+        TerminalError::Busy(_) | TerminalError::GrantLive(_) => pb::DenyReason::Busy,
         TerminalError::Audit(_) => pb::DenyReason::Audit,
         TerminalError::Invalid(_) | TerminalError::Unavailable(_) => pb::DenyReason::Invalid,
     };

@@ -50,6 +50,11 @@ enum Command {
     },
     /// Stamp a document (by file or by its SHA-256) with a seal.
     Stamp(StampArgs),
+    /// Smart-seal terminals: unlock a terminal's physical seal on an approval.
+    Terminal {
+        #[command(subcommand)]
+        command: TerminalCommand,
+    },
     /// Daemon status: devices, seals, uptime.
     Status,
     /// Approval tokens: create, sign, inspect, check against the daemon's policy.
@@ -78,6 +83,29 @@ enum Command {
         recent: u32,
         #[arg(long)]
         follow: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum TerminalCommand {
+    /// Unlock the physical seal for a number of impressions; answers once the terminal has
+    /// acknowledged the grant. Each impression is one use of the approval.
+    Grant {
+        /// The terminal's seal id.
+        #[arg(long)]
+        seal: String,
+        #[command(flatten)]
+        doc: DocArgs,
+        /// The approval token file.
+        #[arg(long)]
+        token: PathBuf,
+        #[arg(long, default_value_t = 1)]
+        impressions: u32,
+        #[arg(long, default_value = "")]
+        purpose: String,
+        /// The applicant's TOTP code, if the policy asks for one.
+        #[arg(long, default_value = "")]
+        mfa_code: String,
     },
 }
 
@@ -646,21 +674,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
         Command::Stamp(args) => {
-            let digest = match (&args.file, &args.sha256) {
-                (Some(path), _) => {
-                    let bytes = std::fs::read(path)
-                        .with_context(|| format!("cannot read {}", path.display()))?;
-                    Sha256::digest(&bytes).to_vec()
-                }
-                (None, Some(h)) => {
-                    let d = hex::decode(h).context("--sha256 is not hex")?;
-                    if d.len() != 32 {
-                        bail!("--sha256 must be 64 hex digits (32 bytes), got {}", d.len());
-                    }
-                    d
-                }
-                (None, None) => unreachable!("clap requires one of --file and --sha256"),
-            };
+            let digest = digest_of(&args.file, &args.sha256)?;
             let token = std::fs::read(&args.token)
                 .with_context(|| format!("cannot read token file {}", args.token.display()))?;
             let resp = client
@@ -693,6 +707,56 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 );
                 println!("document sha256 {}", hex::encode(&digest));
                 println!("signature       {}", b64(&s.signature));
+            }
+        }
+        Command::Terminal {
+            command:
+                TerminalCommand::Grant {
+                    seal,
+                    doc,
+                    token,
+                    impressions,
+                    purpose,
+                    mfa_code,
+                },
+        } => {
+            let digest = digest_of(&doc.file, &doc.sha256)?;
+            let token = std::fs::read(&token)
+                .with_context(|| format!("cannot read token file {}", token.display()))?;
+            let resp = client
+                .call(sealgate::protocol::request::Body::GrantTerminal(
+                    pb::GrantTerminalRequest {
+                        seal_id: seal,
+                        document_sha256: digest.to_vec(),
+                        approval_token: token,
+                        impressions,
+                        purpose,
+                        mfa_code,
+                    },
+                ))
+                .await?;
+            let response::Body::GrantTerminal(g) = check(resp)? else {
+                bail!("unexpected reply to GrantTerminal");
+            };
+            if cli.json {
+                println!(
+                    "{}",
+                    json!({
+                        "terminal": g.terminal_id, "grant_id": hex::encode(&g.grant_id),
+                        "impressions": g.impressions, "seconds": g.seconds,
+                        "approval": g.approval_id, "uses_left": g.uses_left,
+                    })
+                );
+            } else {
+                println!(
+                    "terminal {} unlocked for {} impression(s) within {} s",
+                    g.terminal_id, g.impressions, g.seconds
+                );
+                println!("grant           {}", hex::encode(&g.grant_id));
+                println!(
+                    "approval        {} ({} use(s) left)",
+                    g.approval_id, g.uses_left
+                );
             }
         }
         Command::Token {
