@@ -118,6 +118,21 @@ CREATE INDEX audit_terminal ON audit(device, seq) WHERE kind LIKE 'terminal.%';
     r#"
 CREATE INDEX audit_jti ON audit(jti, kind) WHERE jti <> '';
 "#,
+    // The seals' public keys (and certificates), so that an auditor can check each
+    // `stamp.completed` signature from the log or its bundle alone. A stamp's evidence names its
+    // key by `key_id` (the first 8 bytes of the SHA-256 of the SPKI, in hex) and `algorithm`;
+    // one RSA key may serve two seals with two paddings.
+    r#"
+CREATE TABLE seal_keys (
+    key_id TEXT NOT NULL,
+    algorithm TEXT NOT NULL,
+    seal TEXT NOT NULL,
+    spki BLOB NOT NULL,
+    certificate BLOB,
+    first_seen_ms INTEGER NOT NULL,
+    PRIMARY KEY (key_id, algorithm)
+);
+"#,
 ];
 
 pub struct Store {

@@ -777,3 +777,115 @@ async fn a_state_directory_put_back_or_deleted_is_refused_and_a_deleted_ledger_r
     let mut c = d.client().await;
     stamp_ok(&mut c, "contract", &[5; 32]).await;
 }
+
+#[tokio::test]
+async fn the_bundle_alone_checks_every_stamp_signature_and_an_empty_log_is_no_proof() {
+    let d = Daemon::start(&Opts::default());
+    let mut c = d.client().await;
+    for (i, seal) in ["contract", "finance", "official"].iter().enumerate() {
+        stamp_ok(&mut c, seal, &[i as u8 + 40; 32]).await;
+    }
+    // RSA PKCS#1 v1.5 too (its rule wants the applicant's TOTP code).
+    let totp = enroll(&mut c, "zhao.lei").await;
+    let digest = [43u8; 32];
+    let r = c
+        .stamp_with_mfa(
+            "official-pkcs1",
+            &digest,
+            &token_for("official-pkcs1", &digest),
+            "",
+            &totp_code(&totp, 0),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status, Status::Ok as i32, "{}", r.message);
+    let (status, dir) = d.stop_keeping_state();
+    assert!(status.success());
+    let db = dir.path().join("state/sealgate.db");
+    let (code, out) = audit_verify(&db);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("4 stamp signatures checked"), "{out}");
+    // The bundle carries the seal keys, their certificates and the CA given.
+    let bundle = dir.path().join("bundle");
+    let ca = demo().dir.join("ca/ca.crt");
+    let (code, out) = sealctl(&[
+        "audit",
+        "export",
+        "--db",
+        path(&db),
+        "--bundle",
+        path(&bundle),
+        "--ca",
+        path(&ca),
+    ]);
+    assert_eq!(code, 0, "{out}");
+    let names: Vec<String> = std::fs::read_dir(bundle.join("seal-keys"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    for seal in ["contract", "finance", "official"] {
+        assert!(
+            names
+                .iter()
+                .any(|n| n.starts_with(&format!("{seal}-")) && n.ends_with(".crt.pem")),
+            "{seal}: {names:?}"
+        );
+    }
+    assert!(bundle.join("ca/0.crt.pem").exists());
+    let key = demo().dir.join("audit-key.pub.pem");
+    let verify_bundle =
+        |b: &Path| sealctl(&["audit", "verify", "--bundle", path(b), "--key", path(&key)]);
+    let (code, out) = verify_bundle(&bundle);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("4 stamp signatures checked"), "{out}");
+    // A seal key swapped for another under the same id is found at the stamp that names it.
+    let lines: Vec<String> = std::fs::read_to_string(bundle.join("seal-keys.jsonl"))
+        .unwrap()
+        .lines()
+        .map(String::from)
+        .collect();
+    let mut rows: Vec<serde_json::Value> = lines
+        .iter()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let other = rows[1]["spki"].clone();
+    rows[0]["spki"] = other;
+    let swapped: String = rows.iter().map(|r| r.to_string() + "\n").collect();
+    std::fs::write(bundle.join("seal-keys.jsonl"), swapped).unwrap();
+    let (code, out) = verify_bundle(&bundle);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("the seal keys were altered"), "{out}");
+    std::fs::write(bundle.join("seal-keys.jsonl"), lines.join("\n") + "\n").unwrap();
+    // Without the seal keys, no completed stamp can be checked: that fails too.
+    std::fs::write(bundle.join("seal-keys.jsonl"), "").unwrap();
+    let (code, out) = verify_bundle(&bundle);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("is not one of the seal keys given"), "{out}");
+    std::fs::write(bundle.join("seal-keys.jsonl"), lines.join("\n") + "\n").unwrap();
+    // Checkpoints put out of order are named as such.
+    let cps = std::fs::read_to_string(bundle.join("checkpoints.jsonl")).unwrap();
+    let mut cp_lines: Vec<&str> = cps.lines().collect();
+    if cp_lines.len() >= 2 {
+        cp_lines.swap(0, 1);
+        std::fs::write(bundle.join("checkpoints.jsonl"), cp_lines.join("\n") + "\n").unwrap();
+        let (code, out) = verify_bundle(&bundle);
+        assert_eq!(code, 1, "{out}");
+        assert!(out.contains("out of order"), "{out}");
+        std::fs::write(bundle.join("checkpoints.jsonl"), cps).unwrap();
+    }
+    // An empty log proves nothing about the key given.
+    let empty = dir.path().join("empty");
+    std::fs::create_dir_all(empty.join("audit-keys")).unwrap();
+    for f in ["records.jsonl", "checkpoints.jsonl"] {
+        std::fs::write(empty.join(f), "").unwrap();
+    }
+    let (code, out) = verify_bundle(&empty);
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("nothing in it is signed by the key given"),
+        "{out}"
+    );
+    // A bundle that cannot be read is exit 2.
+    let (code, _) = verify_bundle(&dir.path().join("no-such-bundle"));
+    assert_eq!(code, 2);
+}

@@ -188,6 +188,68 @@ impl Filter {
     }
 }
 
+/// A seal's public key as the log knows it.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct SealKeyRow {
+    pub key_id: String,
+    pub seal: String,
+    pub algorithm: String,
+    #[serde(with = "hex::serde")]
+    pub spki: Vec<u8>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub certificate: Option<String>,
+}
+
+/// Every seal key the daemon recorded (certificates as PEM), by key id.
+pub fn seal_keys(conn: &Connection) -> rusqlite::Result<Vec<SealKeyRow>> {
+    let has: bool = conn.query_row(
+        "SELECT count(*) > 0 FROM sqlite_master WHERE type = 'table' AND name = 'seal_keys'",
+        [],
+        |r| r.get(0),
+    )?;
+    if !has {
+        return Ok(Vec::new());
+    }
+    let mut stmt = conn.prepare(
+        "SELECT key_id, seal, algorithm, spki, certificate FROM seal_keys ORDER BY key_id, algorithm",
+    )?;
+    let rows = stmt.query_map([], |r| {
+        Ok(SealKeyRow {
+            key_id: r.get(0)?,
+            seal: r.get(1)?,
+            algorithm: r.get(2)?,
+            spki: r.get(3)?,
+            certificate: r
+                .get::<_, Option<Vec<u8>>>(4)?
+                .map(|der| crate::device::keys::pem("CERTIFICATE", &der)),
+        })
+    })?;
+    rows.collect()
+}
+
+/// Records the seals' public keys (and certificates) once each, for verifiers.
+pub fn record_seal_keys<'a>(
+    conn: &Connection,
+    seals: impl Iterator<Item = (&'a str, &'a crate::device::SealKey)>,
+    now_ms: i64,
+) -> rusqlite::Result<()> {
+    for (seal, k) in seals {
+        conn.prepare_cached(
+            "INSERT OR IGNORE INTO seal_keys (key_id, seal, algorithm, spki, certificate, first_seen_ms) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+        )?
+        .execute(rusqlite::params![
+            super::key_id(&k.spki_der),
+            seal,
+            k.algorithm.name(),
+            k.spki_der,
+            k.certificate_der,
+            now_ms
+        ])?;
+    }
+    Ok(())
+}
+
 /// Calls `f` on every record matching `filter`, in seq order.
 pub fn for_each(
     conn: &Connection,

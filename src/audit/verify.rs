@@ -30,6 +30,90 @@ impl TrustedKey {
     }
 }
 
+/// The seals' public keys, by key id, for checking each `stamp.completed` signature. A row
+/// whose key is not the one its id names (or whose algorithm is unknown) is kept as a fault,
+/// reported at every stamp that names it.
+#[derive(Default)]
+pub struct SealKeys(HashMap<(String, String), SealKeyEntry>);
+
+/// A seal key by (key id, algorithm name): the key, or why the row naming it is wrong.
+type SealKeyEntry = Result<(Algorithm, Vec<u8>), String>;
+
+impl SealKeys {
+    /// From (key id, algorithm name, SPKI DER) rows.
+    pub fn from_rows<'a>(rows: impl IntoIterator<Item = (&'a str, &'a str, &'a [u8])>) -> SealKeys {
+        let mut map = HashMap::new();
+        for (id, alg, spki) in rows {
+            let entry = if super::key_id(spki) != id {
+                Err(format!(
+                    "the seal key recorded under id {id} is another key (its id is {}): the seal keys were altered",
+                    super::key_id(spki)
+                ))
+            } else {
+                Algorithm::parse(alg).map(|a| (a, spki.to_vec()))
+            };
+            map.insert((id.to_owned(), alg.to_owned()), entry);
+        }
+        SealKeys(map)
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// What is wrong with a `stamp.completed` record's evidence, if anything: it names a key
+    /// this set holds, of the algorithm it says, `signature_sha256` is the signature's, and the
+    /// signature verifies over `doc_sha256` under that key.
+    fn check(&self, r: &Record) -> Option<String> {
+        #[derive(serde::Deserialize)]
+        struct Evidence {
+            algorithm: String,
+            key_id: String,
+            signature: String,
+            signature_sha256: String,
+        }
+        let e: Evidence = match serde_json::from_str(&r.evidence) {
+            Ok(e) => e,
+            Err(e) => return Some(format!("its evidence is not a stamp's: {e}")),
+        };
+        let (alg, spki) = match self.0.get(&(e.key_id.clone(), e.algorithm.clone())) {
+            None => {
+                return Some(format!(
+                    "its key {} ({}) is not one of the seal keys given",
+                    e.key_id, e.algorithm
+                ))
+            }
+            Some(Err(why)) => return Some(why.clone()),
+            Some(Ok(k)) => k,
+        };
+        let sig = match base64::Engine::decode(
+            &base64::engine::general_purpose::STANDARD,
+            &e.signature,
+        ) {
+            Ok(s) => s,
+            Err(_) => return Some("its signature is not base64".into()),
+        };
+        let digest = <sha2::Sha256 as sha2::Digest>::digest(&sig);
+        if hex::encode(digest) != e.signature_sha256 {
+            return Some("signature_sha256 is not the SHA-256 of its signature".into());
+        }
+        let doc: [u8; 32] = match hex::decode(&r.doc_sha256)
+            .ok()
+            .and_then(|d| d.try_into().ok())
+        {
+            Some(d) => d,
+            None => return Some("doc_sha256 is not 32 bytes of hex".into()),
+        };
+        crate::device::keys::verify_stamp_signature(*alg, spki, &doc, &sig)
+            .err()
+            .map(|why| format!("its {why} over doc_sha256 under seal key {}", e.key_id))
+    }
+}
+
 /// One thing found wrong, at the seq it concerns.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct Problem {
@@ -44,6 +128,8 @@ pub struct Report {
     pub checkpoints: usize,
     pub last_checkpoint_seq: u64,
     pub last_checkpoint_at_ms: i64,
+    /// `stamp.completed` records whose signature was checked under its seal key.
+    pub stamps_checked: u64,
     /// Sorted by seq; empty when the log verifies.
     pub problems: Vec<Problem>,
 }
@@ -55,12 +141,14 @@ impl Report {
 }
 
 /// Verifies the log read by `next` (which fills the record it is given and returns false at
-/// the end; records must come in seq order), against `checkpoints` and the trusted `keys`.
+/// the end; records must come in seq order), against `checkpoints` and the trusted `keys`;
+/// with `seals`, also every `stamp.completed` signature under its seal key.
 /// `progress` is called with the number of records read so far, now and then.
 pub fn verify(
     mut next: impl FnMut(&mut Record) -> Result<bool, String>,
     checkpoints: &[Checkpoint],
     keys: &[TrustedKey],
+    seals: Option<&SealKeys>,
     mut progress: impl FnMut(u64),
 ) -> Result<Report, String> {
     let mut report = Report {
@@ -113,6 +201,15 @@ pub fn verify(
                 cps.next();
             }
         }
+        if let Some(seals) = seals.filter(|_| cur.kind == super::kind::STAMP_COMPLETED) {
+            report.stamps_checked += 1;
+            if let Some(why) = seals.check(&cur) {
+                record_problem = Some(Problem {
+                    seq: cur.seq,
+                    what: format!("stamp.completed {}: {why}", cur.seq),
+                });
+            }
+        }
         expected = cur.seq + 1;
         prev = cur.hash;
     }
@@ -147,6 +244,15 @@ pub fn verify(
 /// trusted key.
 fn check_checkpoints(checkpoints: &[Checkpoint], keys: &[TrustedKey]) -> Option<Problem> {
     let by_id: HashMap<&str, &TrustedKey> = keys.iter().map(|k| (k.key_id.as_str(), k)).collect();
+    if let Some(w) = checkpoints.windows(2).find(|w| w[1].seq <= w[0].seq) {
+        return Some(Problem {
+            seq: w[1].seq,
+            what: format!(
+                "checkpoint {} comes after checkpoint {}: the checkpoints are out of order (reordered)",
+                w[1].seq, w[0].seq
+            ),
+        });
+    }
     let mut prev_seq = 0u64;
     for c in checkpoints {
         let bad = |what: String| Some(Problem { seq: c.seq, what });
@@ -337,6 +443,7 @@ mod tests {
             },
             cps,
             std::slice::from_ref(key),
+            None,
             |_| {},
         )
         .unwrap()

@@ -118,6 +118,54 @@ pub fn verify_device_signature(
     }
 }
 
+/// Checks a stamp's signature over the document's SHA-256 `digest`, in the encoding the README's
+/// table gives for each algorithm: ECDSA P-256 (DER) and RSA (PSS with a 32-byte salt, or
+/// PKCS#1 v1.5) over the digest as SHA-256's output; Ed25519 whose message is the digest.
+pub fn verify_stamp_signature(
+    algorithm: super::Algorithm,
+    spki_der: &[u8],
+    digest: &[u8; 32],
+    signature: &[u8],
+) -> Result<(), String> {
+    use signature::hazmat::PrehashVerifier;
+    use spki::DecodePublicKey;
+    let bad = |_| "signature does not verify".to_string();
+    match algorithm {
+        super::Algorithm::EcdsaP256Sha256 => {
+            let key = p256::ecdsa::VerifyingKey::from_public_key_der(spki_der)
+                .map_err(|_| "not a P-256 public key".to_string())?;
+            let sig = p256::ecdsa::Signature::from_der(signature)
+                .map_err(|_| "not a DER ECDSA signature".to_string())?;
+            key.verify_prehash(digest, &sig).map_err(bad)
+        }
+        super::Algorithm::Ed25519 => {
+            let key = ed25519_dalek::VerifyingKey::from_public_key_der(spki_der)
+                .map_err(|_| "not an Ed25519 public key".to_string())?;
+            let sig = ed25519_dalek::Signature::from_slice(signature)
+                .map_err(|_| "not a 64-byte Ed25519 signature".to_string())?;
+            key.verify_strict(digest, &sig)
+                .map_err(|_| "signature does not verify".to_string())
+        }
+        super::Algorithm::RsaPssSha256 | super::Algorithm::RsaPkcs1Sha256 => {
+            let key = rsa::RsaPublicKey::from_public_key_der(spki_der)
+                .map_err(|_| "not an RSA public key".to_string())?;
+            if algorithm == super::Algorithm::RsaPssSha256 {
+                let sig = rsa::pss::Signature::try_from(signature)
+                    .map_err(|_| "not an RSA signature".to_string())?;
+                rsa::pss::VerifyingKey::<rsa::sha2::Sha256>::new(key)
+                    .verify_prehash(digest, &sig)
+                    .map_err(bad)
+            } else {
+                let sig = rsa::pkcs1v15::Signature::try_from(signature)
+                    .map_err(|_| "not an RSA signature".to_string())?;
+                rsa::pkcs1v15::VerifyingKey::<rsa::sha2::Sha256>::new(key)
+                    .verify_prehash(digest, &sig)
+                    .map_err(bad)
+            }
+        }
+    }
+}
+
 /// The algorithm of an SPKI public key, for the two kinds [`verify_device_signature`] checks.
 pub fn spki_algorithm(spki_der: &[u8]) -> Option<super::Algorithm> {
     use spki::DecodePublicKey;

@@ -370,6 +370,16 @@ impl Service {
             .collect::<Result<Vec<_>, StartError>>()?;
         let (key, anomaly) = audit_parts(config, &registry)?;
         let audit = AuditLog::open(store.path().to_owned(), key, anomaly)?;
+        store.with(|c| {
+            crate::audit::query::record_seal_keys(
+                c,
+                registry
+                    .seals
+                    .values()
+                    .map(|s| (s.id.as_str(), s.device.key(s.key))),
+                crate::audit::now_ms(),
+            )
+        })?;
         let mfa = match &config.mfa {
             None => None,
             Some(m) => {

@@ -4,7 +4,7 @@
 use anyhow::{bail, Context};
 use clap::{Args as ClapArgs, Subcommand, ValueEnum};
 use sealgate::audit::query::{self, Filter};
-use sealgate::audit::verify::{verify, Report, TrustedKey};
+use sealgate::audit::verify::{verify, Problem, Report, SealKeys, TrustedKey};
 use sealgate::audit::Checkpoint;
 use sealgate::device::keys::pem;
 use std::io::{BufRead, BufWriter, Write};
@@ -12,8 +12,11 @@ use std::path::{Path, PathBuf};
 
 #[derive(Subcommand)]
 pub enum AuditCommand {
-    /// Verify the hash chain, the sequence and every checkpoint's device signature, with
-    /// nothing but public keys. Exit 0 only when everything holds, 1 when something does not.
+    /// Verify the hash chain, the sequence, every checkpoint's device signature and every
+    /// completed stamp's signature under its seal key, with nothing but public keys. Exit 0
+    /// only when everything holds; 1 when something does not (with --key, also when nothing
+    /// in the log is signed by a key given, as for an empty log); 2 when the log or a key
+    /// cannot be read.
     Verify {
         #[command(flatten)]
         source: Source,
@@ -42,9 +45,14 @@ pub enum AuditCommand {
         format: Option<ExportFormat>,
         #[arg(long, requires = "format")]
         out: Option<PathBuf>,
-        /// Write records, checkpoints, the audit public keys and a README to this directory.
+        /// Write records, checkpoints, the audit and seal public keys (with the seals'
+        /// certificates) and a README to this directory.
         #[arg(long)]
         bundle: Option<PathBuf>,
+        /// CA certificates (PEM) to put in the bundle's ca/ folder, so the seals' certificates
+        /// can be checked from the bundle alone; repeat for a chain.
+        #[arg(long, requires = "bundle")]
+        ca: Vec<PathBuf>,
     },
     /// Stamps per seal per day, top applicants, refusals by reason, alerts by rule.
     Stats {
@@ -135,6 +143,7 @@ pub fn run(command: &AuditCommand, json: bool) -> anyhow::Result<i32> {
             format,
             out,
             bundle,
+            ca,
         } => {
             let conn = open(&db.db)?;
             match (format, bundle) {
@@ -151,7 +160,7 @@ pub fn run(command: &AuditCommand, json: bool) -> anyhow::Result<i32> {
                         eprintln!("exported {n} records");
                     }
                 }
-                (None, Some(dir)) => export_bundle(&conn, dir)?,
+                (None, Some(dir)) => export_bundle(&conn, dir, ca)?,
                 (None, None) => bail!("give --format jsonl or --bundle DIR"),
             }
             Ok(0)
@@ -228,6 +237,16 @@ fn run_verify(source: &Source, key_files: &[PathBuf], json: bool) -> anyhow::Res
         Some(dir) => verify_bundle(dir, keys)?,
         None => verify_db(&source.db.db, keys, json)?,
     };
+    let mut report = report;
+    if !from_log && report.checkpoints == 0 {
+        report.problems.insert(
+            0,
+            Problem {
+                seq: 0,
+                what: "nothing in it is signed by the key given: it holds no checkpoint".into(),
+            },
+        );
+    }
     let seconds = started.elapsed().as_secs_f64();
     let rate = report.records as f64 / seconds.max(1e-9);
     if json {
@@ -239,6 +258,7 @@ fn run_verify(source: &Source, key_files: &[PathBuf], json: bool) -> anyhow::Res
                 "last_seq": report.last_seq,
                 "checkpoints": report.checkpoints,
                 "last_checkpoint_seq": report.last_checkpoint_seq,
+                "stamps_checked": report.stamps_checked,
                 "problems": report.problems,
                 "keys_from_log": from_log,
                 "seconds": seconds,
@@ -257,20 +277,25 @@ fn run_verify(source: &Source, key_files: &[PathBuf], json: bool) -> anyhow::Res
 fn print_report(r: &Report, seconds: f64, rate: f64) {
     match r.problems.first() {
         None => println!(
-            "audit log verifies: {} records (seq 1..{}), {} checkpoints; the last covers seq {} ({}); {:.2} s, {:.0} records/s",
+            "audit log verifies: {} records (seq 1..{}), {} checkpoints; the last covers seq {} ({}); {} stamp signatures checked; {:.2} s, {:.0} records/s",
             r.records,
             r.last_seq,
             r.checkpoints,
             r.last_checkpoint_seq,
             time(r.last_checkpoint_at_ms),
+            r.stamps_checked,
             seconds,
             rate
         ),
         Some(first) => {
-            println!(
-                "audit log FAILED verification at seq {}: {}",
-                first.seq, first.what
-            );
+            if first.seq == 0 {
+                println!("audit log FAILED verification: {}", first.what);
+            } else {
+                println!(
+                    "audit log FAILED verification at seq {}: {}",
+                    first.seq, first.what
+                );
+            }
             for p in &r.problems[1..] {
                 println!("also at seq {}: {}", p.seq, p.what);
             }
@@ -294,11 +319,22 @@ fn keys_from_log(conn: &rusqlite::Connection) -> anyhow::Result<Vec<TrustedKey>>
         .collect()
 }
 
+/// The seal keys of a log or bundle, checked against their ids.
+/// The seal keys of a log or bundle. Every completed stamp must name one of them: a log whose
+/// seal keys are missing fails at its first stamp.
+fn seal_keys_of(rows: &[query::SealKeyRow]) -> SealKeys {
+    SealKeys::from_rows(
+        rows.iter()
+            .map(|r| (r.key_id.as_str(), r.algorithm.as_str(), r.spki.as_slice())),
+    )
+}
+
 fn verify_db(path: &Path, mut keys: Vec<TrustedKey>, quiet: bool) -> anyhow::Result<Report> {
     let conn = open(path)?;
     if keys.is_empty() {
         keys = keys_from_log(&conn)?;
     }
+    let seals = seal_keys_of(&query::seal_keys(&conn)?);
     let checkpoints = query::checkpoints(&conn)?;
     let total: i64 = conn.query_row("SELECT count(*) FROM audit", [], |r| r.get(0))?;
     let bar = (!quiet && total > 200_000 && std::io::IsTerminal::is_terminal(&std::io::stderr()))
@@ -327,6 +363,7 @@ fn verify_db(path: &Path, mut keys: Vec<TrustedKey>, quiet: bool) -> anyhow::Res
         },
         &checkpoints,
         &keys,
+        Some(&seals),
         |n| {
             if let Some(b) = &bar {
                 b.set_position(n);
@@ -362,6 +399,16 @@ fn verify_bundle(dir: &Path, mut keys: Vec<TrustedKey>) -> anyhow::Result<Report
             .with_context(|| format!("checkpoints.jsonl line {}", i + 1))?;
         checkpoints.push(c);
     }
+    let mut rows = Vec::new();
+    if dir.join("seal-keys.jsonl").exists() {
+        for (i, line) in read_lines("seal-keys.jsonl")?.enumerate() {
+            rows.push(
+                serde_json::from_str::<query::SealKeyRow>(&line?)
+                    .with_context(|| format!("seal-keys.jsonl line {}", i + 1))?,
+            );
+        }
+    }
+    let seals = seal_keys_of(&rows);
     let mut lines = read_lines("records.jsonl")?.enumerate();
     let report = verify(
         |r| match lines.next() {
@@ -375,6 +422,7 @@ fn verify_bundle(dir: &Path, mut keys: Vec<TrustedKey>) -> anyhow::Result<Report
         },
         &checkpoints,
         &keys,
+        Some(&seals),
         |_| {},
     )
     .map_err(|e| anyhow::anyhow!(e))?;
@@ -394,9 +442,11 @@ fn write_jsonl(conn: &rusqlite::Connection, sink: impl Write) -> anyhow::Result<
     Ok(n)
 }
 
-fn export_bundle(conn: &rusqlite::Connection, dir: &Path) -> anyhow::Result<()> {
-    std::fs::create_dir_all(dir.join("audit-keys"))
-        .with_context(|| format!("cannot create {}", dir.display()))?;
+fn export_bundle(conn: &rusqlite::Connection, dir: &Path, ca: &[PathBuf]) -> anyhow::Result<()> {
+    for sub in ["audit-keys", "seal-keys"] {
+        std::fs::create_dir_all(dir.join(sub))
+            .with_context(|| format!("cannot create {}", dir.display()))?;
+    }
     // One read transaction, so records and checkpoints are from the same moment.
     conn.execute_batch("BEGIN")?;
     let create = |name: &str| {
@@ -417,7 +467,33 @@ fn export_bundle(conn: &rusqlite::Connection, dir: &Path) -> anyhow::Result<()> 
             pem("PUBLIC KEY", &spki),
         )?;
     }
+    let seals = query::seal_keys(conn)?;
+    let mut out = BufWriter::new(create("seal-keys.jsonl")?);
+    for k in &seals {
+        serde_json::to_writer(&mut out, k)?;
+        out.write_all(b"\n")?;
+        let base = format!("seal-keys/{}-{}", k.seal, k.key_id);
+        std::fs::write(
+            dir.join(format!("{base}.pub.pem")),
+            pem("PUBLIC KEY", &k.spki),
+        )?;
+        if let Some(c) = &k.certificate {
+            std::fs::write(dir.join(format!("{base}.crt.pem")), c)?;
+        }
+    }
+    out.flush()?;
     conn.execute_batch("COMMIT")?;
+    if !ca.is_empty() {
+        std::fs::create_dir_all(dir.join("ca"))?;
+        for (i, c) in ca.iter().enumerate() {
+            let text = std::fs::read_to_string(c)
+                .with_context(|| format!("cannot read {}", c.display()))?;
+            if !text.contains("-----BEGIN CERTIFICATE-----") {
+                bail!("{} is not a PEM certificate", c.display());
+            }
+            std::fs::write(dir.join(format!("ca/{i}.crt.pem")), text)?;
+        }
+    }
     std::fs::write(
         dir.join("README.txt"),
         format!(
@@ -425,6 +501,9 @@ fn export_bundle(conn: &rusqlite::Connection, dir: &Path) -> anyhow::Result<()> 
              records.jsonl      one record per line, with prev_hash and hash\n\
              checkpoints.jsonl  device-signed (seq, prev_seq, head, at_ms)\n\
              audit-keys/        the audit keys' public halves (SPKI PEM), named by key id\n\
+             seal-keys.jsonl    each seal key: key_id, seal, algorithm, spki (hex DER), certificate (PEM)\n\
+             seal-keys/         the same as PEM files, SEAL-KEYID.pub.pem and .crt.pem\n\
+             ca/                CA certificates given at export (--ca), if any\n\
              Check it with:  sealctl audit verify --bundle . --key <the audit key you trust>\n\
              The encodings are described in docs/audit-log.md of sealgate.\n",
             checkpoints.len(),

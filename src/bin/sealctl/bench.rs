@@ -618,7 +618,9 @@ fn verify_speed(
             tasks.push(tokio::spawn(async move {
                 let mut i = w;
                 while i < n {
-                    let mut r = Record::new(sealgate::audit::kind::STAMP_COMPLETED);
+                    // Authorisations: their evidence is not a signature, so this measures the
+                    // chain and checkpoints; each completed stamp's signature check is extra.
+                    let mut r = Record::new(sealgate::audit::kind::STAMP_AUTHORIZED);
                     r.caller = "oa-system".into();
                     r.seal = "contract".into();
                     r.device = "demo-hsm".into();
