@@ -164,8 +164,21 @@ approver wang.fang p256
 if [ ! -f "$dir/sealgate.toml" ]; then
   uid=$(id -u)
   root_line="allow_root = false"
+  # The office application and the administrator are different callers: an office app that
+  # could also enroll or reset applicants' TOTP would hold both factors of the official seal.
+  # The administrator is root (run its commands with sudo), unless the demo itself runs as root.
+  admin_caller="[[caller]]
+name = \"demo-admin\"
+uids = [0]
+seals = []
+admin = true"
+  office_admin=false
   if [ "$uid" -eq 0 ]; then
     root_line="allow_root = true   # set up as root for the demo; run as a dedicated user in production"
+    # One uid cannot be two callers: as root, the office app is also the administrator here.
+    admin_caller="# Set up as root: root is the office app and the administrator alike. Run the demo as
+# another user to have them apart, as any real installation must."
+    office_admin=true
   fi
   cat >"$dir/sealgate.toml" <<EOF
 # sealgate demo configuration, written by softhsm-setup.sh.
@@ -178,12 +191,15 @@ max_connections = 64
 request_timeout_ms = 5000
 $root_line
 
-# The user who ran the set-up may use every demo seal, and enroll applicants for TOTP.
+# The office application: the user who ran the set-up may use every demo seal.
 [[caller]]
 name = "demo-office-app"
 uids = [$uid]
 seals = ["contract", "finance", "official"]
-admin = true
+admin = $office_admin
+
+# The administrator: enrolls and resets applicants' TOTP, follows alerts; stamps nothing.
+$admin_caller
 
 [[device]]
 id = "demo-hsm"

@@ -49,3 +49,60 @@ fn make_install_lays_out_a_package() {
         .unwrap();
     assert!(String::from_utf8_lossy(&v.stdout).starts_with("sealgated "));
 }
+
+/// The demo's office app and its administrator are different callers: set up by an ordinary
+/// user, the office app (that user) may stamp but not enroll TOTP, and root administers.
+#[test]
+fn the_demo_keeps_the_office_app_and_the_administrator_apart() {
+    use std::os::unix::process::CommandExt;
+    let (uid, text) = if nix::unistd::geteuid().is_root() {
+        // Run the set-up as another user, in a folder of its own.
+        let dir = tempfile::tempdir().unwrap();
+        let demo = dir.path().join("demo");
+        std::fs::create_dir(&demo).unwrap();
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        nix::unistd::chown(&demo, Some(nix::unistd::Uid::from_raw(4242)), None).unwrap();
+        let out = std::process::Command::new("bash")
+            .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("softhsm-setup.sh"))
+            .arg(&demo)
+            .env("HOME", &demo)
+            .uid(4242)
+            .gid(4242)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (
+            4242,
+            std::fs::read_to_string(demo.join("sealgate.toml")).unwrap(),
+        )
+    } else {
+        let uid = nix::unistd::getuid().as_raw();
+        (
+            uid,
+            std::fs::read_to_string(common::demo().dir.join("sealgate.toml")).unwrap(),
+        )
+    };
+    let config: toml::Value = toml::from_str(&text).unwrap();
+    let callers = config["caller"].as_array().unwrap();
+    let office = callers
+        .iter()
+        .find(|c| c["name"].as_str() == Some("demo-office-app"))
+        .unwrap();
+    let admin = callers
+        .iter()
+        .find(|c| c["name"].as_str() == Some("demo-admin"))
+        .unwrap();
+    assert_eq!(
+        office["uids"].as_array().unwrap()[0].as_integer(),
+        Some(uid as i64)
+    );
+    assert_eq!(office["admin"].as_bool(), Some(false));
+    assert!(!office["seals"].as_array().unwrap().is_empty());
+    assert_eq!(admin["uids"].as_array().unwrap()[0].as_integer(), Some(0));
+    assert_eq!(admin["admin"].as_bool(), Some(true));
+    assert!(admin["seals"].as_array().unwrap().is_empty());
+}

@@ -659,3 +659,46 @@ async fn two_cards_in_two_readers_stamp_at_the_same_time() {
     let (code, out) = audit_verify(&daemon.db());
     assert_eq!(code, 0, "{out}");
 }
+
+/// Two emulated cards are two tokens to OpenSC: each card's CHUID carries the FASC-N of
+/// non-federal cards (agency 9999), so OpenSC takes the serial from the card's GUID.
+#[tokio::test(flavor = "multi_thread")]
+async fn opensc_sees_two_emulated_cards_as_two_tokens() {
+    let _turn = turn().await;
+    let keys = tempfile::tempdir().unwrap();
+    let ka = make_key(keys.path(), "card-a", "ec");
+    let kb = make_key(keys.path(), "card-b", "ec");
+    let _a = Card::start(35963, GUID_A, &[("9c", &ka)], &[]);
+    let _b = Card::start(35964, GUID_B, &[("9c", &kb)], &[]);
+    let module = [
+        "/usr/lib/x86_64-linux-gnu/opensc-pkcs11.so",
+        "/usr/lib/aarch64-linux-gnu/opensc-pkcs11.so",
+    ]
+    .into_iter()
+    .find(|m| Path::new(m).exists())
+    .expect("OpenSC's PKCS#11 module (opensc-pkcs11)");
+    let out = Command::new("pkcs11-tool")
+        .args(["--module", module, "-L"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let serials: Vec<String> = text
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("serial num"))
+        .map(|s| s.trim_start_matches([' ', ':']).trim().to_lowercase())
+        .collect();
+    assert_eq!(serials.len(), 2, "two tokens expected: {text}");
+    assert_ne!(serials[0], serials[1], "one serial for two cards: {text}");
+    // Each serial comes from its card's GUID (OpenSC shows its last 8 bytes).
+    for (serial, guid) in serials.iter().zip([GUID_A, GUID_B]) {
+        assert!(
+            serial.len() >= 8 && guid.ends_with(serial.as_str()),
+            "serial {serial} is not from GUID {guid}: {text}"
+        );
+    }
+}

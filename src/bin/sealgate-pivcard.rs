@@ -15,6 +15,16 @@
 //! Standard output reports events as `key=value` lines: `inserted`, `removed`, `verify ...`,
 //! `signed slot=..`, and the answer to `status`.
 
+/// The FASC-N that non-federal PIV cards (PIV-I, PIV compatible) carry: agency code 9999,
+/// system code 9999, credential number 999999, in the standard's 5-bit BCD with parity
+/// (SP 800-73-4 Part 1 and the PIV-I profile). Readers such as OpenSC see agency 9999 and take
+/// the card's identity (and a token's serial) from the GUID instead, so each emulated card is
+/// its own token.
+const FASCN_NON_FEDERAL: [u8; 25] = [
+    0xD4, 0xE7, 0x39, 0xDA, 0x73, 0x9C, 0xED, 0x39, 0xCE, 0x73, 0x9D, 0x83, 0x68, 0x58, 0x21, 0x08,
+    0x42, 0x10, 0x84, 0x21, 0xC8, 0x42, 0x10, 0xC3, 0xEB,
+];
+
 use clap::Parser;
 use sealgate::device::piv::{self, Slot};
 use std::collections::HashMap;
@@ -394,7 +404,7 @@ impl Card {
         };
         let object = tag.iter().fold(0u32, |a, b| (a << 8) | u32::from(*b));
         let content = if object == piv::OBJ_CHUID {
-            let mut c = piv::tlv(0x30, &[0xD4; 25]); // FASC-N, not used here
+            let mut c = piv::tlv(0x30, &FASCN_NON_FEDERAL);
             c.extend(piv::tlv(piv::CHUID_GUID, &self.guid));
             c.extend(piv::tlv(0x35, b"20991231"));
             c.extend(piv::tlv(0x3E, &[]));
