@@ -1015,3 +1015,125 @@ async fn an_applicant_is_one_person_in_every_spelling_and_one_key_is_one_approve
     assert!(!status.success());
     assert!(stderr.contains("normal form"), "{stderr}");
 }
+
+#[test]
+fn sealctl_json_gives_one_object_on_stdout_for_every_refusal() {
+    let d = Daemon::start(&Opts::default());
+    let work = tempfile::tempdir().unwrap();
+    let f = work.path().join("doc.txt");
+    std::fs::write(&f, "the document").unwrap();
+    let digest = sha256(b"the document");
+    // An approval with one level of the two the large-contract rule needs.
+    let mut a = large(&digest);
+    a.signers.truncate(1);
+    let token = work.path().join("t.json");
+    std::fs::write(&token, a.token()).unwrap();
+    let (f, t) = (f.to_str().unwrap(), token.to_str().unwrap());
+    let python = std::env::var("SEALGATE_TEST_PYTHON").unwrap_or_else(|_| "python3".into());
+    // (args, exit code, status, code, reason)
+    let cases: Vec<(Vec<&str>, i32, &str, Option<i64>, &str)> = vec![
+        (
+            vec!["stamp", "--seal", "contract", "--file", f, "--token", t],
+            1,
+            "APPROVAL_DENIED",
+            Some(13),
+            "missing_level",
+        ),
+        (
+            vec!["token", "check", "--seal", "contract", "--file", f, t],
+            1,
+            "APPROVAL_DENIED",
+            Some(13),
+            "missing_level",
+        ),
+        (
+            vec![
+                "terminal", "grant", "--seal", "contract", "--file", f, "--token", t,
+            ],
+            1,
+            "INVALID_ARGUMENT",
+            Some(4),
+            "",
+        ),
+        (
+            vec!["mfa", "reset", "nobody.here"],
+            1,
+            "INVALID_ARGUMENT",
+            Some(4),
+            "",
+        ),
+        (
+            vec!["seal", "show", "no-such-seal"],
+            1,
+            "UNKNOWN_SEAL",
+            Some(6),
+            "",
+        ),
+        (
+            vec![
+                "stamp",
+                "--seal",
+                "contract",
+                "--file",
+                f,
+                "--token",
+                "/nonexistent/t.json",
+            ],
+            2,
+            "LOCAL_ERROR",
+            None,
+            "",
+        ),
+        (
+            vec!["token", "inspect", "/nonexistent/t.json"],
+            2,
+            "LOCAL_ERROR",
+            None,
+            "",
+        ),
+    ];
+    let run = |socket: &std::path::Path, args: &[&str]| {
+        Command::new(SEALCTL)
+            .env("SEALGATE_SOCKET", socket)
+            .arg("--json")
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let parse = |stdout: &[u8]| -> String {
+        let mut child = Command::new(&python)
+            .args(["-c", "import json,sys; d=json.loads(sys.stdin.read()); assert d['ok'] is False; print(d['status'], d['code'], d.get('reason', ''), bool(d['message']))"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        use std::io::Write;
+        child.stdin.take().unwrap().write_all(stdout).unwrap();
+        let out = child.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "not one JSON object: {}",
+            String::from_utf8_lossy(stdout)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    };
+    for (args, exit, status, code, reason) in &cases {
+        let out = run(&d.socket, args);
+        assert_eq!(
+            out.status.code(),
+            Some(*exit),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let code = code.map(|c| c.to_string()).unwrap_or_else(|| "None".into());
+        assert_eq!(
+            parse(&out.stdout),
+            format!("{status} {code} {reason} True"),
+            "{args:?}"
+        );
+    }
+    // A daemon that is not there: exit 3, and the same shape.
+    let out = run(&work.path().join("no.sock"), &["seals"]);
+    assert_eq!(out.status.code(), Some(3));
+    assert_eq!(parse(&out.stdout), "UNREACHABLE None  True");
+}

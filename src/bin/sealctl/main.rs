@@ -18,7 +18,19 @@ use sha2::{Digest, Sha256};
 use std::path::PathBuf;
 
 #[derive(Parser)]
-#[command(name = "sealctl", version, about = "Talk to sealgated")]
+#[command(
+    name = "sealctl",
+    version,
+    about = "Talk to sealgated",
+    after_help = "Exit codes, the same for every command:\n  \
+        0  done (for `audit verify`: the log verifies)\n  \
+        1  refused by the daemon (any status but OK), or an offline check found something wrong\n  \
+        2  usage or local error (arguments, files, a socket served by another user)\n  \
+        3  the daemon could not be reached, or the connection broke\n\
+        With --json, every outcome is one JSON object on stdout; a failure is\n  \
+        {\"ok\": false, \"status\": \"APPROVAL_DENIED\", \"code\": 13, \"reason\": \"missing_level\", \"message\": \"…\"}\n\
+        (status LOCAL_ERROR or UNREACHABLE, code null, for exits 2 and 3)."
+)]
 struct Cli {
     /// The daemon's socket.
     #[arg(
@@ -32,7 +44,7 @@ struct Cli {
     /// sending anything. Default: root, the user `sealgate`, or your own uid.
     #[arg(long, global = true, env = "SEALGATE_DAEMON_UID")]
     daemon_uid: Option<u32>,
-    /// Print JSON instead of text.
+    /// Print JSON instead of text: one object on stdout for every outcome, refusals included.
     #[arg(long, global = true)]
     json: bool,
     #[command(subcommand)]
@@ -487,42 +499,112 @@ fn pkcs11_signer(
     })
 }
 
+/// How sealctl ends, the same for every subcommand (also in `--help` and README).
+mod exit {
+    /// Done: the daemon did it, or the offline check holds.
+    pub const DONE: i32 = 0;
+    /// The daemon refused (any status but OK: an approval refused, a seal not allowed, a
+    /// device unavailable…), or an offline check found something wrong.
+    pub const REFUSED: i32 = 1;
+    /// Usage or a local error: bad arguments, a file that cannot be read or written, a socket
+    /// served by another user; nothing was asked of the daemon, or its answer made no sense.
+    pub const LOCAL: i32 = 2;
+    /// The daemon could not be reached, or the connection broke before its answer.
+    pub const UNREACHABLE: i32 = 3;
+}
+
+/// A request the daemon answered with a status other than OK.
+#[derive(Debug)]
+struct Refused {
+    status: i32,
+    reason: String,
+    message: String,
+}
+
+impl std::fmt::Display for Refused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} ({}): {}",
+            status_name(self.status),
+            self.status,
+            self.message
+        )
+    }
+}
+
+impl std::error::Error for Refused {}
+
+/// Reports a failure, on stdout as one JSON object with `--json` (stderr otherwise), and gives
+/// the exit code for it.
+fn fail(e: &anyhow::Error, json: bool) -> i32 {
+    let (code, status, status_code, reason, message) = if let Some(r) = e.downcast_ref::<Refused>()
+    {
+        (
+            exit::REFUSED,
+            status_name(r.status).to_owned(),
+            Some(r.status),
+            r.reason.clone(),
+            r.message.clone(),
+        )
+    } else if e.chain().any(|c| {
+        c.downcast_ref::<sealgate::protocol::client::ClientError>()
+            .is_some()
+    }) {
+        (
+            exit::UNREACHABLE,
+            "UNREACHABLE".into(),
+            None,
+            String::new(),
+            format!("{e:#}"),
+        )
+    } else {
+        (
+            exit::LOCAL,
+            "LOCAL_ERROR".into(),
+            None,
+            String::new(),
+            format!("{e:#}"),
+        )
+    };
+    if json {
+        println!(
+            "{}",
+            json!({"ok": false, "status": status, "code": status_code, "reason": reason, "message": message})
+        );
+    } else {
+        eprintln!("sealctl: {e:#}");
+    }
+    code
+}
+
 fn main() {
     let cli = Cli::parse();
+    let json = cli.json;
     if let Command::Bench(args) = cli.command {
         if let Err(e) = bench::run(args) {
-            eprintln!("sealctl bench: {e:#}");
-            std::process::exit(1);
+            std::process::exit(fail(&e.context("sealctl bench"), json));
         }
         return;
     }
     if let Command::Audit { command } = &cli.command {
-        match audit::run(command, cli.json) {
+        match audit::run(command, json) {
             Ok(code) => std::process::exit(code),
-            Err(e) => {
-                eprintln!("sealctl: {e:#}");
-                std::process::exit(2);
-            }
+            Err(e) => std::process::exit(fail(&e, json)),
         }
     }
     match offline(&cli) {
         Ok(true) => return,
         Ok(false) => {}
-        Err(e) => {
-            eprintln!("sealctl: {e:#}");
-            std::process::exit(1);
-        }
+        Err(e) => std::process::exit(fail(&e, json)),
     }
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .expect("a current-thread runtime starts");
     match runtime.block_on(run(cli)) {
-        Ok(()) => {}
-        Err(e) => {
-            eprintln!("sealctl: {e:#}");
-            std::process::exit(1);
-        }
+        Ok(code) => std::process::exit(code),
+        Err(e) => std::process::exit(fail(&e, json)),
     }
 }
 
@@ -559,12 +641,12 @@ fn check_peer(client: &Client, cli: &Cli) -> anyhow::Result<()> {
 /// Turns a refused response into an error naming its status.
 fn check(resp: Response) -> anyhow::Result<response::Body> {
     if resp.status != Status::Ok as i32 {
-        bail!(
-            "{} ({}): {}",
-            status_name(resp.status),
-            resp.status,
-            resp.message
-        );
+        return Err(Refused {
+            status: resp.status,
+            reason: resp.reason,
+            message: resp.message,
+        }
+        .into());
     }
     resp.body.context("the daemon answered OK without a body")
 }
@@ -600,7 +682,7 @@ fn device_status(code: i32) -> &'static str {
     }
 }
 
-async fn run(cli: Cli) -> anyhow::Result<()> {
+async fn run(cli: Cli) -> anyhow::Result<i32> {
     let mut client = Client::connect(&cli.socket).await?;
     check_peer(&client, &cli)?;
     match cli.command {
@@ -785,10 +867,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     .iter()
                     .map(|d| json!({"reason": d.reason, "detail": d.detail}))
                     .collect();
-                println!(
-                    "{}",
-                    json!({"would_pass": c.would_pass, "rule": c.rule, "denials": denials})
-                );
+                let mut v = json!({"ok": c.would_pass, "would_pass": c.would_pass, "rule": c.rule, "denials": denials});
+                if let Some(first) = c.denials.first() {
+                    v["status"] = status_name(Status::ApprovalDenied as i32).into();
+                    v["code"] = (Status::ApprovalDenied as i32).into();
+                    v["reason"] = first.reason.clone().into();
+                    v["message"] = first.detail.clone().into();
+                }
+                println!("{v}");
             } else if c.would_pass {
                 println!("would pass (rule {})", c.rule);
             } else {
@@ -798,7 +884,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 }
             }
             if !c.would_pass {
-                std::process::exit(1);
+                return Ok(exit::REFUSED);
             }
         }
         Command::Token { .. } | Command::Audit { .. } | Command::Bench(_) => {
@@ -927,5 +1013,5 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
     }
-    Ok(())
+    Ok(exit::DONE)
 }
