@@ -1031,7 +1031,8 @@ fn sealctl_json_gives_one_object_on_stdout_for_every_refusal() {
     let (f, t) = (f.to_str().unwrap(), token.to_str().unwrap());
     let python = std::env::var("SEALGATE_TEST_PYTHON").unwrap_or_else(|_| "python3".into());
     // (args, exit code, status, code, reason)
-    let cases: Vec<(Vec<&str>, i32, &str, Option<i64>, &str)> = vec![
+    type JsonCase<'a> = (Vec<&'a str>, i32, &'a str, Option<i64>, &'a str);
+    let cases: Vec<JsonCase> = vec![
         (
             vec!["stamp", "--seal", "contract", "--file", f, "--token", t],
             1,

@@ -848,7 +848,12 @@ async fn the_bundle_alone_checks_every_stamp_signature_and_an_empty_log_is_no_pr
         .iter()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
-    let other = rows[1]["spki"].clone();
+    // Another key (the two RSA rows share one key).
+    let other = rows
+        .iter()
+        .map(|r| r["spki"].clone())
+        .find(|k| *k != rows[0]["spki"])
+        .unwrap();
     rows[0]["spki"] = other;
     let swapped: String = rows.iter().map(|r| r.to_string() + "\n").collect();
     std::fs::write(bundle.join("seal-keys.jsonl"), swapped).unwrap();

@@ -334,6 +334,9 @@ fn verify_db(path: &Path, mut keys: Vec<TrustedKey>, quiet: bool) -> anyhow::Res
     if keys.is_empty() {
         keys = keys_from_log(&conn)?;
     }
+    // One read transaction: records, checkpoints and seal keys from the same moment, so a log
+    // the daemon is writing to verifies as of that moment.
+    conn.execute_batch("BEGIN")?;
     let seals = seal_keys_of(&query::seal_keys(&conn)?);
     let checkpoints = query::checkpoints(&conn)?;
     let total: i64 = conn.query_row("SELECT count(*) FROM audit", [], |r| r.get(0))?;
@@ -374,6 +377,9 @@ fn verify_db(path: &Path, mut keys: Vec<TrustedKey>, quiet: bool) -> anyhow::Res
     if let Some(b) = bar {
         b.finish_and_clear();
     }
+    drop(rows);
+    drop(stmt);
+    conn.execute_batch("COMMIT")?;
     Ok(report)
 }
 
