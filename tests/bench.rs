@@ -12,7 +12,7 @@ fn bench_runs_every_scenario_and_accounts_for_every_stamp() {
     let demo = demo();
     let out = Command::new(SEALCTL)
         .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .args(["bench", "--demo"])
+        .args(["--json", "bench", "--demo"])
         .arg(&demo.dir)
         .args([
             "--algorithms",
@@ -48,4 +48,20 @@ fn bench_runs_every_scenario_and_accounts_for_every_stamp() {
         text.contains("stamp.completed records 280, stamps the clients got 280"),
         "{text}"
     );
+    // With --json the figures are one object on stdout (the report went to stderr).
+    let figures: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let algorithms = figures["algorithms"].as_array().unwrap();
+    assert_eq!(algorithms.len(), 2);
+    for a in algorithms {
+        assert!(a["raw_sign_per_second"].as_f64().unwrap() > 0.0, "{a}");
+        let scenarios = a["scenarios"].as_array().unwrap();
+        assert_eq!(scenarios.len(), 3);
+        for sc in scenarios {
+            assert!(sc["stamps_per_second"].as_f64().unwrap() > 0.0, "{sc}");
+            assert!(sc["p99_ms"].as_f64().unwrap() >= sc["p50_ms"].as_f64().unwrap());
+        }
+        assert!(scenarios[1]["ceiling_per_second"].as_f64().is_some());
+    }
+    assert_eq!(figures["audit_log"]["stamp_completed"], 280);
+    assert_eq!(figures["audit_verify"]["records"], 3000);
 }

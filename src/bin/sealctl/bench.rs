@@ -21,6 +21,19 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+/// With `--json` the human report goes to stderr and one JSON object of the figures to stdout.
+static JSON: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+macro_rules! say {
+    ($($t:tt)*) => {
+        if JSON.load(std::sync::atomic::Ordering::Relaxed) {
+            eprintln!($($t)*)
+        } else {
+            println!($($t)*)
+        }
+    };
+}
+
 #[derive(clap::Args)]
 pub struct BenchArgs {
     /// The demo directory made by softhsm-setup.sh (token, PIN, approvers, audit key).
@@ -66,7 +79,9 @@ fn demo_seal(algorithm: Algorithm) -> anyhow::Result<(&'static str, &'static str
 /// Sessions the daemon opens on the demo token (the softhsm2 profile's default).
 const SESSIONS: usize = 2;
 
-pub fn run(args: BenchArgs) -> anyhow::Result<()> {
+pub fn run(args: BenchArgs, json: bool) -> anyhow::Result<()> {
+    JSON.store(json, std::sync::atomic::Ordering::Relaxed);
+    let mut figures = serde_json::Map::new();
     let demo = args
         .demo
         .canonicalize()
@@ -85,10 +100,12 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             .context("sealctl has no directory")?
             .join("sealgated"),
     };
-    print_machine();
+    figures.insert("machine".into(), print_machine().into());
     let keys = Approvers::load(&demo)?;
     let verify_cost = keys.verify_cost();
-    println!(
+    figures.insert("approval_verify_us".into(), (verify_cost * 1e6).into());
+    let mut per_algorithm = Vec::new();
+    say!(
         "approval signature verification (EdDSA, one core): {:.1} µs",
         verify_cost * 1e6
     );
@@ -102,12 +119,13 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     let mut total_stamps = 0usize;
     for algorithm in algorithms {
         let (seal, label) = demo_seal(algorithm)?;
-        println!("\n== {} (seal {seal}) ==", algorithm.name());
+        say!("\n== {} (seal {seal}) ==", algorithm.name());
         let raw = raw_rate(&demo, label, algorithm, SESSIONS, args.raw_seconds)?;
         let raw1 = raw_rate(&demo, label, algorithm, 1, args.raw_seconds.min(1.0))?;
-        println!(
+        say!(
             "raw C_Sign ({SESSIONS} threads, a session each, cached handle): {raw:.0}/s   (1 thread: {raw1:.0}/s)"
         );
+        let mut scenario_figures = Vec::new();
         let scenarios = [
             (
                 "a",
@@ -129,7 +147,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             let tokens = keys.tokens(seal, stamps, standing);
             let r = runtime.block_on(drive(&daemon.socket, seal, clients, tokens))?;
             total_stamps += r.ok;
-            println!(
+            say!(
                 "{name}. {what:<38} {clients:>2} clients  {:>7.0} stamps/s  ratio to raw {:.2}  p50 {:.2} ms  p95 {:.2} ms  p99 {:.2} ms  avg audit batch {:.1}",
                 r.rate(),
                 r.rate() / raw,
@@ -138,28 +156,54 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
                 r.percentile(0.99),
                 r.avg_batch,
             );
+            let mut f = serde_json::json!({
+                "scenario": name, "what": what, "clients": clients, "stamps": r.ok,
+                "stamps_per_second": r.rate(), "ratio_to_raw": r.rate() / raw,
+                "p50_ms": r.percentile(0.50), "p95_ms": r.percentile(0.95),
+                "p99_ms": r.percentile(0.99), "avg_audit_batch": r.avg_batch,
+            });
             if name == "b" {
                 // Per stamp the machine's cores do two approval verifications and one device
                 // signature (SoftHSM signs on the same cores): that is the ceiling.
                 let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
                 let ceiling = cores / (2.0 * verify_cost + 1.0 / raw1);
-                println!(
+                say!(
                     "   ceiling from measured costs ({cores} cores / (2 verifications + 1 signature)): {ceiling:.0}/s; ratio to ceiling {:.2}",
                     r.rate() / ceiling
                 );
+                f["ceiling_per_second"] = ceiling.into();
+                f["ratio_to_ceiling"] = (r.rate() / ceiling).into();
             }
+            scenario_figures.push(f);
         }
+        per_algorithm.push(serde_json::json!({
+            "algorithm": algorithm.name(), "seal": seal,
+            "raw_sign_per_second": raw, "raw_sign_per_second_one_thread": raw1,
+            "scenarios": scenario_figures,
+        }));
     }
+    figures.insert("algorithms".into(), per_algorithm.into());
     let db = daemon.stop()?;
     let (ok, completed) = check_log(&db, &demo)?;
-    println!(
+    say!(
         "\naudit log after the run: verifies: {ok}; stamp.completed records {completed}, stamps the clients got {total_stamps}"
+    );
+    figures.insert(
+        "audit_log".into(),
+        serde_json::json!({"verifies": ok, "stamp_completed": completed, "stamps_got": total_stamps}),
     );
     if !ok || completed != total_stamps {
         bail!("the audit log does not account for every stamp");
     }
     if args.verify_records > 0 {
-        verify_speed(&demo, work.path(), args.verify_records, &runtime)?;
+        let (n, secs) = verify_speed(&demo, work.path(), args.verify_records, &runtime)?;
+        figures.insert(
+            "audit_verify".into(),
+            serde_json::json!({"records": n, "seconds": secs, "records_per_second": n as f64 / secs}),
+        );
+    }
+    if json {
+        println!("{}", serde_json::Value::Object(figures));
     }
     Ok(())
 }
@@ -189,7 +233,7 @@ impl Drop for WorkDir {
     }
 }
 
-fn print_machine() {
+fn print_machine() -> String {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
         .and_then(|t| {
@@ -200,7 +244,9 @@ fn print_machine() {
         })
         .unwrap_or_else(|| "unknown CPU".into());
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    println!("machine: {cores} cores, {cpu}; SoftHSM token from softhsm-setup.sh");
+    let line = format!("{cores} cores, {cpu}; SoftHSM token from softhsm-setup.sh");
+    say!("machine: {line}");
+    line
 }
 
 /// The demo approvers who sign in the bench: a department head, then an executive.
@@ -595,9 +641,9 @@ fn verify_speed(
     dir: &Path,
     n: u64,
     runtime: &tokio::runtime::Runtime,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<(u64, f64)> {
     use sealgate::audit::{anomaly::Anomaly, log::AuditKey, log::AuditLog, Record};
-    println!("\n== sealctl audit verify ==");
+    say!("\n== sealctl audit verify ==");
     let state = dir.join("verify-state");
     let store = sealgate::store::Store::open(&state)?;
     let device = audit_device(demo)?;
@@ -644,7 +690,7 @@ fn verify_speed(
         anyhow::Ok(())
     })?;
     log.shutdown();
-    println!(
+    say!(
         "built a log of {n} records in {:.1} s",
         build.elapsed().as_secs_f64()
     );
@@ -662,11 +708,11 @@ fn verify_speed(
     if !out.success() {
         bail!("sealctl audit verify failed on the bench's own log");
     }
-    println!(
+    say!(
         "sealctl audit verify: {n} records in {secs:.2} s = {:.0} records/s (whole command, one core)",
         n as f64 / secs
     );
-    Ok(())
+    Ok((n, secs))
 }
 
 /// The demo's audit key, as the daemon opens it.

@@ -582,7 +582,7 @@ fn main() {
     let cli = Cli::parse();
     let json = cli.json;
     if let Command::Bench(args) = cli.command {
-        if let Err(e) = bench::run(args) {
+        if let Err(e) = bench::run(args, json) {
             std::process::exit(fail(&e.context("sealctl bench"), json));
         }
         return;
