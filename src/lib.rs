@@ -18,6 +18,7 @@
 pub mod approval;
 pub mod audit;
 pub mod config;
+pub mod container;
 pub mod device;
 pub mod metrics;
 pub mod policy;

@@ -545,6 +545,7 @@ mod tests {
                 sha256: "ab".repeat(32),
                 doc_type: "contract".into(),
                 title: None,
+                sha512: None,
             },
             amount: None,
             dept: "sales".into(),

@@ -61,6 +61,10 @@ pub struct DocClaim {
     pub doc_type: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub title: Option<String>,
+    /// SHA-512 of the same document, 128 lowercase hex digits: what an Ed25519 CMS signature's
+    /// message digest must be (RFC 8419); optional otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sha512: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -388,6 +392,15 @@ fn check_claims(c: &Claims) -> Result<(), ParseError> {
     {
         return perr("doc.sha256 must be 64 lowercase hex digits");
     }
+    if let Some(h) = &c.doc.sha512 {
+        if h.len() != 128
+            || !h
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        {
+            return perr("doc.sha512 must be 128 lowercase hex digits");
+        }
+    }
     if c.jti.is_empty() || c.jti.len() > 128 {
         return perr("jti must be 1 to 128 characters");
     }
@@ -528,6 +541,7 @@ mod tests {
                 sha256: "ab".repeat(32),
                 doc_type: "contract".into(),
                 title: None,
+                sha512: None,
             },
             amount: Some(Amount {
                 value: 1_250_000,

@@ -75,6 +75,13 @@ impl SealKeys {
             key_id: String,
             signature: String,
             signature_sha256: String,
+            /// "cms" for a CMS detached signature, whose signature is over these attributes.
+            #[serde(default)]
+            container: Option<String>,
+            #[serde(default)]
+            signed_attributes: Option<String>,
+            #[serde(default)]
+            signed_attributes_sha256: Option<String>,
         }
         let e: Evidence = match serde_json::from_str(&r.evidence) {
             Ok(e) => e,
@@ -108,9 +115,53 @@ impl SealKeys {
             Some(d) => d,
             None => return Some("doc_sha256 is not 32 bytes of hex".into()),
         };
-        crate::device::keys::verify_stamp_signature(*alg, spki, &doc, &sig)
-            .err()
-            .map(|why| format!("its {why} over doc_sha256 under seal key {}", e.key_id))
+        match e.container.as_deref() {
+            None => crate::device::keys::verify_stamp_signature(*alg, spki, &doc, &sig)
+                .err()
+                .map(|why| format!("its {why} over doc_sha256 under seal key {}", e.key_id)),
+            Some("cms") => {
+                let Some(attrs) = e.signed_attributes.as_deref().and_then(|a| {
+                    base64::Engine::decode(&base64::engine::general_purpose::STANDARD, a).ok()
+                }) else {
+                    return Some("its CMS evidence has no signed_attributes in base64".into());
+                };
+                let attrs_digest: [u8; 32] = <sha2::Sha256 as sha2::Digest>::digest(&attrs).into();
+                if e.signed_attributes_sha256.as_deref() != Some(hex::encode(attrs_digest).as_str())
+                {
+                    return Some(
+                        "signed_attributes_sha256 is not the SHA-256 of its signed attributes"
+                            .into(),
+                    );
+                }
+                // The message digest is doc_sha256; for Ed25519 it is the document's SHA-512
+                // (RFC 8419), which the approval named and the daemon checked when it stamped.
+                match crate::container::message_digest(&attrs) {
+                    Ok(md) if *alg != Algorithm::Ed25519 && md == doc => {}
+                    Ok(md) if *alg == Algorithm::Ed25519 && md.len() == 64 => {}
+                    Ok(_) => {
+                        return Some(
+                            "its signed attributes carry another message digest than doc_sha256"
+                                .into(),
+                        )
+                    }
+                    Err(why) => return Some(why.to_string()),
+                }
+                let checked = if *alg == Algorithm::Ed25519 {
+                    crate::device::keys::verify_ed25519_message(spki, &attrs, &sig)
+                } else {
+                    crate::device::keys::verify_stamp_signature(*alg, spki, &attrs_digest, &sig)
+                };
+                checked.err().map(|why| {
+                    format!(
+                        "its {why} over its signed attributes under seal key {}",
+                        e.key_id
+                    )
+                })
+            }
+            Some(other) => Some(format!(
+                "its container {other:?} is not one this verifier knows"
+            )),
+        }
     }
 }
 

@@ -166,6 +166,21 @@ pub fn verify_stamp_signature(
     }
 }
 
+/// Checks an Ed25519 signature over a whole message (a CMS signature over signed attributes).
+pub fn verify_ed25519_message(
+    spki_der: &[u8],
+    message: &[u8],
+    signature: &[u8],
+) -> Result<(), String> {
+    use spki::DecodePublicKey;
+    let key = ed25519_dalek::VerifyingKey::from_public_key_der(spki_der)
+        .map_err(|_| "not an Ed25519 public key".to_string())?;
+    let sig = ed25519_dalek::Signature::from_slice(signature)
+        .map_err(|_| "not a 64-byte Ed25519 signature".to_string())?;
+    key.verify_strict(message, &sig)
+        .map_err(|_| "signature does not verify".to_string())
+}
+
 /// The algorithm of an SPKI public key, for the two kinds [`verify_device_signature`] checks.
 pub fn spki_algorithm(spki_der: &[u8]) -> Option<super::Algorithm> {
     use spki::DecodePublicKey;

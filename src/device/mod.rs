@@ -125,6 +125,15 @@ pub trait SealDevice: Send + Sync {
     fn key(&self, key: usize) -> &SealKey;
     /// Signs a SHA-256 digest with key `key`. Blocks.
     fn sign(&self, key: usize, digest: &[u8; 32]) -> Result<Vec<u8>, DeviceError>;
+    /// Signs a whole message with an Ed25519 key `key` (pure EdDSA, as a CMS signature over
+    /// signed attributes needs, RFC 8419). Other keys, and devices without Ed25519, refuse.
+    /// Blocks.
+    fn sign_message(&self, key: usize, _message: &[u8]) -> Result<Vec<u8>, DeviceError> {
+        Err(DeviceError::Failed(format!(
+            "device {:?} cannot sign a whole message with key {key}",
+            self.id()
+        )))
+    }
     /// If the device is unavailable, tries once to reach it again. Blocks.
     fn recover(&self);
     /// Checks cheaply that a ready device still answers, marking it unavailable if not, and

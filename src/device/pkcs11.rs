@@ -675,6 +675,17 @@ impl SealDevice for Pkcs11Device {
         }
     }
 
+    fn sign_message(&self, key: usize, message: &[u8]) -> Result<Vec<u8>, DeviceError> {
+        if self.keys[key].algorithm != Algorithm::Ed25519 {
+            return Err(DeviceError::Failed(format!(
+                "device {:?}: only an Ed25519 key signs whole messages",
+                self.id
+            )));
+        }
+        let mechanism = Mechanism::Eddsa(EddsaParams::new(EddsaSignatureScheme::Pure));
+        self.with_session(|conn, session| session.sign(&mechanism, conn.handles[key], message))
+    }
+
     fn read_data(&self, label: &str) -> Result<Vec<Vec<u8>>, DeviceError> {
         self.with_session(|_, session| {
             let mut out = Vec::new();

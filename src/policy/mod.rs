@@ -450,6 +450,7 @@ mod tests {
                 sha256: "00".repeat(32),
                 doc_type: "contract".into(),
                 title: None,
+                sha512: None,
             },
             amount: Some(Amount {
                 value: amount,

@@ -136,8 +136,17 @@ impl Client {
             approval_token: approval_token.to_vec(),
             purpose: purpose.to_owned(),
             mfa_code: mfa_code.to_owned(),
+            container: pb::Container::Raw as i32,
         }))
         .await
+    }
+
+    /// A stamp as `request` says it, container included.
+    pub async fn stamp_request(
+        &mut self,
+        request: pb::StampRequest,
+    ) -> Result<Response, ClientError> {
+        self.call(request::Body::Stamp(request)).await
     }
 
     pub async fn check_approval(

@@ -500,6 +500,7 @@ mod tests {
                 approval_token: b"token-bytes".to_vec(),
                 purpose: String::new(),
                 mfa_code: "123456".into(),
+                container: pb::Container::Raw as i32,
             })),
         };
         let mut frame = req.encode_to_vec();

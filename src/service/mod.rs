@@ -916,11 +916,12 @@ impl Service {
         let mut refused = Record::new(kind::STAMP_DENIED);
         refused.caller = caller.name.clone();
         refused.seal = seal.id.clone();
-        let digest = match digest32(&req.document_sha256).and_then(|d| {
+        let checked = digest32(&req.document_sha256).and_then(|d| {
             purpose_ok(&req.purpose)?;
-            Ok(d)
-        }) {
-            Ok(d) => d,
+            Ok((d, cms_certificate(seal, req.container)?))
+        });
+        let (digest, cms_cert) = match checked {
+            Ok(v) => v,
             Err(e) => return Err(self.refuse_invalid(refused, e).await),
         };
         // No use is consumed for a request the device queue would refuse anyway.
@@ -950,6 +951,9 @@ impl Service {
             .run_gate(&seal.id, digest, req.approval_token, req.mfa_code, false)
             .await?;
         let mut record = stamp_record(caller, seal, &digest, &purpose, &verdict);
+        if cms_cert.is_some() {
+            record.add_evidence(container_fields(None));
+        }
         if let Some(d) = verdict.denials.into_iter().next() {
             note_refusal(&record, &d);
             record.kind = kind::STAMP_DENIED.into();
@@ -958,6 +962,15 @@ impl Service {
             self.record_refusal(record).await;
             return Err(ServiceError::Denied(d));
         }
+        let cms = match cms_cert.map(|cert| cms_plan(seal, cert, &digest, verdict.claims.as_ref()))
+        {
+            None => None,
+            Some(Ok(job)) => Some(job),
+            Some(Err(e)) => {
+                record.kind = kind::STAMP_DENIED.into();
+                return Err(self.refuse_invalid(record, e).await);
+            }
+        };
         let pending = verdict.pending.ok_or_else(|| {
             ServiceError::Internal("an authorised stamp has no use to consume".into())
         })?;
@@ -983,11 +996,12 @@ impl Service {
             device: seal.device.clone(),
             key: seal.key,
             digest,
+            cms,
             record,
             auth_seq,
             caller: caller.name.clone(),
         };
-        let signature = self
+        let (signature, container) = self
             .outcomes
             .spawn(
                 async move {
@@ -1009,6 +1023,7 @@ impl Service {
                 .as_ref()
                 .map(|c| c.jti.clone())
                 .unwrap_or_default(),
+            container: container.unwrap_or_default(),
         }))
     }
 
@@ -1092,6 +1107,8 @@ struct Signing {
     device: Arc<dyn SealDevice>,
     key: usize,
     digest: [u8; 32],
+    /// For a CMS detached signature: the signed attributes and the seal's certificate.
+    cms: Option<CmsJob>,
     /// The authorisation's record, the template of the outcome's.
     record: Record,
     auth_seq: u64,
@@ -1099,7 +1116,8 @@ struct Signing {
 }
 
 impl Signing {
-    async fn run(self) -> Result<Vec<u8>, ServiceError> {
+    /// The signature, and the container made around it when one was asked for.
+    async fn run(self) -> Result<(Vec<u8>, Option<Vec<u8>>), ServiceError> {
         let mut outcome = self.record;
         outcome.ref_seq = Some(self.auth_seq);
         let metrics = crate::metrics::get();
@@ -1108,12 +1126,20 @@ impl Signing {
             Ok(permit) => {
                 let device = self.device.clone();
                 let (key, digest) = (self.key, self.digest);
+                let message = self.cms.as_ref().map(|c| match &c.plan.to_sign {
+                    crate::container::ToSign::Digest(d) => (Some(*d), Vec::new()),
+                    crate::container::ToSign::Message(m) => (None, m.clone()),
+                });
                 off_executor("signing", move || {
                     let _permit = permit;
                     if device.health() != Health::Ready {
                         device.recover();
                     }
-                    device.sign(key, &digest)
+                    match message {
+                        None => device.sign(key, &digest),
+                        Some((Some(d), _)) => device.sign(key, &d),
+                        Some((None, m)) => device.sign_message(key, &m),
+                    }
                 })
                 .await
                 .and_then(|r| r.map_err(ServiceError::from))
@@ -1135,16 +1161,43 @@ impl Signing {
             }
             Ok(sig) => sig,
         };
-        let spki = &self.device.key(self.key).spki_der;
+        let seal_key = self.device.key(self.key);
+        let container = match &self.cms {
+            None => None,
+            Some(c) => match crate::container::assemble(
+                seal_key.algorithm,
+                &c.certificate,
+                &[],
+                &c.plan.signed_attributes,
+                &signature,
+            ) {
+                Ok(der) => Some(der),
+                Err(e) => {
+                    // Signed, but no container can be made: withheld and recorded as failed.
+                    let e = ServiceError::Internal(format!("{e}; the signature was withheld"));
+                    metrics.stamp(&outcome.seal, "failed", None);
+                    outcome.kind = kind::STAMP_FAILED.into();
+                    outcome.reason = "container".into();
+                    outcome.detail = e.to_string();
+                    if self.audit.append(outcome.clone()).await.is_err() {
+                        self.audit.append_later(outcome);
+                    }
+                    return Err(e);
+                }
+            },
+        };
         outcome.kind = kind::STAMP_COMPLETED.into();
         // The rule, scope and caller's purpose stay on the authorisation (`ref_seq`).
         outcome.evidence = serde_json::json!({
-            "algorithm": self.device.key(self.key).algorithm.name(),
-            "key_id": crate::audit::key_id(spki),
+            "algorithm": seal_key.algorithm.name(),
+            "key_id": crate::audit::key_id(&seal_key.spki_der),
             "signature": base64::Engine::encode(&base64::engine::general_purpose::STANDARD, &signature),
             "signature_sha256": hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&signature)),
         })
         .to_string();
+        if let Some(c) = &self.cms {
+            outcome.add_evidence(container_fields(Some(&c.plan.signed_attributes)));
+        }
         if let Err(e) = self.audit.append(outcome.clone()).await {
             // The signature exists but is never handed out: record that instead, later.
             outcome.kind = kind::STAMP_FAILED.into();
@@ -1173,7 +1226,7 @@ impl Signing {
             "completed",
             Some(self.started.elapsed().as_secs_f64()),
         );
-        Ok(signature)
+        Ok((signature, container))
     }
 }
 
@@ -1188,6 +1241,86 @@ fn note_refusal(record: &Record, d: &crate::approval::Denial) {
         "stamp refused"
     );
     crate::metrics::get().denial(&record.seal, d.reason.code());
+}
+
+/// A CMS stamp's signed attributes and the seal's certificate they name.
+struct CmsJob {
+    plan: crate::container::Plan,
+    certificate: Vec<u8>,
+}
+
+/// The seal's certificate for a CMS stamp, or None for a bare signature; refused (before any
+/// approval is looked at) for a container this seal cannot make.
+fn cms_certificate(seal: &SealBinding, container: i32) -> Result<Option<Vec<u8>>, ServiceError> {
+    match pb::Container::try_from(container) {
+        Ok(pb::Container::Raw) => Ok(None),
+        Ok(pb::Container::CmsDetached) => {
+            let key = seal.device.key(seal.key);
+            key.certificate_der.clone().map(Some).ok_or_else(|| {
+                ServiceError::InvalidArgument(format!(
+                    "seal {:?} has no certificate on its device; a CMS signature needs one",
+                    seal.id
+                ))
+            })
+        }
+        Err(_) => Err(ServiceError::InvalidArgument(format!(
+            "container {container} is not one this daemon makes (0 raw, 1 CMS detached)"
+        ))),
+    }
+}
+
+/// The signed attributes of a CMS stamp. Their message digest is the approved SHA-256; for
+/// Ed25519 it is SHA-512 (RFC 8419), which only the approval's own `doc.sha512` may give.
+fn cms_plan(
+    seal: &SealBinding,
+    certificate: Vec<u8>,
+    digest: &[u8; 32],
+    claims: Option<&crate::approval::token::Claims>,
+) -> Result<CmsJob, ServiceError> {
+    let algorithm = seal.device.key(seal.key).algorithm;
+    let md = if crate::container::message_digest_len(algorithm) == 64 {
+        claims
+            .and_then(|c| c.doc.sha512.as_deref())
+            .and_then(|h| hex::decode(h).ok())
+            .ok_or_else(|| {
+                ServiceError::InvalidArgument(format!(
+                    "seal {:?} signs with Ed25519, whose CMS message digest is the document's SHA-512 (RFC 8419); the approval carries no doc.sha512 (sealctl token new --file adds it)",
+                    seal.id
+                ))
+            })?
+    } else {
+        digest.to_vec()
+    };
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let plan = crate::container::plan(algorithm, &certificate, &md, now)
+        .map_err(|e| ServiceError::InvalidArgument(format!("seal {:?}: {e}", seal.id)))?;
+    Ok(CmsJob { plan, certificate })
+}
+
+/// The evidence fields of a CMS stamp: its container kind and, once signed, its signed
+/// attributes (base64 DER) and their SHA-256, which bind the approved digest.
+fn container_fields(
+    signed_attributes: Option<&[u8]>,
+) -> serde_json::Map<String, serde_json::Value> {
+    let mut m = serde_json::Map::new();
+    m.insert("container".into(), "cms".into());
+    if let Some(a) = signed_attributes {
+        m.insert(
+            "signed_attributes".into(),
+            base64::Engine::encode(&base64::engine::general_purpose::STANDARD, a).into(),
+        );
+        m.insert(
+            "signed_attributes_sha256".into(),
+            hex::encode(<sha2::Sha256 as sha2::Digest>::digest(a)).into(),
+        );
+        if let Ok(md) = crate::container::message_digest(a) {
+            m.insert("message_digest".into(), hex::encode(md).into());
+        }
+    }
+    m
 }
 
 /// How a stranger is named in the log.

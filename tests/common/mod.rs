@@ -822,6 +822,7 @@ impl Approval {
                     sha256: hex::encode(digest),
                     doc_type: doc_type.into(),
                     title: None,
+                    sha512: None,
                 },
                 amount: None,
                 dept: dept.into(),

@@ -88,6 +88,7 @@ fn main() {
             approval_token: token.to_vec(),
             purpose: "seed".into(),
             mfa_code: String::new(),
+            container: pb::Container::Raw as i32,
         })
     };
     let session = [

@@ -283,6 +283,7 @@ impl Approvers {
                     sha256: hex::encode(digest),
                     doc_type: "contract".into(),
                     title: None,
+                    sha512: None,
                 },
                 amount: None,
                 dept: "sales".into(),

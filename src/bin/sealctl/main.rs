@@ -321,9 +321,18 @@ struct StampArgs {
     /// The applicant's TOTP code, when the seal's policy asks for one.
     #[arg(long, default_value = "")]
     mfa_code: String,
-    /// Also write the raw signature to this file.
+    /// What to make: `raw` (the bare signature) or `p7s` (a CMS detached signature, DER).
+    #[arg(long, value_enum, default_value = "raw")]
+    format: StampFormat,
+    /// Also write the signature (raw) or the .p7s (p7s) to this file.
     #[arg(long)]
     out: Option<PathBuf>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum StampFormat {
+    Raw,
+    P7s,
 }
 
 fn now() -> i64 {
@@ -388,6 +397,15 @@ fn offline(cli: &Cli) -> anyhow::Result<bool> {
                             sha256: hex::encode(digest),
                             doc_type: a.doc_type.clone().expect("required by clap"),
                             title: a.title.clone(),
+                            // For an Ed25519 CMS signature, whose message digest is SHA-512.
+                            sha512: match &a.file {
+                                Some(path) => Some(hex::encode(sha2::Sha512::digest(
+                                    std::fs::read(path).with_context(|| {
+                                        format!("cannot read {}", path.display())
+                                    })?,
+                                ))),
+                                None => None,
+                            },
                         },
                         amount: a.amount_minor.map(|value| Amount {
                             value,
@@ -759,14 +777,32 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
             let digest = digest_of(&args.file, &args.sha256)?;
             let token = std::fs::read(&args.token)
                 .with_context(|| format!("cannot read token file {}", args.token.display()))?;
+            let container = match args.format {
+                StampFormat::Raw => pb::Container::Raw,
+                StampFormat::P7s => pb::Container::CmsDetached,
+            };
             let resp = client
-                .stamp_with_mfa(&args.seal, &digest, &token, &args.purpose, &args.mfa_code)
+                .stamp_request(pb::StampRequest {
+                    seal_id: args.seal.clone(),
+                    document_sha256: digest.clone(),
+                    approval_token: token,
+                    purpose: args.purpose.clone(),
+                    mfa_code: args.mfa_code.clone(),
+                    container: container as i32,
+                })
                 .await?;
             let response::Body::Stamp(s) = check(resp)? else {
                 bail!("unexpected reply to Stamp");
             };
+            if args.format == StampFormat::P7s && s.container.is_empty() {
+                bail!("the daemon answered without the CMS container asked for");
+            }
             if let Some(out) = &args.out {
-                std::fs::write(out, &s.signature)
+                let bytes = match args.format {
+                    StampFormat::Raw => &s.signature,
+                    StampFormat::P7s => &s.container,
+                };
+                std::fs::write(out, bytes)
                     .with_context(|| format!("cannot write {}", out.display()))?;
             }
             if cli.json {
@@ -779,6 +815,7 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
                         "stamped_at_unix_ms": s.stamped_at_unix_ms,
                         "approval": s.approval_id,
                         "uses_left": s.uses_left,
+                        "p7s": (!s.container.is_empty()).then(|| b64(&s.container)),
                     })
                 );
             } else {
