@@ -177,7 +177,7 @@ pub fn claims(jti: &str, seal: &str, doc_type: &str, amount: Option<i64>, uses: 
             sha256: hex::encode(DIGEST),
             doc_type: doc_type.into(),
             title: Some("采购合同".into()),
-                sha512: None,
+            sha512: None,
         },
         amount: amount.map(|value| Amount {
             value,
