@@ -95,25 +95,13 @@ pub fn verify_device_signature(
     signature: &[u8],
 ) -> Result<(), String> {
     use sha2::Digest;
-    use spki::DecodePublicKey;
     match algorithm {
-        super::Algorithm::EcdsaP256Sha256 => {
-            use p256::ecdsa::signature::Verifier;
-            let key = p256::ecdsa::VerifyingKey::from_public_key_der(spki_der)
-                .map_err(|_| "not a P-256 public key".to_string())?;
-            let sig = p256::ecdsa::Signature::from_der(signature)
-                .map_err(|_| "not a DER ECDSA signature".to_string())?;
-            key.verify(message, &sig)
-                .map_err(|_| "signature does not verify".to_string())
-        }
-        super::Algorithm::Ed25519 => {
-            let key = ed25519_dalek::VerifyingKey::from_public_key_der(spki_der)
-                .map_err(|_| "not an Ed25519 public key".to_string())?;
-            let sig = ed25519_dalek::Signature::from_slice(signature)
-                .map_err(|_| "not a 64-byte Ed25519 signature".to_string())?;
-            key.verify_strict(&sha2::Sha256::digest(message), &sig)
-                .map_err(|_| "signature does not verify".to_string())
-        }
+        super::Algorithm::EcdsaP256Sha256 | super::Algorithm::Ed25519 => verify_stamp_signature(
+            algorithm,
+            spki_der,
+            &sha2::Sha256::digest(message).into(),
+            signature,
+        ),
         other => Err(format!("{} signatures are not verified here", other.name())),
     }
 }
@@ -138,14 +126,7 @@ pub fn verify_stamp_signature(
                 .map_err(|_| "not a DER ECDSA signature".to_string())?;
             key.verify_prehash(digest, &sig).map_err(bad)
         }
-        super::Algorithm::Ed25519 => {
-            let key = ed25519_dalek::VerifyingKey::from_public_key_der(spki_der)
-                .map_err(|_| "not an Ed25519 public key".to_string())?;
-            let sig = ed25519_dalek::Signature::from_slice(signature)
-                .map_err(|_| "not a 64-byte Ed25519 signature".to_string())?;
-            key.verify_strict(digest, &sig)
-                .map_err(|_| "signature does not verify".to_string())
-        }
+        super::Algorithm::Ed25519 => verify_ed25519_message(spki_der, digest, signature),
         super::Algorithm::RsaPssSha256 | super::Algorithm::RsaPkcs1Sha256 => {
             let key = rsa::RsaPublicKey::from_public_key_der(spki_der)
                 .map_err(|_| "not an RSA public key".to_string())?;
