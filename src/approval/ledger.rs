@@ -8,6 +8,7 @@ use super::{Denial, Reason, CLOCK_SKEW};
 use crate::policy::RateLimit;
 use crate::store::{Store, StoreError};
 use rusqlite::{params, Connection, OptionalExtension};
+use std::collections::HashMap;
 
 /// What the ledger knows about one approval.
 pub struct Use<'a> {
@@ -62,25 +63,56 @@ const SELECT: &str =
 /// (payload digest, uses allowed, uses consumed) of an approval.
 type Row = (Vec<u8>, u32, u32);
 
-/// The ledger's row for `u`, and the row as counted: the log is the second count, so a ledger
-/// row that was deleted or lowered behind the daemon's back gives no uses back.
-fn counts(conn: &Connection, u: &Use<'_>) -> Result<(Option<Row>, Option<Row>), rusqlite::Error> {
-    let row: Option<Row> = conn
-        .prepare_cached(SELECT)?
-        .query_row(params![u.jti], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
-        .optional()?;
-    let logged = logged_uses(conn, u.jti)?;
-    let counted = match &row {
+/// Uses of approvals that the audit log holds, as the audit writer has seen them: read from the
+/// log the first time an approval comes up after a start, then kept up to date as its uses
+/// commit. So the log's count stands even when a ledger row is deleted or lowered behind the
+/// daemon's back, without counting log rows on every stamp. Bounded; emptied when full.
+#[derive(Default)]
+pub struct LoggedUses(HashMap<String, u32>);
+
+/// Approvals remembered at most.
+const LOGGED_USES: usize = 100_000;
+
+impl LoggedUses {
+    fn get(&mut self, conn: &Connection, jti: &str) -> Result<u32, rusqlite::Error> {
+        if let Some(n) = self.0.get(jti) {
+            return Ok(*n);
+        }
+        let n = logged_uses(conn, jti)?;
+        if self.0.len() >= LOGGED_USES {
+            self.0.clear();
+        }
+        self.0.insert(jti.to_owned(), n);
+        Ok(n)
+    }
+
+    /// `count` more uses of `jti` committed.
+    pub fn committed(&mut self, jti: &str, count: u32) {
+        if let Some(n) = self.0.get_mut(jti) {
+            *n = n.saturating_add(count);
+        }
+    }
+}
+
+/// The ledger's row for `u`, and the row as counted: the higher of the ledger's count and the
+/// log's (`logged`) stands, so a deleted or lowered ledger row gives no use back.
+fn counted(u: &Use<'_>, row: &Option<Row>, logged: u32) -> Option<Row> {
+    if row.as_ref().map_or(logged > 0, |r| r.2 < logged) {
+        tracing::error!(approval = %u.jti, logged, "the replay ledger holds fewer uses than the audit log; the log's count stands");
+    }
+    match row {
         Some((payload, allowed, consumed)) => {
             Some((payload.clone(), *allowed, (*consumed).max(logged)))
         }
         None if logged > 0 => Some((u.payload_sha256.to_vec(), u.uses, logged)),
         None => None,
-    };
-    if row.as_ref().map_or(logged > 0, |r| r.2 < logged) {
-        tracing::error!(approval = %u.jti, logged, "the replay ledger holds fewer uses than the audit log; the log's count stands");
     }
-    Ok((row, counted))
+}
+
+fn ledger_row(conn: &Connection, jti: &str) -> Result<Option<Row>, rusqlite::Error> {
+    conn.prepare_cached(SELECT)?
+        .query_row(params![jti], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+        .optional()
 }
 
 /// Consumes `u.count` uses (one for a stamp) inside the caller's transaction (the audit writer's, so the use and its
@@ -91,8 +123,10 @@ pub fn consume(
     u: &Use<'_>,
     now: i64,
     rate_limit: Option<RateLimit>,
+    logged: &mut LoggedUses,
 ) -> Result<Result<u32, Denial>, rusqlite::Error> {
-    let (row, counted) = counts(conn, u)?;
+    let row = ledger_row(conn, u.jti)?;
+    let counted = counted(u, &row, logged.get(conn, u.jti)?);
     if let Some(d) = refusal(u, counted.clone()) {
         return Ok(Err(d));
     }
@@ -156,7 +190,7 @@ fn logged_uses(conn: &Connection, jti: &str) -> Result<u32, rusqlite::Error> {
     conn.prepare_cached(
         "SELECT COALESCE(SUM(CASE kind WHEN 'stamp.authorized' THEN 1 \
            ELSE COALESCE(json_extract(evidence, '$.impressions'), 1) END), 0) \
-         FROM audit WHERE jti = ?1 AND kind IN ('stamp.authorized', 'terminal.granted')",
+         FROM audit WHERE jti = ?1 AND jti <> '' AND kind IN ('stamp.authorized', 'terminal.granted')",
     )?
     .query_row(params![jti], |r| r.get::<_, i64>(0))
     .map(|n| n.clamp(0, u32::MAX as i64) as u32)
@@ -189,8 +223,15 @@ fn count_since(
 /// Whether `consume` would refuse, without consuming (for dry runs).
 pub fn peek(store: &Store, u: &Use<'_>) -> Result<Option<Denial>, StoreError> {
     store.with(|conn| {
-        let (_, counted) = counts(conn, u)?;
-        Ok(refusal(u, counted))
+        // The ledger's row decides a dry run or a gate's early look; only a missing row is
+        // looked up in the log (the writer's count, in `consume`, is the one that stands).
+        let row = ledger_row(conn, u.jti)?;
+        let logged = if row.is_none() {
+            logged_uses(conn, u.jti)?
+        } else {
+            0
+        };
+        Ok(refusal(u, counted(u, &row, logged)))
     })
 }
 
@@ -233,7 +274,8 @@ mod tests {
     ) -> Result<u32, Denial> {
         s.with(|c| {
             let tx = c.transaction()?;
-            let r = consume(&tx, u, now, limit)?;
+            // A fresh count from the log each time, as after a restart.
+            let r = consume(&tx, u, now, limit, &mut LoggedUses::default())?;
             tx.commit()?;
             Ok(r)
         })

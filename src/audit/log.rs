@@ -363,6 +363,8 @@ struct Writer {
     read_only: bool,
     /// Keeps the head's witness in the audit device; None where it keeps none.
     witness: Option<Witness>,
+    /// Approvals' uses as the log holds them (see [`ledger::LoggedUses`]).
+    logged_uses: ledger::LoggedUses,
 }
 
 /// How a failed statement leaves the store.
@@ -480,6 +482,7 @@ impl Writer {
             error: String::new(),
             read_only: false,
             witness: None,
+            logged_uses: ledger::LoggedUses::default(),
         }
     }
 
@@ -628,6 +631,9 @@ impl Writer {
         let mut committed = Vec::with_capacity(internal.len() + entries.len());
         let mut results = Vec::with_capacity(entries.len());
         let conn = self.conn.as_mut().expect("opened above");
+        let logged_uses = &mut self.logged_uses;
+        // Uses consumed in this batch, counted into `logged_uses` once it has committed.
+        let mut used: Vec<(String, u32)> = Vec::new();
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         {
             let mut push = |mut r: Record| -> Result<u64, rusqlite::Error> {
@@ -658,8 +664,10 @@ impl Writer {
                             &pending.as_use(),
                             now / 1000,
                             pending.rate_limit,
+                            logged_uses,
                         )? {
                             Ok(uses_left) => {
+                                used.push((pending.jti.clone(), pending.count));
                                 // `stamp.authorized`, or `terminal.granted` for a terminal.
                                 results.push(Appended::Authorized {
                                     seq: push(r)?,
@@ -726,6 +734,9 @@ impl Writer {
             signature
         ])?;
         tx.commit()?;
+        for (jti, n) in used {
+            self.logged_uses.committed(&jti, n);
+        }
         self.head_seq = seq;
         self.head_hash = head;
         self.latest = Some(latest);
