@@ -3,7 +3,8 @@
 # The tests use real parts: a SoftHSM token (softhsm2, made by softhsm-setup.sh), opensc's
 # pkcs11-tool, openssl as the independent verifier, p11-kit's server and client module for
 # token removal, sqlite3 for tampering with the audit log, make for the install layout, and
-# Python with the protobuf package for a client in another language, and the system's PC/SC
+# Python with the protobuf package for a client in another language (and asn1crypto with
+# cryptography, an outside verifier of Ed25519 CMS signatures), and the system's PC/SC
 # service (pcscd) with vsmartcard's virtual reader driver, into which the PIV tests insert our
 # card emulator. The full-disk test mounts a small tmpfs, and pcscd is started if it is not
 # running, so run as root (or with sudo) for those.
@@ -63,7 +64,7 @@ fi
 # A private Python environment for the Python client test (Debian's own python3-protobuf is
 # older than the generated code needs).
 venv=target/test-venv
-if ! "$venv/bin/python3" -c 'import google.protobuf, cryptography' 2>/dev/null; then
+if ! "$venv/bin/python3" -c 'import google.protobuf, cryptography, asn1crypto' 2>/dev/null; then
   python3 -m venv "$venv"
   "$venv/bin/pip" install -q -r tests/python/requirements.txt
 fi
