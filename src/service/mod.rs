@@ -918,7 +918,14 @@ impl Service {
         refused.seal = seal.id.clone();
         let checked = digest32(&req.document_sha256).and_then(|d| {
             purpose_ok(&req.purpose)?;
-            Ok((d, cms_certificate(seal, req.container)?))
+            let cert = cms_certificate(seal, req.container)?;
+            if let Some(c) = &cert {
+                // What the container needs of the approval is checked before the gate, so a
+                // refusal here spends no TOTP code; the verified claims decide afterwards.
+                let unverified = crate::approval::token::Token::parse(&req.approval_token).ok();
+                cms_plan(seal, c.clone(), &d, unverified.as_ref().map(|t| &t.claims))?;
+            }
+            Ok((d, cert))
         });
         let (digest, cms_cert) = match checked {
             Ok(v) => v,
