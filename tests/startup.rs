@@ -253,6 +253,35 @@ fn check_mode_opens_everything_and_exits() {
         "{said}"
     );
     assert!(!socket.exists(), "--check must not serve");
+    // The test policy's contracts fall from "large contracts" to "contracts" without an
+    // amount: --check warns of it (and only of it).
+    let warned = String::from_utf8_lossy(&out.stderr);
+    let warnings: Vec<&str> = warned.lines().filter(|l| l.contains("warning")).collect();
+    assert_eq!(warnings.len(), 1, "{warned}");
+    assert!(
+        warnings[0].contains("\"large contracts\" to rule \"contracts\"")
+            && warnings[0].contains("amount_required"),
+        "{warned}"
+    );
+    // With amount_required set, there is nothing to warn of.
+    let strict = config_text(demo(), &socket, &Opts::default()).replace(
+        "amount_min = 10000000\n",
+        "amount_min = 10000000\namount_required = true\n",
+    );
+    std::fs::write(&config, strict).unwrap();
+    let out = std::process::Command::new(SEALGATED)
+        .arg("--check")
+        .arg("--config")
+        .arg(&config)
+        .env("SOFTHSM2_CONF", demo().softhsm_conf())
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    assert!(
+        !String::from_utf8_lossy(&out.stderr).contains("warning"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     // A broken policy is found by --check too.
     let broken = config_text(demo(), &socket, &Opts::default())
         .replace("levels = [\"finance\"]", "levels = []");
