@@ -274,3 +274,145 @@ mod tests {
         assert!(message_digest(&[0x31, 0x00]).is_err());
     }
 }
+
+/// What a detached CMS signature says and whether it holds for a document.
+#[derive(Debug)]
+pub struct Checked {
+    pub algorithm: Algorithm,
+    /// The signer's certificate (DER), found in the container by the signer's issuer and serial.
+    pub certificate: Vec<u8>,
+    /// The signature inside the SignerInfo.
+    pub signature: Vec<u8>,
+    /// DER of the signed attributes (the SET OF that was signed).
+    pub signed_attributes: Vec<u8>,
+    /// The message digest is the document's (SHA-256, or SHA-512 for Ed25519).
+    pub digest_matches: bool,
+    /// The signature verifies over the signed attributes under the certificate's key.
+    pub signature_verifies: bool,
+}
+
+fn algorithm_of(id: &AlgorithmIdentifierOwned) -> Option<Algorithm> {
+    Some(match id.oid {
+        o if o == ECDSA_WITH_SHA256 => Algorithm::EcdsaP256Sha256,
+        o if o == ID_ED25519 => Algorithm::Ed25519,
+        o if o == SHA256_WITH_RSA => Algorithm::RsaPkcs1Sha256,
+        o if o == ID_RSASSA_PSS => Algorithm::RsaPssSha256,
+        _ => return None,
+    })
+}
+
+/// Reads a detached CMS signature (DER ContentInfo) and checks it against `document`: its one
+/// signer's certificate, message digest and signature. Trust in the certificate is the caller's
+/// question ([`issued_by`]).
+pub fn check_detached(p7s: &[u8], document: &[u8]) -> Result<Checked, ContainerError> {
+    let bad = |m: String| ContainerError::Attributes(m);
+    let info =
+        ContentInfo::from_der(p7s).map_err(|e| bad(format!("not a CMS ContentInfo: {e}")))?;
+    if info.content_type != ID_SIGNED_DATA {
+        return Err(bad("not a SignedData".into()));
+    }
+    let signed: SignedData = info
+        .content
+        .decode_as()
+        .map_err(|e| bad(format!("SignedData: {e}")))?;
+    if signed.encap_content_info.econtent.is_some() {
+        return Err(bad("not a detached signature: the content is inside".into()));
+    }
+    let signers: Vec<&SignerInfo> = signed.signer_infos.0.iter().collect();
+    let [signer] = signers.as_slice() else {
+        return Err(bad(format!("{} signers; one is expected", signers.len())));
+    };
+    let algorithm = algorithm_of(&signer.signature_algorithm).ok_or_else(|| {
+        bad(format!(
+            "signature algorithm {} is not one a seal uses",
+            signer.signature_algorithm.oid
+        ))
+    })?;
+    let SignerIdentifier::IssuerAndSerialNumber(sid) = &signer.sid else {
+        return Err(bad(
+            "the signer is not named by issuer and serial number".into()
+        ));
+    };
+    let cert = signed
+        .certificates
+        .iter()
+        .flat_map(|set| set.0.iter())
+        .find_map(|c| match c {
+            cms::cert::CertificateChoices::Certificate(c)
+                if c.tbs_certificate.issuer == sid.issuer
+                    && c.tbs_certificate.serial_number == sid.serial_number =>
+            {
+                Some(c.clone())
+            }
+            _ => None,
+        })
+        .ok_or_else(|| bad("the signer's certificate is not in the container".into()))?;
+    let attrs = signer
+        .signed_attrs
+        .as_ref()
+        .ok_or_else(|| bad("no signed attributes".into()))?
+        .to_der()
+        .map_err(enc)?;
+    let md = message_digest(&attrs)?;
+    let digest_matches = if algorithm == Algorithm::Ed25519 {
+        md[..] == sha2::Sha512::digest(document)[..]
+    } else {
+        md[..] == Sha256::digest(document)[..]
+    };
+    let spki = cert
+        .tbs_certificate
+        .subject_public_key_info
+        .to_der()
+        .map_err(enc)?;
+    let signature = signer.signature.as_bytes().to_vec();
+    let signature_verifies = if algorithm == Algorithm::Ed25519 {
+        crate::device::keys::verify_ed25519_message(&spki, &attrs, &signature).is_ok()
+    } else {
+        crate::device::keys::verify_stamp_signature(
+            algorithm,
+            &spki,
+            &Sha256::digest(&attrs).into(),
+            &signature,
+        )
+        .is_ok()
+    };
+    Ok(Checked {
+        algorithm,
+        certificate: cert.to_der().map_err(enc)?,
+        signature,
+        signed_attributes: attrs,
+        digest_matches,
+        signature_verifies,
+    })
+}
+
+/// Whether `certificate` (DER) was issued by `issuer` (DER): the issuer's subject is its
+/// issuer name and the issuer's key verifies its signature (ECDSA P-256 or RSA PKCS#1 v1.5,
+/// with SHA-256).
+pub fn issued_by(certificate: &[u8], issuer: &[u8]) -> bool {
+    let (Ok(c), Ok(i)) = (
+        Certificate::from_der(certificate),
+        Certificate::from_der(issuer),
+    ) else {
+        return false;
+    };
+    if c.tbs_certificate.issuer != i.tbs_certificate.subject {
+        return false;
+    }
+    let (Ok(tbs), Ok(spki)) = (
+        c.tbs_certificate.to_der(),
+        i.tbs_certificate.subject_public_key_info.to_der(),
+    ) else {
+        return false;
+    };
+    let Some(sig) = c.signature.as_bytes() else {
+        return false;
+    };
+    let digest: [u8; 32] = Sha256::digest(&tbs).into();
+    match algorithm_of(&c.signature_algorithm) {
+        Some(a @ (Algorithm::EcdsaP256Sha256 | Algorithm::RsaPkcs1Sha256)) => {
+            crate::device::keys::verify_stamp_signature(a, &spki, &digest, sig).is_ok()
+        }
+        _ => false,
+    }
+}

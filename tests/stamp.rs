@@ -489,3 +489,82 @@ fn sealctl_writes_a_p7s_that_openssl_verifies() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// `sealctl verify` checks a .p7s against its document and the demo CA, finds its stamp in the
+/// log with applicant and approvers, and says so loudly when the log does not hold it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sealctl_verify_traces_a_p7s_to_its_record_and_names_one_the_log_lacks() {
+    use sealgate::protocol::pb;
+    let d = Daemon::start(&Opts::default());
+    let mut c = d.client().await;
+    let work = tempfile::tempdir().unwrap();
+    let doc = b"framework agreement 2027, Suzhou plant\n".to_vec();
+    let digest = sha256(&doc);
+    let r = c
+        .stamp_request(pb::StampRequest {
+            seal_id: "contract".into(),
+            document_sha256: digest.clone(),
+            approval_token: token_for("contract", &digest),
+            purpose: String::new(),
+            mfa_code: String::new(),
+            container: pb::Container::CmsDetached as i32,
+        })
+        .await
+        .unwrap();
+    assert_eq!(r.status, Status::Ok as i32, "{}", r.message);
+    let Some(response::Body::Stamp(s)) = r.body else {
+        panic!("no stamp")
+    };
+    let (file, p7s) = (work.path().join("doc.txt"), work.path().join("doc.p7s"));
+    std::fs::write(&file, &doc).unwrap();
+    std::fs::write(&p7s, &s.container).unwrap();
+    let ca = demo().dir.join("ca/ca.crt");
+    let verify = |db: &std::path::Path| {
+        let out = Command::new(SEALCTL)
+            .args(["--json", "verify"])
+            .arg(&file)
+            .arg("--p7s")
+            .arg(&p7s)
+            .arg("--ca")
+            .arg(&ca)
+            .arg("--db")
+            .arg(db)
+            .output()
+            .unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stderr)));
+        (out.status.code(), v)
+    };
+    let (code, v) = verify(&d.db());
+    assert_eq!(code, Some(0), "{v}");
+    assert_eq!(v["trusted"], true);
+    assert_eq!(v["record"]["applicant"], "zhao.lei");
+    assert_eq!(v["record"]["approvers"][0]["id"], "zhang.wei");
+    assert_eq!(v["record"]["approvers"][0]["level"], 1);
+    assert_eq!(v["record"]["device"], "demo-hsm");
+    assert_eq!(v["record"]["log_verifies_to_it"], true);
+    // A CA that did not issue the seal's certificate (the finance seal's own certificate).
+    let out = Command::new(SEALCTL)
+        .args(["--json", "verify"])
+        .arg(&file)
+        .arg("--p7s")
+        .arg(&p7s)
+        .arg("--ca")
+        .arg(demo().dir.join("ca/finance-seal.crt"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["trusted"], false, "{v}");
+    // Another state directory on the same token: the seal's signature, but no record of it.
+    let other = Daemon::start(&Opts::default());
+    let (code, v) = verify(&other.db());
+    assert_eq!(code, Some(1), "{v}");
+    assert!(
+        v["findings"][0]
+            .as_str()
+            .unwrap()
+            .starts_with("NO RECORD IN THIS LOG"),
+        "{v}"
+    );
+}

@@ -6,6 +6,7 @@
 
 mod audit;
 mod bench;
+mod verify;
 
 use anyhow::{bail, Context};
 use base64::Engine;
@@ -87,6 +88,10 @@ enum Command {
     /// Measure durable stamps per second against the raw device, on the demo token (starts a
     /// daemon of its own; see README, "Performance").
     Bench(bench::BenchArgs),
+    /// Check a document's detached CMS signature (.p7s) against the document and trusted CAs,
+    /// and with --db find the stamp in the audit log: who applied, who approved, when, on
+    /// which device (offline).
+    Verify(verify::VerifyArgs),
     /// The newest alerts raised by the anomaly rules; with --follow, every new one as it comes
     /// (administrators only).
     Alerts {
@@ -605,6 +610,12 @@ fn main() {
         }
         return;
     }
+    if let Command::Verify(args) = &cli.command {
+        match verify::run(args, json) {
+            Ok(code) => std::process::exit(code),
+            Err(e) => std::process::exit(fail(&e, json)),
+        }
+    }
     if let Command::Audit { command } = &cli.command {
         match audit::run(command, json) {
             Ok(code) => std::process::exit(code),
@@ -924,7 +935,7 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
                 return Ok(exit::REFUSED);
             }
         }
-        Command::Token { .. } | Command::Audit { .. } | Command::Bench(_) => {
+        Command::Token { .. } | Command::Audit { .. } | Command::Bench(_) | Command::Verify(_) => {
             unreachable!("handled without the daemon")
         }
         Command::Alerts { recent, follow } => {
