@@ -329,7 +329,13 @@ fn seal_keys_of(rows: &[query::SealKeyRow]) -> SealKeys {
     )
 }
 
-fn verify_db(path: &Path, mut keys: Vec<TrustedKey>, quiet: bool) -> anyhow::Result<Report> {
+/// Verifies the log in the database at `path` (with the audit keys it records when `keys` is
+/// empty).
+pub(crate) fn verify_db(
+    path: &Path,
+    mut keys: Vec<TrustedKey>,
+    quiet: bool,
+) -> anyhow::Result<Report> {
     let conn = open(path)?;
     if keys.is_empty() {
         keys = keys_from_log(&conn)?;
