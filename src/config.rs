@@ -794,14 +794,9 @@ impl Config {
     /// any of them can add approvers, load code next to the PIN, or take the socket's place.
     /// Run at start-up and at every reload.
     pub fn check_file_modes(&self, config_path: &Path) -> Result<(), ConfigError> {
+        // Paths are checked as they are used: `load` made the daemon's own ones absolute, a
+        // module is opened as written, and approvers' keys are taken from the file's folder.
         let base = config_path.parent().unwrap_or(Path::new(""));
-        let resolve = |p: &Path| {
-            if p.is_relative() {
-                base.join(p)
-            } else {
-                p.to_owned()
-            }
-        };
         check_trusted(config_path, "the configuration", Guard::NoForeignWrite)?;
         check_trusted(
             &self.daemon.state_dir,
@@ -832,11 +827,11 @@ impl Config {
         }
         for d in &self.devices {
             if let Some(m) = &d.module {
-                check_trusted(&resolve(m), "the PKCS#11 module", Guard::NoForeignWrite)?;
+                check_trusted(m, "the PKCS#11 module", Guard::NoForeignWrite)?;
             }
             if let Some(p) = &d.pin_file {
                 check_trusted(
-                    &resolve(p),
+                    p,
                     &format!("the PIN file of device {:?}", d.id),
                     Guard::Secret,
                 )?;
@@ -845,20 +840,16 @@ impl Config {
         for a in &self.approvers {
             if let Some(f) = &a.public_key_file {
                 check_trusted(
-                    &resolve(f),
+                    &base.join(f),
                     &format!("the public key of approver {:?}", a.id),
                     Guard::NoForeignWrite,
                 )?;
             }
         }
         if let Some(l) = &self.terminal_listener {
+            check_trusted(&l.key, "the terminal listener's key", Guard::Secret)?;
             check_trusted(
-                &resolve(&l.key),
-                "the terminal listener's key",
-                Guard::Secret,
-            )?;
-            check_trusted(
-                &resolve(&l.certificate),
+                &l.certificate,
                 "the terminal listener's certificate",
                 Guard::NoForeignWrite,
             )?;
