@@ -150,6 +150,9 @@ pub struct Approver {
     pub valid_from: Option<i64>,
     pub valid_until: Option<i64>,
     pub revoked: bool,
+    /// `name` in normal form ([`normalize_id`]); None when there is no name. The id itself is
+    /// required in normal form.
+    pub normal_name: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -204,9 +207,11 @@ impl TrustStore {
                 Ok(n) => return Err(err(format!("write the id in its normal form, {n:?}"))),
                 Err(e) => return Err(err(e)),
             }
-            if !a.name.is_empty() {
-                normalize_id(&a.name).map_err(|e| err(format!("name: {e}")))?;
-            }
+            let normal_name = if a.name.is_empty() {
+                None
+            } else {
+                Some(normalize_id(&a.name).map_err(|e| err(format!("name: {e}")))?)
+            };
             let pem = match (&a.public_key, &a.public_key_file) {
                 (Some(p), None) => p.clone(),
                 (None, Some(f)) => {
@@ -243,6 +248,7 @@ impl TrustStore {
                 valid_from: time(&a.valid_from)?,
                 valid_until: time(&a.valid_until)?,
                 revoked: a.revoked,
+                normal_name,
             };
             // One key is one person: two living entries with it would let one person fill two
             // levels, or approve their own application under the second id. An entry that is
@@ -351,10 +357,8 @@ pub fn evaluate(
         }
     };
     // An applicant who is an approver, by id or by name, in any spelling.
-    let applicant_approves = |a: &Approver| {
-        normalize_id(&a.id).is_ok_and(|n| n == applicant)
-            || (!a.name.is_empty() && normalize_id(&a.name).is_ok_and(|n| n == applicant))
-    };
+    let applicant_approves =
+        |a: &Approver| a.id == applicant || a.normal_name.as_deref() == Some(applicant.as_str());
 
     // Signatures: every one must verify; a token with a bad signature is refused whole.
     let mut approvals = Vec::new();
@@ -534,6 +538,7 @@ mod tests {
             valid_from: None,
             valid_until: None,
             revoked: false,
+            normal_name: None,
         }
     }
 
