@@ -66,7 +66,9 @@ type Row = (Vec<u8>, u32, u32);
 /// Uses of approvals that the audit log holds, as the audit writer has seen them: read from the
 /// log the first time an approval comes up after a start, then kept up to date as its uses
 /// commit. So the log's count stands even when a ledger row is deleted or lowered behind the
-/// daemon's back, without counting log rows on every stamp. Bounded; emptied when full.
+/// daemon's back, without counting log rows on every stamp. Bounded: emptied, when full,
+/// between batches (never inside one, where a count read from the log could then include the
+/// batch's own records and be counted again when it commits).
 #[derive(Default)]
 pub struct LoggedUses(HashMap<String, u32>);
 
@@ -79,11 +81,15 @@ impl LoggedUses {
             return Ok(*n);
         }
         let n = logged_uses(conn, jti)?;
+        self.0.insert(jti.to_owned(), n);
+        Ok(n)
+    }
+
+    /// Forgets everything when full; call between batches.
+    pub fn trim(&mut self) {
         if self.0.len() >= LOGGED_USES {
             self.0.clear();
         }
-        self.0.insert(jti.to_owned(), n);
-        Ok(n)
     }
 
     /// `count` more uses of `jti` committed.

@@ -631,6 +631,7 @@ impl Writer {
         let mut committed = Vec::with_capacity(internal.len() + entries.len());
         let mut results = Vec::with_capacity(entries.len());
         let conn = self.conn.as_mut().expect("opened above");
+        self.logged_uses.trim();
         let logged_uses = &mut self.logged_uses;
         // Uses consumed in this batch, counted into `logged_uses` once it has committed.
         let mut used: Vec<(String, u32)> = Vec::new();
