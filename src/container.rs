@@ -64,6 +64,7 @@ struct SigningCertificateV2 {
 }
 
 /// What the device must sign for a CMS signature.
+#[derive(Clone)]
 pub enum ToSign {
     /// ECDSA and RSA: SHA-256 of the DER signed attributes, signed as a digest.
     Digest([u8; 32]),
@@ -173,11 +174,10 @@ fn signature_algorithm(algorithm: Algorithm) -> Result<AlgorithmIdentifierOwned,
 }
 
 /// The DER ContentInfo of a detached SignedData: the signed attributes from [`plan`], the
-/// device's `signature` over them, the seal's certificate and its `chain` (DER, issuer first).
+/// device's `signature` over them, and the seal's certificate.
 pub fn assemble(
     algorithm: Algorithm,
     certificate: &[u8],
-    chain: &[Vec<u8>],
     signed_attributes: &[u8],
     signature: &[u8],
 ) -> Result<Vec<u8>, ContainerError> {
@@ -202,12 +202,6 @@ pub fn assemble(
     certs
         .insert(cms::cert::CertificateChoices::Certificate(cert))
         .map_err(enc)?;
-    for c in chain {
-        let c = Certificate::from_der(c).map_err(|e| ContainerError::Certificate(e.to_string()))?;
-        certs
-            .insert(cms::cert::CertificateChoices::Certificate(c))
-            .map_err(enc)?;
-    }
     let mut digest_algorithms = SetOfVec::new();
     digest_algorithms.insert(sha256).map_err(enc)?;
     let mut signers = SetOfVec::new();

@@ -559,12 +559,11 @@ impl Service {
             None => Err(ServiceError::UnknownRequest),
             Some(request::Body::Hello(h)) => {
                 if peer.caller.is_none() {
-                    let mut r = Record::new(kind::ACCESS_DENIED);
-                    r.caller = stranger_name(peer);
-                    r.reason = "unknown_caller".into();
-                    r.detail = "Hello from a uid and gid that are no configured caller; answered, then the connection was closed".into();
-                    crate::metrics::get().denial("", "unknown_caller");
-                    self.record_refusal(r).await;
+                    self.refuse_stranger(
+                        peer,
+                        "Hello from a uid and gid that are no configured caller; answered, then the connection was closed".into(),
+                    )
+                    .await;
                 }
                 Ok(self.hello(peer, h))
             }
@@ -574,12 +573,7 @@ impl Service {
                         "uid {} gid {} is not a configured caller",
                         peer.uid, peer.gid
                     ));
-                    let mut r = Record::new(kind::ACCESS_DENIED);
-                    r.caller = stranger_name(peer);
-                    r.reason = "unknown_caller".into();
-                    r.detail = e.to_string();
-                    crate::metrics::get().denial("", "unknown_caller");
-                    self.record_refusal(r).await;
+                    self.refuse_stranger(peer, e.to_string()).await;
                     Err(e)
                 }
                 Some(caller) => self.handle_known(caller, body).await,
@@ -757,6 +751,21 @@ impl Service {
         }))
     }
 
+    /// Records and counts a stranger's request (`access.denied`, reason `unknown_caller`).
+    async fn refuse_stranger(&self, peer: &Peer, detail: String) {
+        let mut r = Record::new(kind::ACCESS_DENIED);
+        r.caller = format!(
+            "uid {} gid {} pid {}",
+            peer.uid,
+            peer.gid,
+            peer.pid.unwrap_or(0)
+        );
+        r.reason = "unknown_caller".into();
+        r.detail = detail;
+        crate::metrics::get().denial("", "unknown_caller");
+        self.record_refusal(r).await;
+    }
+
     /// Records a request refused as invalid on a seal the caller may use, and hands the error
     /// back.
     async fn refuse_invalid(&self, mut record: Record, e: ServiceError) -> ServiceError {
@@ -919,11 +928,11 @@ impl Service {
         let checked = digest32(&req.document_sha256).and_then(|d| {
             purpose_ok(&req.purpose)?;
             let cert = cms_certificate(seal, req.container)?;
-            if let Some(c) = &cert {
+            if cert.is_some() {
                 // What the container needs of the approval is checked before the gate, so a
                 // refusal here spends no TOTP code; the verified claims decide afterwards.
                 let unverified = crate::approval::token::Token::parse(&req.approval_token).ok();
-                cms_plan(seal, c.clone(), &d, unverified.as_ref().map(|t| &t.claims))?;
+                cms_digest(seal, &d, unverified.as_ref().map(|t| &t.claims))?;
             }
             Ok((d, cert))
         });
@@ -1132,20 +1141,20 @@ impl Signing {
             Err(_) => Err(ServiceError::ShuttingDown),
             Ok(permit) => {
                 let device = self.device.clone();
-                let (key, digest) = (self.key, self.digest);
-                let message = self.cms.as_ref().map(|c| match &c.plan.to_sign {
-                    crate::container::ToSign::Digest(d) => (Some(*d), Vec::new()),
-                    crate::container::ToSign::Message(m) => (None, m.clone()),
-                });
+                use crate::container::ToSign;
+                let what = match &self.cms {
+                    None => ToSign::Digest(self.digest),
+                    Some(c) => c.plan.to_sign.clone(),
+                };
+                let key = self.key;
                 off_executor("signing", move || {
                     let _permit = permit;
                     if device.health() != Health::Ready {
                         device.recover();
                     }
-                    match message {
-                        None => device.sign(key, &digest),
-                        Some((Some(d), _)) => device.sign(key, &d),
-                        Some((None, m)) => device.sign_message(key, &m),
+                    match what {
+                        ToSign::Digest(d) => device.sign(key, &d),
+                        ToSign::Message(m) => device.sign_message(key, &m),
                     }
                 })
                 .await
@@ -1174,7 +1183,6 @@ impl Signing {
             Some(c) => match crate::container::assemble(
                 seal_key.algorithm,
                 &c.certificate,
-                &[],
                 &c.plan.signed_attributes,
                 &signature,
             ) {
@@ -1276,32 +1284,41 @@ fn cms_certificate(seal: &SealBinding, container: i32) -> Result<Option<Vec<u8>>
     }
 }
 
-/// The signed attributes of a CMS stamp. Their message digest is the approved SHA-256; for
-/// Ed25519 it is SHA-512 (RFC 8419), which only the approval's own `doc.sha512` may give.
+/// The message digest of a CMS stamp: the approved SHA-256; for Ed25519 the document's
+/// SHA-512 (RFC 8419), which only the approval's own `doc.sha512` may give.
+fn cms_digest(
+    seal: &SealBinding,
+    digest: &[u8; 32],
+    claims: Option<&crate::approval::token::Claims>,
+) -> Result<Vec<u8>, ServiceError> {
+    let algorithm = seal.device.key(seal.key).algorithm;
+    if crate::container::message_digest_len(algorithm) == 32 {
+        return Ok(digest.to_vec());
+    }
+    claims
+        .and_then(|c| c.doc.sha512.as_deref())
+        .and_then(|h| hex::decode(h).ok())
+        .ok_or_else(|| {
+            ServiceError::InvalidArgument(format!(
+                "seal {:?} signs with Ed25519, whose CMS message digest is the document's SHA-512 (RFC 8419); the approval carries no doc.sha512 (sealctl token new --file adds it)",
+                seal.id
+            ))
+        })
+}
+
+/// The signed attributes of a CMS stamp, from the verified claims.
 fn cms_plan(
     seal: &SealBinding,
     certificate: Vec<u8>,
     digest: &[u8; 32],
     claims: Option<&crate::approval::token::Claims>,
 ) -> Result<CmsJob, ServiceError> {
-    let algorithm = seal.device.key(seal.key).algorithm;
-    let md = if crate::container::message_digest_len(algorithm) == 64 {
-        claims
-            .and_then(|c| c.doc.sha512.as_deref())
-            .and_then(|h| hex::decode(h).ok())
-            .ok_or_else(|| {
-                ServiceError::InvalidArgument(format!(
-                    "seal {:?} signs with Ed25519, whose CMS message digest is the document's SHA-512 (RFC 8419); the approval carries no doc.sha512 (sealctl token new --file adds it)",
-                    seal.id
-                ))
-            })?
-    } else {
-        digest.to_vec()
-    };
+    let md = cms_digest(seal, digest, claims)?;
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0);
+    let algorithm = seal.device.key(seal.key).algorithm;
     let plan = crate::container::plan(algorithm, &certificate, &md, now)
         .map_err(|e| ServiceError::InvalidArgument(format!("seal {:?}: {e}", seal.id)))?;
     Ok(CmsJob { plan, certificate })
@@ -1328,16 +1345,6 @@ fn container_fields(
         }
     }
     m
-}
-
-/// How a stranger is named in the log.
-fn stranger_name(peer: &Peer) -> String {
-    format!(
-        "uid {} gid {} pid {}",
-        peer.uid,
-        peer.gid,
-        peer.pid.unwrap_or(0)
-    )
 }
 
 /// The record of a stamp request, before its kind is known.
