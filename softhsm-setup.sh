@@ -11,6 +11,8 @@
 #   approvers/      demo approvers' key pairs (PKCS#8 private keys, SPKI public keys)
 #   state/          the daemon's durable state (replay ledger, TOTP state, audit log)
 #   audit-key.pub.pem  the audit key's public half, for offline verification
+#   images/         the seals' images (red round seals, PNG) that stamped PDFs show
+#   contract.pdf    a one-page demo contract to stamp
 #   sealgate.toml   the daemon's configuration, with the trust store and seal policies
 # The token holds three seals, each a key pair whose private half is sensitive and
 # non-extractable, with an X.509 certificate from the demo CA:
@@ -141,6 +143,62 @@ if [ ! -f "$dir/audit-key.pub.pem" ]; then
   rm -f "$dir/audit-key.raw"
 fi
 
+# --- seal images ------------------------------------------------------------------------------
+# Drawn by `sealctl pdf draw-seal`: $SEALCTL when given, else sealctl built (release) now.
+mkdir -p "$dir/images"
+for s in contract finance official; do
+  if [ ! -s "$dir/images/$s.png" ]; then
+    say "drawing the $s seal's image"
+    if [ -n "${SEALCTL:-}" ]; then
+      "$SEALCTL" pdf draw-seal --out "$dir/images/$s.png"
+    else
+      (cd "$here" && cargo run -q --release --bin sealctl -- pdf draw-seal --out "$dir/images/$s.png")
+    fi
+  fi
+done
+
+# --- a demo contract (PDF 1.7, written by hand: six objects and their cross-reference table) --
+if [ ! -s "$dir/contract.pdf" ]; then
+  say "writing a demo contract, contract.pdf"
+  LC_ALL=C
+  text="BT /F1 20 Tf 72 760 Td (Supply contract 2026-118) Tj 0 -30 Td /F1 12 Tf (Between Shanghai Sealgate Trading Co. and Shenzhen Parts Ltd.) Tj ET"
+  objs=(
+    "<< /Type /Catalog /Pages 2 0 R >>"
+    "<< /Type /Pages /Kids [3 0 R] /Count 1 /MediaBox [0 0 595 842] >>"
+    "<< /Type /Page /Parent 2 0 R /Contents 4 0 R /Resources << /Font << /F1 5 0 R >> >> >>"
+    "<< /Length ${#text} >>
+stream
+$text
+endstream"
+    "<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica >>"
+  )
+  body="%PDF-1.7
+"
+  offsets=()
+  for i in "${!objs[@]}"; do
+    offsets+=("${#body}")
+    body+="$((i + 1)) 0 obj
+${objs[$i]}
+endobj
+"
+  done
+  xref=${#body}
+  body+="xref
+0 $((${#objs[@]} + 1))
+0000000000 65535 f 
+"
+  for o in "${offsets[@]}"; do body+=$(printf '%010d 00000 n \n' "$o"); body+="
+"; done
+  body+="trailer
+<< /Size $((${#objs[@]} + 1)) /Root 1 0 R >>
+startxref
+$xref
+%%EOF
+"
+  printf '%s' "$body" >"$dir/contract.pdf"
+  unset LC_ALL
+fi
+
 # --- demo approvers ---------------------------------------------------------------------------
 mkdir -p "$dir/approvers"
 approver() { # ID ALGORITHM
@@ -264,6 +322,7 @@ id = "contract"
 name = "合同专用章 (contract seal)"
 device = "demo-hsm"
 key_label = "contract-seal"
+image = "images/contract.png"
 algorithm = "ecdsa-p256-sha256"
 
 # Contracts of CNY 100,000.00 or more: the applicant's department head, then an executive.
@@ -290,6 +349,7 @@ id = "finance"
 name = "财务专用章 (finance seal)"
 device = "demo-hsm"
 key_label = "finance-seal"
+image = "images/finance.png"
 algorithm = "ed25519"
 
 # Invoices: a finance officer; at most 200 an hour per applicant.
@@ -305,6 +365,7 @@ id = "official"
 name = "公章 (official seal)"
 device = "demo-hsm"
 key_label = "official-seal"
+image = "images/official.png"
 algorithm = "rsa-pss-sha256"
 
 # The official seal: department head then executive, and the applicant's TOTP code.

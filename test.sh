@@ -26,6 +26,9 @@ python3 -m venv --help >/dev/null 2>&1 || need+=(python3-venv)
 pkg-config --exists libpcsclite 2>/dev/null || need+=(pkg-config libpcsclite-dev)
 command -v pcscd >/dev/null || [ -x /usr/sbin/pcscd ] || need+=(pcscd)
 [ -e /usr/lib/pcsc/drivers/serial/libifdvpcd.so ] || need+=(vsmartcard-vpcd)
+# Outside verifiers and the renderer of stamped PDFs.
+command -v pdfsig >/dev/null && command -v pdftoppm >/dev/null || need+=(poppler-utils)
+command -v qpdf >/dev/null || need+=(qpdf)
 if [ ${#need[@]} -gt 0 ]; then
   echo "test.sh: installing ${need[*]} with apt-get"
   $sudo apt-get update -qq
@@ -62,9 +65,10 @@ elif ! pcscd_ready; then
 fi
 
 # A private Python environment for the Python client test (Debian's own python3-protobuf is
-# older than the generated code needs).
+# older than the generated code needs), the Ed25519 CMS check, and pyHanko for stamped PDFs.
 venv=target/test-venv
-if ! "$venv/bin/python3" -c 'import google.protobuf, cryptography, asn1crypto' 2>/dev/null; then
+if ! "$venv/bin/python3" -c 'import google.protobuf, cryptography, asn1crypto, pyhanko' 2>/dev/null ||
+  [ ! -x "$venv/bin/pyhanko" ]; then
   python3 -m venv "$venv"
   "$venv/bin/pip" install -q -r tests/python/requirements.txt
 fi

@@ -238,6 +238,10 @@ pub struct SealConfig {
     /// Most uses one approval may grant (default 100,000).
     #[serde(default)]
     pub max_uses: Option<u32>,
+    /// The seal's image (PNG, at most 1 MiB and 2048 pixels a side) that a PDF stamp shows
+    /// where the seal is placed (`sealctl pdf prepare`); relative to the configuration's folder.
+    #[serde(default)]
+    pub image: Option<PathBuf>,
 }
 
 /// One policy rule of a seal. Empty lists match anything.
@@ -475,6 +479,11 @@ impl Config {
         fix(&mut self.daemon.state_dir);
         for d in &mut self.devices {
             if let Some(p) = d.pin_file.as_mut() {
+                fix(p);
+            }
+        }
+        for s in &mut self.seals {
+            if let Some(p) = s.image.as_mut() {
                 fix(p);
             }
         }
@@ -823,6 +832,15 @@ impl Config {
                 for m in p.pkcs11.iter().flat_map(|k| k.modules.iter()) {
                     check_trusted(m, "the PKCS#11 module", Guard::NoForeignWrite)?;
                 }
+            }
+        }
+        for s in &self.seals {
+            if let Some(p) = &s.image {
+                check_trusted(
+                    p,
+                    &format!("the image of seal {:?}", s.id),
+                    Guard::NoForeignWrite,
+                )?;
             }
         }
         for d in &self.devices {

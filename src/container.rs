@@ -1,9 +1,10 @@
 //! Standard containers for a stamp: a CMS detached signature (RFC 5652 SignedData with no
 //! content) over the approved document digest, which any CMS verifier checks against the
-//! document itself.
+//! document itself; and the same SignedData as a PDF signature's `/Contents` (PAdES B-B, ETSI
+//! EN 319 142-1, SubFilter `ETSI.CAdES.detached`), where the document is the PDF's ByteRange.
 //!
-//! Owns: the signed attributes (content-type, signing-time, message-digest = the approved
-//! digest, ESS signing-certificate-v2 of RFC 5035), what the device must sign for each
+//! Owns: the signed attributes (content-type, signing-time for plain CMS only, message-digest =
+//! the approved digest, ESS signing-certificate-v2 of RFC 5035), what the device must sign for each
 //! algorithm, and the assembly of the SignedData around the device's signature; reading the
 //! message digest back out of signed attributes, for verifiers.
 //! Never: signs anything itself, or lets the message digest be anything but the digest the
@@ -63,6 +64,25 @@ struct SigningCertificateV2 {
     certs: Vec<EssCertIdV2>,
 }
 
+/// The two containers made around a seal's signature.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    /// A detached CMS signature (.p7s), with a signing-time attribute.
+    Cms,
+    /// A PAdES signature's CMS: no signing-time (PAdES forbids it; the time is the signature
+    /// dictionary's `/M` or a timestamp).
+    Pades,
+}
+
+impl Kind {
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::Cms => "cms",
+            Kind::Pades => "pades",
+        }
+    }
+}
+
 /// What the device must sign for a CMS signature.
 #[derive(Clone)]
 pub enum ToSign {
@@ -112,9 +132,11 @@ fn digest_algorithm(algorithm: Algorithm) -> AlgorithmIdentifierOwned {
 
 /// The signed attributes for a detached signature of the document whose digest (SHA-256, or
 /// SHA-512 for Ed25519: see [`message_digest_len`]) is `digest`, by the seal whose certificate
-/// is `certificate` (DER), made at `unix_seconds`.
+/// is `certificate` (DER), made at `unix_seconds` (named in a signing-time attribute for
+/// [`Kind::Cms`] only).
 pub fn plan(
     algorithm: Algorithm,
+    kind: Kind,
     certificate: &[u8],
     digest: &[u8],
     unix_seconds: u64,
@@ -140,7 +162,6 @@ pub fn plan(
     let mut attrs: SetOfVec<Attribute> = SetOfVec::new();
     for a in [
         attribute(ID_CONTENT_TYPE, any_of(&ID_DATA)?)?,
-        attribute(ID_SIGNING_TIME, any_of(&time)?)?,
         attribute(
             ID_MESSAGE_DIGEST,
             any_of(&OctetString::new(digest.to_vec()).map_err(enc)?)?,
@@ -148,6 +169,11 @@ pub fn plan(
         attribute(ID_SIGNING_CERTIFICATE_V2, any_of(&ess)?)?,
     ] {
         attrs.insert(a).map_err(enc)?;
+    }
+    if kind == Kind::Cms {
+        attrs
+            .insert(attribute(ID_SIGNING_TIME, any_of(&time)?)?)
+            .map_err(enc)?;
     }
     let signed_attributes = attrs.to_der().map_err(enc)?;
     let to_sign = match algorithm {

@@ -12,6 +12,7 @@
 //! - [`device`]: the seal devices behind one trait (PKCS#11, PIV cards), and device profiles.
 //! - [`terminal`]: smart-seal terminals: their protocol, lines (serial, mutual TLS), sessions.
 //! - [`config`]: the daemon's TOML configuration and the PINs it points to.
+//! - [`pdf`]: PDF signatures with a visible seal, for `sealctl` (the daemon sees digests only).
 //! - [`metrics`]: Prometheus counters and histograms, and their loopback endpoint.
 #![deny(unsafe_code)]
 
@@ -21,6 +22,7 @@ pub mod config;
 pub mod container;
 pub mod device;
 pub mod metrics;
+pub mod pdf;
 pub mod policy;
 pub mod protocol;
 pub mod server;

@@ -66,6 +66,7 @@ fn the_demo_keeps_the_office_app_and_the_administrator_apart() {
             .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("softhsm-setup.sh"))
             .arg(&demo)
             .env("HOME", &demo)
+            .env("SEALCTL", common::SEALCTL)
             .uid(4242)
             .gid(4242)
             .output()

@@ -236,6 +236,7 @@ async fn a_token_that_comes_back_with_other_keys_is_refused() {
     let setup = Command::new("bash")
         .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/softhsm-setup.sh"))
         .arg(&other)
+        .env("SEALCTL", SEALCTL)
         .output()
         .unwrap();
     assert!(setup.status.success());
@@ -248,6 +249,8 @@ async fn a_token_that_comes_back_with_other_keys_is_refused() {
     .await
     .detail;
     assert!(detail.contains("refusing it until restart"), "{detail}");
+    // A fresh connection: the first one sat idle through the set-up, past the idle timeout.
+    let mut c = daemon.client().await;
     remote_stamp_unavailable(
         &mut c,
         &[2u8; 32],

@@ -198,6 +198,7 @@ fn setup_script_run_twice_changes_nothing() {
         let out = std::process::Command::new("bash")
             .arg(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("softhsm-setup.sh"))
             .arg(dir.path())
+            .env("SEALCTL", SEALCTL)
             .output()
             .unwrap();
         assert!(

@@ -178,6 +178,7 @@ pub fn claims(jti: &str, seal: &str, doc_type: &str, amount: Option<i64>, uses: 
             doc_type: doc_type.into(),
             title: Some("采购合同".into()),
             sha512: None,
+            placement: None,
         },
         amount: amount.map(|value| Amount {
             value,
@@ -321,6 +322,7 @@ impl World {
                     name: id.to_string(),
                     device: device.clone(),
                     key: i,
+                    image_png: None,
                 };
                 (id.to_string(), binding)
             })

@@ -551,6 +551,7 @@ mod tests {
                 doc_type: "contract".into(),
                 title: None,
                 sha512: None,
+                placement: None,
             },
             amount: None,
             dept: "sales".into(),

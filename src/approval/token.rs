@@ -65,6 +65,21 @@ pub struct DocClaim {
     /// message digest must be (RFC 8419); optional otherwise.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sha512: Option<String>,
+    /// For a PDF: where its visible seal sits in the prepared document whose ByteRange digest
+    /// `sha256` is. A PAdES stamp needs it; the audit record keeps it, and `sealctl verify`
+    /// compares the signature's widget with it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub placement: Option<Placement>,
+}
+
+/// A visible seal's place on a page: the signature field's name, the page (from 1) and the
+/// widget's rectangle in PDF points, lower-left x and y, upper-right x and y.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Placement {
+    pub field: String,
+    pub page: u32,
+    pub rect: [i64; 4],
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -401,6 +416,15 @@ fn check_claims(c: &Claims) -> Result<(), ParseError> {
             return perr("doc.sha512 must be 128 lowercase hex digits");
         }
     }
+    if let Some(p) = &c.doc.placement {
+        let [x1, y1, x2, y2] = p.rect;
+        if p.field.is_empty() || p.field.len() > 64 || p.field.chars().any(|ch| ch.is_control()) {
+            return perr("doc.placement.field must be 1 to 64 printable characters");
+        }
+        if p.page == 0 || x1 >= x2 || y1 >= y2 || x1 < 0 || y1 < 0 || x2 > 14_400 || y2 > 14_400 {
+            return perr("doc.placement must name a page from 1 and a rectangle [x1, y1, x2, y2] with x1 < x2 and y1 < y2, in points from 0 to 14400");
+        }
+    }
     if c.jti.is_empty() || c.jti.len() > 128 {
         return perr("jti must be 1 to 128 characters");
     }
@@ -542,6 +566,7 @@ mod tests {
                 doc_type: "contract".into(),
                 title: None,
                 sha512: None,
+                placement: None,
             },
             amount: Some(Amount {
                 value: 1_250_000,

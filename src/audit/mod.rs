@@ -175,6 +175,9 @@ impl Record {
             if !c.scope.is_empty() {
                 context.insert("scope".into(), c.scope.clone().into());
             }
+            if let Some(p) = &c.doc.placement {
+                context.insert("placement".into(), serde_json::json!(p));
+            }
         }
         if !caller_purpose.is_empty() {
             context.insert("caller_purpose".into(), caller_purpose.into());

@@ -75,7 +75,8 @@ impl SealKeys {
             key_id: String,
             signature: String,
             signature_sha256: String,
-            /// "cms" for a CMS detached signature, whose signature is over these attributes.
+            /// "cms" for a CMS detached signature, "pades" for a PDF signature's CMS: the signature
+            /// is over these attributes.
             #[serde(default)]
             container: Option<String>,
             #[serde(default)]
@@ -119,7 +120,7 @@ impl SealKeys {
             None => crate::device::keys::verify_stamp_signature(*alg, spki, &doc, &sig)
                 .err()
                 .map(|why| format!("its {why} over doc_sha256 under seal key {}", e.key_id)),
-            Some("cms") => {
+            Some("cms" | "pades") => {
                 let Some(attrs) = e.signed_attributes.as_deref().and_then(|a| {
                     base64::Engine::decode(&base64::engine::general_purpose::STANDARD, a).ok()
                 }) else {
@@ -224,7 +225,7 @@ pub fn verify(
         have_ahead = next(&mut ahead)?;
         report.records += 1;
         report.last_seq = cur.seq;
-        if report.records % 65536 == 0 {
+        if report.records.is_multiple_of(65536) {
             progress(report.records);
         }
         if record_problem.is_some() {

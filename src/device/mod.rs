@@ -199,6 +199,25 @@ pub struct SealBinding {
     pub name: String,
     pub device: Arc<dyn SealDevice>,
     pub key: usize,
+    /// The seal's image (PNG) for visible PDF seals, when configured.
+    pub image_png: Option<Arc<Vec<u8>>>,
+}
+
+/// A seal's configured image, read and checked to be a PNG sealctl can place.
+fn seal_image(seal: &str, path: &std::path::Path) -> Result<Vec<u8>, DeviceError> {
+    let bad =
+        |m: String| DeviceError::Setup(format!("seal {seal:?}: image {}: {m}", path.display()));
+    let meta = std::fs::metadata(path).map_err(|e| bad(e.to_string()))?;
+    if meta.len() > crate::pdf::MAX_IMAGE_BYTES as u64 {
+        return Err(bad(format!(
+            "{} bytes; at most {}",
+            meta.len(),
+            crate::pdf::MAX_IMAGE_BYTES
+        )));
+    }
+    let bytes = std::fs::read(path).map_err(|e| bad(e.to_string()))?;
+    crate::pdf::decode_png(&bytes).map_err(|e| bad(e.to_string()))?;
+    Ok(bytes)
 }
 
 /// Every configured device, opened, and every seal bound to one.
@@ -284,6 +303,10 @@ impl Registry {
                 }
             };
             for (i, s) in seal_cfgs.iter().enumerate() {
+                let image_png = match &s.image {
+                    None => None,
+                    Some(path) => Some(Arc::new(seal_image(&s.id, path)?)),
+                };
                 seals.insert(
                     s.id.clone(),
                     SealBinding {
@@ -291,6 +314,7 @@ impl Registry {
                         name: s.name.clone(),
                         device: device.clone(),
                         key: i,
+                        image_png,
                     },
                 );
             }

@@ -451,6 +451,7 @@ mod tests {
                 doc_type: "contract".into(),
                 title: None,
                 sha512: None,
+                placement: None,
             },
             amount: Some(Amount {
                 value: amount,

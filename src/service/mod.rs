@@ -927,12 +927,12 @@ impl Service {
         refused.seal = seal.id.clone();
         let checked = digest32(&req.document_sha256).and_then(|d| {
             purpose_ok(&req.purpose)?;
-            let cert = cms_certificate(seal, req.container)?;
-            if cert.is_some() {
+            let cert = container_of(seal, req.container)?;
+            if let Some((kind, _)) = &cert {
                 // What the container needs of the approval is checked before the gate, so a
                 // refusal here spends no TOTP code; the verified claims decide afterwards.
                 let unverified = crate::approval::token::Token::parse(&req.approval_token).ok();
-                cms_digest(seal, &d, unverified.as_ref().map(|t| &t.claims))?;
+                cms_digest(seal, *kind, &d, unverified.as_ref().map(|t| &t.claims))?;
             }
             Ok((d, cert))
         });
@@ -967,8 +967,8 @@ impl Service {
             .run_gate(&seal.id, digest, req.approval_token, req.mfa_code, false)
             .await?;
         let mut record = stamp_record(caller, seal, &digest, &purpose, &verdict);
-        if cms_cert.is_some() {
-            record.add_evidence(container_fields(None));
+        if let Some((kind, _)) = &cms_cert {
+            record.add_evidence(container_fields(*kind, None));
         }
         if let Some(d) = verdict.denials.into_iter().next() {
             note_refusal(&record, &d);
@@ -1211,7 +1211,12 @@ impl Signing {
         })
         .to_string();
         if let Some(c) = &self.cms {
-            outcome.add_evidence(container_fields(Some(&c.plan.signed_attributes)));
+            outcome.add_evidence(container_fields(c.kind, Some(&c.plan.signed_attributes)));
+            if let Some(p) = &c.placement {
+                let mut m = serde_json::Map::new();
+                m.insert("placement".into(), serde_json::json!(p));
+                outcome.add_evidence(m);
+            }
         }
         if let Err(e) = self.audit.append(outcome.clone()).await {
             // The signature exists but is never handed out: record that instead, later.
@@ -1258,39 +1263,60 @@ fn note_refusal(record: &Record, d: &crate::approval::Denial) {
     crate::metrics::get().denial(&record.seal, d.reason.code());
 }
 
-/// A CMS stamp's signed attributes and the seal's certificate they name.
+/// A container stamp's signed attributes and the seal's certificate they name.
 struct CmsJob {
+    kind: crate::container::Kind,
+    /// Where the approval placed a PDF's visible seal.
+    placement: Option<crate::approval::token::Placement>,
     plan: crate::container::Plan,
     certificate: Vec<u8>,
 }
 
-/// The seal's certificate for a CMS stamp, or None for a bare signature; refused (before any
-/// approval is looked at) for a container this seal cannot make.
-fn cms_certificate(seal: &SealBinding, container: i32) -> Result<Option<Vec<u8>>, ServiceError> {
-    match pb::Container::try_from(container) {
-        Ok(pb::Container::Raw) => Ok(None),
-        Ok(pb::Container::CmsDetached) => {
-            let key = seal.device.key(seal.key);
-            key.certificate_der.clone().map(Some).ok_or_else(|| {
-                ServiceError::InvalidArgument(format!(
-                    "seal {:?} has no certificate on its device; a CMS signature needs one",
-                    seal.id
-                ))
-            })
+/// The container asked for and the seal's certificate it needs, or None for a bare signature;
+/// refused (before any approval is looked at) for a container this seal cannot make.
+fn container_of(
+    seal: &SealBinding,
+    container: i32,
+) -> Result<Option<(crate::container::Kind, Vec<u8>)>, ServiceError> {
+    use crate::container::Kind;
+    let kind = match pb::Container::try_from(container) {
+        Ok(pb::Container::Raw) => return Ok(None),
+        Ok(pb::Container::CmsDetached) => Kind::Cms,
+        Ok(pb::Container::Pades) => Kind::Pades,
+        Err(_) => {
+            return Err(ServiceError::InvalidArgument(format!(
+            "container {container} is not one this daemon makes (0 raw, 1 CMS detached, 2 PAdES)"
+        )))
         }
-        Err(_) => Err(ServiceError::InvalidArgument(format!(
-            "container {container} is not one this daemon makes (0 raw, 1 CMS detached)"
-        ))),
-    }
+    };
+    let key = seal.device.key(seal.key);
+    let cert = key.certificate_der.clone().ok_or_else(|| {
+        ServiceError::InvalidArgument(format!(
+            "seal {:?} has no certificate on its device; a {} signature names its signer by one",
+            seal.id,
+            kind.name()
+        ))
+    })?;
+    Ok(Some((kind, cert)))
 }
 
-/// The message digest of a CMS stamp: the approved SHA-256; for Ed25519 the document's
-/// SHA-512 (RFC 8419), which only the approval's own `doc.sha512` may give.
+/// The message digest of a container stamp: the approved SHA-256; for Ed25519 the document's
+/// SHA-512 (RFC 8419), which only the approval's own `doc.sha512` may give. A PAdES stamp's
+/// approval must also place the visible seal.
 fn cms_digest(
     seal: &SealBinding,
+    kind: crate::container::Kind,
     digest: &[u8; 32],
     claims: Option<&crate::approval::token::Claims>,
 ) -> Result<Vec<u8>, ServiceError> {
+    if kind == crate::container::Kind::Pades
+        && claims.and_then(|c| c.doc.placement.as_ref()).is_none()
+    {
+        return Err(ServiceError::InvalidArgument(format!(
+            "a PAdES stamp of seal {:?} needs an approval that places the seal (doc.placement; sealctl token new --pdf adds it)",
+            seal.id
+        )));
+    }
     let algorithm = seal.device.key(seal.key).algorithm;
     if crate::container::message_digest_len(algorithm) == 32 {
         return Ok(digest.to_vec());
@@ -1300,37 +1326,43 @@ fn cms_digest(
         .and_then(|h| hex::decode(h).ok())
         .ok_or_else(|| {
             ServiceError::InvalidArgument(format!(
-                "seal {:?} signs with Ed25519, whose CMS message digest is the document's SHA-512 (RFC 8419); the approval carries no doc.sha512 (sealctl token new --file adds it)",
+                "seal {:?} signs with Ed25519, whose CMS message digest is the document's SHA-512 (RFC 8419); the approval carries no doc.sha512 (sealctl token new --file or --pdf adds it)",
                 seal.id
             ))
         })
 }
 
-/// The signed attributes of a CMS stamp, from the verified claims.
+/// The signed attributes of a container stamp, from the verified claims.
 fn cms_plan(
     seal: &SealBinding,
-    certificate: Vec<u8>,
+    (kind, certificate): (crate::container::Kind, Vec<u8>),
     digest: &[u8; 32],
     claims: Option<&crate::approval::token::Claims>,
 ) -> Result<CmsJob, ServiceError> {
-    let md = cms_digest(seal, digest, claims)?;
+    let md = cms_digest(seal, kind, digest, claims)?;
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0);
     let algorithm = seal.device.key(seal.key).algorithm;
-    let plan = crate::container::plan(algorithm, &certificate, &md, now)
+    let plan = crate::container::plan(algorithm, kind, &certificate, &md, now)
         .map_err(|e| ServiceError::InvalidArgument(format!("seal {:?}: {e}", seal.id)))?;
-    Ok(CmsJob { plan, certificate })
+    Ok(CmsJob {
+        kind,
+        placement: claims.and_then(|c| c.doc.placement.clone()),
+        plan,
+        certificate,
+    })
 }
 
-/// The evidence fields of a CMS stamp: its container kind and, once signed, its signed
-/// attributes (base64 DER) and their SHA-256, which bind the approved digest.
+/// The evidence fields of a container stamp: its kind and, once signed, its signed attributes
+/// (base64 DER) and their SHA-256, which bind the approved digest.
 fn container_fields(
+    kind: crate::container::Kind,
     signed_attributes: Option<&[u8]>,
 ) -> serde_json::Map<String, serde_json::Value> {
     let mut m = serde_json::Map::new();
-    m.insert("container".into(), "cms".into());
+    m.insert("container".into(), kind.name().into());
     if let Some(a) = signed_attributes {
         m.insert(
             "signed_attributes".into(),
@@ -1445,5 +1477,6 @@ fn describe(seal: &SealBinding) -> pb::DescribeSealResponse {
         device_detail: detail,
         public_key_spki: key.spki_der.clone(),
         certificate_der: key.certificate_der.clone().unwrap_or_default(),
+        image_png: seal.image_png.as_deref().cloned().unwrap_or_default(),
     }
 }

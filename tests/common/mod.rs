@@ -84,6 +84,7 @@ pub fn demo() -> &'static Demo {
         let out = Command::new("bash")
             .arg(&script)
             .arg(&dir)
+            .env("SEALCTL", SEALCTL)
             .output()
             .expect("run softhsm-setup.sh");
         assert!(
@@ -462,7 +463,8 @@ key_label = "sealgate-audit"
     t += &approvers_text(demo);
     for (id, label, alg) in DEMO_SEALS {
         t += &format!(
-            "\n[[seal]]\nid = \"{id}\"\nname = \"{id} seal\"\ndevice = \"demo-hsm\"\nkey_label = \"{label}\"\nalgorithm = \"{alg}\"\n"
+            "\n[[seal]]\nid = \"{id}\"\nname = \"{id} seal\"\ndevice = \"demo-hsm\"\nkey_label = \"{label}\"\nalgorithm = \"{alg}\"\nimage = \"{image}\"\n",
+            image = demo.dir.join(format!("images/{id}.png")).display()
         );
         t += &policy_text(id);
     }
@@ -823,6 +825,7 @@ impl Approval {
                     doc_type: doc_type.into(),
                     title: None,
                     sha512: None,
+                    placement: None,
                 },
                 amount: None,
                 dept: dept.into(),

@@ -284,6 +284,7 @@ impl Approvers {
                     doc_type: "contract".into(),
                     title: None,
                     sha512: None,
+                    placement: None,
                 },
                 amount: None,
                 dept: "sales".into(),

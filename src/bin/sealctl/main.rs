@@ -6,6 +6,7 @@
 
 mod audit;
 mod bench;
+mod pdf;
 mod verify;
 
 use anyhow::{bail, Context};
@@ -61,8 +62,15 @@ enum Command {
         #[command(subcommand)]
         command: SealCommand,
     },
-    /// Stamp a document (by file or by its SHA-256) with a seal.
+    /// Stamp a document (by file or by its SHA-256) with a seal, or a prepared PDF with a
+    /// visible seal (--pdf).
     Stamp(StampArgs),
+    /// PDFs with a visible seal: prepare one for a seal (then approve it with `token new
+    /// --pdf`, and stamp it with `stamp --pdf`).
+    Pdf {
+        #[command(subcommand)]
+        command: pdf::PdfCommand,
+    },
     /// Smart-seal terminals: unlock a terminal's physical seal on an approval.
     Terminal {
         #[command(subcommand)]
@@ -198,7 +206,7 @@ fn confirm_signing(
 }
 
 #[derive(ClapArgs)]
-#[command(group(clap::ArgGroup::new("doc").required(true).args(["file", "sha256"])))]
+#[command(group(clap::ArgGroup::new("doc").required(true).args(["file", "sha256", "pdf"])))]
 struct DocArgs {
     /// The document; only its SHA-256 is used.
     #[arg(long)]
@@ -206,6 +214,9 @@ struct DocArgs {
     /// The document's SHA-256, 64 hex digits.
     #[arg(long)]
     sha256: Option<String>,
+    /// A PDF prepared by `sealctl pdf prepare`; its ByteRange digest is used.
+    #[arg(long)]
+    pdf: Option<PathBuf>,
 }
 
 #[derive(ClapArgs)]
@@ -215,10 +226,15 @@ struct TokenNewArgs {
     claims: Option<PathBuf>,
     #[arg(long, required_unless_present = "claims")]
     seal: Option<String>,
-    #[arg(long)]
+    /// The document (its SHA-256 and SHA-512 are named).
+    #[arg(long, conflicts_with_all = ["sha256", "pdf"])]
     file: Option<PathBuf>,
-    #[arg(long)]
+    #[arg(long, conflicts_with = "pdf")]
     sha256: Option<String>,
+    /// A PDF prepared by `sealctl pdf prepare`: its ByteRange digests and the seal's placement
+    /// are named, so the approval binds the document exactly as it will look.
+    #[arg(long)]
+    pdf: Option<PathBuf>,
     /// Document type, e.g. contract, invoice.
     #[arg(long, required_unless_present = "claims")]
     doc_type: Option<String>,
@@ -306,7 +322,7 @@ enum SealCommand {
 }
 
 #[derive(ClapArgs)]
-#[command(group(clap::ArgGroup::new("document").required(true).args(["file", "sha256"])))]
+#[command(group(clap::ArgGroup::new("document").required(true).args(["file", "sha256", "pdf"])))]
 struct StampArgs {
     /// Seal id.
     #[arg(long)]
@@ -317,6 +333,10 @@ struct StampArgs {
     /// The document's SHA-256, as 64 hex digits.
     #[arg(long)]
     sha256: Option<String>,
+    /// A PDF prepared by `sealctl pdf prepare`: the daemon makes a PAdES signature over its
+    /// ByteRange, written into the PDF at --out (required).
+    #[arg(long, requires = "out", conflicts_with = "format")]
+    pdf: Option<PathBuf>,
     /// File holding the approval token.
     #[arg(long)]
     token: PathBuf,
@@ -329,7 +349,8 @@ struct StampArgs {
     /// What to make: `raw` (the bare signature) or `p7s` (a CMS detached signature, DER).
     #[arg(long, value_enum, default_value = "raw")]
     format: StampFormat,
-    /// Also write the signature (raw) or the .p7s (p7s) to this file.
+    /// Also write the signature (raw) or the .p7s (p7s) to this file; with --pdf, the stamped
+    /// PDF.
     #[arg(long)]
     out: Option<PathBuf>,
 }
@@ -348,6 +369,18 @@ fn now() -> i64 {
 }
 
 fn digest_of(file: &Option<PathBuf>, sha256: &Option<String>) -> anyhow::Result<Vec<u8>> {
+    digest_of_doc(file, sha256, &None)
+}
+
+/// The digest a stamp names: a file's SHA-256, one given, or a prepared PDF's ByteRange digest.
+fn digest_of_doc(
+    file: &Option<PathBuf>,
+    sha256: &Option<String>,
+    pdf: &Option<PathBuf>,
+) -> anyhow::Result<Vec<u8>> {
+    if let Some(p) = pdf {
+        return Ok(pdf::approval_of(p)?.0.to_vec());
+    }
     match (file, sha256) {
         (Some(path), _) => {
             let bytes =
@@ -379,6 +412,14 @@ fn write_or_print(out: &Option<PathBuf>, text: &str) -> anyhow::Result<()> {
 /// Commands that need no daemon.
 fn offline(cli: &Cli) -> anyhow::Result<bool> {
     use sealgate::approval::token::{Amount, Claims, DocClaim, SigningKey, Token};
+    if let Command::Pdf {
+        command: pdf::PdfCommand::DrawSeal { pixels, out },
+    } = &cli.command
+    {
+        let png = sealgate::pdf::draw_round_seal(*pixels)?;
+        std::fs::write(out, png).with_context(|| format!("cannot write {}", out.display()))?;
+        return Ok(true);
+    }
     let Command::Token { command } = &cli.command else {
         return Ok(false);
     };
@@ -391,7 +432,11 @@ fn offline(cli: &Cli) -> anyhow::Result<bool> {
                 )
                 .context("claims file")?,
                 None => {
-                    let digest = digest_of(&a.file, &a.sha256)?;
+                    let from_pdf = a.pdf.as_deref().map(pdf::approval_of).transpose()?;
+                    let digest = match &from_pdf {
+                        Some((sha256, ..)) => sha256.to_vec(),
+                        None => digest_of(&a.file, &a.sha256)?,
+                    };
                     let t = now();
                     let mut jti = [0u8; 16];
                     getrandom::fill(&mut jti).map_err(|e| anyhow::anyhow!("no randomness: {e}"))?;
@@ -403,14 +448,16 @@ fn offline(cli: &Cli) -> anyhow::Result<bool> {
                             doc_type: a.doc_type.clone().expect("required by clap"),
                             title: a.title.clone(),
                             // For an Ed25519 CMS signature, whose message digest is SHA-512.
-                            sha512: match &a.file {
-                                Some(path) => Some(hex::encode(sha2::Sha512::digest(
+                            sha512: match (&a.file, &from_pdf) {
+                                (_, Some((_, sha512, _))) => Some(hex::encode(sha512)),
+                                (Some(path), None) => Some(hex::encode(sha2::Sha512::digest(
                                     std::fs::read(path).with_context(|| {
                                         format!("cannot read {}", path.display())
                                     })?,
                                 ))),
-                                None => None,
+                                (None, None) => None,
                             },
+                            placement: from_pdf.map(|(.., p)| p),
                         },
                         amount: a.amount_minor.map(|value| Amount {
                             value,
@@ -784,13 +831,57 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
                 );
             }
         }
+        Command::Pdf {
+            command: pdf::PdfCommand::Prepare(args),
+        } => {
+            let response::Body::DescribeSeal(d) = check(client.describe_seal(&args.seal).await?)?
+            else {
+                bail!("unexpected reply to DescribeSeal");
+            };
+            if d.image_png.is_empty() {
+                bail!(
+                    "seal {:?} has no image configured (`image = \"….png\"` in its [[seal]])",
+                    args.seal
+                );
+            }
+            let (waiting, digest) = pdf::prepare(&args, &d.image_png)?;
+            let place = waiting.place.clone().unwrap_or(sealgate::pdf::Place {
+                page: args.page,
+                rect: [0; 4],
+            });
+            if cli.json {
+                println!(
+                    "{}",
+                    json!({
+                        "ok": true, "out": args.out, "field": waiting.field,
+                        "page": place.page, "rect": place.rect,
+                        "sha256": hex::encode(digest),
+                    })
+                );
+            } else {
+                println!("prepared {}", args.out.display());
+                println!(
+                    "field {} on page {} at {:?} (points)",
+                    waiting.field, place.page, place.rect
+                );
+                println!("ByteRange sha256 {}", hex::encode(digest));
+                println!(
+                    "next: sealctl token new --pdf {} …, then sealctl stamp --pdf",
+                    args.out.display()
+                );
+            }
+        }
+        Command::Pdf {
+            command: pdf::PdfCommand::DrawSeal { .. },
+        } => unreachable!("drawn offline"),
         Command::Stamp(args) => {
-            let digest = digest_of(&args.file, &args.sha256)?;
+            let digest = digest_of_doc(&args.file, &args.sha256, &args.pdf)?;
             let token = std::fs::read(&args.token)
                 .with_context(|| format!("cannot read token file {}", args.token.display()))?;
-            let container = match args.format {
-                StampFormat::Raw => pb::Container::Raw,
-                StampFormat::P7s => pb::Container::CmsDetached,
+            let container = match (args.format, &args.pdf) {
+                (_, Some(_)) => pb::Container::Pades,
+                (StampFormat::Raw, None) => pb::Container::Raw,
+                (StampFormat::P7s, None) => pb::Container::CmsDetached,
             };
             let resp = client
                 .stamp_request(pb::StampRequest {
@@ -805,13 +896,18 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
             let response::Body::Stamp(s) = check(resp)? else {
                 bail!("unexpected reply to Stamp");
             };
-            if args.format == StampFormat::P7s && s.container.is_empty() {
+            if container != pb::Container::Raw && s.container.is_empty() {
                 bail!("the daemon answered without the CMS container asked for");
             }
             if let Some(out) = &args.out {
-                let bytes = match args.format {
-                    StampFormat::Raw => &s.signature,
-                    StampFormat::P7s => &s.container,
+                let bytes = match (&args.pdf, args.format) {
+                    (Some(p), _) => {
+                        let prepared = pdf::read(p)?;
+                        sealgate::pdf::embed(&prepared, &s.container)
+                            .with_context(|| p.display().to_string())?
+                    }
+                    (None, StampFormat::Raw) => s.signature.clone(),
+                    (None, StampFormat::P7s) => s.container.clone(),
                 };
                 std::fs::write(out, bytes)
                     .with_context(|| format!("cannot write {}", out.display()))?;
@@ -827,6 +923,7 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
                         "approval": s.approval_id,
                         "uses_left": s.uses_left,
                         "p7s": (!s.container.is_empty()).then(|| b64(&s.container)),
+                        "pdf": args.pdf.as_ref().and(args.out.as_ref()),
                     })
                 );
             } else {
@@ -850,7 +947,7 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
                     mfa_code,
                 },
         } => {
-            let digest = digest_of(&doc.file, &doc.sha256)?;
+            let digest = digest_of_doc(&doc.file, &doc.sha256, &doc.pdf)?;
             let token = std::fs::read(&token)
                 .with_context(|| format!("cannot read token file {}", token.display()))?;
             let resp = client
@@ -898,7 +995,7 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
                     token,
                 },
         } => {
-            let digest = digest_of(&doc.file, &doc.sha256)?;
+            let digest = digest_of_doc(&doc.file, &doc.sha256, &doc.pdf)?;
             let bytes = std::fs::read(&token)
                 .with_context(|| format!("cannot read {}", token.display()))?;
             let response::Body::CheckApproval(c) = check(
