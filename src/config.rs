@@ -55,6 +55,35 @@ pub struct Config {
     /// certificate.
     #[serde(default, rename = "terminals")]
     pub terminal_listener: Option<TerminalListenerConfig>,
+    /// The time-stamping authority whose RFC 3161 tokens container stamps carry.
+    #[serde(default)]
+    pub timestamp: Option<TimestampConfig>,
+}
+
+/// `[timestamp]`: an RFC 3161 time-stamping authority over HTTP(S).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TimestampConfig {
+    /// Where time-stamp queries are POSTed (application/timestamp-query).
+    pub url: String,
+    /// How long one exchange may take, in milliseconds (default 5000).
+    #[serde(default = "default_tsa_timeout_ms")]
+    pub timeout_ms: u64,
+}
+
+fn default_tsa_timeout_ms() -> u64 {
+    5000
+}
+
+/// Whether a seal's container stamps carry a timestamp.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TimestampMode {
+    /// No timestamp is asked for.
+    None,
+    /// No stamp without one: a TSA that is down refuses the stamp.
+    Required,
+    /// A stamp without one when the TSA is down, with a recorded warning.
+    BestEffort,
 }
 
 /// A smart-seal terminal and the physical seal in it.
@@ -242,6 +271,22 @@ pub struct SealConfig {
     /// where the seal is placed (`sealctl pdf prepare`); relative to the configuration's folder.
     #[serde(default)]
     pub image: Option<PathBuf>,
+    /// "required" (the default when `[timestamp]` is configured), "best effort" or "none": whether
+    /// this seal's container stamps carry a timestamp from the TSA.
+    #[serde(default)]
+    pub timestamp: Option<String>,
+}
+
+impl SealConfig {
+    /// This seal's timestamp policy, `tsa` telling whether a TSA is configured.
+    pub fn timestamp_mode(&self, tsa: bool) -> TimestampMode {
+        match self.timestamp.as_deref() {
+            None if tsa => TimestampMode::Required,
+            None | Some("none") => TimestampMode::None,
+            Some("best effort") => TimestampMode::BestEffort,
+            Some(_) => TimestampMode::Required,
+        }
+    }
 }
 
 /// One policy rule of a seal. Empty lists match anything.
@@ -515,6 +560,35 @@ impl Config {
                     "daemon.max_stranger_connections must be between 1 and max_connections ({})",
                     self.daemon.max_connections
                 ));
+            }
+        }
+        if let Some(t) = &self.timestamp {
+            if !(t.url.starts_with("http://") || t.url.starts_with("https://")) {
+                return invalid(format!(
+                    "timestamp.url {:?} must be an http:// or https:// URL",
+                    t.url
+                ));
+            }
+            if t.timeout_ms == 0 || t.timeout_ms > 120_000 {
+                return invalid("timestamp.timeout_ms must be between 1 and 120000".into());
+            }
+        }
+        for s in &self.seals {
+            match s.timestamp.as_deref() {
+                None | Some("none") => {}
+                Some("required" | "best effort") if self.timestamp.is_some() => {}
+                Some("required" | "best effort") => {
+                    return invalid(format!(
+                        "seal {:?} asks for timestamps but no [timestamp] authority is configured",
+                        s.id
+                    ))
+                }
+                Some(other) => {
+                    return invalid(format!(
+                        "seal {:?}: timestamp {other:?} is not \"required\", \"best effort\" or \"none\"",
+                        s.id
+                    ))
+                }
             }
         }
         if self.daemon.request_timeout_ms == 0 {

@@ -35,6 +35,7 @@ const ECDSA_WITH_SHA256: Oid = Oid::new_unwrap("1.2.840.10045.4.3.2");
 const SHA256_WITH_RSA: Oid = Oid::new_unwrap("1.2.840.113549.1.1.11");
 const ID_RSASSA_PSS: Oid = Oid::new_unwrap("1.2.840.113549.1.1.10");
 const ID_ED25519: Oid = Oid::new_unwrap("1.3.101.112");
+const ID_SIGNATURE_TIME_STAMP_TOKEN: Oid = Oid::new_unwrap("1.2.840.113549.1.9.16.2.14");
 
 #[derive(Debug, thiserror::Error)]
 pub enum ContainerError {
@@ -200,13 +201,27 @@ fn signature_algorithm(algorithm: Algorithm) -> Result<AlgorithmIdentifierOwned,
 }
 
 /// The DER ContentInfo of a detached SignedData: the signed attributes from [`plan`], the
-/// device's `signature` over them, and the seal's certificate.
+/// device's `signature` over them, the seal's certificate, and the RFC 3161 timestamp token
+/// over the signature when there is one (unsigned attribute id-aa-signatureTimeStampToken).
 pub fn assemble(
     algorithm: Algorithm,
     certificate: &[u8],
     signed_attributes: &[u8],
     signature: &[u8],
+    timestamp_token: Option<&[u8]>,
 ) -> Result<Vec<u8>, ContainerError> {
+    let unsigned_attrs = match timestamp_token {
+        None => None,
+        Some(t) => {
+            let mut set = SetOfVec::new();
+            set.insert(attribute(
+                ID_SIGNATURE_TIME_STAMP_TOKEN,
+                Any::from_der(t).map_err(enc)?,
+            )?)
+            .map_err(enc)?;
+            Some(set)
+        }
+    };
     let cert = Certificate::from_der(certificate)
         .map_err(|e| ContainerError::Certificate(e.to_string()))?;
     let attrs = SetOfVec::<Attribute>::from_der(signed_attributes)
@@ -222,7 +237,7 @@ pub fn assemble(
         signed_attrs: Some(attrs),
         signature_algorithm: signature_algorithm(algorithm)?,
         signature: OctetString::new(signature.to_vec()).map_err(enc)?,
-        unsigned_attrs: None,
+        unsigned_attrs,
     };
     let mut certs = SetOfVec::new();
     certs
@@ -309,6 +324,9 @@ pub struct Checked {
     pub digest_matches: bool,
     /// The signature verifies over the signed attributes under the certificate's key.
     pub signature_verifies: bool,
+    /// The timestamp token's time (Unix seconds) and whether its imprint is the SHA-256 of the
+    /// signature, or why it does not read; None without one.
+    pub timestamp: Option<Result<(i64, bool), String>>,
 }
 
 fn algorithm_of(id: &AlgorithmIdentifierOwned) -> Option<Algorithm> {
@@ -396,7 +414,20 @@ pub fn check_detached(p7s: &[u8], document: &[u8]) -> Result<Checked, ContainerE
         )
         .is_ok()
     };
+    let timestamp = signer.unsigned_attrs.as_ref().and_then(|set| {
+        let a = set
+            .iter()
+            .find(|a| a.oid == ID_SIGNATURE_TIME_STAMP_TOKEN)?;
+        let v = a.values.iter().next()?;
+        Some(
+            v.to_der()
+                .map_err(|e| e.to_string())
+                .and_then(|der| crate::timestamp::read_token(&der))
+                .map(|(time, imprint)| (time, imprint[..] == Sha256::digest(&signature)[..])),
+        )
+    });
     Ok(Checked {
+        timestamp,
         algorithm,
         certificate: cert.to_der().map_err(enc)?,
         signature,

@@ -13,6 +13,7 @@
 //! - [`terminal`]: smart-seal terminals: their protocol, lines (serial, mutual TLS), sessions.
 //! - [`config`]: the daemon's TOML configuration and the PINs it points to.
 //! - [`pdf`]: PDF signatures with a visible seal, for `sealctl` (the daemon sees digests only).
+//! - [`timestamp`]: trusted time from an RFC 3161 authority for container stamps.
 //! - [`metrics`]: Prometheus counters and histograms, and their loopback endpoint.
 #![deny(unsafe_code)]
 
@@ -29,3 +30,4 @@ pub mod server;
 pub mod service;
 pub mod store;
 pub mod terminal;
+pub mod timestamp;

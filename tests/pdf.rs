@@ -70,10 +70,10 @@ impl Cli<'_> {
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
-    /// Prepares, approves and stamps `input` with `seal` at `at` (mm), signed by `approvers`;
-    /// the stamped PDF is written to `out`.
+    /// Prepares and approves `input` for `seal` at `at` (mm), signed by `approvers`; returns
+    /// the prepared PDF and the approval.
     #[allow(clippy::too_many_arguments)]
-    fn stamp_pdf(
+    fn approve_pdf(
         &self,
         dir: &Path,
         input: &Path,
@@ -82,8 +82,7 @@ impl Cli<'_> {
         size: &str,
         claims: &[&str],
         approvers: &[&str],
-        out: &Path,
-    ) {
+    ) -> (PathBuf, PathBuf) {
         let prepared = dir.join(format!("{seal}.prepared.pdf"));
         let token = dir.join(format!("{seal}.approval.json"));
         let p = |p: &Path| p.to_str().unwrap().to_owned();
@@ -129,17 +128,50 @@ impl Cli<'_> {
                 &p(&token),
             ]);
         }
-        self.ok(&[
+        (prepared, token)
+    }
+
+    /// `sealctl stamp --pdf` of a prepared PDF on its approval.
+    fn stamp_prepared(
+        &self,
+        seal: &str,
+        prepared: &Path,
+        token: &Path,
+        out: &Path,
+    ) -> std::process::Output {
+        self.output(&[
             "stamp",
             "--seal",
             seal,
             "--pdf",
-            &p(&prepared),
+            prepared.to_str().unwrap(),
             "--token",
-            &p(&token),
+            token.to_str().unwrap(),
             "--out",
-            &p(out),
-        ]);
+            out.to_str().unwrap(),
+        ])
+    }
+
+    /// Prepares, approves and stamps `input` with `seal`; the stamped PDF is written to `out`.
+    #[allow(clippy::too_many_arguments)]
+    fn stamp_pdf(
+        &self,
+        dir: &Path,
+        input: &Path,
+        seal: &str,
+        at: &str,
+        size: &str,
+        claims: &[&str],
+        approvers: &[&str],
+        out: &Path,
+    ) {
+        let (prepared, token) = self.approve_pdf(dir, input, seal, at, size, claims, approvers);
+        let done = self.stamp_prepared(seal, &prepared, &token, out);
+        assert!(
+            done.status.success(),
+            "stamp {seal}: {}",
+            String::from_utf8_lossy(&done.stderr)
+        );
     }
 
     fn verify(&self, pdf: &Path, db: Option<&Path>) -> (Option<i32>, Value) {
@@ -332,6 +364,29 @@ fn a_two_seal_pdf_passes_outside_verifiers_and_traces_each_seal_to_its_record() 
         .unwrap();
     let levels = String::from_utf8_lossy(&levels.stdout);
     assert!(levels.contains("Seal-contract-1 B-B"), "{levels}");
+    // pyHanko's AdES validation: both intact and trusted; the second seal's revision is, for the
+    // first signature, an acceptable modification (form filling), and nothing followed the second.
+    let ades = Command::new(pyhanko())
+        .args([
+            "sign",
+            "adesverify",
+            "--no-revocation-check",
+            "--trust-replace",
+            "--trust",
+        ])
+        .arg(demo().dir.join("ca/ca.crt"))
+        .arg(&twice)
+        .output()
+        .unwrap();
+    let ades = String::from_utf8_lossy(&ades.stdout);
+    let lines: Vec<&str> = ades.lines().collect();
+    assert_eq!(lines.len(), 2, "{ades}");
+    assert!(lines[0].starts_with("Seal-contract-1:"), "{ades}");
+    assert!(
+        lines[0].contains(":INTACT:TRUSTED,EXTENDED_WITH_FORM_FILLING,ACCEPTABLE_MODIFICATIONS"),
+        "{ades}"
+    );
+    assert!(lines[1].ends_with(":INTACT:TRUSTED,UNTOUCHED"), "{ades}");
     assert!(levels.contains("Seal-official-1 B-B"), "{levels}");
 
     // Traced: each seal to its own approval and record.
@@ -681,4 +736,202 @@ async fn bad_pdfs_and_placements_are_refused_before_anything_is_signed() {
         sealgate::pdf::embed(&std::fs::read(&prepared).unwrap(), &big),
         Err(sealgate::pdf::PdfError::NoRoom { .. })
     ));
+}
+
+/// The test time-stamping authority (tests/python/tsa.py: `openssl ts -reply` over HTTP, with a
+/// certificate from the demo CA), stopped when dropped.
+struct TestTsa {
+    child: std::process::Child,
+    url: String,
+}
+
+impl TestTsa {
+    fn start(dir: &Path) -> TestTsa {
+        use std::io::BufRead;
+        let mut child = Command::new(python())
+            .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/python/tsa.py"))
+            .arg(dir)
+            .arg(demo().dir.join("ca/ca.crt"))
+            .arg(demo().dir.join("ca/ca.key"))
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let port = line
+            .trim()
+            .strip_prefix("listening on ")
+            .unwrap_or_else(|| panic!("tsa.py said {line:?}"))
+            .to_owned();
+        TestTsa {
+            child,
+            url: format!("http://127.0.0.1:{port}/"),
+        }
+    }
+}
+
+impl Drop for TestTsa {
+    fn drop(&mut self) {
+        self.child.kill().ok();
+        self.child.wait().ok();
+    }
+}
+
+/// A daemon whose container stamps are timestamped by the TSA at `url`: the contract seal
+/// requires a timestamp, "contract-be" (the same key) takes one at best.
+fn daemon_with_tsa(url: &str) -> Daemon {
+    let image = demo().dir.join("images/contract.png");
+    Daemon::start(&Opts {
+        caller_seals: Some(vec!["contract".into(), "contract-be".into()]),
+        extra: format!(
+            r#"
+[[seal]]
+id = "contract-be"
+device = "demo-hsm"
+key_label = "contract-seal"
+algorithm = "ecdsa-p256-sha256"
+image = "{image}"
+timestamp = "best effort"
+
+[[seal.rule]]
+name = "contracts"
+doc_types = ["contract"]
+levels = ["dept_head"]
+dept_scoped = ["dept_head"]
+
+[timestamp]
+url = "{url}"
+timeout_ms = 3000
+"#,
+            image = image.display()
+        ),
+        ..Opts::default()
+    })
+}
+
+/// The evidence of the newest record of `kind`, and its reason.
+fn newest(db: &Path, kind: &str) -> (Value, String) {
+    let conn = rusqlite::Connection::open(db).unwrap();
+    conn.query_row(
+        "SELECT evidence, reason FROM audit WHERE kind = ?1 ORDER BY seq DESC LIMIT 1",
+        [kind],
+        |r| {
+            let e: String = r.get(0)?;
+            Ok((serde_json::from_str(&e).unwrap_or_default(), r.get(1)?))
+        },
+    )
+    .unwrap()
+}
+
+/// With `[timestamp]` configured, a PDF stamp carries an RFC 3161 token over its signature
+/// (PAdES B-T, which pyHanko validates against the demo CA) and its record holds the TSA's time.
+/// A TSA that is down refuses the stamp of a seal that requires one, precisely and recorded;
+/// a seal whose policy says "best effort" is stamped without it, with the warning recorded.
+#[test]
+fn a_tsa_gives_pades_b_t_and_one_that_is_down_refuses_or_warns_as_the_policy_says() {
+    let work = tempfile::tempdir().unwrap();
+    let dir = work.path();
+    let tsa = TestTsa::start(&dir.join("tsa"));
+    let d = daemon_with_tsa(&tsa.url);
+    let cli = Cli { daemon: &d };
+    let original = demo().dir.join("contract.pdf");
+    let claims = [
+        "--doc-type",
+        "contract",
+        "--dept",
+        "sales",
+        "--amount-minor",
+        "500000",
+        "--currency",
+        "CNY",
+    ];
+    let stamped = dir.join("timestamped.pdf");
+    cli.stamp_pdf(
+        dir,
+        &original,
+        "contract",
+        "120,30",
+        "40",
+        &claims,
+        &["zhang.wei"],
+        &stamped,
+    );
+    let levels = Command::new(python())
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/python/pades_level.py"
+        ))
+        .arg(&stamped)
+        .output()
+        .unwrap();
+    let levels = String::from_utf8_lossy(&levels.stdout).into_owned();
+    assert_eq!(levels.trim(), "Seal-contract-1 B-T");
+    let (valid, summary) = pyhanko_validate(&stamped);
+    assert!(valid, "{summary}");
+    let (code, v) = cli.verify(&stamped, Some(&d.db()));
+    assert_eq!(code, Some(0), "{v:#}");
+    let t = &v["signatures"][0]["timestamp"];
+    assert_eq!(t["over_this_signature"], true, "{v:#}");
+    let (evidence, _) = newest(&d.db(), "stamp.completed");
+    assert_eq!(evidence["timestamp"]["gen_time"], t["unix"], "{evidence}");
+    assert!((t["unix"].as_i64().unwrap() - unix_now()).abs() < 120);
+    let (code, out) = audit_verify(&d.db());
+    assert_eq!(code, 0, "{out}");
+    drop(d);
+    drop(tsa);
+
+    // The TSA is down (nothing listens on the port it had).
+    let down = daemon_with_tsa("http://127.0.0.1:9/");
+    let cli = Cli { daemon: &down };
+    let (prepared, token) = cli.approve_pdf(
+        dir,
+        &original,
+        "contract",
+        "120,30",
+        "40",
+        &claims,
+        &["zhang.wei"],
+    );
+    let refused = cli.stamp_prepared("contract", &prepared, &token, &dir.join("never.pdf"));
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert_eq!(refused.status.code(), Some(1), "{err}");
+    assert!(err.contains("TIMESTAMP_UNAVAILABLE"), "{err}");
+    assert!(err.contains("127.0.0.1:9"), "{err}");
+    assert!(!dir.join("never.pdf").exists());
+    let (_, reason) = newest(&down.db(), "stamp.failed");
+    assert_eq!(reason, "timestamp_unavailable");
+    let be = dir.join("best-effort.pdf");
+    cli.stamp_pdf(
+        dir,
+        &original,
+        "contract-be",
+        "120,30",
+        "40",
+        &["--doc-type", "contract", "--dept", "sales"],
+        &["zhang.wei"],
+        &be,
+    );
+    let levels = Command::new(python())
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/python/pades_level.py"
+        ))
+        .arg(&be)
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&levels.stdout).trim(),
+        "Seal-contract-be-1 B-B"
+    );
+    let (evidence, _) = newest(&down.db(), "stamp.completed");
+    assert!(
+        evidence["timestamp_warning"]
+            .as_str()
+            .is_some_and(|w| w.contains("could not be reached")),
+        "{evidence}"
+    );
+    let (code, out) = audit_verify(&down.db());
+    assert_eq!(code, 0, "{out}");
 }

@@ -529,3 +529,35 @@ fn every_trusted_file_and_folder_is_checked_at_start_and_at_reload() {
     assert!(outcome.contains("configuration reloaded"), "{outcome}");
     d.stop();
 }
+
+/// A seal image that is too large, or not a PNG, ends the start with the seal and file named;
+/// so does a seal asking for timestamps with no authority configured.
+#[test]
+fn a_bad_seal_image_or_a_timestamp_without_an_authority_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let big = dir.path().join("big.png");
+    std::fs::write(&big, vec![0u8; 1024 * 1024 + 1]).unwrap();
+    let not_png = dir.path().join("seal.png");
+    std::fs::write(&not_png, b"GIF89a").unwrap();
+    let image = demo().dir.join("images/contract.png");
+    for (file, says) in [(&big, "at most 1048576"), (&not_png, "not usable")] {
+        let c = base().replacen(
+            &format!("image = \"{}\"", image.display()),
+            &format!("image = \"{}\"", file.display()),
+            1,
+        );
+        fails_with(
+            &c,
+            &["seal \"contract\"", &file.display().to_string(), says],
+        );
+    }
+    let c = base().replacen(
+        &format!("image = \"{}\"", image.display()),
+        &format!(
+            "image = \"{}\"\ntimestamp = \"best effort\"",
+            image.display()
+        ),
+        1,
+    );
+    fails_with(&c, &["seal \"contract\"", "no [timestamp] authority"]);
+}

@@ -323,6 +323,7 @@ impl World {
                     device: device.clone(),
                     key: i,
                     image_png: None,
+                    timestamp: sealgate::config::TimestampMode::None,
                 };
                 (id.to_string(), binding)
             })

@@ -201,6 +201,8 @@ pub struct SealBinding {
     pub key: usize,
     /// The seal's image (PNG) for visible PDF seals, when configured.
     pub image_png: Option<Arc<Vec<u8>>>,
+    /// Whether its container stamps carry a timestamp.
+    pub timestamp: crate::config::TimestampMode,
 }
 
 /// A seal's configured image, read and checked to be a PNG sealctl can place.
@@ -315,6 +317,7 @@ impl Registry {
                         device: device.clone(),
                         key: i,
                         image_png,
+                        timestamp: s.timestamp_mode(config.timestamp.is_some()),
                     },
                 );
             }

@@ -66,6 +66,8 @@ pub enum ServiceError {
     Denied(Denial),
     #[error("{0}")]
     AuditUnavailable(String),
+    #[error("{0}")]
+    TimestampUnavailable(String),
 }
 
 impl From<AuditError> for ServiceError {
@@ -140,6 +142,7 @@ impl ServiceError {
             ServiceError::Internal(_) => Status::Internal,
             ServiceError::Denied(_) => Status::ApprovalDenied,
             ServiceError::AuditUnavailable(_) => Status::AuditUnavailable,
+            ServiceError::TimestampUnavailable(_) => Status::TimestampUnavailable,
         }
     }
 
@@ -198,6 +201,8 @@ pub struct Service {
     terminals: std::sync::OnceLock<HashMap<String, terminal::Handle>>,
     /// Each terminal with the impression counter the log last recorded for it.
     terminal_specs: std::sync::Mutex<Vec<(TerminalSpec, Option<u64>)>>,
+    /// The time-stamping authority of container stamps, when one is configured.
+    tsa: Option<Arc<crate::timestamp::Tsa>>,
 }
 
 /// The configured terminals, their profiles and enrolled keys checked.
@@ -286,6 +291,8 @@ fn restart_only(config: &Config) -> String {
                 &s.key_label,
                 &s.key_id,
                 &s.algorithm,
+                &s.image,
+                &s.timestamp,
             )
         })
         .collect();
@@ -422,6 +429,12 @@ impl Service {
             outcomes: tokio_util::task::TaskTracker::new(),
             terminals: std::sync::OnceLock::new(),
             terminal_specs: std::sync::Mutex::new(specs),
+            tsa: config.timestamp.as_ref().map(|t| {
+                Arc::new(crate::timestamp::Tsa::new(
+                    &t.url,
+                    std::time::Duration::from_millis(t.timeout_ms),
+                ))
+            }),
         })
     }
 
@@ -1012,6 +1025,12 @@ impl Service {
             device: seal.device.clone(),
             key: seal.key,
             digest,
+            tsa: match (&cms, seal.timestamp, &self.tsa) {
+                (Some(_), crate::config::TimestampMode::None, _) | (None, ..) | (_, _, None) => {
+                    None
+                }
+                (Some(_), mode, Some(tsa)) => Some((tsa.clone(), mode)),
+            },
             cms,
             record,
             auth_seq,
@@ -1125,6 +1144,8 @@ struct Signing {
     digest: [u8; 32],
     /// For a CMS detached signature: the signed attributes and the seal's certificate.
     cms: Option<CmsJob>,
+    /// The TSA to timestamp the signature with, and whether a stamp may go without one.
+    tsa: Option<(Arc<crate::timestamp::Tsa>, crate::config::TimestampMode)>,
     /// The authorisation's record, the template of the outcome's.
     record: Record,
     auth_seq: u64,
@@ -1178,6 +1199,48 @@ impl Signing {
             Ok(sig) => sig,
         };
         let seal_key = self.device.key(self.key);
+        // Trusted time over the signature, for a container whose seal asks for it.
+        let mut time_fields = serde_json::Map::new();
+        let token = match &self.tsa {
+            None => None,
+            Some((tsa, mode)) => {
+                let (client, sig) = (tsa.clone(), signature.clone());
+                let got = off_executor("timestamp", move || client.stamp(&sig))
+                    .await
+                    .and_then(|r| r.map_err(|e| ServiceError::TimestampUnavailable(e.to_string())));
+                match got {
+                    Ok(t) => {
+                        time_fields.insert(
+                            "timestamp".into(),
+                            serde_json::json!({
+                                "tsa": tsa.url(),
+                                "gen_time": t.gen_time,
+                                "token_sha256": hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&t.der)),
+                            }),
+                        );
+                        Some(t.der)
+                    }
+                    Err(e) if *mode == crate::config::TimestampMode::BestEffort => {
+                        tracing::warn!(seal = %outcome.seal, error = %e, "stamped without a timestamp");
+                        time_fields.insert("timestamp_warning".into(), e.to_string().into());
+                        None
+                    }
+                    Err(e) => {
+                        let e = ServiceError::TimestampUnavailable(format!(
+                            "{e}; the seal's policy requires a timestamp, so the signature was withheld"
+                        ));
+                        metrics.stamp(&outcome.seal, "failed", None);
+                        outcome.kind = kind::STAMP_FAILED.into();
+                        outcome.reason = "timestamp_unavailable".into();
+                        outcome.detail = e.to_string();
+                        if self.audit.append(outcome.clone()).await.is_err() {
+                            self.audit.append_later(outcome);
+                        }
+                        return Err(e);
+                    }
+                }
+            }
+        };
         let container = match &self.cms {
             None => None,
             Some(c) => match crate::container::assemble(
@@ -1185,6 +1248,7 @@ impl Signing {
                 &c.certificate,
                 &c.plan.signed_attributes,
                 &signature,
+                token.as_deref(),
             ) {
                 Ok(der) => Some(der),
                 Err(e) => {
@@ -1213,10 +1277,9 @@ impl Signing {
         if let Some(c) = &self.cms {
             outcome.add_evidence(container_fields(c.kind, Some(&c.plan.signed_attributes)));
             if let Some(p) = &c.placement {
-                let mut m = serde_json::Map::new();
-                m.insert("placement".into(), serde_json::json!(p));
-                outcome.add_evidence(m);
+                time_fields.insert("placement".into(), serde_json::json!(p));
             }
+            outcome.add_evidence(time_fields);
         }
         if let Err(e) = self.audit.append(outcome.clone()).await {
             // The signature exists but is never handed out: record that instead, later.

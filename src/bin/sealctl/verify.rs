@@ -118,6 +118,13 @@ fn assess(
     if trusted == Some(false) {
         findings.push("the signer's certificate is not issued by a CA given".into());
     }
+    match &c.timestamp {
+        Some(Ok((_, false))) => {
+            findings.push("its timestamp token is for another signature".into())
+        }
+        Some(Err(e)) => findings.push(format!("its timestamp token does not read: {e}")),
+        _ => {}
+    }
     let Some(log) = log else {
         return Ok(Verdict {
             trusted,
@@ -240,6 +247,15 @@ fn print_record(t: &Value) {
     println!("    the log verifies up to it: {}", t["log_verifies_to_it"]);
 }
 
+/// A timestamp token's time (RFC 3339) and whether it is over this signature.
+fn timestamp_json(c: &Checked) -> Option<Value> {
+    let (at, matches) = c.timestamp.as_ref()?.as_ref().ok()?;
+    let time = jiff::Timestamp::from_second(*at)
+        .map(|t| t.to_string())
+        .unwrap_or_default();
+    Some(json!({"time": time, "unix": at, "over_this_signature": matches}))
+}
+
 fn trust_line(trusted: Option<bool>) -> &'static str {
     match trusted {
         Some(true) => "issued by a CA given",
@@ -289,6 +305,7 @@ fn run_p7s(
                 "algorithm": c.algorithm.name(),
                 "digest_matches": c.digest_matches,
                 "signature_verifies": c.signature_verifies,
+                "timestamp": timestamp_json(&c),
                 "trusted": v.trusted,
                 "seal_key": v.seal,
                 "signature_sha256": hex::encode(Sha256::digest(&c.signature)),
@@ -398,6 +415,7 @@ fn run_pdf(
                     "digest_matches": c.as_ref().map(|c| c.digest_matches),
                     "signature_verifies": c.as_ref().map(|c| c.signature_verifies),
                     "signer": c.as_ref().map(|c| common_name(&c.certificate)),
+                    "timestamp": c.as_ref().and_then(timestamp_json),
                     "trusted": v.as_ref().and_then(|v| v.trusted),
                     "seal_key": v.as_ref().and_then(|v| v.seal.clone()),
                     "record": v.as_ref().map(|v| v.record.clone()).unwrap_or_default(),
@@ -439,6 +457,9 @@ fn run_pdf(
             }
             if let Some(v) = v {
                 println!("  certificate: {}", trust_line(v.trusted));
+            }
+            if let Some(t) = c.as_ref().and_then(timestamp_json) {
+                println!("  trusted time: {} (from its timestamp token)", t["time"]);
             }
             println!(
                 "  {} later revision(s){}",
