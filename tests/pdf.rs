@@ -228,6 +228,19 @@ fn pyhanko_validate(pdf: &Path) -> (bool, String) {
     )
 }
 
+/// Each signature's field and PAdES level as pyHanko reads them (tests/python/pades_level.py).
+fn pades_levels(pdf: &Path) -> String {
+    let out = Command::new(python())
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/python/pades_level.py"
+        ))
+        .arg(pdf)
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 fn pdfsig(pdf: &Path) -> String {
     let out = Command::new("pdfsig").arg(pdf).output().expect("pdfsig");
     String::from_utf8_lossy(&out.stdout).into_owned()
@@ -354,15 +367,7 @@ fn a_two_seal_pdf_passes_outside_verifiers_and_traces_each_seal_to_its_record() 
     let (valid, summary) = pyhanko_validate(&twice);
     assert!(valid, "{summary}");
     assert_eq!(summary.matches(":VALID").count(), 2, "{summary}");
-    let levels = Command::new(python())
-        .arg(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/tests/python/pades_level.py"
-        ))
-        .arg(&twice)
-        .output()
-        .unwrap();
-    let levels = String::from_utf8_lossy(&levels.stdout);
+    let levels = pades_levels(&twice);
     assert!(levels.contains("Seal-contract-1 B-B"), "{levels}");
     // pyHanko's AdES validation: both intact and trusted; the second seal's revision is, for the
     // first signature, an acceptable modification (form filling), and nothing followed the second.
@@ -415,6 +420,44 @@ fn a_two_seal_pdf_passes_outside_verifiers_and_traces_each_seal_to_its_record() 
     assert_eq!(second["record"]["log_verifies_to_it"], true);
     let (code, out) = audit_verify(&d.db());
     assert_eq!(code, 0, "{out}");
+    // The same trace from an exported bundle, as an outside auditor receives it.
+    let bundle = dir.join("bundle");
+    cli.ok(&[
+        "audit",
+        "export",
+        "--db",
+        d.db().to_str().unwrap(),
+        "--bundle",
+        bundle.to_str().unwrap(),
+    ]);
+    let out = cli.output(&[
+        "--json",
+        "verify",
+        twice.to_str().unwrap(),
+        "--ca",
+        demo().dir.join("ca/ca.crt").to_str().unwrap(),
+        "--bundle",
+        bundle.to_str().unwrap(),
+    ]);
+    let from_bundle: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(out.status.code(), Some(0), "{from_bundle:#}");
+    for i in 0..2 {
+        let (a, b) = (
+            &v["signatures"][i]["record"],
+            &from_bundle["signatures"][i]["record"],
+        );
+        for field in [
+            "seq",
+            "applicant",
+            "approvers",
+            "device",
+            "authorized_seq",
+            "placement",
+        ] {
+            assert_eq!(a[field], b[field], "{field}: {from_bundle:#}");
+        }
+        assert_eq!(b["log_verifies_to_it"], true);
+    }
 
     // The page as it renders: the contract seal's ring and star are red where they were put
     // (a 40 mm seal at 120 mm, 30 mm: points 340..453 across, 85..198 up); between them the
@@ -858,15 +901,7 @@ fn a_tsa_gives_pades_b_t_and_one_that_is_down_refuses_or_warns_as_the_policy_say
         &["zhang.wei"],
         &stamped,
     );
-    let levels = Command::new(python())
-        .arg(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/tests/python/pades_level.py"
-        ))
-        .arg(&stamped)
-        .output()
-        .unwrap();
-    let levels = String::from_utf8_lossy(&levels.stdout).into_owned();
+    let levels = pades_levels(&stamped);
     assert_eq!(levels.trim(), "Seal-contract-1 B-T");
     let (valid, summary) = pyhanko_validate(&stamped);
     assert!(valid, "{summary}");
@@ -913,18 +948,8 @@ fn a_tsa_gives_pades_b_t_and_one_that_is_down_refuses_or_warns_as_the_policy_say
         &["zhang.wei"],
         &be,
     );
-    let levels = Command::new(python())
-        .arg(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/tests/python/pades_level.py"
-        ))
-        .arg(&be)
-        .output()
-        .unwrap();
-    assert_eq!(
-        String::from_utf8_lossy(&levels.stdout).trim(),
-        "Seal-contract-be-1 B-B"
-    );
+    let levels = pades_levels(&be);
+    assert_eq!(levels.trim(), "Seal-contract-be-1 B-B");
     let (evidence, _) = newest(&down.db(), "stamp.completed");
     assert!(
         evidence["timestamp_warning"]

@@ -389,7 +389,7 @@ pub(crate) fn verify_db(
     Ok(report)
 }
 
-fn verify_bundle(dir: &Path, mut keys: Vec<TrustedKey>) -> anyhow::Result<Report> {
+pub(crate) fn verify_bundle(dir: &Path, mut keys: Vec<TrustedKey>) -> anyhow::Result<Report> {
     let read_lines =
         |name: &str| -> anyhow::Result<std::io::Lines<std::io::BufReader<std::fs::File>>> {
             let p = dir.join(name);

@@ -96,9 +96,9 @@ enum Command {
     /// Measure durable stamps per second against the raw device, on the demo token (starts a
     /// daemon of its own; see README, "Performance").
     Bench(bench::BenchArgs),
-    /// Check a document's detached CMS signature (.p7s) against the document and trusted CAs,
-    /// and with --db find the stamp in the audit log: who applied, who approved, when, on
-    /// which device (offline).
+    /// Check every signature of a PDF, or a document's detached CMS signature (--p7s), against
+    /// the document and trusted CAs, and with --db (or --bundle) find each stamp in the audit
+    /// log: who applied, who approved, when, on which device (offline).
     Verify(verify::VerifyArgs),
     /// The newest alerts raised by the anomaly rules; with --follow, every new one as it comes
     /// (administrators only).

@@ -23,8 +23,11 @@ pub struct VerifyArgs {
     #[arg(long)]
     ca: Vec<PathBuf>,
     /// The audit log (the daemon's database, or a copy) in which to find each stamp.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "bundle")]
     db: Option<PathBuf>,
+    /// Or an exported bundle (`sealctl audit export --bundle`) in which to find each stamp.
+    #[arg(long)]
+    bundle: Option<PathBuf>,
 }
 
 fn pem_certificates(path: &PathBuf) -> anyhow::Result<Vec<Vec<u8>>> {
@@ -44,10 +47,15 @@ fn pem_certificates(path: &PathBuf) -> anyhow::Result<Vec<Vec<u8>>> {
     Ok(out)
 }
 
+/// Where a verification traces stamps: a database, or an exported bundle's JSON lines.
+enum Source<'a> {
+    Db(&'a Path, Connection),
+    Bundle(&'a Path),
+}
+
 /// The audit log a verification traces stamps in, opened once.
 struct Log<'a> {
-    path: &'a Path,
-    conn: Connection,
+    source: Source<'a>,
     /// key id → seal, for every seal key the log knows (empty for a log from before it kept them).
     seal_keys: Vec<(String, String)>,
     /// The seq of the first record that does not verify, found when first asked.
@@ -64,17 +72,88 @@ impl<'a> Log<'a> {
             .map(|k| (k.key_id, k.seal))
             .collect();
         Ok(Log {
-            path,
-            conn,
+            source: Source::Db(path, conn),
             seal_keys,
             first_problem: None,
         })
     }
 
+    fn open_bundle(dir: &'a Path) -> anyhow::Result<Log<'a>> {
+        let mut seal_keys = Vec::new();
+        let keys = dir.join("seal-keys.jsonl");
+        if keys.exists() {
+            for (i, line) in std::fs::read_to_string(&keys)
+                .with_context(|| format!("cannot read {}", keys.display()))?
+                .lines()
+                .enumerate()
+            {
+                let k: query::SealKeyRow = serde_json::from_str(line)
+                    .with_context(|| format!("{} line {}", keys.display(), i + 1))?;
+                seal_keys.push((k.key_id, k.seal));
+            }
+        }
+        Ok(Log {
+            source: Source::Bundle(dir),
+            seal_keys,
+            first_problem: None,
+        })
+    }
+
+    /// Every record matching `filter`'s kind and document, in order.
+    fn each(
+        &self,
+        filter: &Filter,
+        mut f: impl FnMut(sealgate::audit::Record),
+    ) -> anyhow::Result<()> {
+        match &self.source {
+            Source::Db(_, conn) => query::for_each(conn, filter, |r| {
+                f(r);
+                Ok(())
+            })
+            .map_err(|e| anyhow::anyhow!(e)),
+            Source::Bundle(dir) => {
+                use std::io::BufRead;
+                let path = dir.join("records.jsonl");
+                let file = std::fs::File::open(&path)
+                    .with_context(|| format!("cannot open {}", path.display()))?;
+                for (i, line) in std::io::BufReader::new(file).lines().enumerate() {
+                    let r: sealgate::audit::Record = serde_json::from_str(&line?)
+                        .with_context(|| format!("{} line {}", path.display(), i + 1))?;
+                    let wanted = filter.kind.as_ref().is_none_or(|k| *k == r.kind)
+                        && filter
+                            .doc_sha256
+                            .as_ref()
+                            .is_none_or(|d| *d == r.doc_sha256);
+                    if wanted {
+                        f(r);
+                    }
+                }
+                Ok(())
+            }
+        }
+    }
+
+    fn record_by_seq(&self, seq: u64) -> Option<sealgate::audit::Record> {
+        if let Source::Db(_, conn) = &self.source {
+            return query::record_by_seq(conn, seq).ok().flatten();
+        }
+        let mut found = None;
+        self.each(&Filter::default(), |r| {
+            if r.seq == seq {
+                found = Some(r);
+            }
+        })
+        .ok()?;
+        found
+    }
+
     fn verifies_to(&mut self, seq: u64) -> anyhow::Result<bool> {
         if self.first_problem.is_none() {
             // With the audit keys the log records; `audit verify --key` checks them too.
-            let report = crate::audit::verify_db(self.path, Vec::new(), true)?;
+            let report = match &self.source {
+                Source::Db(path, _) => crate::audit::verify_db(path, Vec::new(), true)?,
+                Source::Bundle(dir) => crate::audit::verify_bundle(dir, Vec::new())?,
+            };
             self.first_problem = Some(report.problems.first().map(|p| p.seq));
         }
         Ok(self.first_problem.flatten().is_none_or(|p| p > seq))
@@ -169,14 +248,12 @@ fn assess(
         ..Filter::default()
     };
     let mut found = None;
-    query::for_each(&log.conn, &filter, |r| {
+    log.each(&filter, |r| {
         let e: Value = serde_json::from_str(&r.evidence).unwrap_or_default();
         if e["signature_sha256"].as_str() == Some(signature_sha256.as_str()) {
             found = Some(r);
         }
-        Ok(())
-    })
-    .map_err(|e| anyhow::anyhow!(e))?;
+    })?;
     let Some(r) = found else {
         findings.insert(
             0,
@@ -189,9 +266,7 @@ fn assess(
             findings,
         });
     };
-    let authorized = r
-        .ref_seq
-        .and_then(|s| query::record_by_seq(&log.conn, s).ok().flatten());
+    let authorized = r.ref_seq.and_then(|s| log.record_by_seq(s));
     let verifies_to_it = log.verifies_to(r.seq)?;
     if !verifies_to_it {
         findings.push(format!(
@@ -273,7 +348,11 @@ pub fn run(args: &VerifyArgs, json: bool) -> anyhow::Result<i32> {
     for p in &args.ca {
         anchors.extend(pem_certificates(p)?);
     }
-    let mut log = args.db.as_deref().map(Log::open).transpose()?;
+    let mut log = match (&args.db, &args.bundle) {
+        (Some(db), _) => Some(Log::open(db)?),
+        (None, Some(dir)) => Some(Log::open_bundle(dir)?),
+        (None, None) => None,
+    };
     match &args.p7s {
         Some(p7s) => run_p7s(&document, p7s, &anchors, log.as_mut(), json),
         None if document.starts_with(b"%PDF-") => {
