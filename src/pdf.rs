@@ -920,6 +920,15 @@ fn changes_after(pdf: &[u8], end: usize, signed_ends: &[usize]) -> Result<Vec<St
         .get(b"Root")
         .and_then(|r| r.as_reference())
         .ok();
+    if after
+        .trailer
+        .get(b"Root")
+        .and_then(|r| r.as_reference())
+        .ok()
+        != catalog
+    {
+        out.push("the trailer names another catalog than the signed revision's".into());
+    }
     let form = catalog
         .and_then(|c| before.get_dictionary(c).ok())
         .and_then(|c| c.get(b"AcroForm").ok())
@@ -1089,6 +1098,35 @@ mod tests {
         more.extend_from_slice(b"\n% a note\n");
         let found = signatures(&more).unwrap();
         assert!(!found[1].changes_after.is_empty());
+        // A revision that swaps the catalog for a new one is named too.
+        let doc = load(&two).unwrap();
+        let mut inc = IncrementalDocument::create_from(two.clone(), doc);
+        let old_root = inc
+            .get_prev_documents()
+            .trailer
+            .get(b"Root")
+            .and_then(|r| r.as_reference())
+            .unwrap();
+        let copy = inc
+            .get_prev_documents()
+            .get_object(old_root)
+            .unwrap()
+            .clone();
+        let new_root = inc.new_document.add_object(copy);
+        inc.new_document
+            .trailer
+            .set("Root", Object::Reference(new_root));
+        let mut swapped = Vec::new();
+        inc.save_to(&mut swapped).unwrap();
+        let found = signatures(&swapped).unwrap();
+        assert!(
+            found[1]
+                .changes_after
+                .iter()
+                .any(|c| c.contains("another catalog")),
+            "{:?}",
+            found[1].changes_after
+        );
     }
 
     #[test]
