@@ -494,12 +494,16 @@ impl VerifyingKey {
                 Err(_) => false,
             },
             VerifyingKey::P256(k) => {
-                use p256::ecdsa::signature::Verifier;
-                // JWS carries ES256 signatures as r || s (RFC 7518 §3.4), not DER.
-                match p256::ecdsa::Signature::from_slice(sig) {
-                    Ok(s) => k.verify(msg, &s).is_ok(),
-                    Err(_) => false,
-                }
+                // JWS carries ES256 signatures as r || s (RFC 7518 §3.4), not DER: ring's
+                // FIXED form. ring verifies about seven times faster than the portable p256
+                // arithmetic, and every stamp verifies its approvers' signatures.
+                let point = k.to_encoded_point(false);
+                ring::signature::UnparsedPublicKey::new(
+                    &ring::signature::ECDSA_P256_SHA256_FIXED,
+                    point.as_bytes(),
+                )
+                .verify(msg, sig)
+                .is_ok()
             }
         }
     }
