@@ -875,8 +875,13 @@ impl Config {
     /// modules, the state directory and the socket's folder (by owner and mode), and PIN files
     /// and the terminal listener's key (also not readable by others). Someone who can rewrite
     /// any of them can add approvers, load code next to the PIN, or take the socket's place.
-    /// Run at start-up and at every reload.
-    pub fn check_file_modes(&self, config_path: &Path) -> Result<(), ConfigError> {
+    /// Run at start-up and at every reload. `modules_of` names the PKCS#11 modules a device
+    /// profile (by name) may load (the device layer reads profiles; this one does not).
+    pub fn check_file_modes(
+        &self,
+        config_path: &Path,
+        modules_of: impl Fn(&str) -> Vec<PathBuf>,
+    ) -> Result<(), ConfigError> {
         // Paths are checked as they are used: `load` made the daemon's own ones absolute, a
         // module is opened as written, and approvers' keys are taken from the file's folder.
         let base = config_path.parent().unwrap_or(Path::new(""));
@@ -900,12 +905,8 @@ impl Config {
         for name in profiles {
             let path = self.daemon.profiles_dir.join(format!("{name}.toml"));
             check_mode(&path, "the device profile", Guard::NoForeignWrite)?;
-            if let Ok(p) =
-                crate::device::profile::DeviceProfile::load(&self.daemon.profiles_dir, name)
-            {
-                for m in p.pkcs11.iter().flat_map(|k| k.modules.iter()) {
-                    check_trusted(m, "the PKCS#11 module", Guard::NoForeignWrite)?;
-                }
+            for m in modules_of(name) {
+                check_trusted(&m, "the PKCS#11 module", Guard::NoForeignWrite)?;
             }
         }
         for s in &self.seals {

@@ -5,9 +5,9 @@
 mod common;
 
 use common::*;
-use sealgate::approval::token::{Amount, Token};
 use sealgate::protocol::client::Client;
 use sealgate::protocol::{response, Response, Status};
+use sealgate::token::{Amount, Token};
 use std::process::Command;
 
 fn assert_ok(r: &Response, what: &str) {

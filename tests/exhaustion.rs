@@ -9,8 +9,8 @@
 mod common;
 
 use common::*;
-use sealgate::approval::token::MAX_TOKEN_BYTES;
 use sealgate::protocol::Status;
+use sealgate::token::MAX_TOKEN_BYTES;
 use std::io::{BufRead, BufReader};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;

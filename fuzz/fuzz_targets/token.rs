@@ -8,9 +8,9 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use sealgate::approval::token::{Token, VerifyingKey};
 use sealgate::approval::{evaluate, TrustStore};
 use sealgate::policy::SealPolicy;
+use sealgate::token::{Token, VerifyingKey};
 use sealgate_fuzz::{approvers, config, DIGEST, NOW};
 use std::collections::HashMap;
 use std::path::Path;

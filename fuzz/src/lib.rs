@@ -6,13 +6,13 @@
 
 use p256::ecdsa::signature::hazmat::PrehashSigner;
 use p256::pkcs8::{EncodePublicKey, LineEnding};
-use sealgate::approval::token::{Amount, Claims, DocClaim, SigningKey, Token};
 use sealgate::config::Config;
 use sealgate::device::profile::DeviceProfile;
 use sealgate::device::{
     Algorithm, DeviceError, Health, Registry, SealBinding, SealDevice, SealKey,
 };
 use sealgate::service::{Peer, Service};
+use sealgate::token::{Amount, Claims, DocClaim, SigningKey, Token};
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;

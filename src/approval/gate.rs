@@ -6,10 +6,10 @@
 
 use super::ledger::{self, Use};
 use super::mfa::Mfa;
-use super::token::Claims;
 use super::{evaluate, ApprovalError, Denial, Reason, TrustStore};
 use crate::policy::{RateLimit, SealPolicy};
 use crate::store::Store;
+use crate::token::Claims;
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 
@@ -114,6 +114,13 @@ impl Gate {
         now: i64,
         dry_run: bool,
     ) -> Result<Verdict, ApprovalError> {
+        let first = self.first_pass(seal, digest, token, now);
+        self.with_state(first, mfa_code, now, dry_run)
+    }
+
+    /// The checks that need no state: the token, its signatures (each verified once per trust
+    /// store), the seal's policy and the clock. CPU only, so a stamp runs it inline.
+    pub fn first_pass(&self, seal: &str, digest: &[u8; 32], token: &[u8], now: i64) -> FirstPass {
         static NO_RULES: SealPolicy = SealPolicy {
             rules: Vec::new(),
             limits: crate::config::TokenLimits {
@@ -125,47 +132,78 @@ impl Gate {
         let policy = rules.policies.get(seal).unwrap_or(&NO_RULES);
         let ev = evaluate(token, seal, digest, now, &rules.trust, policy);
         let rule = ev.rule.map(|i| &policy.rules[i]);
-        let mut v = Verdict {
+        let verdict = Verdict {
             denials: ev.denials,
             rule: rule.map(|r| r.name.clone()),
             approvers: approvers_json(&ev.approvals, rule.map(|r| r.levels.as_slice())),
             ..Verdict::default()
         };
-        let applicant = ev.applicant;
-        let Some(token) = ev.token else {
-            return Ok(v);
+        let pending = ev.token.as_ref().map(|token| PendingUse {
+            jti: token.claims.jti.clone(),
+            payload_sha256: token.payload_digest(),
+            seal: seal.to_owned(),
+            applicant: ev.applicant.clone(),
+            uses: token.claims.uses,
+            exp: token.claims.exp,
+            rate_limit: rule.and_then(|r| r.rate_limit),
+            count: 1,
+        });
+        FirstPass {
+            mfa: rule.is_some_and(|r| r.mfa),
+            claims: ev.token.map(|t| t.claims),
+            pending,
+            verdict,
+        }
+    }
+
+    /// The checks that read state: the rate limit and the replay ledger as they stand (the
+    /// audit writer checks both again, durably, when it consumes the use) and the TOTP code.
+    /// Blocks (database, device for TOTP).
+    pub fn with_state(
+        &self,
+        first: FirstPass,
+        mfa_code: &str,
+        now: i64,
+        dry_run: bool,
+    ) -> Result<Verdict, ApprovalError> {
+        let FirstPass {
+            mut verdict,
+            claims,
+            pending,
+            mfa,
+        } = first;
+        let v = &mut verdict;
+        let (Some(claims), Some(pending)) = (claims, pending) else {
+            return Ok(verdict);
         };
         let stop = |v: &Verdict| !dry_run && !v.denials.is_empty();
-        let c = &token.claims;
-        if !stop(&v) {
-            if let Some(limit) = rule.and_then(|r| r.rate_limit) {
-                let n =
-                    ledger::uses_since(&self.store, &applicant, seal, now - limit.window_seconds)?;
+        if !stop(v) {
+            if let Some(limit) = pending.rate_limit {
+                let n = ledger::uses_since(
+                    &self.store,
+                    &pending.applicant,
+                    &pending.seal,
+                    now - limit.window_seconds,
+                )?;
                 if n >= limit.count {
-                    v.denials
-                        .push(ledger::rate_limited(&applicant, seal, n, limit));
+                    v.denials.push(ledger::rate_limited(
+                        &pending.applicant,
+                        &pending.seal,
+                        n,
+                        limit,
+                    ));
                 }
             }
         }
-        let pending = PendingUse {
-            jti: c.jti.clone(),
-            payload_sha256: token.payload_digest(),
-            seal: seal.to_owned(),
-            applicant: applicant.clone(),
-            uses: c.uses,
-            exp: c.exp,
-            rate_limit: rule.and_then(|r| r.rate_limit),
-            count: 1,
-        };
         // A spent approval is refused before any code is weighed, so an old approval cannot be
         // used to guess codes or to lock its applicant out.
-        if !stop(&v) {
+        if !stop(v) {
             if let Some(d) = ledger::peek(&self.store, &pending.as_use())? {
                 v.denials.push(d);
             }
         }
-        if rule.is_some_and(|r| r.mfa) {
-            let mfa = self.mfa.as_ref().ok_or_else(|| {
+        if mfa {
+            let totp = self.mfa.as_ref().ok_or_else(|| {
                 ApprovalError::Invalid("a rule asks for TOTP but none is configured".into())
             })?;
             if dry_run {
@@ -178,7 +216,7 @@ impl Gate {
                 }
             } else if v.denials.is_empty() {
                 // In a stamp a code is only weighed once everything else passed.
-                if let Err(d) = mfa.check(&self.store, &applicant, mfa_code, now)? {
+                if let Err(d) = totp.check(&self.store, &pending.applicant, mfa_code, now)? {
                     v.denials.push(d);
                 }
             }
@@ -186,8 +224,39 @@ impl Gate {
         if !dry_run && v.denials.is_empty() {
             v.pending = Some(pending);
         }
-        v.claims = Some(token.claims);
-        Ok(v)
+        v.claims = Some(claims);
+        Ok(verdict)
+    }
+}
+
+/// What [`Gate::first_pass`] found, for [`Gate::with_state`] or, for a stamp whose rule asks
+/// for no TOTP, for [`FirstPass::stateless`].
+pub struct FirstPass {
+    verdict: Verdict,
+    claims: Option<Claims>,
+    pending: Option<PendingUse>,
+    /// The matched rule asks for a TOTP code.
+    pub mfa: bool,
+}
+
+impl FirstPass {
+    /// Whether the stamp can go to the audit writer without reading state first: its rule asks
+    /// for no TOTP code. The rate limit and the replay ledger are then only checked where they
+    /// count, in the writer's transaction that consumes the use (a refusal there is recorded
+    /// as `stamp.denied` just the same); reading them earlier only matters when a refusal
+    /// must come before a code is weighed.
+    pub fn needs_state(&self) -> bool {
+        self.mfa
+    }
+
+    /// The verdict of a stamp that needs no state (see [`FirstPass::needs_state`]).
+    pub fn stateless(self) -> Verdict {
+        let mut v = self.verdict;
+        if v.denials.is_empty() {
+            v.pending = self.pending;
+        }
+        v.claims = self.claims;
+        v
     }
 }
 

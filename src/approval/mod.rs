@@ -1,6 +1,6 @@
 //! Approvals: is this stamp backed by valid, signed approval that satisfies the seal's policy?
 //!
-//! Owns: the refusal reasons (stable codes), the trust store of approvers, the checks that need
+//! Owns: the trust store of approvers, the checks that need
 //! only the token, the request and the clock ([`evaluate`]), TOTP for applicants ([`mfa`]) and
 //! the durable replay ledger ([`ledger`]).
 //! Never: takes a role or a department from a token; those come from the trust store. Never
@@ -9,91 +9,13 @@
 pub mod gate;
 pub mod ledger;
 pub mod mfa;
-pub mod token;
+
+pub use crate::denial::{Denial, Reason};
 
 use crate::policy::{ApprovalFact, SealPolicy};
+use crate::token::{Token, VerifyingKey};
 use std::collections::HashMap;
 use std::path::Path;
-use token::{Token, VerifyingKey};
-
-/// Why an approval does not authorise a stamp. The codes are stable: they appear in responses,
-/// logs and (later) audit records.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Reason {
-    Malformed,
-    BadSignature,
-    UnknownApprover,
-    ApproverRevoked,
-    Expired,
-    NotYetValid,
-    SealMismatch,
-    DigestMismatch,
-    NoRule,
-    MissingLevel,
-    LevelOrder,
-    SelfApproval,
-    DuplicateApprover,
-    DepartmentMismatch,
-    OutsideHours,
-    RateLimited,
-    MfaRequired,
-    MfaInvalid,
-    MfaLocked,
-    Replayed,
-    Exhausted,
-    UnknownApplicant,
-}
-
-impl Reason {
-    pub fn code(self) -> &'static str {
-        match self {
-            Reason::Malformed => "malformed",
-            Reason::BadSignature => "bad_signature",
-            Reason::UnknownApprover => "unknown_approver",
-            Reason::ApproverRevoked => "approver_revoked",
-            Reason::Expired => "expired",
-            Reason::NotYetValid => "not_yet_valid",
-            Reason::SealMismatch => "seal_mismatch",
-            Reason::DigestMismatch => "digest_mismatch",
-            Reason::NoRule => "no_rule",
-            Reason::MissingLevel => "missing_level",
-            Reason::LevelOrder => "level_order",
-            Reason::SelfApproval => "self_approval",
-            Reason::DuplicateApprover => "duplicate_approver",
-            Reason::DepartmentMismatch => "department_mismatch",
-            Reason::OutsideHours => "outside_hours",
-            Reason::RateLimited => "rate_limited",
-            Reason::MfaRequired => "mfa_required",
-            Reason::MfaInvalid => "mfa_invalid",
-            Reason::MfaLocked => "mfa_locked",
-            Reason::Replayed => "replayed",
-            Reason::Exhausted => "exhausted",
-            Reason::UnknownApplicant => "unknown_applicant",
-        }
-    }
-}
-
-/// One reason a stamp is refused, with what exactly was wrong.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Denial {
-    pub reason: Reason,
-    pub detail: String,
-}
-
-impl Denial {
-    pub fn new(reason: Reason, detail: impl Into<String>) -> Denial {
-        Denial {
-            reason,
-            detail: detail.into(),
-        }
-    }
-}
-
-impl std::fmt::Display for Denial {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}: {}", self.reason.code(), self.detail)
-    }
-}
 
 /// Faults that stop an approval from being checked at all (as opposed to a [`Denial`]).
 #[derive(Debug, thiserror::Error)]
@@ -525,8 +447,8 @@ pub fn evaluate(
 
 #[cfg(test)]
 mod tests {
-    use super::token::{Claims, DocClaim, SigningKey, Token};
     use super::*;
+    use crate::token::{Claims, DocClaim, SigningKey, Token};
 
     fn approver(key: &SigningKey) -> Approver {
         Approver {

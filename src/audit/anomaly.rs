@@ -276,7 +276,7 @@ struct Terminal;
 
 impl Terminal {
     fn rule_of(r: &Record) -> Option<&'static str> {
-        use crate::terminal::session::rejection as why;
+        use crate::audit::rejection as why;
         Some(match r.kind.as_str() {
             kind::TERMINAL_TAMPER => rule::TERMINAL_TAMPER,
             kind::TERMINAL_HEARTBEAT_LOST => rule::TERMINAL_HEARTBEAT_LOST,

@@ -183,10 +183,36 @@ enum Entry {
     Authorize(Box<(PendingUse, Record)>),
 }
 
+/// What the writer does with an entry's result once its batch has committed (or failed).
+enum Reply {
+    /// Nobody waits (`append_later`).
+    None,
+    /// An async caller waits.
+    Wait(oneshot::Sender<Result<Appended, AuditError>>),
+    /// The next step of a pipeline, run on the writer's thread: it must not block (hand the
+    /// work on through a channel).
+    Then(Then),
+}
+
+/// A continuation run on the writer's thread with the entry's result.
+pub type Then = Box<dyn FnOnce(Result<Appended, AuditError>) + Send>;
+
+impl Reply {
+    fn send(self, r: Result<Appended, AuditError>) {
+        match self {
+            Reply::None => {}
+            Reply::Wait(tx) => {
+                let _ = tx.send(r);
+            }
+            Reply::Then(f) => f(r),
+        }
+    }
+}
+
 enum Msg {
     Job {
         entry: Entry,
-        reply: Option<oneshot::Sender<Result<Appended, AuditError>>>,
+        reply: Reply,
         /// Kept and written with a later batch if this one fails.
         persist: bool,
     },
@@ -265,11 +291,34 @@ impl AuditLog {
         self.tx
             .send(Msg::Job {
                 entry,
-                reply: Some(reply),
+                reply: Reply::Wait(reply),
                 persist: false,
             })
             .map_err(|_| AuditError::Closed)?;
         rx.await.map_err(|_| AuditError::Closed)?
+    }
+
+    /// Hands `entry` to the writer; `then` runs on the writer's thread with the result once it
+    /// is durable (or failed). If the writer is gone, `then` runs here with `Closed`.
+    fn submit_then(&self, entry: Entry, then: Then) {
+        if let Err(mpsc::SendError(Msg::Job { reply, .. })) = self.tx.send(Msg::Job {
+            entry,
+            reply: Reply::Then(then),
+            persist: false,
+        }) {
+            reply.send(Err(AuditError::Closed));
+        }
+    }
+
+    /// [`AuditLog::append`] for a pipeline: `then` gets the result on the writer's thread.
+    pub fn append_then(&self, record: Record, then: Then) {
+        self.submit_then(Entry::Record(Box::new(record)), then)
+    }
+
+    /// [`AuditLog::authorize`] for a pipeline: `then` gets the result on the writer's thread,
+    /// so the next step (the device) can start without a trip through the caller.
+    pub fn authorize_then(&self, pending: PendingUse, record: Record, then: Then) {
+        self.submit_then(Entry::Authorize(Box::new((pending, record))), then)
     }
 
     /// Appends a record and waits until it is durable; returns its seq.
@@ -299,7 +348,7 @@ impl AuditLog {
     pub fn append_later(&self, record: Record) {
         let _ = self.tx.send(Msg::Job {
             entry: Entry::Record(Box::new(record)),
-            reply: None,
+            reply: Reply::None,
             persist: true,
         });
     }
@@ -558,15 +607,7 @@ impl Writer {
         self.batch(Vec::new());
     }
 
-    #[allow(clippy::type_complexity)]
-    fn batch(
-        &mut self,
-        jobs: Vec<(
-            Entry,
-            Option<oneshot::Sender<Result<Appended, AuditError>>>,
-            bool,
-        )>,
-    ) {
+    fn batch(&mut self, jobs: Vec<(Entry, Reply, bool)>) {
         let internal = std::mem::take(&mut self.pending);
         if internal.is_empty() && jobs.is_empty() {
             return;
@@ -577,9 +618,7 @@ impl Writer {
                 self.failing = false;
                 self.error.clear();
                 for ((_, reply, _), r) in jobs.into_iter().zip(results) {
-                    if let Some(reply) = reply {
-                        let _ = reply.send(Ok(r));
-                    }
+                    reply.send(Ok(r));
                 }
                 self.after_commit(&committed);
             }
@@ -596,9 +635,7 @@ impl Writer {
                 }
                 self.pending = internal;
                 for (entry, reply, persist) in jobs {
-                    if let Some(reply) = reply {
-                        let _ = reply.send(Err(f.error.clone()));
-                    }
+                    reply.send(Err(f.error.clone()));
                     if let (true, Entry::Record(r)) = (persist, entry) {
                         self.pending.push(*r);
                     }

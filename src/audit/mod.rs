@@ -25,6 +25,21 @@ pub const RECORD_TAG: &[u8] = b"sealgate-audit-v1\0";
 pub const CHECKPOINT_TAG: &[u8] = b"sealgate-checkpoint-v1\0";
 
 /// Record kinds. Stable strings: they are part of the hashed record and of queries.
+/// Reasons of `terminal.rejected` records; each raises the alert `terminal_<reason>`.
+pub mod rejection {
+    /// An impression with no live grant (none given, used up, ended, or another grant's id).
+    pub const NO_GRANT: &str = "no_grant";
+    /// The counter skipped numbers: impressions were made that were never reported.
+    pub const COUNTER_GAP: &str = "counter_gap";
+    /// The counter went back.
+    pub const COUNTER_ROLLBACK: &str = "counter_rollback";
+    /// A report identical to one already taken.
+    pub const REPLAY: &str = "replay";
+    /// A report whose signature does not verify under the enrolled key, or that names
+    /// another terminal or key.
+    pub const BAD_SIGNATURE: &str = "bad_signature";
+}
+
 pub mod kind {
     pub const DAEMON_STARTED: &str = "daemon.started";
     /// One use of an approval consumed; the device is about to sign.
@@ -55,7 +70,7 @@ pub mod kind {
     pub const TERMINAL_DENIED: &str = "terminal.denied";
     /// An impression inside a live grant with counter = last + 1, with its signed report.
     pub const TERMINAL_IMPRESSION: &str = "terminal.impression";
-    /// A report not accepted; `reason` says why (see `terminal::session::rejection`).
+    /// A report not accepted; `reason` says why (see [`rejection`]).
     pub const TERMINAL_REJECTED: &str = "terminal.rejected";
     pub const TERMINAL_LOCKED: &str = "terminal.locked";
     pub const TERMINAL_TAMPER: &str = "terminal.tamper";
@@ -153,7 +168,7 @@ impl Record {
     pub fn set_approval(
         &mut self,
         approvers: &str,
-        claims: Option<&crate::approval::token::Claims>,
+        claims: Option<&crate::token::Claims>,
         rule: Option<&str>,
         caller_purpose: &str,
     ) {

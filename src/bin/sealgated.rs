@@ -97,7 +97,9 @@ fn run(args: Args) -> anyhow::Result<()> {
         tracing::warn!(error = %e, "cannot mark the process as not dumpable");
     }
     let config = Config::load(&args.config)?;
-    config.check_file_modes(&args.config)?;
+    config.check_file_modes(&args.config, |name: &str| {
+        sealgate::device::profile::DeviceProfile::modules_of(&config.daemon.profiles_dir, name)
+    })?;
     if nix::unistd::geteuid().is_root() && !config.daemon.allow_root {
         bail!(
             "refusing to run as root; run as a dedicated user, or set daemon.allow_root = true in {}",
@@ -279,7 +281,12 @@ async fn reload_on_hangup(
         let (s, p, d) = (service.clone(), path.clone(), config_dir.clone());
         let outcome = tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
             let config = Config::load(&p)?;
-            config.check_file_modes(&p)?;
+            config.check_file_modes(&p, |name: &str| {
+                sealgate::device::profile::DeviceProfile::modules_of(
+                    &config.daemon.profiles_dir,
+                    name,
+                )
+            })?;
             s.reload(&config, &d)?;
             Ok(())
         })

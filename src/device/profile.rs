@@ -175,6 +175,14 @@ fn default_retry_ms() -> u64 {
 }
 
 impl DeviceProfile {
+    /// The PKCS#11 modules profile `name` in `dir` may load (none when it does not read), for
+    /// the start-up check of who may change them.
+    pub fn modules_of(dir: &Path, name: &str) -> Vec<PathBuf> {
+        DeviceProfile::load(dir, name)
+            .map(|p| p.pkcs11.into_iter().flat_map(|k| k.modules).collect())
+            .unwrap_or_default()
+    }
+
     /// Loads `DIR/NAME.toml`.
     pub fn load(dir: &Path, name: &str) -> Result<DeviceProfile, DeviceError> {
         if name.is_empty() || name.contains(['/', '\\']) || name.starts_with('.') {

@@ -6,9 +6,9 @@
 //! Owns: compiling rules from configuration and the pure checks on them (level assignment and
 //! order, department scope, hours). Never: touches state or the clock itself; the time is given.
 
-use crate::approval::token::Claims;
-use crate::approval::{Denial, Reason};
 use crate::config::{RuleConfig, TokenLimits};
+use crate::denial::{Denial, Reason};
+use crate::token::Claims;
 use std::collections::HashSet;
 
 #[derive(Debug, thiserror::Error)]
@@ -149,7 +149,7 @@ impl SealPolicy {
                 ));
             }
             if let Some(c) = &rule.currency {
-                if !crate::approval::token::is_currency(c) {
+                if !crate::token::is_currency(c) {
                     return Err(err(format!("currency {c:?} is not an ISO 4217 code")));
                 }
             }
@@ -431,7 +431,7 @@ impl TimeWindow {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::approval::token::{Amount, DocClaim};
+    use crate::token::{Amount, DocClaim};
     use proptest::prelude::*;
 
     fn rule(levels: &[&str], scoped: &[&str]) -> RuleConfig {

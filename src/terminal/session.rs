@@ -27,20 +27,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use zeroize::Zeroizing;
 
-/// Reasons of `terminal.rejected` records; each raises the alert `terminal_<reason>`.
-pub mod rejection {
-    /// An impression with no live grant (none given, used up, ended, or another grant's id).
-    pub const NO_GRANT: &str = "no_grant";
-    /// The counter skipped numbers: impressions were made that were never reported.
-    pub const COUNTER_GAP: &str = "counter_gap";
-    /// The counter went back.
-    pub const COUNTER_ROLLBACK: &str = "counter_rollback";
-    /// A report identical to one already taken.
-    pub const REPLAY: &str = "replay";
-    /// A report whose signature does not verify under the enrolled key, or that names
-    /// another terminal or key.
-    pub const BAD_SIGNATURE: &str = "bad_signature";
-}
+pub use crate::audit::rejection;
 
 /// Why a grant asked for by an office app was not given (mapped to wire statuses in the
 /// service's one mapping).

@@ -26,9 +26,9 @@ impl Demo {
     pub fn pin_file(&self) -> PathBuf {
         self.dir.join("user.pin")
     }
-    pub fn approver_key(&self, id: &str) -> sealgate::approval::token::SigningKey {
+    pub fn approver_key(&self, id: &str) -> sealgate::token::SigningKey {
         let pem = std::fs::read_to_string(self.dir.join(format!("approvers/{id}.key"))).unwrap();
-        sealgate::approval::token::SigningKey::from_pem(&pem).unwrap()
+        sealgate::token::SigningKey::from_pem(&pem).unwrap()
     }
     pub fn pin(&self) -> String {
         std::fs::read_to_string(self.pin_file())
@@ -794,7 +794,7 @@ pub fn unix_now() -> i64 {
 /// An approval to issue in a test; `Approval::for_seal` fills in what the test policy needs.
 #[derive(Clone)]
 pub struct Approval {
-    pub claims: sealgate::approval::token::Claims,
+    pub claims: sealgate::token::Claims,
     /// (approver id, seconds before now it approved), in signing order.
     pub signers: Vec<(String, i64)>,
 }
@@ -802,7 +802,7 @@ pub struct Approval {
 impl Approval {
     /// A single-use approval that passes the test policy for `seal` (see `policy_text`).
     pub fn for_seal(seal: &str, digest: &[u8]) -> Approval {
-        use sealgate::approval::token::{Claims, DocClaim};
+        use sealgate::token::{Claims, DocClaim};
         use std::sync::atomic::{AtomicU64, Ordering};
         static NEXT: AtomicU64 = AtomicU64::new(1);
         let now = unix_now();
@@ -847,7 +847,7 @@ impl Approval {
 
     /// Signs with the demo approvers' keys (an unknown id signs with zhang.wei's key).
     pub fn token(&self) -> Vec<u8> {
-        let mut t = sealgate::approval::token::Token::unsigned(self.claims.clone());
+        let mut t = sealgate::token::Token::unsigned(self.claims.clone());
         let now = unix_now();
         for (id, ago) in &self.signers {
             let key_id = match id.as_str() {

@@ -12,10 +12,10 @@
 //! verify` on a log of (by default) a million records.
 
 use anyhow::{bail, Context as _};
-use sealgate::approval::token::{Claims, DocClaim, SigningKey, Token};
 use sealgate::device::Algorithm;
 use sealgate::protocol::client::Client;
 use sealgate::protocol::{response, Status};
+use sealgate::token::{Claims, DocClaim, SigningKey, Token};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;

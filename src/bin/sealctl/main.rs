@@ -161,11 +161,7 @@ enum TokenCommand {
 
 /// Shows the claims an approver is about to sign (on stderr) and, unless `yes`, asks: an
 /// answer starting with y or Y on standard input signs, anything else (or none) does not.
-fn confirm_signing(
-    c: &sealgate::approval::token::Claims,
-    kid: &str,
-    yes: bool,
-) -> anyhow::Result<()> {
+fn confirm_signing(c: &sealgate::token::Claims, kid: &str, yes: bool) -> anyhow::Result<()> {
     let amount = c
         .amount
         .as_ref()
@@ -411,7 +407,7 @@ fn write_or_print(out: &Option<PathBuf>, text: &str) -> anyhow::Result<()> {
 
 /// Commands that need no daemon.
 fn offline(cli: &Cli) -> anyhow::Result<bool> {
-    use sealgate::approval::token::{Amount, Claims, DocClaim, SigningKey, Token};
+    use sealgate::token::{Amount, Claims, DocClaim, SigningKey, Token};
     if let Command::Pdf {
         command: pdf::PdfCommand::DrawSeal { pixels, out },
     } = &cli.command
@@ -492,12 +488,9 @@ fn offline(cli: &Cli) -> anyhow::Result<bool> {
             } else {
                 let signer = pkcs11_signer(a)?;
                 token
-                    .add_signature_with(
-                        sealgate::approval::token::JwsAlg::ES256,
-                        &a.kid,
-                        at,
-                        |input| signer(&Sha256::digest(input).into()),
-                    )
+                    .add_signature_with(sealgate::token::JwsAlg::ES256, &a.kid, at, |input| {
+                        signer(&Sha256::digest(input).into())
+                    })
                     .map_err(|e| anyhow::anyhow!(e))?;
             }
             let out = a.out.clone().or(Some(a.token.clone()));

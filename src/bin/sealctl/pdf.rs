@@ -91,7 +91,7 @@ pub fn prepare(args: &PrepareArgs, image_png: &[u8]) -> anyhow::Result<(pdf::Pen
 /// seal's placement.
 pub fn approval_of(
     path: &Path,
-) -> anyhow::Result<([u8; 32], [u8; 64], sealgate::approval::token::Placement)> {
+) -> anyhow::Result<([u8; 32], [u8; 64], sealgate::token::Placement)> {
     let bytes = read(path)?;
     let waiting = pdf::pending(&bytes).with_context(|| path.display().to_string())?;
     let place = waiting.place.clone().ok_or_else(|| {
@@ -104,7 +104,7 @@ pub fn approval_of(
     Ok((
         sha256,
         sha512,
-        sealgate::approval::token::Placement {
+        sealgate::token::Placement {
             field: waiting.field,
             page: place.page,
             rect: place.rect,
