@@ -78,7 +78,7 @@ export SEALGATE_TEST_PYTHON="$PWD/$venv/bin/python3"
 # target/tmp/daemon-logs, beside the PINs and TOTP seeds the tests used; none may appear there.
 logs=target/tmp/daemon-logs
 rm -rf "$logs"
-cargo test --locked "$@"
+cargo test --locked --features failpoints "$@"
 if [ -s "$logs/secrets.txt" ]; then
   # Short PINs could match an unrelated number by chance; those are checked by their own tests.
   awk 'length($0) >= 8' "$logs/secrets.txt" | sort -u >"$logs/secrets.8"

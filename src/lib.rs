@@ -33,3 +33,16 @@ pub mod store;
 pub mod terminal;
 pub mod timestamp;
 pub mod token;
+
+/// Aborts the process here when the crash point `name` is armed (`FAILPOINTS=name=return`,
+/// with a count such as `5*off->return` to pass it five times first). Compiled in only with the
+/// `failpoints` feature, for the crash-point tests; otherwise nothing.
+#[macro_export]
+macro_rules! crash_point {
+    ($name:expr) => {
+        #[cfg(feature = "failpoints")]
+        if fail::eval($name, |_| ()).is_some() {
+            std::process::abort();
+        }
+    };
+}

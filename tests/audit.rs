@@ -5,29 +5,11 @@
 mod common;
 
 use common::*;
-use sealgate::audit::query;
 use sealgate::audit::Record;
 use sealgate::protocol::{response, Status};
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-
-fn records(db: &Path, kind: Option<&str>) -> Vec<Record> {
-    let conn = query::open_read_only(db).unwrap();
-    let mut out = Vec::new();
-    let filter = query::Filter {
-        kind: kind.map(String::from),
-        ..Default::default()
-    };
-    query::for_each(&conn, &filter, |r| {
-        out.push(r);
-        Ok(())
-    })
-    .unwrap();
-    out
-}
 
 fn sealctl(args: &[&str]) -> (i32, String) {
     let out = Command::new(SEALCTL).args(args).output().unwrap();
@@ -39,38 +21,6 @@ fn sealctl(args: &[&str]) -> (i32, String) {
 
 fn path(p: &Path) -> &str {
     p.to_str().unwrap()
-}
-
-/// Every authorisation has exactly one outcome, and each outcome names an authorisation.
-fn every_authorisation_has_one_outcome(db: &Path) {
-    let all = records(db, None);
-    let mut outcomes = std::collections::HashMap::new();
-    for r in &all {
-        if matches!(
-            r.kind.as_str(),
-            "stamp.completed" | "stamp.failed" | "stamp.outcome_unknown"
-        ) {
-            let auth = r.ref_seq.expect("an outcome names its authorisation");
-            assert_eq!(all[auth as usize - 1].kind, "stamp.authorized");
-            *outcomes.entry(auth).or_insert(0) += 1;
-        }
-    }
-    for r in all.iter().filter(|r| r.kind == "stamp.authorized") {
-        assert_eq!(
-            outcomes.get(&r.seq),
-            Some(&1),
-            "authorisation {} has no single outcome",
-            r.seq
-        );
-    }
-}
-
-fn evidence_signature(r: &Record) -> Vec<u8> {
-    use base64::Engine;
-    let e: serde_json::Value = serde_json::from_str(&r.evidence).unwrap();
-    base64::engine::general_purpose::STANDARD
-        .decode(e["signature"].as_str().unwrap())
-        .unwrap()
 }
 
 #[tokio::test]
@@ -393,37 +343,7 @@ async fn tampering_with_the_file_is_found_and_named() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn killed_twenty_times_under_load_it_loses_no_stamp() {
     let mut d = Daemon::start(&Opts::default());
-    let socket = d.socket.clone();
-    let stop = Arc::new(AtomicBool::new(false));
-    // (approval id, signature) of every stamp a client saw succeed.
-    type Seen = Arc<Mutex<Vec<(String, Vec<u8>)>>>;
-    let seen: Seen = Arc::default();
-    let mut clients = Vec::new();
-    for n in 0..4u64 {
-        let (socket, stop, seen) = (socket.clone(), stop.clone(), seen.clone());
-        clients.push(tokio::spawn(async move {
-            let mut i = 0u64;
-            while !stop.load(Ordering::Relaxed) {
-                let Ok(mut c) = sealgate::protocol::client::Client::connect(&socket).await else {
-                    tokio::time::sleep(Duration::from_millis(10)).await;
-                    continue;
-                };
-                while !stop.load(Ordering::Relaxed) {
-                    i += 1;
-                    let digest = sha256(format!("client {n} document {i}").as_bytes());
-                    let a = Approval::for_seal("contract", &digest);
-                    let Ok(r) = c.stamp("contract", &digest, &a.token(), "").await else {
-                        break;
-                    };
-                    if let Some(response::Body::Stamp(s)) = r.body {
-                        seen.lock()
-                            .unwrap()
-                            .push((a.claims.jti.clone(), s.signature));
-                    }
-                }
-            }
-        }));
-    }
+    let load = Load::start(&d.socket, 4);
     let mut kills = 0;
     while kills < 20 {
         tokio::time::sleep(Duration::from_millis(100 + 37 * (kills % 5))).await;
@@ -431,27 +351,13 @@ async fn killed_twenty_times_under_load_it_loses_no_stamp() {
         kills += 1;
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
-    stop.store(true, Ordering::Relaxed);
-    for c in clients {
-        c.await.unwrap();
-    }
+    let seen = load.finish().await;
     let (status, dir) = d.stop_keeping_state();
     assert!(status.success());
     let db = dir.path().join("state/sealgate.db");
 
-    let seen = seen.lock().unwrap();
     assert!(seen.len() >= 20, "only {} stamps went through", seen.len());
-    let completed: std::collections::HashMap<String, Record> =
-        records(&db, Some("stamp.completed"))
-            .into_iter()
-            .map(|r| (r.jti.clone(), r))
-            .collect();
-    for (jti, signature) in seen.iter() {
-        let r = completed
-            .get(jti)
-            .unwrap_or_else(|| panic!("stamp {jti} succeeded but is not in the log"));
-        assert_eq!(&evidence_signature(r), signature);
-    }
+    let completed = every_seen_stamp_is_completed(&db, &seen);
     every_authorisation_has_one_outcome(&db);
     let unknown = records(&db, Some("stamp.outcome_unknown")).len();
     let started = records(&db, Some("daemon.started")).len();

@@ -255,6 +255,9 @@ impl AuditLog {
         w.check_tail()?;
         w.check_witness()?;
         let mut first = w.dangling()?;
+        if !first.is_empty() {
+            crate::crash_point!("recovery.before_outcomes");
+        }
         let mut started = Record::new(kind::DAEMON_STARTED);
         started.detail = format!("sealgated {}", env!("CARGO_PKG_VERSION"));
         first.push(started);
@@ -753,7 +756,9 @@ impl Writer {
                 }
             }
         }
+        crate::crash_point!("audit.before_checkpoint_signature");
         let signature = sign_checkpoint(&key, latest.seq, latest.prev_seq, &head, now)?;
+        crate::crash_point!("audit.after_checkpoint_signature");
         if let Some(old) = replace {
             tx.prepare_cached("DELETE FROM checkpoints WHERE seq = ?1")?
                 .execute(params![old as i64])?;
@@ -772,6 +777,7 @@ impl Writer {
             signature
         ])?;
         tx.commit()?;
+        crate::crash_point!("audit.after_commit");
         for (jti, n) in used {
             self.logged_uses.committed(&jti, n);
         }

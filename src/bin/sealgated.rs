@@ -85,6 +85,9 @@ fn init_logging(format: LogFormat) {
 fn main() {
     let args = Args::parse();
     init_logging(args.log_format);
+    // The crash-point tests arm points by FAILPOINTS; only a build with the feature reads it.
+    #[cfg(feature = "failpoints")]
+    let _crash_points = fail::FailScenario::setup();
     if let Err(e) = run(args) {
         eprintln!("sealgated: {e:#}");
         std::process::exit(1);

@@ -20,6 +20,7 @@ use std::sync::Arc;
 /// puts it in the device's queue. A refusal by the ledger (replayed, used up, over a rate
 /// limit) or a log that cannot be written answers the client at once.
 pub(super) fn authorize(job: Job, pending: PendingUse, signer: Arc<Signer>) {
+    crate::crash_point!("stamp.before_authorization");
     let audit = job.audit.clone();
     let record = job.record.clone();
     audit.authorize_then(

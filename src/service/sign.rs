@@ -125,6 +125,7 @@ fn work(rx: &Mutex<mpsc::Receiver<Job>>, device: &dyn SealDevice, signing: &Atom
             }
         }));
         signing.fetch_sub(1, Ordering::Relaxed);
+        crate::crash_point!("stamp.after_device");
         let result = match signed {
             Ok(r) => r.map_err(ServiceError::from),
             Err(_) => Err(ServiceError::Internal("the device call panicked".into())),

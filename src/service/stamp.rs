@@ -69,6 +69,7 @@ impl Service {
         let stamped = answered.await.map_err(|_| {
             ServiceError::Internal("the stamp ended without an answer; see the audit log".into())
         })??;
+        crate::crash_point!("stamp.before_reply");
         // 6.
         Ok(response::Body::Stamp(pb::StampResponse {
             seal_id: seal.id.clone(),

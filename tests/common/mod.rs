@@ -490,6 +490,8 @@ pub struct Daemon {
 pub struct StartFailure {
     pub status: ExitStatus,
     pub stderr: String,
+    /// The daemon's directory (configuration, state), for another start.
+    pub dir: tempfile::TempDir,
 }
 
 impl Daemon {
@@ -551,6 +553,7 @@ impl Daemon {
                 return Err(StartFailure {
                     status,
                     stderr: std::fs::read_to_string(&log).unwrap_or_default(),
+                    dir,
                 });
             }
             if Instant::now() > deadline {
@@ -592,19 +595,38 @@ impl Daemon {
     }
 
     /// Kills the daemon with SIGKILL and starts it again on the same configuration and state.
-    pub fn crash_and_restart(mut self) -> Daemon {
-        let mut child = self.child.take().unwrap();
+    pub fn crash_and_restart(self) -> Daemon {
         nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(child.id() as i32),
+            nix::unistd::Pid::from_raw(self.pid()),
             nix::sys::signal::Signal::SIGKILL,
         )
         .unwrap();
+        self.restart_with(&[])
+            .unwrap_or_else(|f| panic!("restart: {f:?}"))
+    }
+
+    /// Waits up to `timeout` for the daemon to end by itself; its exit status, if it did.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+
+    /// Starts the daemon again on the same configuration and state once it has ended, with
+    /// `env`; the failed start, if it did not become ready.
+    pub fn restart_with(mut self, env: &[(&str, &str)]) -> Result<Daemon, StartFailure> {
+        let mut child = self.child.take().unwrap();
         child.wait().unwrap();
         keep_output(&self.log());
         let dir = tempfile::TempDir::with_prefix("unused").unwrap();
         let dir = std::mem::replace(&mut self.dir, dir);
         let config = std::fs::read_to_string(dir.path().join("sealgate.toml")).unwrap();
-        Daemon::start_with(dir, &config, &[]).unwrap_or_else(|f| panic!("restart: {f:?}"))
+        Daemon::start_with(dir, &config, env)
     }
 
     /// Sends SIGHUP and waits for the log line of its outcome (the `n`th such line).
@@ -1008,5 +1030,143 @@ impl Tmpfs {
 impl Drop for Tmpfs {
     fn drop(&mut self) {
         let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+/// Every record of the log at `db` (of one kind, when given), in order.
+pub fn records(db: &Path, kind: Option<&str>) -> Vec<sealgate::audit::Record> {
+    use sealgate::audit::query;
+    let conn = query::open_read_only(db).unwrap();
+    let mut out = Vec::new();
+    let filter = query::Filter {
+        kind: kind.map(String::from),
+        ..Default::default()
+    };
+    query::for_each(&conn, &filter, |r| {
+        out.push(r);
+        Ok(())
+    })
+    .unwrap();
+    out
+}
+
+/// Every authorisation has exactly one outcome, and each outcome names an authorisation.
+pub fn every_authorisation_has_one_outcome(db: &Path) {
+    let all = records(db, None);
+    let mut outcomes = std::collections::HashMap::new();
+    for r in &all {
+        if matches!(
+            r.kind.as_str(),
+            "stamp.completed" | "stamp.failed" | "stamp.outcome_unknown"
+        ) {
+            let auth = r.ref_seq.expect("an outcome names its authorisation");
+            assert_eq!(all[auth as usize - 1].kind, "stamp.authorized");
+            *outcomes.entry(auth).or_insert(0) += 1;
+        }
+    }
+    for r in all.iter().filter(|r| r.kind == "stamp.authorized") {
+        assert_eq!(
+            outcomes.get(&r.seq),
+            Some(&1),
+            "authorisation {} has no single outcome",
+            r.seq
+        );
+    }
+}
+
+/// The device signature a `stamp.completed` record holds.
+pub fn evidence_signature(r: &sealgate::audit::Record) -> Vec<u8> {
+    use base64::Engine;
+    let e: serde_json::Value = serde_json::from_str(&r.evidence).unwrap();
+    base64::engine::general_purpose::STANDARD
+        .decode(e["signature"].as_str().unwrap())
+        .unwrap()
+}
+
+/// Each stamp a client received is in the log as completed, with the signature it got; the
+/// completed records by approval id.
+pub fn every_seen_stamp_is_completed(
+    db: &Path,
+    seen: &[(String, Vec<u8>)],
+) -> std::collections::HashMap<String, sealgate::audit::Record> {
+    let completed: std::collections::HashMap<String, sealgate::audit::Record> =
+        records(db, Some("stamp.completed"))
+            .into_iter()
+            .map(|r| (r.jti.clone(), r))
+            .collect();
+    for (jti, signature) in seen {
+        let r = completed
+            .get(jti)
+            .unwrap_or_else(|| panic!("stamp {jti} succeeded but is not in the log"));
+        assert_eq!(&evidence_signature(r), signature);
+    }
+    completed
+}
+
+/// (approval id, signature) of each stamp a client received.
+type Received = std::sync::Arc<std::sync::Mutex<Vec<(String, Vec<u8>)>>>;
+
+/// Clients stamping single-use approvals in a loop, reconnecting whenever the daemon goes away,
+/// each remembering the stamps it received.
+pub struct Load {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    seen: Received,
+    clients: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Load {
+    pub fn start(socket: &Path, clients: u64) -> Load {
+        use std::sync::atomic::Ordering;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let seen: Received = Default::default();
+        let nonce = std::process::id() as u64 * 1_000_003 + clients;
+        let clients = (0..clients)
+            .map(|n| {
+                let (socket, stop, seen) = (socket.to_owned(), stop.clone(), seen.clone());
+                tokio::spawn(async move {
+                    let mut i = 0u64;
+                    while !stop.load(Ordering::Relaxed) {
+                        let Ok(mut c) = sealgate::protocol::client::Client::connect(&socket).await
+                        else {
+                            tokio::time::sleep(Duration::from_millis(10)).await;
+                            continue;
+                        };
+                        while !stop.load(Ordering::Relaxed) {
+                            i += 1;
+                            let digest =
+                                sha256(format!("load {nonce} client {n} document {i}").as_bytes());
+                            let a = Approval::for_seal("contract", &digest);
+                            let Ok(r) = c.stamp("contract", &digest, &a.token(), "").await else {
+                                break;
+                            };
+                            if let Some(sealgate::protocol::response::Body::Stamp(s)) = r.body {
+                                seen.lock()
+                                    .unwrap()
+                                    .push((a.claims.jti.clone(), s.signature));
+                            }
+                        }
+                    }
+                })
+            })
+            .collect();
+        Load {
+            stop,
+            seen,
+            clients,
+        }
+    }
+
+    /// Stamps received so far.
+    pub fn count(&self) -> usize {
+        self.seen.lock().unwrap().len()
+    }
+
+    /// Stops the clients; the stamps they received.
+    pub async fn finish(self) -> Vec<(String, Vec<u8>)> {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        for c in self.clients {
+            c.await.unwrap();
+        }
+        std::mem::take(&mut *self.seen.lock().unwrap())
     }
 }
