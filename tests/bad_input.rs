@@ -260,3 +260,54 @@ async fn silent_clients_time_out_and_free_their_slots() {
     // Their slots are free again: a new client is served.
     still_serving(&d).await;
 }
+
+/// A client that sends a stamp and leaves at once: whatever point its request reached, every
+/// authorisation the daemon made still gets its recorded outcome, and the stamps that were
+/// authorised completed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_leaves_mid_stamp_leaves_no_authorisation_without_outcome() {
+    let d = Daemon::start(&Opts::default());
+    for i in 0..20u32 {
+        let digest = sha256(format!("left behind {i}").as_bytes());
+        let a = Approval::for_seal("contract", &digest);
+        let req = sealgate::protocol::Request {
+            request_id: 1,
+            body: Some(sealgate::protocol::request::Body::Stamp(
+                sealgate::protocol::pb::StampRequest {
+                    seal_id: "contract".into(),
+                    document_sha256: digest,
+                    approval_token: a.token(),
+                    ..Default::default()
+                },
+            )),
+        };
+        let mut s = UnixStream::connect(&d.socket).await.unwrap();
+        s.write_all(&frame(&req.encode_to_vec())).await.unwrap();
+        drop(s);
+    }
+    still_serving(&d).await;
+    let db = d.db();
+    // Every request that was authorised reaches its outcome soon after.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let served = hex::encode([3u8; 32]);
+    let left = |kind| {
+        records(&db, Some(kind))
+            .into_iter()
+            .filter(|r| r.doc_sha256 != served)
+            .count()
+    };
+    loop {
+        let (authorized, outcomes) = (left("stamp.authorized"), left("stamp.completed"));
+        if authorized > 0 && authorized == outcomes {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{authorized} authorisations, {outcomes} completed"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    every_authorisation_has_one_outcome(&db);
+    let (code, out) = audit_verify(&db);
+    assert_eq!(code, 0, "{out}");
+}
