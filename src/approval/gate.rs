@@ -236,7 +236,7 @@ pub struct FirstPass {
     claims: Option<Claims>,
     pending: Option<PendingUse>,
     /// The matched rule asks for a TOTP code.
-    pub mfa: bool,
+    mfa: bool,
 }
 
 impl FirstPass {

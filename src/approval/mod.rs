@@ -1,8 +1,8 @@
 //! Approvals: is this stamp backed by valid, signed approval that satisfies the seal's policy?
 //!
-//! Owns: the trust store of approvers, the checks that need
-//! only the token, the request and the clock ([`evaluate`]), TOTP for applicants ([`mfa`]) and
-//! the durable replay ledger ([`ledger`]).
+//! Owns: the trust store of approvers, the checks that need only the token, the request and
+//! the clock ([`evaluate`]), TOTP for applicants ([`mfa`]) and the durable replay ledger
+//! ([`ledger`]). The refusal reasons are [`crate::denial`]'s.
 //! Never: takes a role or a department from a token; those come from the trust store. Never
 //! logs a token, a TOTP code or a TOTP secret.
 

@@ -23,7 +23,8 @@ use std::time::{SystemTime, UNIX_EPOCH};
 /// A stamp whose request and approval passed every check: what the pipeline needs.
 pub(super) struct Approved {
     pub digest: [u8; 32],
-    pub verdict_claims: Option<crate::token::Claims>,
+    /// The approval's id (`jti`), for the reply.
+    pub approval_id: String,
     /// The `stamp.authorized` record to write.
     pub record: Record,
     /// The use the audit writer consumes with it.
@@ -114,7 +115,7 @@ impl Service {
         })?;
         Ok(Approved {
             digest,
-            verdict_claims: verdict.claims,
+            approval_id: verdict.claims.map(|c| c.jti).unwrap_or_default(),
             record,
             pending,
             cms,

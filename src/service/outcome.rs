@@ -26,7 +26,7 @@ pub(super) fn signed(job: Job, result: Result<Vec<u8>, ServiceError>) {
         }
     };
     match job.tsa.clone() {
-        None => complete(job, signature, None),
+        None => complete(job, signature, None, serde_json::Map::new()),
         Some((tsa, mode)) => {
             let spawned = std::thread::Builder::new()
                 .name("timestamp".into())
@@ -60,14 +60,14 @@ fn timestamped(
                     "token_sha256": hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&t.der)),
                 }),
             );
-            complete(job, signature, Some((t.der, fields)))
+            complete(job, signature, Some(t.der), fields)
         }
         Err(e) if mode == TimestampMode::BestEffort => {
-            let _span = job.span.enter();
-            tracing::warn!(seal = %job.record.seal, error = %e, "stamped without a timestamp");
+            job.span.in_scope(|| {
+                tracing::warn!(seal = %job.record.seal, error = %e, "stamped without a timestamp")
+            });
             fields.insert("timestamp_warning".into(), e.to_string().into());
-            drop(_span);
-            complete(job, signature, Some((Vec::new(), fields)))
+            complete(job, signature, None, fields)
         }
         Err(e) => {
             let e = ServiceError::TimestampUnavailable(format!(
@@ -101,17 +101,15 @@ fn fail(job: Job, e: ServiceError, reason: &str) {
 }
 
 /// The signature made, the container assembled: `stamp.completed`, then the answer.
-/// `time` is the TSA's token (empty when a best-effort TSA failed) and its evidence.
+/// `token` is the TSA's, when there is one; `time_fields` the evidence of trusted time (the
+/// token's, or the warning of a best-effort TSA that failed).
 fn complete(
     job: Job,
     signature: Vec<u8>,
-    time: Option<(Vec<u8>, serde_json::Map<String, serde_json::Value>)>,
+    token: Option<Vec<u8>>,
+    mut time_fields: serde_json::Map<String, serde_json::Value>,
 ) {
     let seal_key = job.device.key(job.key);
-    let (token, mut time_fields) = match time {
-        None => (None, serde_json::Map::new()),
-        Some((der, fields)) => ((!der.is_empty()).then_some(der), fields),
-    };
     let container = match &job.cms {
         None => None,
         Some(c) => match crate::container::assemble(

@@ -33,11 +33,6 @@ impl Service {
         };
         // 2.
         let approved = self.check_stamp(caller, seal, req).await?;
-        let approval_id = approved
-            .verdict_claims
-            .as_ref()
-            .map(|c| c.jti.clone())
-            .unwrap_or_default();
         // 3 to 5.
         let (answer, answered) = tokio::sync::oneshot::channel();
         let tsa = match (&approved.cms, seal.timestamp, &self.tsa) {
@@ -77,7 +72,7 @@ impl Service {
             signature: stamped.signature,
             stamped_at_unix_ms: crate::audit::now_ms() as u64,
             uses_left: stamped.uses_left,
-            approval_id,
+            approval_id: approved.approval_id,
             container: stamped.container.unwrap_or_default(),
         }))
     }
