@@ -263,8 +263,8 @@ impl AuditLog {
         first.push(started);
         w.pending = first;
         w.flush_pending();
-        if w.failing {
-            return Err(AuditError::Open(w.error.clone()));
+        if let Some(e) = &w.failure {
+            return Err(AuditError::Open(e.to_string()));
         }
         let (tx, rx) = mpsc::channel();
         let thread = std::thread::Builder::new()
@@ -408,9 +408,8 @@ struct Writer {
     anomaly: Anomaly,
     alerts: broadcast::Sender<Record>,
     status: Arc<Mutex<AuditStatus>>,
-    /// The last batch failed.
-    failing: bool,
-    error: String,
+    /// Why the last batch failed; None when it was written.
+    failure: Option<AuditError>,
     /// Only checking (`sealgated --check`): open() writes nothing.
     read_only: bool,
     /// Keeps the head's witness in the audit device; None where it keeps none.
@@ -530,8 +529,7 @@ impl Writer {
             anomaly,
             alerts,
             status,
-            failing: false,
-            error: String::new(),
+            failure: None,
             read_only: false,
             witness: None,
             logged_uses: ledger::LoggedUses::default(),
@@ -545,7 +543,7 @@ impl Writer {
                 rx.recv().ok()
             } else {
                 // While failing, retry the records that must not be lost once a second.
-                let wait = if self.failing {
+                let wait = if self.failure.is_some() {
                     REOPEN_INTERVAL
                 } else {
                     Duration::ZERO
@@ -600,7 +598,7 @@ impl Writer {
         if !self.pending.is_empty() {
             tracing::error!(
                 records = self.pending.len(),
-                error = %self.error,
+                error = %self.failure.as_ref().map(|e| e.to_string()).unwrap_or_default(),
                 "audit records could not be written before shutdown"
             );
         }
@@ -618,8 +616,7 @@ impl Writer {
         let entries: Vec<&Entry> = jobs.iter().map(|j| &j.0).collect();
         match self.write(&internal, &entries) {
             Ok((results, committed)) => {
-                self.failing = false;
-                self.error.clear();
+                self.failure = None;
                 for ((_, reply, _), r) in jobs.into_iter().zip(results) {
                     reply.send(Ok(r));
                 }
@@ -627,13 +624,14 @@ impl Writer {
             }
             Err(f) => {
                 crate::metrics::get().audit_failure();
-                if !self.failing {
+                if self.failure.is_none() {
                     tracing::error!(error = %f.error, "audit log write failed; refusing stamps until it recovers");
                 }
-                self.failing = true;
-                self.error = f.error.to_string();
-                if f.broken {
-                    self.conn = None;
+                self.failure = Some(f.error.clone());
+                // A connection that failed this way is closed and opened again from disk a
+                // second later; failures while waiting for that (or from the re-opening,
+                // which sets its own time) do not put it off, or steady traffic would.
+                if f.broken && self.conn.take().is_some() {
                     self.reopen_after = Some(Instant::now() + REOPEN_INTERVAL);
                 }
                 self.pending = internal;
@@ -900,11 +898,11 @@ impl Writer {
             s.checkpoint_seq = l.seq;
             s.checkpoint_at_ms = l.at_ms;
         }
-        s.error = if self.failing {
-            self.error.clone()
-        } else {
-            String::new()
-        };
+        s.error = self
+            .failure
+            .as_ref()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
     }
 
     fn ensure_open(&mut self) -> Result<(), Failure> {
@@ -913,7 +911,11 @@ impl Writer {
         }
         if self.reopen_after.is_some_and(|t| Instant::now() < t) {
             return Err(Failure {
-                error: AuditError::Unavailable(self.error.clone()),
+                // The failure that broke the connection, as it was.
+                error: self
+                    .failure
+                    .clone()
+                    .unwrap_or_else(|| AuditError::Unavailable("re-opening".into())),
                 broken: true,
             });
         }
