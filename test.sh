@@ -6,8 +6,9 @@
 # Python with the protobuf package for a client in another language (and asn1crypto with
 # cryptography, an outside verifier of Ed25519 CMS signatures), and the system's PC/SC
 # service (pcscd) with vsmartcard's virtual reader driver, into which the PIV tests insert our
-# card emulator. The full-disk test mounts a small tmpfs, and pcscd is started if it is not
-# running, so run as root (or with sudo) for those.
+# card emulator. The full-disk test mounts a small tmpfs, the storage fault tests mount a FUSE
+# layer of their own (/dev/fuse), and pcscd is started if it is not running, so run as root (or
+# with sudo) for those.
 set -euo pipefail
 cd "$(dirname "$0")"
 

@@ -3,6 +3,8 @@
 //! and waited for through systemd's readiness protocol, and an independent verifier (openssl).
 #![allow(dead_code)]
 
+pub mod faultfs;
+
 use std::io::{BufRead, BufReader, Read};
 use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
