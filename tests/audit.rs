@@ -219,15 +219,6 @@ fn sqlite3(db: &Path, sql: &str) {
     );
 }
 
-fn sqlite3_value(db: &Path, sql: &str) -> u64 {
-    let out = Command::new("sqlite3")
-        .arg(db)
-        .arg(sql)
-        .output()
-        .expect("sqlite3");
-    String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
-}
-
 #[tokio::test]
 async fn tampering_with_the_file_is_found_and_named() {
     let d = Daemon::start(&Opts::default());

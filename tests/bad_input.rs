@@ -290,15 +290,29 @@ async fn a_client_that_leaves_mid_stamp_leaves_no_authorisation_without_outcome(
     // Every request that was authorised reaches its outcome soon after.
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
     let served = hex::encode([3u8; 32]);
-    let left = |kind| {
-        records(&db, Some(kind))
-            .into_iter()
-            .filter(|r| r.doc_sha256 != served)
-            .count()
+    // (authorisations, completions) of the requests left behind, from one read of the log.
+    let left = || {
+        let all = records(&db, None);
+        let count = |kind| {
+            all.iter()
+                .filter(|r| r.kind == kind && r.doc_sha256 != served)
+                .count()
+        };
+        (count("stamp.authorized"), count("stamp.completed"))
     };
+    // Requests may still be arriving: wait until every authorisation has its outcome and no
+    // new one has come for a second.
+    let mut quiet_since = (std::time::Instant::now(), (0, 0));
     loop {
-        let (authorized, outcomes) = (left("stamp.authorized"), left("stamp.completed"));
-        if authorized > 0 && authorized == outcomes {
+        let now = left();
+        if now != quiet_since.1 {
+            quiet_since = (std::time::Instant::now(), now);
+        }
+        let (authorized, outcomes) = now;
+        if authorized > 0
+            && authorized == outcomes
+            && quiet_since.0.elapsed() > Duration::from_secs(1)
+        {
             break;
         }
         assert!(

@@ -946,6 +946,22 @@ pub async fn stamp_until_refused(
     panic!("5000 stamps and none refused");
 }
 
+/// The one number an SQL query prints, by the `sqlite3` shell (another process, so it reads the
+/// file as an outsider would).
+pub fn sqlite3_value(db: &Path, sql: &str) -> u64 {
+    let out = Command::new("sqlite3")
+        .arg(db)
+        .arg(sql)
+        .output()
+        .expect("sqlite3");
+    assert!(
+        out.status.success(),
+        "sqlite3 {sql}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
+}
+
 /// The lines a child process prints on its standard output, collected as they come.
 #[derive(Clone)]
 pub struct Printed(std::sync::Arc<std::sync::Mutex<Vec<String>>>);
