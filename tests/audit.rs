@@ -206,19 +206,6 @@ fn copy_db(db: &Path, dir: &Path) -> PathBuf {
     dir.join("sealgate.db")
 }
 
-fn sqlite3(db: &Path, sql: &str) {
-    let out = Command::new("sqlite3")
-        .arg(db)
-        .arg(sql)
-        .output()
-        .expect("sqlite3");
-    assert!(
-        out.status.success(),
-        "sqlite3 {sql}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 #[tokio::test]
 async fn tampering_with_the_file_is_found_and_named() {
     let d = Daemon::start(&Opts::default());

@@ -598,7 +598,7 @@ impl Writer {
         if !self.pending.is_empty() {
             tracing::error!(
                 records = self.pending.len(),
-                error = %self.failure.as_ref().map(|e| e.to_string()).unwrap_or_default(),
+                error = %self.failure_text(),
                 "audit records could not be written before shutdown"
             );
         }
@@ -898,11 +898,15 @@ impl Writer {
             s.checkpoint_seq = l.seq;
             s.checkpoint_at_ms = l.at_ms;
         }
-        s.error = self
-            .failure
+        s.error = self.failure_text();
+    }
+
+    /// Why the last batch failed, or "" when it was written.
+    fn failure_text(&self) -> String {
+        self.failure
             .as_ref()
             .map(|e| e.to_string())
-            .unwrap_or_default();
+            .unwrap_or_default()
     }
 
     fn ensure_open(&mut self) -> Result<(), Failure> {

@@ -21,8 +21,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// What the file system does to writes and fsyncs from now on.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Fault {
+    #[default]
     None,
     /// Every write fails with EIO.
     Writes,
@@ -45,7 +46,7 @@ struct Unsynced {
 
 #[derive(Default)]
 struct Shared {
-    fault: Mutex<Option<Fault>>,
+    fault: Mutex<Fault>,
     unsynced: Mutex<HashMap<PathBuf, Unsynced>>,
     files: Mutex<HashMap<u64, Arc<File>>>,
     next_fh: AtomicU64,
@@ -87,7 +88,6 @@ impl FaultFs {
         std::fs::create_dir_all(lower).unwrap();
         std::fs::create_dir_all(mountpoint).unwrap();
         let shared = Arc::new(Shared {
-            fault: Mutex::new(Some(Fault::None)),
             next_fh: AtomicU64::new(1),
             ..Default::default()
         });
@@ -132,7 +132,7 @@ impl FaultFs {
     }
 
     pub fn set(&self, fault: Fault) {
-        *self.shared.fault.lock().unwrap() = Some(fault);
+        *self.shared.fault.lock().unwrap() = fault;
     }
 
     /// Faults returned so far (EIO or EROFS).
@@ -255,7 +255,7 @@ impl Layer {
     }
 
     fn fault(&self) -> Fault {
-        self.shared.fault.lock().unwrap().unwrap_or(Fault::None)
+        *self.shared.fault.lock().unwrap()
     }
 
     /// The error a write-like call gets under the current fault, if any.

@@ -946,9 +946,9 @@ pub async fn stamp_until_refused(
     panic!("5000 stamps and none refused");
 }
 
-/// The one number an SQL query prints, by the `sqlite3` shell (another process, so it reads the
-/// file as an outsider would).
-pub fn sqlite3_value(db: &Path, sql: &str) -> u64 {
+/// Runs SQL on a database with the `sqlite3` shell (another process, so it reads and writes the
+/// file as an outsider would); what it printed.
+pub fn sqlite3(db: &Path, sql: &str) -> String {
     let out = Command::new("sqlite3")
         .arg(db)
         .arg(sql)
@@ -959,7 +959,12 @@ pub fn sqlite3_value(db: &Path, sql: &str) -> u64 {
         "sqlite3 {sql}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The one number an SQL query prints, by the `sqlite3` shell.
+pub fn sqlite3_value(db: &Path, sql: &str) -> u64 {
+    sqlite3(db, sql).trim().parse().unwrap()
 }
 
 /// The lines a child process prints on its standard output, collected as they come.
