@@ -21,22 +21,6 @@ const POINTS: &[(&str, u32)] = &[
     ("stamp.before_reply", 30),
 ];
 
-/// Uses the ledger counts for an approval.
-fn uses_consumed(db: &std::path::Path, jti: &str) -> i64 {
-    let conn = rusqlite::Connection::open(db).unwrap();
-    conn.query_row(
-        "SELECT uses_consumed FROM approvals WHERE jti = ?1",
-        [jti],
-        |r| r.get(0),
-    )
-    .unwrap_or(0)
-}
-
-fn aborted(status: std::process::ExitStatus) -> bool {
-    use std::os::unix::process::ExitStatusExt;
-    status.signal() == Some(nix::sys::signal::Signal::SIGABRT as i32)
-}
-
 /// Aborts the daemon at `point` under load and checks what the restarted daemon finds. With
 /// `recovery`, the first restart is itself aborted inside start-up recovery. Returns the stamps
 /// the clients received and the outcomes recorded as unknown.

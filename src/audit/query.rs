@@ -267,20 +267,127 @@ pub fn for_each(
     Ok(())
 }
 
-/// The impression counter the audit log last recorded for terminal `id` (from the
-/// `counter_after` of its newest HELLO, impression or rejection that set one). Terminal
-/// records without a report (link changes, heartbeats) have empty evidence and are passed over.
-pub fn terminal_counter(conn: &Connection, id: &str) -> rusqlite::Result<Option<u64>> {
-    conn.query_row(
-        "SELECT c FROM (SELECT seq, CASE WHEN json_valid(evidence) \
-           THEN json_extract(evidence, '$.counter_after') END AS c FROM audit \
-           WHERE device = ?1 AND kind LIKE 'terminal.%') \
-         WHERE c IS NOT NULL ORDER BY seq DESC LIMIT 1",
-        [id],
-        |r| r.get::<_, i64>(0),
-    )
-    .optional()
-    .map(|c| c.map(|c| c as u64))
+/// What the audit log remembers of terminal `id`, for its session after a restart.
+#[derive(Debug, Default, PartialEq)]
+pub struct TerminalMemory {
+    /// The impression counter last recorded (from the `counter_after` of its newest HELLO,
+    /// impression or rejection that set one).
+    pub counter: Option<u64>,
+    /// SHA-256 of the body of the newest signed report recorded: the one report the terminal
+    /// may still send again, when the daemon stopped before its ACK went out.
+    pub last_report: Option<[u8; 32]>,
+    /// The newest grant, unless a LOCKED, TAMPER or end-of-grant record closed it.
+    pub grant: Option<RecordedGrant>,
+}
+
+/// A `terminal.granted` record that nothing has closed yet.
+#[derive(Debug, PartialEq)]
+pub struct RecordedGrant {
+    pub seq: u64,
+    pub at_ms: i64,
+    pub grant_id: [u8; 16],
+    pub impressions: u32,
+    pub seconds: u32,
+    /// Impressions recorded against it (taken, or made past a counter gap).
+    pub used: u32,
+    pub jti: String,
+    pub applicant: String,
+    pub doc_sha256: String,
+}
+
+/// Reads [`TerminalMemory`]. Terminal records without a report (link changes, heartbeats)
+/// have empty evidence and are passed over.
+pub fn terminal_memory(conn: &Connection, id: &str) -> rusqlite::Result<TerminalMemory> {
+    let bad = |what: String| {
+        rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, what.into())
+    };
+    let newest = |what: &str| {
+        format!(
+            "SELECT v FROM (SELECT seq, CASE WHEN json_valid(evidence) \
+               THEN json_extract(evidence, '$.{what}') END AS v FROM audit \
+               WHERE device = ?1 AND kind LIKE 'terminal.%') \
+             WHERE v IS NOT NULL ORDER BY seq DESC LIMIT 1"
+        )
+    };
+    let counter = conn
+        .query_row(&newest("counter_after"), [id], |r| r.get::<_, i64>(0))
+        .optional()?
+        .map(|c| c as u64);
+    let last_report = conn
+        .query_row(&newest("body"), [id], |r| r.get::<_, String>(0))
+        .optional()?
+        .map(|b| {
+            use base64::Engine;
+            use sha2::Digest;
+            base64::engine::general_purpose::STANDARD
+                .decode(b)
+                .map(|body| sha2::Sha256::digest(body).into())
+                .map_err(|e| bad(format!("the newest report's body is not base64: {e}")))
+        })
+        .transpose()?;
+    let grant = conn
+        .query_row(
+            "SELECT seq, at_ms, json_extract(evidence, '$.grant_id'), \
+               json_extract(evidence, '$.impressions'), json_extract(evidence, '$.seconds'), \
+               jti, applicant, doc_sha256 FROM audit \
+             WHERE device = ?1 AND kind = 'terminal.granted' ORDER BY seq DESC LIMIT 1",
+            [id],
+            |r| {
+                Ok((
+                    r.get::<_, i64>(0)? as u64,
+                    r.get::<_, i64>(1)?,
+                    r.get::<_, String>(2)?,
+                    r.get::<_, i64>(3)?,
+                    r.get::<_, i64>(4)?,
+                    r.get::<_, String>(5)?,
+                    r.get::<_, String>(6)?,
+                    r.get::<_, String>(7)?,
+                ))
+            },
+        )
+        .optional()?;
+    let Some((seq, at_ms, grant_id, impressions, seconds, jti, applicant, doc_sha256)) = grant
+    else {
+        return Ok(TerminalMemory {
+            counter,
+            last_report,
+            grant: None,
+        });
+    };
+    let (closed, used): (i64, i64) = conn.query_row(
+        "SELECT \
+               count(*) FILTER (WHERE kind IN ('terminal.locked', 'terminal.tamper', \
+                 'terminal.grant_expired')), \
+               count(*) FILTER (WHERE kind = 'terminal.impression' \
+                 OR (kind = 'terminal.rejected' AND reason = 'counter_gap')) \
+             FROM audit WHERE ref_seq = ?1 AND device = ?2",
+        rusqlite::params![seq as i64, id],
+        |r| Ok((r.get(0)?, r.get(1)?)),
+    )?;
+    let grant = if closed > 0 {
+        None
+    } else {
+        let grant_id = hex::decode(&grant_id)
+            .ok()
+            .and_then(|g| <[u8; 16]>::try_from(g).ok())
+            .ok_or_else(|| bad(format!("grant record {seq} has no 16-byte grant id")))?;
+        Some(RecordedGrant {
+            seq,
+            at_ms,
+            grant_id,
+            impressions: impressions as u32,
+            seconds: seconds as u32,
+            used: used as u32,
+            jti,
+            applicant,
+            doc_sha256,
+        })
+    };
+    Ok(TerminalMemory {
+        counter,
+        last_report,
+        grant,
+    })
 }
 
 /// The most recent `n` records of `kind`, oldest first.

@@ -2,7 +2,8 @@
 //! daemon over a pseudo-terminal (as a serial line) or over TCP with mutual TLS.
 //!
 //! It behaves as a terminal does: HELLO after every connection, heartbeats, an unlock request,
-//! impressions only while a grant lasts (then LOCKED), retransmission until ACKed. On command
+//! impressions only while a grant lasts (then LOCKED), signed reports sent again until ACKed
+//! (across reconnections, ahead of the new HELLO). On command
 //! it also misbehaves: impressions without a grant, counter jumps and rollbacks, replayed and
 //! badly signed reports, tamper reports, corrupt, truncated and unknown frames, noise, a line
 //! cut mid-frame, a port that vanishes and comes back.
@@ -10,10 +11,13 @@
 //! Commands on standard input, one per line:
 //! `request TOKEN_BASE64 DOC_SHA256_HEX [IMPRESSIONS]`, `press`, `force`, `jump N`, `rollback N`,
 //! `replay`, `badsig`, `tamper`, `hello`, `corrupt`, `truncate`, `noise N`, `unknown`, `cut`,
-//! `vanish`, `return`, `silence`, `resume`, `deaf N` (ignore the next N frames), `status`.
+//! `vanish`, `return`, `silence`, `resume`, `deaf N` (ignore the next N frames), `cut-on-grant`
+//! (take the next grant and cut the line before its ACK), `lose-grants N` (ignore the next N
+//! UNLOCK_GRANT frames), `status`.
 //! Events on standard output, one per line: `connected`, `disconnected`, `ack seq=N`,
 //! `nak seq=N reason=N`, `granted impressions=N seconds=N`, `denied reason=N message=...`,
-//! `impression counter=N`, `locked`, `refused no-grant`, `gave-up seq=N`,
+//! `impression counter=N`, `locked`, `refused no-grant`, `gave-up seq=N` (a heartbeat or
+//! request), `holding seq=N` (a report past its retries, still sent again),
 //! `status counter=N left=N`, `lost cmd=N seq=N`, `line-error ...`.
 
 use anyhow::{anyhow, Context};
@@ -200,6 +204,10 @@ struct Terminal {
     away: bool,
     /// Frames from the daemon still to be ignored, as if lost on the line.
     deaf: u32,
+    /// The next UNLOCK_GRANT is taken, and the line is cut before its ACK goes out.
+    cut_on_grant: bool,
+    /// UNLOCK_GRANT frames still to be ignored, as if lost on the line.
+    lose_grants: u32,
 }
 
 impl Terminal {
@@ -214,9 +222,23 @@ impl Terminal {
                 self.line = Some(l);
                 self.decoder = Decoder::new();
                 self.last_rx = None;
-                self.outstanding = None;
-                self.queue.clear();
+                // Signed reports not yet ACKed go first, as they were (the outstanding one
+                // with its seq); the HELLO follows them, so its counter is never ahead of
+                // what the daemon has been sent. Heartbeats and requests are not kept.
+                let outstanding = self.outstanding.take().map(|o| o.0);
+                let queued: Vec<Frame> = self.queue.drain(..).collect();
                 say("connected");
+                if let Some(f) = outstanding.filter(kept_until_acked) {
+                    self.raw(&f.encode());
+                    self.outstanding = Some((f, Instant::now(), 1));
+                }
+                for f in queued.into_iter().filter(kept_until_acked) {
+                    if self.outstanding.is_none() {
+                        self.transmit(f);
+                    } else {
+                        self.queue.push_back(f);
+                    }
+                }
                 self.hello();
             }
             Err(e) => say(&format!("line-error {e:#}")),
@@ -414,6 +436,8 @@ impl Terminal {
                 self.connect();
             }
             ["deaf", _] => self.deaf = num(1).unwrap_or(1) as u32,
+            ["cut-on-grant"] => self.cut_on_grant = true,
+            ["lose-grants", _] => self.lose_grants = num(1).unwrap_or(1) as u32,
             ["silence"] => self.heartbeats = false,
             ["resume"] => {
                 self.heartbeats = true;
@@ -463,8 +487,15 @@ impl Terminal {
                     }
                 }
             }
+            Some(Command::UnlockGrant) if self.lose_grants > 0 => {
+                self.lose_grants -= 1;
+                say(&format!("lost cmd={} seq={}", f.cmd, f.seq));
+            }
             Some(Command::UnlockGrant) | Some(Command::UnlockDeny) => {
-                self.raw(&ack(f.seq).encode());
+                let cut = self.cut_on_grant && f.command() == Some(Command::UnlockGrant);
+                if !cut {
+                    self.raw(&ack(f.seq).encode());
+                }
                 if self.last_rx == Some((f.seq, f.cmd)) {
                     return;
                 }
@@ -486,6 +517,11 @@ impl Terminal {
                         }
                         Err(e) => say(&format!("line-error bad grant: {e}")),
                     }
+                    if cut {
+                        self.cut_on_grant = false;
+                        self.drop_line("cut before the grant's ACK");
+                        self.connect();
+                    }
                 } else {
                     let d = pb::UnlockDeny::decode(f.payload.as_slice()).unwrap_or_default();
                     say(&format!("denied reason={} message={}", d.reason, d.message));
@@ -499,7 +535,14 @@ impl Terminal {
         let now = Instant::now();
         if let Some((frame, sent, tries)) = self.outstanding.clone() {
             if now.duration_since(sent) > Duration::from_millis(self.args.ack_timeout_ms) {
-                if tries > self.args.retries {
+                if tries > self.args.retries && kept_until_acked(&frame) {
+                    // A signed report is never given up: it is sent again until ACKed.
+                    if tries == self.args.retries + 1 {
+                        say(&format!("holding seq={}", frame.seq));
+                    }
+                    self.raw(&frame.encode());
+                    self.outstanding = Some((frame, now, tries + 1));
+                } else if tries > self.args.retries {
                     say(&format!("gave-up seq={}", frame.seq));
                     self.outstanding = None;
                     if let Some(next) = self.queue.pop_front() {
@@ -511,8 +554,11 @@ impl Terminal {
                 }
             }
         }
+        // A frame in flight already shows the terminal is alive; heartbeats do not pile up
+        // behind a report the daemon has not ACKed.
         if self.heartbeats
             && self.line.is_some()
+            && self.outstanding.is_none()
             && now.duration_since(self.last_heartbeat)
                 > Duration::from_millis(self.args.heartbeat_ms)
         {
@@ -529,6 +575,14 @@ impl Terminal {
             }
         }
     }
+}
+
+/// HELLO, IMPRESSION, LOCKED and TAMPER: signed reports the terminal keeps until ACKed.
+fn kept_until_acked(f: &Frame) -> bool {
+    matches!(
+        f.command(),
+        Some(Command::Hello | Command::Impression | Command::Locked | Command::Tamper)
+    )
 }
 
 fn now_ms() -> i64 {
@@ -573,6 +627,8 @@ fn main() -> anyhow::Result<()> {
         started: Instant::now(),
         away: false,
         deaf: 0,
+        cut_on_grant: false,
+        lose_grants: 0,
     };
     t.connect();
     let mut buf = [0u8; 2048];

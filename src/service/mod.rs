@@ -79,8 +79,8 @@ pub struct Service {
     outcomes: tokio_util::task::TaskTracker,
     /// Smart-seal terminals, by their seal id; their sessions start with the runtime.
     terminals: std::sync::OnceLock<HashMap<String, terminal::Handle>>,
-    /// Each terminal with the impression counter the log last recorded for it.
-    terminal_specs: std::sync::Mutex<Vec<(TerminalSpec, Option<u64>)>>,
+    /// Each terminal with what the log last recorded of it (counter, newest report, open grant).
+    terminal_specs: std::sync::Mutex<Vec<(TerminalSpec, crate::audit::query::TerminalMemory)>>,
     /// The time-stamping authority of container stamps, when one is configured.
     tsa: Option<Arc<crate::timestamp::Tsa>>,
 }
@@ -118,15 +118,15 @@ impl Service {
         let specs = specs
             .into_iter()
             .map(|spec| {
-                let counter = store
-                    .read(|c| crate::audit::query::terminal_counter(c, &spec.id))
+                let memory = store
+                    .read(|c| crate::audit::query::terminal_memory(c, &spec.id))
                     .map_err(|e| {
                         StartError::Terminal(format!(
-                            "terminal {:?}: its impression counter: {e}",
+                            "terminal {:?}: what the log holds of it: {e}",
                             spec.id
                         ))
                     })?;
-                Ok((spec, counter))
+                Ok((spec, memory))
             })
             .collect::<Result<Vec<_>, StartError>>()?;
         let (key, anomaly) = audit_parts(config, &registry)?;

@@ -10,8 +10,8 @@ use crate::terminal::session as terminal;
 use std::collections::HashMap;
 
 impl Service {
-    /// Starts each terminal's session, from the impression counter the audit log last
-    /// recorded for it (read when the service was built). Call once, with the runtime the
+    /// Starts each terminal's session, from what the audit log last recorded of it (read when
+    /// the service was built): counter, newest report, the grant still open. Call once, with the runtime the
     /// sessions use for the audit log.
     pub fn start_terminals(&self, runtime: tokio::runtime::Handle) -> Result<(), StartError> {
         let specs = std::mem::take(
@@ -26,9 +26,9 @@ impl Service {
             runtime,
         };
         let mut map = HashMap::new();
-        for (spec, counter) in specs {
+        for (spec, memory) in specs {
             let seal = spec.seal.clone();
-            map.insert(seal, terminal::spawn(spec, ctx.clone(), counter));
+            map.insert(seal, terminal::spawn(spec, ctx.clone(), memory));
         }
         let _ = self.terminals.set(map);
         Ok(())

@@ -12,6 +12,7 @@ use super::{ack, nak, open_report, pb, Command, Decoder, Frame, ReportError};
 use crate::approval::gate::Gate;
 use crate::approval::{ApprovalError, Denial};
 use crate::audit::log::{Appended, AuditLog};
+use crate::audit::query::TerminalMemory;
 use crate::audit::{kind, Record};
 use crate::device::profile::{DeviceProfile, TerminalProfile};
 use base64::Engine;
@@ -148,7 +149,7 @@ impl Handle {
 
 /// Starts a terminal's session thread. `counter` is the last impression counter the audit log
 /// knows for it.
-pub fn spawn(spec: TerminalSpec, ctx: Context, counter: Option<u64>) -> Handle {
+pub fn spawn(spec: TerminalSpec, ctx: Context, memory: TerminalMemory) -> Handle {
     let p = spec
         .profile
         .terminal
@@ -167,6 +168,24 @@ pub fn spawn(spec: TerminalSpec, ctx: Context, counter: Option<u64>) -> Handle {
             + Duration::from_secs(10),
     };
     let now = Instant::now();
+    let grant = memory.grant.map(|g| {
+        // The grant ends at its time limit by the wall clock; one that ended while the daemon
+        // was down is closed by the session's first look at its timers.
+        let left_ms = g.at_ms + g.seconds as i64 * 1000 - unix_ms();
+        LiveGrant {
+            id: g.grant_id,
+            allowed: g.impressions,
+            used: g.used,
+            expires: now + ms(left_ms.max(0) as u64),
+            jti: g.jti,
+            applicant: g.applicant,
+            doc: g.doc_sha256,
+            auth_seq: g.seq,
+        }
+    });
+    if let Some(g) = &grant {
+        tracing::info!(terminal = %spec.id, approval = %g.jti, made = g.used, allowed = g.allowed, "a grant recorded before the restart stands until its time limit");
+    }
     let session = Session {
         spec,
         p,
@@ -183,9 +202,11 @@ pub fn spawn(spec: TerminalSpec, ctx: Context, counter: Option<u64>) -> Handle {
         last_rx: None,
         last_seen: now,
         heartbeat_lost: false,
-        counter,
+        counter: memory.counter,
         seen: HashSet::new(),
-        grant: None,
+        last_taken: memory.last_report,
+        fresh_line: true,
+        grant,
     };
     let name = format!("terminal {}", handle.id);
     std::thread::Builder::new()
@@ -244,6 +265,12 @@ struct Session {
     counter: Option<u64>,
     /// Digests of impression reports taken since start.
     seen: HashSet<[u8; 32]>,
+    /// Digest of the body of the newest report recorded (read from the log at start): the
+    /// one the terminal may send again because its ACK was lost with the line or the daemon.
+    last_taken: Option<[u8; 32]>,
+    /// No report taken yet on this line: the first one may be `last_taken` sent again, and is
+    /// then ACKed without a second record. Later in a line's life the same report is a replay.
+    fresh_line: bool,
     grant: Option<LiveGrant>,
 }
 
@@ -256,9 +283,13 @@ fn b64(b: &[u8]) -> String {
 }
 
 fn unix_now() -> i64 {
+    unix_ms() / 1000
+}
+
+fn unix_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
+        .map(|d| d.as_millis() as i64)
         .unwrap_or(0)
 }
 
@@ -337,6 +368,7 @@ impl Session {
                 }
                 match self.decide(req) {
                     Ok(g) => {
+                        crate::crash_point!("terminal.after_authorization");
                         let frame = self.grant_frame(&g);
                         self.enqueue(frame, Some((reply, g)));
                     }
@@ -378,6 +410,7 @@ impl Session {
         self.decoder = Decoder::new();
         self.partial_since = None;
         self.last_rx = None;
+        self.fresh_line = true;
         let mut r = self.record(kind::TERMINAL_CONNECTED);
         r.detail = line;
         self.ctx.audit.append_later(r);
@@ -506,6 +539,7 @@ impl Session {
                 {
                     let o = self.outstanding.take().expect("checked");
                     if let Some((reply, g)) = o.waiter {
+                        crate::crash_point!("terminal.before_reply");
                         let _ = reply.send(Ok(g));
                     }
                     if let Some((frame, waiter)) = self.queue.pop_front() {
@@ -655,7 +689,9 @@ impl Session {
         };
         let named_right = r.reason != rejection::BAD_SIGNATURE;
         r.evidence = self.evidence(&signed, named_right.then_some(counter));
-        self.commit(r, |s: &mut Session| {
+        let digest: [u8; 32] = Sha256::digest(&signed.body).into();
+        self.commit(r, move |s: &mut Session| {
+            s.taken(digest);
             if named_right {
                 s.counter = Some(counter);
             }
@@ -668,6 +704,9 @@ impl Session {
             Err(o) => return o,
         };
         let digest: [u8; 32] = Sha256::digest(&signed.body).into();
+        if self.fresh_line && self.last_taken == Some(digest) {
+            return Outcome::Ack(Vec::new());
+        }
         let now = Instant::now();
         let live = self.grant.as_ref().filter(|g| {
             g.id.as_slice() == imp.grant_id.as_slice() && g.used < g.allowed && now <= g.expires
@@ -731,6 +770,7 @@ impl Session {
         r.evidence = self.evidence(&signed, advance.then_some(imp.counter));
         let counter = imp.counter;
         self.commit(r, move |s: &mut Session| {
+            s.taken(digest);
             if reason != Some(rejection::REPLAY) {
                 // Bounded: an older report sent again is still caught, as a rollback.
                 if s.seen.len() >= MAX_SEEN {
@@ -749,9 +789,10 @@ impl Session {
         })
     }
 
-    /// LOCKED and TAMPER: recorded with their evidence; either ends the live grant.
+    /// LOCKED and TAMPER: recorded with their evidence. TAMPER ends any live grant; LOCKED
+    /// ends the grant it names (a late LOCKED of a used-up grant leaves the next one be).
     fn event(&mut self, cmd: Command, payload: &[u8]) -> Outcome {
-        let (detail, signed) = if cmd == Command::Locked {
+        let (detail, signed, names_grant) = if cmd == Command::Locked {
             match self.open::<pb::Locked>(cmd, payload) {
                 Ok((l, s)) => (
                     format!(
@@ -765,6 +806,9 @@ impl Session {
                         }
                     ),
                     s,
+                    self.grant
+                        .as_ref()
+                        .is_some_and(|g| g.id.as_slice() == l.grant_id.as_slice()),
                 ),
                 Err(o) => return o,
             }
@@ -778,23 +822,33 @@ impl Session {
                         t.detail.chars().take(200).collect::<String>()
                     ),
                     s,
+                    self.grant.is_some(),
                 ),
                 Err(o) => return o,
             }
         };
+        let digest: [u8; 32] = Sha256::digest(&signed.body).into();
+        if self.fresh_line && self.last_taken == Some(digest) {
+            return Outcome::Ack(Vec::new());
+        }
         let k = if cmd == Command::Locked {
             kind::TERMINAL_LOCKED
         } else {
             kind::TERMINAL_TAMPER
         };
-        let mut r = if self.grant.is_some() {
+        let mut r = if names_grant {
             self.grant_record(k)
         } else {
             self.record(k)
         };
         r.detail = detail;
         r.evidence = self.evidence(&signed, None);
-        self.commit(r, |s: &mut Session| s.grant = None)
+        self.commit(r, move |s: &mut Session| {
+            s.taken(digest);
+            if names_grant {
+                s.grant = None;
+            }
+        })
     }
 
     /// The approval gate, then the uses consumed and `terminal.granted` recorded in one durable
@@ -878,6 +932,7 @@ impl Session {
         };
         r.add_evidence(grant);
         let (jti, applicant, doc) = (r.jti.clone(), r.applicant.clone(), r.doc_sha256.clone());
+        crate::crash_point!("terminal.before_authorization");
         let appended = self
             .ctx
             .runtime
@@ -933,6 +988,12 @@ impl Session {
         )
     }
 
+    /// A signed report with body digest `digest` was recorded.
+    fn taken(&mut self, digest: [u8; 32]) {
+        self.last_taken = Some(digest);
+        self.fresh_line = false;
+    }
+
     /// A record about this terminal.
     fn record(&self, k: &str) -> Record {
         let mut r = Record::new(k);
@@ -974,6 +1035,7 @@ impl Session {
     fn commit(&mut self, r: Record, apply: impl FnOnce(&mut Session)) -> Outcome {
         match self.ctx.runtime.block_on(self.ctx.audit.append(r)) {
             Ok(_) => {
+                crate::crash_point!("terminal.before_report_ack");
                 apply(self);
                 Outcome::Ack(Vec::new())
             }

@@ -1073,6 +1073,23 @@ pub fn records(db: &Path, kind: Option<&str>) -> Vec<sealgate::audit::Record> {
     out
 }
 
+/// Uses the ledger counts for an approval.
+pub fn uses_consumed(db: &Path, jti: &str) -> i64 {
+    let conn = rusqlite::Connection::open(db).unwrap();
+    conn.query_row(
+        "SELECT uses_consumed FROM approvals WHERE jti = ?1",
+        [jti],
+        |r| r.get(0),
+    )
+    .unwrap_or(0)
+}
+
+/// Whether a process ended by `abort()`, as a crash point ends the daemon.
+pub fn aborted(status: ExitStatus) -> bool {
+    use std::os::unix::process::ExitStatusExt;
+    status.signal() == Some(nix::sys::signal::Signal::SIGABRT as i32)
+}
+
 /// Every authorisation has exactly one outcome, and each outcome names an authorisation.
 pub fn every_authorisation_has_one_outcome(db: &Path) {
     let all = records(db, None);
