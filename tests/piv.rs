@@ -9,7 +9,7 @@
 mod common;
 
 use common::*;
-use sealgate::protocol::{response::Body, Status};
+use sealgate::protocol::{pb, response::Body, Status};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Stdio};
@@ -499,6 +499,39 @@ async fn a_wrong_pin_is_reported_with_tries_left_and_never_blocks_the_card() {
     assert!(r.message.contains("blocked"), "{}", r.message);
 }
 
+/// Stamps `doc` on "card-ec" and pulls the card once it has printed its `n`th `line` (while it
+/// holds an answer back); the stamp must fail as "removed" within seconds. The approval's id.
+async fn stamp_while_pulled(
+    card: &mut Card,
+    daemon: &Daemon,
+    doc: &'static [u8],
+    line: &str,
+    n: usize,
+) -> String {
+    let socket = daemon.socket.clone();
+    let approval = Approval::for_seal("card-ec", &sha256(doc));
+    let jti = approval.claims.jti.clone();
+    let pending = tokio::spawn(async move {
+        let mut c = sealgate::protocol::client::Client::connect(&socket)
+            .await
+            .unwrap();
+        c.stamp("card-ec", &sha256(doc), &approval.token(), "")
+            .await
+            .unwrap()
+    });
+    card.wait_for(line, n);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    card.send("remove");
+    wait_present(card.port, false);
+    let r = tokio::time::timeout(Duration::from_secs(10), pending)
+        .await
+        .expect("the stamp must not hang when the card is pulled")
+        .unwrap();
+    assert_eq!(r.status, Status::DeviceUnavailable as i32, "{}", r.message);
+    assert!(r.message.contains("removed"), "{}", r.message);
+    jti
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_card_pulled_mid_stamp_fails_cleanly_and_works_again_when_back() {
     let _turn = turn().await;
@@ -514,23 +547,7 @@ async fn a_card_pulled_mid_stamp_fails_cleanly_and_works_again_when_back() {
 
     // The card holds its signature back; it is pulled while the daemon waits for it.
     card.send("delay 3000");
-    let socket = daemon.socket.clone();
-    let pending = tokio::spawn(async move {
-        let mut c = sealgate::protocol::client::Client::connect(&socket)
-            .await
-            .unwrap();
-        stamp(&mut c, "card-ec", b"during").await
-    });
-    card.wait_for("verify=ok", 2);
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    card.send("remove");
-    wait_present(35963, false);
-    let r = tokio::time::timeout(Duration::from_secs(10), pending)
-        .await
-        .expect("the stamp must not hang when the card is pulled")
-        .unwrap();
-    assert_eq!(r.status, Status::DeviceUnavailable as i32, "{}", r.message);
-    assert!(r.message.contains("removed"), "{}", r.message);
+    stamp_while_pulled(&mut card, &daemon, b"during", "verify=ok", 2).await;
     assert_eq!(card.count("signed"), 1);
 
     // Meanwhile other seals keep working.
@@ -701,4 +718,89 @@ async fn opensc_sees_two_emulated_cards_as_two_tokens() {
             "serial {serial} is not from GUID {guid}: {text}"
         );
     }
+}
+
+/// A card pulled while it checks the PIN: the stamp fails as "removed", its approval stays
+/// spent, and the try the card spent before comparing stays spent. Pulled twice in a row, the
+/// card is down to the tries the daemon leaves to a person: it stops presenting the PIN rather
+/// than block the card. Every authorisation has one outcome and the log verifies.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_card_pulled_during_its_pin_check_spends_no_approval_twice_and_never_blocks_the_card() {
+    let _turn = turn().await;
+    let keys = tempfile::tempdir().unwrap();
+    let ec = make_key(keys.path(), "card", "ec");
+    let mut card = Card::start(35963, GUID_A, &[("9c", &ec)], &["--pin-tries", "3"]);
+    let pin = pin_file(keys.path(), CARD_PIN);
+    let (extra, seals) = one_seal_card(&pin);
+    let daemon = start_daemon(extra, seals);
+    let mut c = daemon.client().await;
+    let first = stamp(&mut c, "card-ec", b"before").await;
+    assert_eq!(first.status, Status::Ok as i32, "{}", first.message);
+
+    // Pulled once during the PIN check: the card keeps the spent try until the next check.
+    card.send("pin-delay 3000");
+    let pulled = stamp_while_pulled(&mut card, &daemon, b"during", "verify=held", 1).await;
+    assert_eq!(card.tries_left(), 2);
+    assert_eq!(uses_consumed(&daemon.db(), &pulled), 1);
+    card.send("pin-delay 0");
+    card.insert();
+    let back = stamp_when_back(&mut c, "card-ec", b"after").await;
+    assert_eq!(back.status, Status::Ok as i32, "{}", back.message);
+    assert_eq!(card.tries_left(), 3, "a right PIN gives the spent try back");
+
+    // Pulled twice in a row: one try is left, and the daemon leaves it to a person.
+    card.send("pin-delay 3000");
+    let mut pulled_twice = Vec::new();
+    for n in [2, 3] {
+        if n == 3 {
+            card.insert();
+            wait_device(&daemon, "card-a", pb::DeviceStatus::Ready).await;
+        }
+        pulled_twice.push(stamp_while_pulled(&mut card, &daemon, b"again", "verify=held", n).await);
+    }
+    assert_eq!(card.tries_left(), 1);
+    card.send("pin-delay 0");
+    card.insert();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let refused = loop {
+        let r = stamp(&mut c, "card-ec", b"with one try left").await;
+        if r.status != Status::DeviceUnavailable as i32 || Instant::now() > deadline {
+            break r;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(
+        refused.status,
+        Status::PinInvalid as i32,
+        "{}",
+        refused.message
+    );
+    assert!(
+        refused.message.contains("1 PIN tries left") && refused.message.contains("does not verify"),
+        "{}",
+        refused.message
+    );
+    assert!(!refused.message.contains(CARD_PIN));
+    assert_eq!(card.tries_left(), 1, "the last try is not spent");
+    assert_eq!(card.count("verify=blocked"), 0);
+    assert_eq!(card.count("verify=wrong"), 0);
+    // Other seals are not held up meanwhile.
+    stamp_ok(&mut c, "contract", &sha256(b"other seal")).await;
+
+    drop(c);
+    let db = daemon.db();
+    for jti in &pulled_twice {
+        assert_eq!(uses_consumed(&db, jti), 1, "{jti}");
+    }
+    every_authorisation_has_one_outcome(&db);
+    let failed = records(&db, Some("stamp.failed"));
+    assert!(
+        [&pulled, &pulled_twice[0], &pulled_twice[1]]
+            .iter()
+            .all(|jti| failed.iter().any(|r| &&r.jti == jti)),
+        "each pulled stamp has its failure recorded"
+    );
+    assert_eq!(records(&db, Some("stamp.completed")).len(), 3);
+    let (code, out) = audit_verify(&db);
+    assert_eq!(code, 0, "{out}");
 }

@@ -4,51 +4,12 @@
 
 mod common;
 
+use common::p11kit::{P11KitServer, CLIENT_MODULE};
 use common::*;
 use sealgate::protocol::{pb, response, Status};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
-
-const CLIENT_MODULE: &str = "/usr/lib/x86_64-linux-gnu/pkcs11/p11-kit-client.so";
-
-/// A p11-kit server exporting the demo token, in its own process group so that it and the
-/// per-connection helpers it forks are stopped together through this handle.
-struct P11KitServer {
-    child: Child,
-}
-
-impl P11KitServer {
-    fn start(socket: &Path) -> P11KitServer {
-        P11KitServer::start_from(socket, &demo().softhsm_conf())
-    }
-
-    /// Exports the token labelled sealgate-demo of the SoftHSM configuration `conf`.
-    fn start_from(socket: &Path, conf: &Path) -> P11KitServer {
-        let _ = std::fs::remove_file(socket);
-        let mut child = Command::new("p11-kit")
-            .args(["server", "-f", "-n"])
-            .arg(socket)
-            .args(["--provider", SOFTHSM, "pkcs11:token=sealgate-demo"])
-            .env("SOFTHSM2_CONF", conf)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .process_group(0)
-            .spawn()
-            .expect("p11-kit server");
-        // The server prints its address once it listens.
-        wait_for_line(&mut child, |l| l.starts_with("P11_KIT_SERVER_ADDRESS="));
-        P11KitServer { child }
-    }
-
-    fn kill(mut self) {
-        let group = nix::unistd::Pid::from_raw(self.child.id() as i32);
-        let _ = nix::sys::signal::killpg(group, nix::sys::signal::Signal::SIGKILL);
-        let _ = self.child.wait();
-    }
-}
-
-use std::os::unix::process::CommandExt;
 
 /// These tests run several processes on the shared demo token at once (daemon, p11-kit
 /// servers); SoftHSM's file store is not safe for heavy concurrent use from many processes, so
@@ -58,60 +19,16 @@ static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(())
 /// A daemon with the demo seals plus "remote-contract", whose token is reached through the
 /// p11-kit server listening on `p11_socket`.
 fn daemon_with_remote_seal(p11_socket: &Path) -> Daemon {
-    let extra = format!(
-        r#"
-[[device]]
-id = "remote-hsm"
-profile = "p11-kit-client"
-token_label = "sealgate-demo"
-pin_file = "{pin}"
-
-[[seal]]
-id = "remote-contract"
-device = "remote-hsm"
-key_label = "contract-seal"
-algorithm = "ecdsa-p256-sha256"
-
-[[seal.rule]]
-levels = ["dept_head"]
-"#,
-        pin = demo().pin_file().display()
-    );
     let mut opts = Opts {
-        extra,
+        extra: p11kit::remote_seal_toml(),
         ..Opts::default()
     };
     opts.caller_seals = Some(vec!["contract".into(), "remote-contract".into()]);
     let dir = tempfile::tempdir().unwrap();
     let text = config_text(demo(), &dir.path().join("sealgated.sock"), &opts);
-    let address = format!("unix:path={}", p11_socket.display());
+    let address = p11kit::address(p11_socket);
     Daemon::start_with(dir, &text, &[("P11_KIT_SERVER_ADDRESS", &address)])
         .unwrap_or_else(|f| panic!("{f:?}"))
-}
-
-/// Polls `sealctl status` until device `id` satisfies `done` (at most 20 s).
-async fn wait_device_until(
-    d: &Daemon,
-    id: &str,
-    done: impl Fn(&pb::DeviceReport) -> bool,
-) -> pb::DeviceReport {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let mut c = d.client().await;
-    loop {
-        let r = c.status().await.unwrap();
-        let Some(response::Body::StatusReport(st)) = r.body else {
-            panic!("{}", r.message)
-        };
-        let dev = st.devices.into_iter().find(|x| x.id == id).unwrap();
-        if done(&dev) {
-            return dev;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "device {id} never got there: {dev:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
 }
 
 /// Stamps `digest` with "remote-contract" and expects DEVICE_UNAVAILABLE.
@@ -123,10 +40,6 @@ async fn remote_stamp_unavailable(
     let r = c.stamp("remote-contract", digest, token, "").await.unwrap();
     assert_eq!(r.status, Status::DeviceUnavailable as i32, "{}", r.message);
     r
-}
-
-async fn wait_device(d: &Daemon, id: &str, want: pb::DeviceStatus) -> pb::DeviceReport {
-    wait_device_until(d, id, |dev| dev.status == want as i32).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -260,4 +173,101 @@ async fn a_token_that_comes_back_with_other_keys_is_refused() {
     stamp_ok(&mut c, "contract", &[3u8; 32]).await;
     assert!(daemon.stop().success());
     impostor.kill();
+}
+
+/// Stamps received by `load` so far, once it has received none for `quiet`.
+async fn wait_until_stalled(load: &Load, quiet: Duration) -> usize {
+    let mut last = load.count();
+    loop {
+        tokio::time::sleep(quiet).await;
+        let now = load.count();
+        if now == last {
+            return now;
+        }
+        last = now;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_audit_keys_token_lost_inside_a_checkpoint_signature_refuses_stamps_then_resumes() {
+    let _turn = ONE_AT_A_TIME.lock().await;
+    if !Path::new(CLIENT_MODULE).exists() {
+        panic!("{CLIENT_MODULE} missing: install p11-kit-modules");
+    }
+    let work = tempfile::tempdir().unwrap();
+    let p11_socket = work.path().join("p11.sock");
+    let server = P11KitServer::start(&p11_socket);
+    // The seals stay on the local token; only the checkpoints are signed through the server.
+    let dir = tempfile::tempdir().unwrap();
+    let opts = Opts {
+        extra: format!(
+            "\n[[device]]\nid = \"remote-hsm\"\nprofile = \"p11-kit-client\"\ntoken_label = \"sealgate-demo\"\npin_file = \"{}\"\n",
+            demo().pin_file().display()
+        ),
+        ..Opts::default()
+    };
+    let text = config_text(demo(), &dir.path().join("sealgated.sock"), &opts).replace(
+        "[audit]\ndevice = \"demo-hsm\"",
+        "[audit]\ndevice = \"remote-hsm\"",
+    );
+    assert!(text.contains("device = \"remote-hsm\"\nkey_label = \"sealgate-audit\""));
+    let address = p11kit::address(&p11_socket);
+    let d = Daemon::start_with(dir, &text, &[("P11_KIT_SERVER_ADDRESS", &address)])
+        .unwrap_or_else(|f| panic!("{f:?}"));
+    let load = Load::start(&d.socket, 3);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(load.count() > 0, "no stamps before the fault");
+    // The server stops answering: the next checkpoint signature waits inside C_Sign, and
+    // every stamp behind it waits for its batch. Then the server is gone for good.
+    let group = nix::unistd::Pid::from_raw(server.child.id() as i32);
+    nix::sys::signal::killpg(group, nix::sys::signal::Signal::SIGSTOP).unwrap();
+    let before = wait_until_stalled(&load, Duration::from_millis(500)).await;
+    server.kill();
+    // Refused, precisely, while the audit key is away; other requests are still answered.
+    let mut c = d.client().await;
+    let digest = sha256(b"while the audit key is away");
+    let held = Approval::for_seal("contract", &digest).token();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let r = loop {
+        let r = c.stamp("contract", &digest, &held, "").await.unwrap();
+        if r.status == Status::AuditUnavailable as i32 {
+            break r;
+        }
+        assert!(Instant::now() < deadline, "{} {}", r.status, r.message);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(r.message.contains("nothing was signed"), "{}", r.message);
+    assert!(c.status().await.unwrap().status == Status::Ok as i32);
+    let during = load.count();
+    // The token comes back: the audit device reconnects and stamps flow again.
+    let server = P11KitServer::start(&p11_socket);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while load.count() < during + 20 {
+        assert!(
+            Instant::now() < deadline,
+            "stamps did not resume: {}",
+            d.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // The approval refused while the key was away was not spent.
+    let r = c.stamp("contract", &digest, &held, "").await.unwrap();
+    assert_eq!(r.status, Status::Ok as i32, "{} {}", r.reason, r.message);
+    let seen = load.finish().await;
+    drop(c);
+    let (status, dir) = d.stop_keeping_state();
+    assert!(status.success());
+    server.kill();
+    let db = dir.path().join("state/sealgate.db");
+    let completed = every_seen_stamp_is_completed(&db, &seen);
+    every_authorisation_has_one_outcome(&db);
+    let (code, out) = audit_verify(&db);
+    assert_eq!(code, 0, "{out}");
+    eprintln!(
+        "{} stamps received ({before} before the fault, {} while the key was away, {} after), {} completed in the log",
+        seen.len(),
+        during - before,
+        seen.len() - during,
+        completed.len()
+    );
 }

@@ -11,8 +11,11 @@
 //! pulling the card out.
 //!
 //! Standard input takes commands, one per line: `remove`, `insert`, `delay MS` (hold every
-//! signature back that long; a `remove` meanwhile pulls the card before it answers), `status`.
-//! Standard output reports events as `key=value` lines: `inserted`, `removed`, `verify ...`,
+//! signature back that long; a `remove` meanwhile pulls the card before it answers),
+//! `pin-delay MS` (hold every PIN check back that long, with its try already spent, as a real
+//! card spends it before comparing so that pulling the card cannot test PINs for free; pulled
+//! meanwhile, the try stays spent), `status`. Standard output reports events as `key=value`
+//! lines: `inserted`, `removed`, `verify ...` (`verify=held` while a PIN check is held back),
 //! `signed slot=..`, and the answer to `status`.
 
 /// The FASC-N that non-federal PIV cards (PIV-I, PIV compatible) carry: agency code 9999,
@@ -100,6 +103,7 @@ struct Card {
 struct Control {
     want_inserted: AtomicBool,
     delay_ms: AtomicU64,
+    pin_delay_ms: AtomicU64,
     link: Mutex<Option<TcpStream>>,
 }
 
@@ -118,6 +122,7 @@ fn main() {
     let control = Arc::new(Control {
         want_inserted: AtomicBool::new(!args.absent),
         delay_ms: AtomicU64::new(0),
+        pin_delay_ms: AtomicU64::new(0),
         link: Mutex::new(None),
     });
     {
@@ -139,6 +144,10 @@ fn main() {
             (Some("insert"), None) => control.want_inserted.store(true, Ordering::SeqCst),
             (Some("delay"), Some(ms)) => match ms.parse() {
                 Ok(ms) => control.delay_ms.store(ms, Ordering::SeqCst),
+                Err(_) => say("error=bad delay"),
+            },
+            (Some("pin-delay"), Some(ms)) => match ms.parse() {
+                Ok(ms) => control.pin_delay_ms.store(ms, Ordering::SeqCst),
                 Err(_) => say("error=bad delay"),
             },
             (Some("status"), None) => {
@@ -293,9 +302,26 @@ fn link(mut stream: TcpStream, card: &Mutex<Card>, control: &Control) -> std::io
             apdu => {
                 let signing =
                     apdu.get(1) == Some(&piv::INS_GENERAL_AUTHENTICATE) && apdu[0] & 0x10 == 0;
-                if signing && !hold_back(control) {
+                if signing && !hold_back(control, &control.delay_ms) {
                     // Pulled while signing: the reader gets no answer.
                     return Ok(());
+                }
+                let presenting = apdu.get(1) == Some(&piv::INS_VERIFY) && apdu.len() > 5;
+                if presenting && control.pin_delay_ms.load(Ordering::SeqCst) > 0 {
+                    let spent = {
+                        let mut c = lock(card);
+                        let spent = c.tries_left > 0;
+                        c.tries_left = c.tries_left.saturating_sub(1);
+                        say(&format!("verify=held tries_left={}", c.tries_left));
+                        spent
+                    };
+                    if !hold_back(control, &control.pin_delay_ms) {
+                        // Pulled mid-check: no answer, and the try stays spent.
+                        return Ok(());
+                    }
+                    if spent {
+                        lock(card).tries_left += 1;
+                    }
                 }
                 lock(card).respond(apdu)
             }
@@ -306,9 +332,9 @@ fn link(mut stream: TcpStream, card: &Mutex<Card>, control: &Control) -> std::io
     }
 }
 
-/// Waits out the configured signing delay; false when the card was pulled meanwhile.
-fn hold_back(control: &Control) -> bool {
-    let delay = Duration::from_millis(control.delay_ms.load(Ordering::SeqCst));
+/// Waits out a configured delay; false when the card was pulled meanwhile.
+fn hold_back(control: &Control, delay_ms: &AtomicU64) -> bool {
+    let delay = Duration::from_millis(delay_ms.load(Ordering::SeqCst));
     let start = Instant::now();
     while start.elapsed() < delay {
         if !control.want_inserted.load(Ordering::SeqCst) {

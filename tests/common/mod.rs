@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod faultfs;
+pub mod p11kit;
 
 use std::io::{BufRead, BufReader, Read};
 use std::os::unix::net::UnixDatagram;
@@ -1209,4 +1210,38 @@ impl Load {
         }
         std::mem::take(&mut *self.seen.lock().unwrap())
     }
+}
+
+/// Polls the daemon's status until device `id` satisfies `done` (at most 20 s).
+pub async fn wait_device_until(
+    d: &Daemon,
+    id: &str,
+    done: impl Fn(&sealgate::protocol::pb::DeviceReport) -> bool,
+) -> sealgate::protocol::pb::DeviceReport {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut c = d.client().await;
+    loop {
+        let r = c.status().await.unwrap();
+        let Some(sealgate::protocol::response::Body::StatusReport(st)) = r.body else {
+            panic!("{}", r.message)
+        };
+        let dev = st.devices.into_iter().find(|x| x.id == id).unwrap();
+        if done(&dev) {
+            return dev;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "device {id} never got there: {dev:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Polls the status until device `id` reports `want`.
+pub async fn wait_device(
+    d: &Daemon,
+    id: &str,
+    want: sealgate::protocol::pb::DeviceStatus,
+) -> sealgate::protocol::pb::DeviceReport {
+    wait_device_until(d, id, |dev| dev.status == want as i32).await
 }
