@@ -705,6 +705,7 @@ impl Session {
         };
         let digest: [u8; 32] = Sha256::digest(&signed.body).into();
         if self.fresh_line && self.last_taken == Some(digest) {
+            self.fresh_line = false;
             return Outcome::Ack(Vec::new());
         }
         let now = Instant::now();
@@ -829,6 +830,7 @@ impl Session {
         };
         let digest: [u8; 32] = Sha256::digest(&signed.body).into();
         if self.fresh_line && self.last_taken == Some(digest) {
+            self.fresh_line = false;
             return Outcome::Ack(Vec::new());
         }
         let k = if cmd == Command::Locked {
