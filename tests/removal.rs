@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::p11kit::{P11KitServer, CLIENT_MODULE};
+use common::p11kit::{self, P11KitServer};
 use common::*;
 use sealgate::protocol::{pb, response, Status};
 use std::path::Path;
@@ -45,12 +45,7 @@ async fn remote_stamp_unavailable(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn token_removed_mid_service_is_unavailable_then_back() {
     let _turn = ONE_AT_A_TIME.lock().await;
-    if !Path::new(CLIENT_MODULE).exists() {
-        panic!("{CLIENT_MODULE} missing: install p11-kit-modules");
-    }
-    let work = tempfile::tempdir().unwrap();
-    let p11_socket = work.path().join("p11.sock");
-    let server = P11KitServer::start(&p11_socket);
+    let (_work, p11_socket, server) = p11kit::serve_demo_token();
 
     let daemon = daemon_with_remote_seal(&p11_socket);
     let mut c = daemon.client().await;
@@ -131,9 +126,7 @@ async fn token_removed_mid_service_is_unavailable_then_back() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_token_that_comes_back_with_other_keys_is_refused() {
     let _turn = ONE_AT_A_TIME.lock().await;
-    let work = tempfile::tempdir().unwrap();
-    let p11_socket = work.path().join("p11.sock");
-    let server = P11KitServer::start(&p11_socket);
+    let (work, p11_socket, server) = p11kit::serve_demo_token();
     let daemon = daemon_with_remote_seal(&p11_socket);
     let mut c = daemon.client().await;
     stamp_ok(&mut c, "remote-contract", &[1u8; 32]).await;
@@ -191,12 +184,7 @@ async fn wait_until_stalled(load: &Load, quiet: Duration) -> usize {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_audit_keys_token_lost_inside_a_checkpoint_signature_refuses_stamps_then_resumes() {
     let _turn = ONE_AT_A_TIME.lock().await;
-    if !Path::new(CLIENT_MODULE).exists() {
-        panic!("{CLIENT_MODULE} missing: install p11-kit-modules");
-    }
-    let work = tempfile::tempdir().unwrap();
-    let p11_socket = work.path().join("p11.sock");
-    let server = P11KitServer::start(&p11_socket);
+    let (_work, p11_socket, server) = p11kit::serve_demo_token();
     // The seals stay on the local token; only the checkpoints are signed through the server.
     let dir = tempfile::tempdir().unwrap();
     let opts = Opts {

@@ -3,7 +3,7 @@
 
 use super::{demo, wait_for_line, SOFTHSM};
 use std::os::unix::process::CommandExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 
 pub const CLIENT_MODULE: &str = "/usr/lib/x86_64-linux-gnu/pkcs11/p11-kit-client.so";
@@ -71,4 +71,17 @@ levels = ["dept_head"]
 "#,
         pin = demo().pin_file().display()
     )
+}
+
+/// A folder for the server's socket, the socket's path, and the server exporting the demo token
+/// on it; fails at once, saying why, when p11-kit's client module is missing.
+pub fn serve_demo_token() -> (tempfile::TempDir, PathBuf, P11KitServer) {
+    assert!(
+        Path::new(CLIENT_MODULE).exists(),
+        "{CLIENT_MODULE} missing: install p11-kit-modules"
+    );
+    let work = tempfile::tempdir().unwrap();
+    let socket = work.path().join("p11.sock");
+    let server = P11KitServer::start(&socket);
+    (work, socket, server)
 }
