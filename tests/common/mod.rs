@@ -654,6 +654,16 @@ impl Daemon {
         }
     }
 
+    /// Sends SIGHUP and waits for the outcome's log line, counting those of earlier reloads.
+    pub fn reload_next(&self) -> String {
+        let before = self
+            .log()
+            .lines()
+            .filter(|l| l.contains("configuration reloaded") || l.contains("reload refused"))
+            .count();
+        self.reload(before + 1)
+    }
+
     pub fn pid(&self) -> i32 {
         self.child.as_ref().unwrap().id() as i32
     }
@@ -1046,7 +1056,19 @@ impl Tmpfs {
             .find(|n| !self.0.join(format!("filler-{n}")).exists())
             .unwrap();
         let filler = self.0.join(format!("filler-{n}"));
-        std::fs::write(&filler, vec![0u8; free.saturating_sub(leave) as usize]).unwrap();
+        // In pieces, looking again before each: a daemon may be writing meanwhile.
+        let mut out = std::fs::File::create(&filler).unwrap();
+        let mut free = free;
+        while free > leave {
+            let piece = vec![0u8; (free - leave).min(1 << 20) as usize];
+            match std::io::Write::write_all(&mut out, &piece) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::StorageFull => break,
+                Err(e) => panic!("filling {}: {e}", filler.display()),
+            }
+            let s = nix::sys::statvfs::statvfs(&self.0).unwrap();
+            free = s.blocks_available() as u64 * s.fragment_size() as u64;
+        }
         filler
     }
 }
