@@ -11,8 +11,8 @@ use std::collections::HashMap;
 
 impl Service {
     /// Starts each terminal's session, from what the audit log last recorded of it (read when
-    /// the service was built): counter, newest report, the grant still open. Call once, with the runtime the
-    /// sessions use for the audit log.
+    /// the service was built): counter, newest report, the grant still open. Call once, with
+    /// the runtime the sessions use for the audit log.
     pub fn start_terminals(&self, runtime: tokio::runtime::Handle) -> Result<(), StartError> {
         let specs = std::mem::take(
             &mut *self

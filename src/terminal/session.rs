@@ -147,8 +147,7 @@ impl Handle {
     }
 }
 
-/// Starts a terminal's session thread. `counter` is the last impression counter the audit log
-/// knows for it.
+/// Starts a terminal's session thread, from what the audit log last recorded of it (`memory`).
 pub fn spawn(spec: TerminalSpec, ctx: Context, memory: TerminalMemory) -> Handle {
     let p = spec
         .profile
@@ -704,8 +703,7 @@ impl Session {
             Err(o) => return o,
         };
         let digest: [u8; 32] = Sha256::digest(&signed.body).into();
-        if self.fresh_line && self.last_taken == Some(digest) {
-            self.fresh_line = false;
+        if self.repeat_of_last(digest) {
             return Outcome::Ack(Vec::new());
         }
         let now = Instant::now();
@@ -829,8 +827,7 @@ impl Session {
             }
         };
         let digest: [u8; 32] = Sha256::digest(&signed.body).into();
-        if self.fresh_line && self.last_taken == Some(digest) {
-            self.fresh_line = false;
+        if self.repeat_of_last(digest) {
             return Outcome::Ack(Vec::new());
         }
         let k = if cmd == Command::Locked {
@@ -988,6 +985,16 @@ impl Session {
             }
             .encode_to_vec(),
         )
+    }
+
+    /// Whether a report is the first on this line and the newest one recorded, sent again
+    /// because its ACK was lost; only the first such repeat is passed over.
+    fn repeat_of_last(&mut self, digest: [u8; 32]) -> bool {
+        let repeat = self.fresh_line && self.last_taken == Some(digest);
+        if repeat {
+            self.fresh_line = false;
+        }
+        repeat
     }
 
     /// A signed report with body digest `digest` was recorded.
