@@ -744,6 +744,8 @@ async fn a_card_pulled_during_its_pin_check_spends_no_approval_twice_and_never_b
     assert_eq!(uses_consumed(&daemon.db(), &pulled), 1);
     card.send("pin-delay 0");
     card.insert();
+    // A connection idle longer than the daemon's request limit is closed: open a new one.
+    let mut c = daemon.client().await;
     let back = stamp_when_back(&mut c, "card-ec", b"after").await;
     assert_eq!(back.status, Status::Ok as i32, "{}", back.message);
     assert_eq!(card.tries_left(), 3, "a right PIN gives the spent try back");
@@ -761,6 +763,7 @@ async fn a_card_pulled_during_its_pin_check_spends_no_approval_twice_and_never_b
     assert_eq!(card.tries_left(), 1);
     card.send("pin-delay 0");
     card.insert();
+    let mut c = daemon.client().await;
     let deadline = Instant::now() + Duration::from_secs(10);
     let refused = loop {
         let r = stamp(&mut c, "card-ec", b"with one try left").await;
