@@ -12,6 +12,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         &[
             "proto/sealgate/v1/sealgate.proto",
             "proto/sealgate/terminal/v1/terminal.proto",
+            "proto/sealgate/hq/v1/hq.proto",
         ],
         &["proto"],
     )?;

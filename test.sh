@@ -6,9 +6,10 @@
 # Python with the protobuf package for a client in another language (and asn1crypto with
 # cryptography, an outside verifier of Ed25519 CMS signatures), and the system's PC/SC
 # service (pcscd) with vsmartcard's virtual reader driver, into which the PIV tests insert our
-# card emulator. The full-disk test mounts a small tmpfs, the storage fault tests mount a FUSE
-# layer of their own (/dev/fuse), and pcscd is started if it is not running, so run as root (or
-# with sudo) for those.
+# card emulator; and PostgreSQL's server binaries, for the headquarters tests' own cluster.
+# The full-disk test mounts a small tmpfs, the storage fault tests mount a FUSE layer of their
+# own (/dev/fuse), and pcscd is started if it is not running, so run as root (or with sudo) for
+# those.
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -30,6 +31,9 @@ command -v pcscd >/dev/null || [ -x /usr/sbin/pcscd ] || need+=(pcscd)
 # Outside verifiers and the renderer of stamped PDFs.
 command -v pdfsig >/dev/null && command -v pdftoppm >/dev/null || need+=(poppler-utils)
 command -v qpdf >/dev/null || need+=(qpdf)
+# PostgreSQL for the headquarters tests, which start a private cluster with its initdb and
+# pg_ctl (run as the package's postgres user when the suite runs as root).
+ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need+=(postgresql)
 if [ ${#need[@]} -gt 0 ]; then
   echo "test.sh: installing ${need[*]} with apt-get"
   $sudo apt-get update -qq

@@ -15,6 +15,9 @@
 //! - [`pdf`]: PDF signatures with a visible seal, for `sealctl` (the daemon sees digests only).
 //! - [`timestamp`]: trusted time from an RFC 3161 authority for container stamps.
 //! - [`metrics`]: Prometheus counters and histograms, and their loopback endpoint.
+//! - [`hq`]: headquarters: the shipper at each site, and `sealgate-hq`'s verification and
+//!   PostgreSQL store of every site's log.
+//! - [`tls`]: mutual TLS with pinned client certificates (terminals, sites).
 #![deny(unsafe_code)]
 
 pub mod approval;
@@ -23,6 +26,8 @@ pub mod config;
 pub mod container;
 pub mod denial;
 pub mod device;
+pub mod hq;
+pub mod logging;
 pub mod metrics;
 pub mod pdf;
 pub mod policy;
@@ -32,6 +37,7 @@ pub mod service;
 pub mod store;
 pub mod terminal;
 pub mod timestamp;
+pub mod tls;
 pub mod token;
 
 /// Aborts the process here when the crash point `name` is armed (`FAILPOINTS=name=return`,

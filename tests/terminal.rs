@@ -5,6 +5,7 @@
 
 mod common;
 
+use common::pki::Pki;
 use common::*;
 use ed25519_dalek::{Signature, SigningKey, Verifier};
 use prost::Message;
@@ -120,129 +121,20 @@ fn identity(dir: &Path, name: &str, seed: u8) -> Identity {
     }
 }
 
-fn openssl(args: &[&str]) {
-    let out = Command::new("openssl").args(args).output().unwrap();
-    assert!(out.status.success(), "openssl {args:?}: {out:?}");
-}
-
-/// Certificates for the TLS tests, made by openssl: a CA and the daemon's certificate for
-/// "localhost" signed by it, and self-signed client certificates for terminals.
-struct Pki {
-    dir: PathBuf,
-}
-
-impl Pki {
-    fn new(dir: &Path) -> Pki {
-        let d = |f: &str| dir.join(f).display().to_string();
-        let ec = [
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-            "-nodes",
-        ];
-        let mut a = vec!["req", "-x509"];
-        a.extend(ec);
-        let (ca_key, ca_crt) = (d("ca.key"), d("ca.crt"));
-        a.extend([
-            "-keyout",
-            &ca_key,
-            "-out",
-            &ca_crt,
-            "-subj",
-            "/CN=test ca",
-            "-days",
-            "2",
-        ]);
-        openssl(&a);
-        let (sk, csr, scrt, ext) = (
-            d("server.key"),
-            d("server.csr"),
-            d("server.crt"),
-            d("server.ext"),
-        );
-        std::fs::write(
-            &ext,
-            "subjectAltName=DNS:localhost\nbasicConstraints=CA:FALSE\nkeyUsage=digitalSignature\nextendedKeyUsage=serverAuth\n",
-        )
-        .unwrap();
-        let mut a = vec!["req"];
-        a.extend(ec);
-        a.extend(["-keyout", &sk, "-out", &csr, "-subj", "/CN=localhost"]);
-        openssl(&a);
-        openssl(&[
-            "x509",
-            "-req",
-            "-in",
-            &csr,
-            "-CA",
-            &ca_crt,
-            "-CAkey",
-            &ca_key,
-            "-CAcreateserial",
-            "-out",
-            &scrt,
-            "-days",
-            "2",
-            "-extfile",
-            &ext,
-        ]);
-        Pki {
-            dir: dir.to_owned(),
-        }
-    }
-
-    /// A client certificate for a terminal; returns its SHA-256 (hex, of the DER).
-    fn client(&self, name: &str) -> String {
-        let (k, c) = (
-            self.path(&format!("{name}.key")),
-            self.path(&format!("{name}.crt")),
-        );
-        openssl(&[
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-            "-nodes",
-            "-keyout",
-            &k,
-            "-out",
-            &c,
-            "-subj",
-            &format!("/CN={name}"),
-            "-days",
-            "2",
-            "-addext",
-            "basicConstraints=critical,CA:FALSE",
-            "-addext",
-            "extendedKeyUsage=clientAuth",
-        ]);
-        use rustls::pki_types::pem::PemObject;
-        let der = rustls::pki_types::CertificateDer::from_pem_file(&c).unwrap();
-        hex::encode(sha256(der.as_ref()))
-    }
-
-    fn path(&self, f: &str) -> String {
-        self.dir.join(f).display().to_string()
-    }
-
-    /// Simulator arguments for a TLS terminal presenting `name`'s certificate.
-    fn sim_args(&self, addr: &str, name: &str) -> Vec<String> {
-        [
-            "--tls",
-            addr,
-            "--ca",
-            &self.path("ca.crt"),
-            "--cert",
-            &self.path(&format!("{name}.crt")),
-            "--key",
-            &self.path(&format!("{name}.key")),
-        ]
-        .map(String::from)
-        .to_vec()
-    }
+/// Simulator arguments for a TLS terminal presenting `name`'s certificate.
+fn sim_args(pki: &Pki, addr: &str, name: &str) -> Vec<String> {
+    [
+        "--tls",
+        addr,
+        "--ca",
+        &pki.path("ca.crt"),
+        "--cert",
+        &pki.path(&format!("{name}.crt")),
+        "--key",
+        &pki.path(&format!("{name}.key")),
+    ]
+    .map(String::from)
+    .to_vec()
 }
 
 /// Grants' time limit in the test profile, unless a test needs a short one.
@@ -505,7 +397,7 @@ async fn full_flow_over_mutual_tls_and_strangers_are_refused_before_any_byte() {
     let mut sim = Sim::start(
         "branch-office",
         &id.seed_file,
-        &pki.sim_args(&addr, "branch"),
+        &sim_args(&pki, &addr, "branch"),
     );
     sim.wait_for("ack", 1);
     // A terminal whose certificate nobody pinned, even with the enrolled device key, is refused
@@ -513,7 +405,7 @@ async fn full_flow_over_mutual_tls_and_strangers_are_refused_before_any_byte() {
     let stranger = Sim::start(
         "branch-office",
         &id.seed_file,
-        &pki.sim_args(&addr, "stranger"),
+        &sim_args(&pki, &addr, "stranger"),
     );
     wait_records(&db, "terminal.refused", "", 1);
     stranger.wait_for("disconnected", 1);
@@ -979,7 +871,7 @@ async fn stalled_handshakes_hold_at_most_sixteen_threads_and_a_terminal_gets_in_
     let sim = Sim::start(
         "branch-office",
         &id.seed_file,
-        &pki.sim_args(&addr, "branch"),
+        &sim_args(&pki, &addr, "branch"),
     );
     std::thread::sleep(Duration::from_millis(1000));
     assert_eq!(sim.count("connected"), 0, "{:?}", sim.printed());

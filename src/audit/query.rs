@@ -96,10 +96,21 @@ pub fn record_by_seq(conn: &Connection, seq: u64) -> rusqlite::Result<Option<Rec
 }
 
 pub fn checkpoints(conn: &Connection) -> rusqlite::Result<Vec<Checkpoint>> {
-    let mut stmt = conn.prepare(
-        "SELECT seq, prev_seq, head, at_ms, key_id, algorithm, signature FROM checkpoints ORDER BY seq",
+    checkpoints_after(conn, 0, u64::MAX)
+}
+
+/// The checkpoints covering records after `seq`, oldest first, at most `limit` of them.
+pub fn checkpoints_after(
+    conn: &Connection,
+    seq: u64,
+    limit: u64,
+) -> rusqlite::Result<Vec<Checkpoint>> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT seq, prev_seq, head, at_ms, key_id, algorithm, signature FROM checkpoints
+         WHERE seq > ?1 ORDER BY seq LIMIT ?2",
     )?;
-    let rows = stmt.query_map([], |r| {
+    let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+    let rows = stmt.query_map(rusqlite::params![seq as i64, limit], |r| {
         Ok(Checkpoint {
             seq: r.get::<_, i64>(0)? as u64,
             prev_seq: r.get::<_, i64>(1)? as u64,

@@ -327,27 +327,32 @@ fn check_checkpoints(checkpoints: &[Checkpoint], keys: &[TrustedKey]) -> Option<
                 c.seq, c.key_id
             ));
         };
-        if key.algorithm.name() != c.algorithm {
-            return bad(format!(
-                "checkpoint {}: says {} but key {} is {}",
-                c.seq,
-                c.algorithm,
-                c.key_id,
-                key.algorithm.name()
-            ));
-        }
-        let message = Checkpoint::message(c.seq, c.prev_seq, &c.head, c.at_ms);
-        if let Err(e) =
-            verify_device_signature(key.algorithm, &key.spki_der, &message, &c.signature)
-        {
-            return bad(format!(
-                "checkpoint {}: {e} with audit key {}: the checkpoint was forged or altered",
-                c.seq, c.key_id
-            ));
+        if let Err(why) = check_signature(c, key) {
+            return bad(why);
         }
         prev_seq = c.seq;
     }
     None
+}
+
+/// Whether checkpoint `c` is signed by `key` (of the algorithm it names); why not, if not.
+pub fn check_signature(c: &Checkpoint, key: &TrustedKey) -> Result<(), String> {
+    if key.algorithm.name() != c.algorithm {
+        return Err(format!(
+            "checkpoint {}: says {} but key {} is {}",
+            c.seq,
+            c.algorithm,
+            key.key_id,
+            key.algorithm.name()
+        ));
+    }
+    let message = Checkpoint::message(c.seq, c.prev_seq, &c.head, c.at_ms);
+    verify_device_signature(key.algorithm, &key.spki_der, &message, &c.signature).map_err(|e| {
+        format!(
+            "checkpoint {}: {e} with audit key {}: the checkpoint was forged or altered",
+            c.seq, key.key_id
+        )
+    })
 }
 
 /// Whether `r` hashes to its stored hash if it had sequence number `seq`.

@@ -148,21 +148,15 @@ fn open_pty(link: &PathBuf) -> anyhow::Result<Pty> {
 }
 
 fn open_tls(a: &Args) -> anyhow::Result<Tls> {
-    use rustls::pki_types::pem::PemObject;
-    use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut roots = rustls::RootCertStore::empty();
-    for c in CertificateDer::pem_file_iter(a.ca.as_ref().expect("required"))? {
-        roots.add(c?)?;
-    }
-    let chain: Vec<CertificateDer<'static>> =
-        CertificateDer::pem_file_iter(a.cert.as_ref().expect("required"))?
-            .collect::<Result<_, _>>()?;
-    let key = PrivateKeyDer::from_pem_file(a.key.as_ref().expect("required"))?;
-    let config = rustls::ClientConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13])?
-        .with_root_certificates(roots)
-        .with_client_auth_cert(chain, key)?;
+    use rustls::pki_types::ServerName;
+    let config = sealgate::tls::client_config(
+        a.ca.as_ref().expect("required"),
+        Some((
+            a.cert.as_ref().expect("required"),
+            a.key.as_ref().expect("required"),
+        )),
+    )
+    .map_err(anyhow::Error::msg)?;
     let name = ServerName::try_from(a.server_name.clone())?;
     let conn = rustls::ClientConnection::new(Arc::new(config), name)?;
     let tcp = std::net::TcpStream::connect(a.tls.as_ref().expect("tls mode"))?;

@@ -5,11 +5,6 @@
 //! terminal's timers and its line together.
 
 use crate::device::profile::TerminalProfile;
-use rustls::client::danger::HandshakeSignatureValid;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
-use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
-use rustls::{DigitallySignedStruct, DistinguishedName, SignatureScheme};
-use sha2::{Digest, Sha256};
 use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -114,58 +109,6 @@ impl Link for TlsLink {
     }
 }
 
-/// Accepts only client certificates whose SHA-256 (of the DER) is pinned in the
-/// configuration; the pin is the whole trust decision, no CA is involved.
-#[derive(Debug)]
-struct PinnedClients {
-    pins: Vec<[u8; 32]>,
-    algorithms: rustls::crypto::WebPkiSupportedAlgorithms,
-}
-
-impl ClientCertVerifier for PinnedClients {
-    fn root_hint_subjects(&self) -> &[DistinguishedName] {
-        &[]
-    }
-
-    fn verify_client_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _now: UnixTime,
-    ) -> Result<ClientCertVerified, rustls::Error> {
-        let fp: [u8; 32] = Sha256::digest(end_entity.as_ref()).into();
-        if self.pins.contains(&fp) {
-            Ok(ClientCertVerified::assertion())
-        } else {
-            Err(rustls::Error::InvalidCertificate(
-                rustls::CertificateError::ApplicationVerificationFailure,
-            ))
-        }
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algorithms)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algorithms)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.algorithms.supported_schemes()
-    }
-}
-
 /// The TLS side of the terminal listener: the daemon's certificate, and the pinned terminals.
 pub struct TlsAcceptor {
     config: Arc<rustls::ServerConfig>,
@@ -180,26 +123,12 @@ impl TlsAcceptor {
         key: &Path,
         pins: &[(String, [u8; 32])],
     ) -> Result<TlsAcceptor, String> {
-        use rustls::pki_types::pem::PemObject;
-        let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
-            .and_then(|i| i.collect::<Result<_, _>>())
-            .map_err(|e| format!("cannot read the certificate {}: {e}", cert.display()))?;
-        if chain.is_empty() {
-            return Err(format!("{} holds no certificate", cert.display()));
-        }
-        let key = PrivateKeyDer::from_pem_file(key)
-            .map_err(|e| format!("cannot read the key {}: {e}", key.display()))?;
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let verifier = PinnedClients {
-            pins: pins.iter().map(|(_, fp)| *fp).collect(),
-            algorithms: provider.signature_verification_algorithms,
-        };
-        let config = rustls::ServerConfig::builder_with_provider(provider)
-            .with_protocol_versions(&[&rustls::version::TLS13])
-            .map_err(|e| e.to_string())?
-            .with_client_cert_verifier(Arc::new(verifier))
-            .with_single_cert(chain, key)
-            .map_err(|e| format!("the terminal listener's certificate and key: {e}"))?;
+        let config = crate::tls::pinned_server_config(
+            cert,
+            key,
+            pins.iter().map(|(_, fp)| *fp).collect(),
+            None,
+        )?;
         Ok(TlsAcceptor {
             config: Arc::new(config),
             terminals: pins.iter().map(|(id, fp)| (*fp, id.clone())).collect(),
@@ -230,7 +159,7 @@ impl TlsAcceptor {
         let fp: [u8; 32] = conn
             .peer_certificates()
             .and_then(|c| c.first())
-            .map(|c| Sha256::digest(c.as_ref()).into())
+            .map(crate::tls::fingerprint)
             .ok_or_else(|| fail("no client certificate".into()))?;
         let id = self
             .terminals

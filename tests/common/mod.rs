@@ -4,7 +4,10 @@
 #![allow(dead_code)]
 
 pub mod faultfs;
+pub mod hq;
 pub mod p11kit;
+pub mod pki;
+pub mod postgres;
 
 use std::io::{BufRead, BufReader, Read};
 use std::os::unix::net::UnixDatagram;

@@ -65,6 +65,44 @@ pub enum AuditCommand {
         #[arg(long, default_value_t = 10)]
         top: u64,
     },
+    /// Send the log to headquarters (sealgate-hq) from HQ's head on, over TLS with this site's
+    /// client certificate. Reads the log read-only; the daemon goes on stamping whatever the
+    /// link does. Exit 0 when HQ holds everything (without --follow), 1 when HQ refuses the
+    /// log (a fork, a cut tail, a forged checkpoint: see the message), 2 when HQ cannot be
+    /// reached.
+    Ship(ShipArgs),
+}
+
+#[derive(ClapArgs)]
+pub struct ShipArgs {
+    #[command(flatten)]
+    db: Db,
+    /// HQ's address, host:port.
+    #[arg(long, env = "SEALGATE_HQ")]
+    hq: String,
+    /// The name in HQ's certificate (default: the host of --hq).
+    #[arg(long)]
+    server_name: Option<String>,
+    /// CA certificates (PEM) that HQ's certificate chains to.
+    #[arg(long)]
+    ca: PathBuf,
+    /// This site's client certificate and key (PEM), as enrolled at HQ.
+    #[arg(long)]
+    cert: PathBuf,
+    #[arg(long)]
+    key: PathBuf,
+    /// Records per batch, at most.
+    #[arg(long, default_value_t = 1000)]
+    batch: u64,
+    /// Keep shipping new records as they come, and reconnect after failures, until SIGTERM.
+    #[arg(long)]
+    follow: bool,
+    /// How often to look for new records (milliseconds).
+    #[arg(long, default_value_t = 1000)]
+    interval_ms: u64,
+    /// The longest wait between reconnections (milliseconds).
+    #[arg(long, default_value_t = 30_000)]
+    max_backoff_ms: u64,
 }
 
 #[derive(ClapArgs)]
@@ -165,6 +203,7 @@ pub fn run(command: &AuditCommand, json: bool) -> anyhow::Result<i32> {
             }
             Ok(0)
         }
+        AuditCommand::Ship(a) => ship(a, json),
         AuditCommand::Stats { db, since, top } => {
             let conn = open(&db.db)?;
             let since = since.as_deref().map(parse_time).transpose()?;
@@ -177,6 +216,65 @@ pub fn run(command: &AuditCommand, json: bool) -> anyhow::Result<i32> {
             Ok(0)
         }
     }
+}
+
+fn ship(a: &ShipArgs, json: bool) -> anyhow::Result<i32> {
+    use sealgate::hq::ship::{ship, ShipConfig};
+    let server_name = match &a.server_name {
+        Some(n) => n.clone(),
+        None => {
+            a.hq.rsplit_once(':')
+                .map(|(h, _)| h.trim_matches(['[', ']']).to_owned())
+                .unwrap_or_else(|| a.hq.clone())
+        }
+    };
+    let config = ShipConfig {
+        db: a.db.db.clone(),
+        hq: a.hq.clone(),
+        server_name,
+        ca: a.ca.clone(),
+        cert: a.cert.clone(),
+        key: a.key.clone(),
+        batch_records: a.batch.max(1),
+        follow: a.follow,
+        interval: std::time::Duration::from_millis(a.interval_ms.max(10)),
+        max_backoff: std::time::Duration::from_millis(a.max_backoff_ms.max(a.interval_ms)),
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a current-thread runtime starts");
+    runtime.block_on(async {
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+            let _ = stop_tx.send(true);
+        });
+        match ship(&config, stop_rx).await {
+            Ok(done) => {
+                if json {
+                    println!(
+                        "{}",
+                        serde_json::json!({"records": done.records, "batches": done.batches, "hq_head": done.head})
+                    );
+                } else {
+                    println!(
+                        "shipped {} records in {} batches; HQ holds this site's log up to seq {}",
+                        done.records, done.batches, done.head
+                    );
+                }
+                Ok(0)
+            }
+            Err(e) => {
+                eprintln!("sealctl: {e}");
+                Ok(if e.passing() { 2 } else { 1 })
+            }
+        }
+    })
 }
 
 fn open(path: &Path) -> anyhow::Result<rusqlite::Connection> {

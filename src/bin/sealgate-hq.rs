@@ -1,0 +1,170 @@
+//! sealgate-hq: headquarters. Accepts each site's shipper over TLS with its pinned certificate,
+//! verifies what it sends against the site's head in PostgreSQL, and stores only what verified.
+//! Nodes are stateless: several on one database take turns on a site through its head's row
+//! lock.
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use sealgate::hq::config::HqConfig;
+use sealgate::hq::db::{Db, Enrolment};
+use sealgate::hq::server::{self, Hq, Limits};
+use sealgate::logging::LogFormat;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+#[derive(Parser)]
+#[command(
+    name = "sealgate-hq",
+    version,
+    about = "Headquarters: every site's audit log, verified, in PostgreSQL"
+)]
+struct Args {
+    #[arg(
+        long,
+        env = "SEALGATE_HQ_CONFIG",
+        default_value = "/etc/sealgate-hq/hq.toml"
+    )]
+    config: PathBuf,
+    #[arg(long, env = "SEALGATE_LOG_FORMAT", value_enum, default_value = "auto")]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Accept shippers until SIGTERM.
+    Serve,
+    /// Create or bring up to date the schema (as the database's owner), and enrol the
+    /// configured sites.
+    Migrate {
+        /// The role `serve` connects as: it is granted what serving needs (reading, inserting,
+        /// moving heads) and nothing else.
+        #[arg(long)]
+        grant: Option<String>,
+        /// Connect as the owner with this connection string instead of database.url.
+        #[arg(long, env = "SEALGATE_HQ_ADMIN_URL")]
+        url: Option<String>,
+    },
+}
+
+fn main() {
+    let args = Args::parse();
+    sealgate::logging::init(args.log_format, "sealgate-hq");
+    let rt = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("sealgate-hq: cannot start the runtime: {e}");
+            std::process::exit(1);
+        }
+    };
+    if let Err(e) = rt.block_on(run(args)) {
+        eprintln!("sealgate-hq: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
+    let config = HqConfig::load(&args.config)?;
+    let sites = config.sites()?;
+    match args.command {
+        Command::Migrate { grant, url } => {
+            let mut database = config.database.clone();
+            if let Some(u) = url {
+                database.url = u;
+            }
+            let db = Db::connect(&database)?;
+            let version = db.migrate(grant.as_deref()).await?;
+            enrol(&db, &sites).await?;
+            println!("schema version {version}; {} sites enrolled", sites.len());
+            Ok(())
+        }
+        Command::Serve => {
+            let db = Db::connect(&config.database)?;
+            serve(config, sites, db).await
+        }
+    }
+}
+
+async fn enrol(db: &Db, sites: &[sealgate::hq::config::Site]) -> anyhow::Result<()> {
+    for (site, e) in sites.iter().zip(db.enrol(sites).await?) {
+        match e {
+            Enrolment::New => {
+                tracing::info!(site = site.id, key = site.audit_key.key_id, "site enrolled")
+            }
+            Enrolment::Same => {}
+            Enrolment::KeyDiffers {
+                enrolled,
+                configured,
+            } => tracing::error!(
+                site = site.id,
+                enrolled,
+                configured,
+                "the configured audit key is not the one enrolled; the enrolled key stays in force"
+            ),
+        }
+    }
+    Ok(())
+}
+
+async fn serve(
+    config: HqConfig,
+    sites: Vec<sealgate::hq::config::Site>,
+    db: Db,
+) -> anyhow::Result<()> {
+    db.check_schema().await?;
+    enrol(&db, &sites).await?;
+    let limits = Limits {
+        max_batch_records: config.hq.max_batch_records,
+        max_frame: config.hq.max_frame_bytes,
+        idle_timeout: Duration::from_millis(config.hq.idle_timeout_ms),
+    };
+    let hq = Arc::new(Hq::new(db, sites, limits));
+    let raiser = hq.clone();
+    let runtime = tokio::runtime::Handle::current();
+    let on_refused: sealgate::tls::OnRefused = Arc::new(move |fp: [u8; 32]| {
+        let hq = raiser.clone();
+        runtime.spawn(async move {
+            let who = format!("certificate {}", hex::encode(fp));
+            hq.raise(
+                &who,
+                "unknown_site",
+                None,
+                &format!("a TLS client with {who}, which no site is enrolled with, was refused"),
+            )
+            .await;
+        });
+    });
+    let tls = sealgate::tls::pinned_server_config(
+        &config.hq.cert,
+        &config.hq.key,
+        hq.pins(),
+        Some(on_refused),
+    )
+    .map_err(anyhow::Error::msg)?;
+    let listener = tokio::net::TcpListener::bind(&config.hq.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", config.hq.listen))?;
+    tracing::info!(listen = config.hq.listen, "sealgate-hq is serving");
+    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let serving = tokio::spawn(server::serve(
+        listener,
+        tokio_rustls::TlsAcceptor::from(Arc::new(tls)),
+        hq,
+        stop_rx,
+    ));
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+    // Batches in flight are transactions: one cut short is rolled back by the database and
+    // sent again by its shipper from HQ's head.
+    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
+    let _ = stop_tx.send(true);
+    let _ = serving.await;
+    tracing::info!("sealgate-hq stopped");
+    Ok(())
+}

@@ -1,0 +1,268 @@
+//! What a site's hello or batch must be to extend the head HQ verified for it.
+//!
+//! Owns: the refusals HQ gives a site and their wire status (in [`Refusal::status`], the one
+//! place), and the alert each raises. Pure logic over a head, the site's enrolled audit key and
+//! the batch: the database layer reads the head under a row lock, calls these, and writes only
+//! what they passed.
+
+use super::pb::Status;
+use crate::audit::verify::{check_signature, TrustedKey};
+use crate::audit::{Checkpoint, Record};
+
+/// HQ's verified head of one site: every record up to `seq` is stored, linked and covered by
+/// the checkpoint at `checkpoint_seq` (always `seq` itself: batches end at a checkpoint), which
+/// names `checkpoint_prev_seq` as the one before it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Head {
+    pub seq: u64,
+    pub hash: [u8; 32],
+    pub checkpoint_seq: u64,
+    pub checkpoint_prev_seq: u64,
+}
+
+/// Why HQ refuses what a site sent. Each is a central alert (except `Unavailable`, which is
+/// HQ's own trouble, and `Gap` and `Stale`, which a shipper mends by starting again at the head
+/// HQ names unless they repeat).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("{0}")]
+    Gap(String),
+    #[error("{0}")]
+    Stale(String),
+    #[error("{0}")]
+    Fork(String),
+    #[error("{0}")]
+    Rollback(String),
+    #[error("{0}")]
+    BadSignature(String),
+    #[error("{0}")]
+    BadRecord(String),
+    #[error("{0}")]
+    TooLarge(String),
+    #[error("{0}")]
+    NotEnrolled(String),
+    #[error("{0}")]
+    Unavailable(String),
+}
+
+impl Refusal {
+    /// The wire status: the one mapping of refusals to the HQ link's codes.
+    pub fn status(&self) -> Status {
+        match self {
+            Refusal::BadRequest(_) => Status::BadRequest,
+            Refusal::Gap(_) => Status::Gap,
+            Refusal::Stale(_) => Status::Stale,
+            Refusal::Fork(_) => Status::Fork,
+            Refusal::Rollback(_) => Status::Rollback,
+            Refusal::BadSignature(_) => Status::BadSignature,
+            Refusal::BadRecord(_) => Status::BadRecord,
+            Refusal::TooLarge(_) => Status::TooLarge,
+            Refusal::NotEnrolled(_) => Status::NotEnrolled,
+            Refusal::Unavailable(_) => Status::Unavailable,
+        }
+    }
+
+    /// The central alert this refusal raises: stable names, as queried.
+    pub fn alert(&self) -> Option<&'static str> {
+        Some(match self {
+            Refusal::BadRequest(_) => "bad_request",
+            Refusal::Gap(_) => "gap",
+            Refusal::Stale(_) => "replay",
+            Refusal::Fork(_) => "fork",
+            Refusal::Rollback(_) => "rollback",
+            Refusal::BadSignature(_) => "bad_signature",
+            Refusal::BadRecord(_) => "bad_record",
+            Refusal::TooLarge(_) => "too_large",
+            Refusal::NotEnrolled(_) => "not_enrolled",
+            Refusal::Unavailable(_) => return None,
+        })
+    }
+}
+
+/// The newest checkpoint a site says its log has, against HQ's head. `stored_hash` gives the
+/// hash HQ holds for a seq at or below its head.
+pub fn check_hello(
+    head: &Head,
+    key: &TrustedKey,
+    newest: Option<&Checkpoint>,
+    stored_hash: impl FnOnce(u64) -> Option<[u8; 32]>,
+) -> Result<(), Refusal> {
+    let Some(cp) = newest else {
+        if head.seq > 0 {
+            return Err(Refusal::Rollback(format!(
+                "the site's log has no checkpoint, but HQ holds its records up to seq {}: the log was emptied or re-initialised",
+                head.seq
+            )));
+        }
+        return Ok(());
+    };
+    signed_by(cp, key)?;
+    if cp.seq < head.checkpoint_seq {
+        return Err(Refusal::Rollback(format!(
+            "the site's log ends at checkpoint {} but HQ verified it up to checkpoint {}: records {}..{} are gone from the site (its tail was cut, or it was restored from a backup)",
+            cp.seq,
+            head.checkpoint_seq,
+            cp.seq + 1,
+            head.checkpoint_seq
+        )));
+    }
+    if cp.seq <= head.seq {
+        match stored_hash(cp.seq) {
+            Some(h) if h == cp.head => {}
+            Some(_) => {
+                return Err(Refusal::Fork(format!(
+                    "the site's checkpoint {} signs another head than the record HQ holds at seq {}: two histories",
+                    cp.seq, cp.seq
+                )))
+            }
+            None => {
+                return Err(Refusal::Unavailable(format!(
+                    "HQ holds no record at seq {} below its head {}",
+                    cp.seq, head.seq
+                )))
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A batch that extends `head`: records from `head.seq + 1` on, each hashing as it says and
+/// linked to the one before (the first to HQ's head), checkpoints chained from HQ's last one,
+/// each signed by the site's key and signing the record at its seq, the last one the batch's
+/// last record. Returns the head after it.
+pub fn check_batch(
+    head: &Head,
+    key: &TrustedKey,
+    records: &[Record],
+    checkpoints: &[Checkpoint],
+    max_records: usize,
+) -> Result<Head, Refusal> {
+    if records.len() > max_records {
+        return Err(Refusal::TooLarge(format!(
+            "a batch of {} records; at most {max_records} in one",
+            records.len()
+        )));
+    }
+    let (Some(first), Some(last)) = (records.first(), records.last()) else {
+        return Err(Refusal::BadRequest("a batch with no records".into()));
+    };
+    if first.seq <= head.seq {
+        return Err(Refusal::Stale(format!(
+            "the batch starts at seq {} but HQ holds records up to {}: they were sent before",
+            first.seq, head.seq
+        )));
+    }
+    if first.seq > head.seq + 1 {
+        return Err(Refusal::Gap(format!(
+            "the batch starts at seq {} but HQ holds records up to {}: records {}..{} are missing",
+            first.seq,
+            head.seq,
+            head.seq + 1,
+            first.seq - 1
+        )));
+    }
+    let mut prev = head.hash;
+    for (i, r) in records.iter().enumerate() {
+        let want = head.seq + 1 + i as u64;
+        if r.seq != want {
+            return Err(if r.seq > want {
+                Refusal::Gap(format!(
+                    "the batch skips from seq {} to {}: records {want}..{} are missing",
+                    want - 1,
+                    r.seq,
+                    r.seq - 1
+                ))
+            } else {
+                Refusal::BadRecord(format!(
+                    "seq {} comes after seq {}: the batch is out of order",
+                    r.seq,
+                    want - 1
+                ))
+            });
+        }
+        if r.view().hash(&r.prev_hash) != r.hash {
+            return Err(Refusal::BadRecord(format!(
+                "record {} does not hash as it says: it was altered",
+                r.seq
+            )));
+        }
+        if r.prev_hash != prev {
+            return Err(if i == 0 {
+                Refusal::Fork(format!(
+                    "record {} does not follow the record HQ holds at seq {}: the site's log is another history",
+                    r.seq, head.seq
+                ))
+            } else {
+                Refusal::BadRecord(format!(
+                    "record {} does not link to record {}",
+                    r.seq,
+                    r.seq - 1
+                ))
+            });
+        }
+        prev = r.hash;
+    }
+    // A site's newest checkpoint is replaced while it is less than a second after the one
+    // before it (docs/audit-log.md), so the first checkpoint of a batch may name HQ's last
+    // checkpoint, or the one that names: then it takes the place of HQ's last, which HQ keeps
+    // as the signed statement it was.
+    let mut prev_cp = head.checkpoint_seq;
+    let mut prev_prev = head.checkpoint_prev_seq;
+    for (i, c) in checkpoints.iter().enumerate() {
+        let replaces_last =
+            i == 0 && head.checkpoint_seq > 0 && c.prev_seq == head.checkpoint_prev_seq;
+        if c.prev_seq != prev_cp && !replaces_last {
+            return Err(if c.prev_seq < prev_cp {
+                Refusal::Fork(format!(
+                    "checkpoint {} names {} as the one before it, but HQ's last is {prev_cp}",
+                    c.seq, c.prev_seq
+                ))
+            } else {
+                Refusal::Gap(format!(
+                    "checkpoint {} names {} as the one before it, which HQ never received",
+                    c.seq, c.prev_seq
+                ))
+            });
+        }
+        if c.seq < first.seq || c.seq > last.seq {
+            return Err(Refusal::BadRequest(format!(
+                "checkpoint {} is outside the batch's records {}..{}",
+                c.seq, first.seq, last.seq
+            )));
+        }
+        signed_by(c, key)?;
+        let r = &records[(c.seq - first.seq) as usize];
+        if r.hash != c.head {
+            return Err(Refusal::BadRecord(format!(
+                "checkpoint {} signs another head than record {}'s hash: the records up to it were rewritten",
+                c.seq, c.seq
+            )));
+        }
+        prev_prev = c.prev_seq;
+        prev_cp = c.seq;
+    }
+    if prev_cp != last.seq {
+        return Err(Refusal::BadRequest(format!(
+            "the batch ends at seq {} but its last checkpoint is at {prev_cp}: a batch must end at a checkpoint",
+            last.seq
+        )));
+    }
+    Ok(Head {
+        seq: last.seq,
+        hash: last.hash,
+        checkpoint_seq: last.seq,
+        checkpoint_prev_seq: prev_prev,
+    })
+}
+
+fn signed_by(c: &Checkpoint, key: &TrustedKey) -> Result<(), Refusal> {
+    if c.key_id != key.key_id {
+        return Err(Refusal::NotEnrolled(format!(
+            "checkpoint {} is signed by audit key {}, but the key enrolled for this site is {}: a new key is enrolled at HQ first",
+            c.seq, c.key_id, key.key_id
+        )));
+    }
+    check_signature(c, key).map_err(Refusal::BadSignature)
+}

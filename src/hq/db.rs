@@ -1,0 +1,406 @@
+//! PostgreSQL, HQ's system of record.
+//!
+//! Owns: the schema's migrations, enrolment of the configured sites, the ingest transaction
+//! (the site's head row locked `FOR UPDATE`, so several HQ nodes on one database take one
+//! site's batches strictly one after another), and central alerts.
+//! Never: writes a record or checkpoint that [`super::check`] has not passed against the head
+//! read in the same transaction.
+
+use super::check::{self, Head, Refusal};
+use super::config::{DatabaseConfig, Site};
+use crate::audit::verify::TrustedKey;
+use crate::audit::{Checkpoint, Record, TEXT_FIELDS};
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
+use tokio_postgres::types::ToSql;
+
+/// The schema, one migration per version, applied in order. Each runs in one transaction
+/// under an advisory lock, so two nodes migrating at once apply each version once.
+const MIGRATIONS: &[(i32, &str)] = &[(1, include_str!("../../migrations/hq/0001_initial.sql"))];
+
+/// The schema version this build works with.
+pub const SCHEMA_VERSION: i32 = MIGRATIONS[MIGRATIONS.len() - 1].0;
+
+/// An arbitrary, fixed key of the advisory lock taken while migrating.
+const MIGRATION_LOCK: i64 = 0x5ea1_9a7e;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DbError {
+    #[error("database: {0}")]
+    Pg(#[from] tokio_postgres::Error),
+    #[error("database pool: {0}")]
+    Pool(#[from] deadpool_postgres::PoolError),
+    #[error("{0}")]
+    Config(String),
+    #[error("the database has schema version {have}; this sealgate-hq needs {want}: run `sealgate-hq migrate`")]
+    Schema { have: i32, want: i32 },
+}
+
+impl From<DbError> for Refusal {
+    fn from(e: DbError) -> Refusal {
+        Refusal::Unavailable(format!("HQ could not store this: {e}"))
+    }
+}
+
+/// How a configured site stands against its enrolment in the database.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Enrolment {
+    /// Enrolled now, with the configured key.
+    New,
+    Same,
+    /// Enrolled earlier with another key; the configured one is not used.
+    KeyDiffers {
+        enrolled: String,
+        configured: String,
+    },
+}
+
+pub struct Db {
+    pool: Pool,
+}
+
+fn is_loopback(host: &tokio_postgres::config::Host) -> bool {
+    match host {
+        tokio_postgres::config::Host::Unix(_) => true,
+        tokio_postgres::config::Host::Tcp(h) => {
+            h == "localhost" || h.parse::<std::net::IpAddr>().is_ok_and(|a| a.is_loopback())
+        }
+    }
+}
+
+impl Db {
+    /// A pool of connections as configured: TLS when a CA is given, else only to a Unix
+    /// socket or loopback.
+    pub fn connect(c: &DatabaseConfig) -> Result<Db, DbError> {
+        let pg: tokio_postgres::Config = c
+            .url
+            .parse()
+            .map_err(|e| DbError::Config(format!("database.url: {e}")))?;
+        let manager_config = ManagerConfig {
+            recycling_method: RecyclingMethod::Fast,
+        };
+        let manager = match &c.ca {
+            Some(ca) => {
+                let tls = crate::tls::client_config(ca, None).map_err(DbError::Config)?;
+                Manager::from_config(
+                    pg,
+                    tokio_postgres_rustls::MakeRustlsConnect::new(tls),
+                    manager_config,
+                )
+            }
+            None => {
+                if !pg.get_hosts().iter().all(is_loopback) {
+                    return Err(DbError::Config(
+                        "database.url names a host that is not loopback: give database.ca for TLS"
+                            .into(),
+                    ));
+                }
+                Manager::from_config(pg, tokio_postgres::NoTls, manager_config)
+            }
+        };
+        let pool = Pool::builder(manager)
+            .max_size(c.pool_size)
+            .runtime(deadpool_postgres::Runtime::Tokio1)
+            .build()
+            .map_err(|e| DbError::Config(e.to_string()))?;
+        Ok(Db { pool })
+    }
+
+    /// Applies the migrations the database lacks; with `grant_to`, lets that role do what
+    /// `sealgate-hq serve` does and no more. Returns the version now in force.
+    pub async fn migrate(&self, grant_to: Option<&str>) -> Result<i32, DbError> {
+        let mut client = self.pool.get().await?;
+        let tx = client.transaction().await?;
+        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
+            .await?;
+        tx.batch_execute(
+            "CREATE TABLE IF NOT EXISTS sealgate_schema (
+                version integer PRIMARY KEY,
+                applied_at timestamptz NOT NULL DEFAULT now())",
+        )
+        .await?;
+        let have: i32 = tx
+            .query_one("SELECT coalesce(max(version), 0) FROM sealgate_schema", &[])
+            .await?
+            .get(0);
+        for (version, sql) in MIGRATIONS.iter().filter(|(v, _)| *v > have) {
+            tx.batch_execute(sql).await?;
+            tx.execute(
+                "INSERT INTO sealgate_schema (version) VALUES ($1)",
+                &[version],
+            )
+            .await?;
+            tracing::info!(version, "schema migration applied");
+        }
+        if let Some(role) = grant_to {
+            let role = quote_ident(role)?;
+            tx.batch_execute(&format!(
+                "GRANT SELECT ON sealgate_schema TO {role};
+                 GRANT SELECT, INSERT ON records, checkpoints, alerts TO {role};
+                 GRANT SELECT, INSERT, UPDATE ON sites TO {role};
+                 GRANT USAGE ON SEQUENCE alerts_id_seq TO {role};"
+            ))
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(SCHEMA_VERSION.max(have))
+    }
+
+    /// Refuses a database whose schema is not the one this build knows.
+    pub async fn check_schema(&self) -> Result<(), DbError> {
+        let client = self.pool.get().await?;
+        let have: i32 = match client
+            .query_one("SELECT coalesce(max(version), 0) FROM sealgate_schema", &[])
+            .await
+        {
+            Ok(row) => row.get(0),
+            Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::UNDEFINED_TABLE) => 0,
+            Err(e) => return Err(e.into()),
+        };
+        if have != SCHEMA_VERSION {
+            return Err(DbError::Schema {
+                have,
+                want: SCHEMA_VERSION,
+            });
+        }
+        Ok(())
+    }
+
+    /// Enrols each configured site not yet in the database, and says how each one stands.
+    pub async fn enrol(&self, sites: &[Site]) -> Result<Vec<Enrolment>, DbError> {
+        let client = self.pool.get().await?;
+        let mut out = Vec::new();
+        for s in sites {
+            let inserted = client
+                .execute(
+                    "INSERT INTO sites (site, audit_key_id, audit_key_spki) VALUES ($1, $2, $3)
+                     ON CONFLICT (site) DO NOTHING",
+                    &[&s.id, &s.audit_key.key_id, &s.audit_key.spki_der],
+                )
+                .await?;
+            if inserted == 1 {
+                out.push(Enrolment::New);
+                continue;
+            }
+            let enrolled: String = client
+                .query_one("SELECT audit_key_id FROM sites WHERE site = $1", &[&s.id])
+                .await?
+                .get(0);
+            out.push(if enrolled == s.audit_key.key_id {
+                Enrolment::Same
+            } else {
+                Enrolment::KeyDiffers {
+                    enrolled,
+                    configured: s.audit_key.key_id.clone(),
+                }
+            });
+        }
+        Ok(out)
+    }
+
+    /// HQ's verified head of a site.
+    pub async fn head(&self, site: &str) -> Result<Head, DbError> {
+        let client = self.pool.get().await?;
+        let row = client
+            .query_one(
+                "SELECT head_seq, head_hash, checkpoint_seq, checkpoint_prev_seq FROM sites WHERE site = $1",
+                &[&site],
+            )
+            .await?;
+        head_of(&row)
+    }
+
+    /// Checks a site's hello against its head, and notes when it was last seen.
+    pub async fn hello(&self, site: &Site, newest: Option<&Checkpoint>) -> Result<Head, Refusal> {
+        let client = self.pool.get().await.map_err(DbError::from)?;
+        let row = client
+            .query_one(
+                "UPDATE sites SET last_seen = now() WHERE site = $1
+                 RETURNING head_seq, head_hash, checkpoint_seq, checkpoint_prev_seq, audit_key_spki",
+                &[&site.id],
+            )
+            .await
+            .map_err(DbError::from)?;
+        let head = head_of(&row)?;
+        let key = enrolled_key(&row)?;
+        let stored = match newest {
+            Some(c) if c.seq > 0 && c.seq <= head.seq => client
+                .query_opt(
+                    "SELECT hash FROM records WHERE site = $1 AND seq = $2",
+                    &[&site.id, &(c.seq as i64)],
+                )
+                .await
+                .map_err(DbError::from)?
+                .and_then(|r| r.get::<_, Vec<u8>>(0).try_into().ok()),
+            _ => None,
+        };
+        check::check_hello(&head, &key, newest, |_| stored)?;
+        Ok(head)
+    }
+
+    /// Verifies a batch against the site's head and stores it, in one transaction holding the
+    /// head's row lock. Returns the new head.
+    pub async fn ingest(
+        &self,
+        site: &Site,
+        records: &[Record],
+        checkpoints: &[Checkpoint],
+        max_records: usize,
+    ) -> Result<Head, Refusal> {
+        let mut client = self.pool.get().await.map_err(DbError::from)?;
+        let tx = client.transaction().await.map_err(DbError::from)?;
+        let row = tx
+            .query_one(
+                "SELECT head_seq, head_hash, checkpoint_seq, checkpoint_prev_seq, audit_key_spki
+                 FROM sites WHERE site = $1 FOR UPDATE",
+                &[&site.id],
+            )
+            .await
+            .map_err(DbError::from)?;
+        let head = head_of(&row)?;
+        let key = enrolled_key(&row)?;
+        let new_head = check::check_batch(&head, &key, records, checkpoints, max_records)?;
+        insert_records(&tx, &site.id, records)
+            .await
+            .map_err(DbError::from)?;
+        insert_checkpoints(&tx, &site.id, checkpoints)
+            .await
+            .map_err(DbError::from)?;
+        tx.execute(
+            "UPDATE sites SET head_seq = $2, head_hash = $3, checkpoint_seq = $4,
+                 checkpoint_prev_seq = $5, head_at = now(), last_seen = now()
+             WHERE site = $1",
+            &[
+                &site.id,
+                &(new_head.seq as i64),
+                &new_head.hash.as_slice(),
+                &(new_head.checkpoint_seq as i64),
+                &(new_head.checkpoint_prev_seq as i64),
+            ],
+        )
+        .await
+        .map_err(DbError::from)?;
+        tx.commit().await.map_err(DbError::from)?;
+        Ok(new_head)
+    }
+
+    /// Records a central alert, unless the same one (site, kind, seq) was recorded in the last
+    /// ten minutes: a shipper that retries a refused batch raises it once, not once a try.
+    /// Returns whether it was recorded.
+    pub async fn alert(
+        &self,
+        site: &str,
+        kind: &str,
+        seq: Option<u64>,
+        detail: &str,
+    ) -> Result<bool, DbError> {
+        let client = self.pool.get().await?;
+        let seq = seq.map(|s| s as i64);
+        let n = client
+            .execute(
+                "INSERT INTO alerts (site, kind, seq, detail)
+                 SELECT $1, $2, $3, $4
+                 WHERE NOT EXISTS (
+                     SELECT 1 FROM alerts WHERE site = $1 AND kind = $2
+                         AND seq IS NOT DISTINCT FROM $3
+                         AND at > now() - interval '10 minutes')",
+                &[&site, &kind, &seq, &detail],
+            )
+            .await?;
+        Ok(n == 1)
+    }
+}
+
+fn head_of(row: &tokio_postgres::Row) -> Result<Head, DbError> {
+    let hash: Vec<u8> = row.get(1);
+    Ok(Head {
+        seq: row.get::<_, i64>(0) as u64,
+        hash: hash
+            .try_into()
+            .map_err(|_| DbError::Config("a site's head_hash is not 32 bytes".into()))?,
+        checkpoint_seq: row.get::<_, i64>(2) as u64,
+        checkpoint_prev_seq: row.get::<_, i64>(3) as u64,
+    })
+}
+
+fn enrolled_key(row: &tokio_postgres::Row) -> Result<TrustedKey, DbError> {
+    TrustedKey::from_spki(row.get(4))
+        .map_err(|e| DbError::Config(format!("the site's enrolled audit key: {e}")))
+}
+
+/// A role name as a quoted SQL identifier; refuses what could not be one.
+fn quote_ident(name: &str) -> Result<String, DbError> {
+    if name.is_empty() || name.len() > 63 || name.contains('\0') {
+        return Err(DbError::Config(format!("{name:?} is not a role name")));
+    }
+    Ok(format!("\"{}\"", name.replace('"', "\"\"")))
+}
+
+/// All records of a batch in one statement: one array per column, unnested.
+async fn insert_records(
+    tx: &deadpool_postgres::Transaction<'_>,
+    site: &str,
+    records: &[Record],
+) -> Result<(), tokio_postgres::Error> {
+    let seqs: Vec<i64> = records.iter().map(|r| r.seq as i64).collect();
+    let ats: Vec<i64> = records.iter().map(|r| r.at_ms).collect();
+    let texts: Vec<Vec<&str>> = (0..TEXT_FIELDS)
+        .map(|i| records.iter().map(|r| r.view().text[i]).collect())
+        .collect();
+    let amounts: Vec<Option<i64>> = records.iter().map(|r| r.amount).collect();
+    let refs: Vec<Option<i64>> = records
+        .iter()
+        .map(|r| r.ref_seq.map(|s| s as i64))
+        .collect();
+    let prevs: Vec<&[u8]> = records.iter().map(|r| r.prev_hash.as_slice()).collect();
+    let hashes: Vec<&[u8]> = records.iter().map(|r| r.hash.as_slice()).collect();
+    let mut params: Vec<&(dyn ToSql + Sync)> = vec![&site, &seqs, &ats];
+    for t in &texts {
+        params.push(t);
+    }
+    params.extend([&amounts as &(dyn ToSql + Sync), &refs, &prevs, &hashes]);
+    let n = TEXT_FIELDS;
+    let text_args: Vec<String> = (0..n).map(|i| format!("${}::text[]", 4 + i)).collect();
+    let sql = format!(
+        "INSERT INTO records (site, seq, at_ms, {}, amount, ref_seq, prev_hash, hash)
+         SELECT $1, * FROM unnest($2::bigint[], $3::bigint[], {}, ${}::bigint[], ${}::bigint[], ${}::bytea[], ${}::bytea[])",
+        crate::audit::TEXT_COLUMNS.join(", "),
+        text_args.join(", "),
+        4 + n,
+        5 + n,
+        6 + n,
+        7 + n
+    );
+    let stmt = tx.prepare_cached(&sql).await?;
+    tx.execute(&stmt, &params).await?;
+    Ok(())
+}
+
+async fn insert_checkpoints(
+    tx: &deadpool_postgres::Transaction<'_>,
+    site: &str,
+    checkpoints: &[Checkpoint],
+) -> Result<(), tokio_postgres::Error> {
+    let stmt = tx
+        .prepare_cached(
+            "INSERT INTO checkpoints (site, seq, prev_seq, head, at_ms, key_id, algorithm, signature)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+        )
+        .await?;
+    for c in checkpoints {
+        tx.execute(
+            &stmt,
+            &[
+                &site,
+                &(c.seq as i64),
+                &(c.prev_seq as i64),
+                &c.head.as_slice(),
+                &c.at_ms,
+                &c.key_id,
+                &c.algorithm,
+                &c.signature,
+            ],
+        )
+        .await?;
+    }
+    Ok(())
+}

@@ -1,0 +1,263 @@
+//! HQ's listener for shippers: TLS 1.3 with each site's pinned client certificate, then frames
+//! of [`super::pb::SiteMessage`], each answered by one [`super::pb::HqReply`].
+//!
+//! Owns: knowing a site by its certificate, the order of a connection (a hello first), the
+//! limits (frame size, idle time), and turning every refusal into its reply, its log line and
+//! its central alert.
+//! Never: reads a protocol byte from a certificate that is not enrolled, or lets one site's
+//! trouble stop another's connection.
+
+use super::check::Refusal;
+use super::config::Site;
+use super::db::Db;
+use super::pb::{self, site_message, HqReply, SiteMessage, Status};
+use crate::audit::{Checkpoint, Record};
+use crate::protocol::codec::{FrameCodec, FrameError};
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
+use prost::Message;
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::codec::Framed;
+
+/// Time allowed for a TLS handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+pub struct Limits {
+    pub max_batch_records: usize,
+    pub max_frame: usize,
+    pub idle_timeout: Duration,
+}
+
+/// One HQ node: its database pool and the enrolled sites, by certificate fingerprint.
+pub struct Hq {
+    pub db: Db,
+    sites: HashMap<[u8; 32], Arc<Site>>,
+    limits: Limits,
+}
+
+impl Hq {
+    pub fn new(db: Db, sites: Vec<Site>, limits: Limits) -> Hq {
+        Hq {
+            db,
+            sites: sites
+                .into_iter()
+                .map(|s| (s.fingerprint, Arc::new(s)))
+                .collect(),
+            limits,
+        }
+    }
+
+    pub fn pins(&self) -> Vec<[u8; 32]> {
+        self.sites.keys().copied().collect()
+    }
+
+    /// Logs a central alert and records it in the database (once per ten minutes for the
+    /// same site, kind and seq).
+    pub async fn raise(&self, site: &str, kind: &str, seq: Option<u64>, detail: &str) {
+        tracing::warn!(site, alert = kind, seq, "{detail}");
+        if let Err(e) = self.db.alert(site, kind, seq, detail).await {
+            tracing::error!(site, alert = kind, error = %e, "the alert could not be recorded");
+        }
+    }
+}
+
+/// Accepts shippers until `stop` turns true.
+pub async fn serve(
+    listener: TcpListener,
+    tls: tokio_rustls::TlsAcceptor,
+    hq: Arc<Hq>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    loop {
+        let (tcp, addr) = tokio::select! {
+            _ = stop.changed() => return,
+            a = listener.accept() => match a {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let hq = hq.clone();
+        let tls = tls.clone();
+        tokio::spawn(async move {
+            connection(tcp, addr.to_string(), tls, hq).await;
+        });
+    }
+}
+
+async fn connection(tcp: TcpStream, peer: String, tls: tokio_rustls::TlsAcceptor, hq: Arc<Hq>) {
+    let _ = tcp.set_nodelay(true);
+    let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, tls.accept(tcp)).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            tracing::info!(peer, error = %e, "TLS handshake refused");
+            return;
+        }
+        Err(_) => {
+            tracing::info!(peer, "TLS handshake timed out");
+            return;
+        }
+    };
+    let fp = stream
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .map(crate::tls::fingerprint);
+    let Some(site) = fp.and_then(|fp| hq.sites.get(&fp)).cloned() else {
+        // The verifier refuses every certificate not pinned; this is only reached if that
+        // ever changed.
+        tracing::error!(peer, "a connection without an enrolled certificate");
+        return;
+    };
+    tracing::info!(site = site.id, peer, "site connected");
+    let mut framed = Framed::new(stream, FrameCodec::new(hq.limits.max_frame));
+    let mut greeted = false;
+    loop {
+        let frame = match tokio::time::timeout(hq.limits.idle_timeout, framed.next()).await {
+            Err(_) => {
+                tracing::info!(site = site.id, "idle connection closed");
+                return;
+            }
+            Ok(None) => return,
+            Ok(Some(Ok(f))) => f,
+            Ok(Some(Err(FrameError::TooLarge { len, max }))) => {
+                let r = Refusal::TooLarge(format!(
+                    "a frame of {len} bytes; at most {max} on this link"
+                ));
+                refuse(&hq, &site, &mut framed, r).await;
+                return;
+            }
+            Ok(Some(Err(e))) => {
+                tracing::info!(site = site.id, error = %e, "connection ended");
+                return;
+            }
+        };
+        let msg = match SiteMessage::decode(frame.freeze()) {
+            Ok(m) => m,
+            Err(e) => {
+                let r = Refusal::BadRequest(format!("a frame that is not a site message: {e}"));
+                refuse(&hq, &site, &mut framed, r).await;
+                return;
+            }
+        };
+        let outcome = match msg.body {
+            None => Err(Refusal::BadRequest("a site message with no body".into())),
+            Some(site_message::Body::Hello(h)) => {
+                greeted = true;
+                hello(&hq, &site, h).await
+            }
+            Some(site_message::Body::Batch(_)) if !greeted => {
+                Err(Refusal::BadRequest("a batch before the hello".into()))
+            }
+            Some(site_message::Body::Batch(b)) => batch(&hq, &site, b).await,
+        };
+        let sent = match outcome {
+            Ok(head) => {
+                send(
+                    &mut framed,
+                    HqReply {
+                        status: Status::Ok as i32,
+                        message: String::new(),
+                        head: Some((&head).into()),
+                    },
+                )
+                .await
+            }
+            Err(r) => refuse(&hq, &site, &mut framed, r).await,
+        };
+        if !sent {
+            return;
+        }
+    }
+}
+
+async fn hello(hq: &Hq, site: &Site, h: pb::Hello) -> Result<super::check::Head, Refusal> {
+    if h.protocol_version != super::PROTOCOL_VERSION {
+        return Err(Refusal::BadRequest(format!(
+            "protocol version {}; this HQ speaks {}",
+            h.protocol_version,
+            super::PROTOCOL_VERSION
+        )));
+    }
+    let newest = h
+        .newest
+        .map(Checkpoint::try_from)
+        .transpose()
+        .map_err(Refusal::BadRecord)?;
+    hq.db.hello(site, newest.as_ref()).await
+}
+
+async fn batch(hq: &Hq, site: &Site, b: pb::Batch) -> Result<super::check::Head, Refusal> {
+    if b.records.len() > hq.limits.max_batch_records {
+        return Err(Refusal::TooLarge(format!(
+            "a batch of {} records; at most {} in one",
+            b.records.len(),
+            hq.limits.max_batch_records
+        )));
+    }
+    let records: Vec<Record> = b
+        .records
+        .into_iter()
+        .map(Record::try_from)
+        .collect::<Result<_, _>>()
+        .map_err(Refusal::BadRecord)?;
+    let checkpoints: Vec<Checkpoint> = b
+        .checkpoints
+        .into_iter()
+        .map(Checkpoint::try_from)
+        .collect::<Result<_, _>>()
+        .map_err(Refusal::BadRecord)?;
+    let head = hq
+        .db
+        .ingest(site, &records, &checkpoints, hq.limits.max_batch_records)
+        .await?;
+    tracing::debug!(
+        site = site.id,
+        head = head.seq,
+        records = records.len(),
+        "batch stored"
+    );
+    Ok(head)
+}
+
+/// Replies with the refusal and HQ's head (so the shipper knows where to go on), logs it and
+/// raises its alert. Returns whether the reply was sent.
+async fn refuse<S>(hq: &Hq, site: &Site, framed: &mut Framed<S, FrameCodec>, r: Refusal) -> bool
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let head = hq.db.head(&site.id).await.ok();
+    match r.alert() {
+        Some(kind) => {
+            hq.raise(&site.id, kind, head.map(|h| h.seq + 1), &r.to_string())
+                .await
+        }
+        None => tracing::error!(site = site.id, "{r}"),
+    }
+    send(
+        framed,
+        HqReply {
+            status: r.status() as i32,
+            message: r.to_string(),
+            head: head.as_ref().map(Into::into),
+        },
+    )
+    .await
+}
+
+async fn send<S>(framed: &mut Framed<S, FrameCodec>, reply: HqReply) -> bool
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    framed
+        .send(Bytes::from(reply.encode_to_vec()))
+        .await
+        .is_ok()
+}
