@@ -245,3 +245,222 @@ async fn two_hq_nodes_on_one_database_keep_one_head_for_a_site_that_goes_to_eith
         let _ = s.wait();
     }
 }
+
+/// Sends one raw frame to HQ with `site`'s certificate, and reads the reply (None when HQ
+/// closes without one).
+async fn raw_frame(
+    pki: &Pki,
+    addr: &str,
+    site: &str,
+    frame: &[u8],
+) -> Option<sealgate::hq::pb::HqReply> {
+    use prost::Message;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let pki_path = |f: &str| std::path::PathBuf::from(pki.path(f));
+    let config = sealgate::tls::client_config(
+        &pki_path("ca.crt"),
+        Some((
+            &pki_path(&format!("{site}.crt")),
+            &pki_path(&format!("{site}.key")),
+        )),
+    )
+    .unwrap();
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+        .connect("localhost".try_into().unwrap(), tcp)
+        .await
+        .unwrap();
+    tls.write_all(frame).await.unwrap();
+    let mut len = [0u8; 4];
+    tokio::time::timeout(Duration::from_secs(10), tls.read_exact(&mut len))
+        .await
+        .expect("HQ answers or closes")
+        .ok()?;
+    let mut body = vec![0; u32::from_be_bytes(len) as usize];
+    tls.read_exact(&mut body).await.ok()?;
+    Some(sealgate::hq::pb::HqReply::decode(body.as_slice()).unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn every_central_alert_fires_and_nothing_unverified_reaches_a_table() {
+    let rig = Rig::new("nanjing");
+    let (pg, pki, site) = (&rig.pg, &rig.pki, &rig.site);
+    let other = Site::start("suzhou", pki);
+    let node = rig.node();
+    let copies = tempfile::tempdir().unwrap();
+    let ship_copy = |db: &std::path::Path| ship(&Site::ship_args(pki, db, &node.addr, &site.id));
+
+    stamp_n(site, 5).await;
+    let backup = site.copy_log(&copies.path().join("backup.db"));
+    stamp_n(site, 5).await;
+    let (code, out) = site.ship_once(pki, &node.addr);
+    assert_eq!(code, 0, "{out}");
+    let head = hq_head(pg, &site.id);
+    stamp_n(site, 5).await;
+
+    // A gap: a copy of the log with the records after HQ's head taken out.
+    let gap = site.copy_log(&copies.path().join("gap.db"));
+    sqlite3(
+        &gap,
+        &format!(
+            "DELETE FROM audit WHERE seq BETWEEN {} AND {}",
+            head + 1,
+            head + 3
+        ),
+    );
+    let (code, out) = ship_copy(&gap);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("GAP") && out.contains("missing"), "{out}");
+
+    // A forged checkpoint: its signature is not the audit key's.
+    let forged = site.copy_log(&copies.path().join("forged.db"));
+    sqlite3(
+        &forged,
+        "UPDATE checkpoints SET signature = randomblob(length(signature))
+         WHERE seq = (SELECT max(seq) FROM checkpoints)",
+    );
+    let (code, out) = ship_copy(&forged);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("BAD_SIGNATURE"), "{out}");
+
+    // A record changed after HQ's head: it no longer hashes as it says. (One whose hash and
+    // the chain after it were recomputed is given away by the checkpoint; see the unit tests
+    // of hq::check.)
+    let altered = site.copy_log(&copies.path().join("altered.db"));
+    sqlite3(
+        &altered,
+        &format!(
+            "UPDATE audit SET detail = 'rewritten' WHERE seq = {}",
+            head + 2
+        ),
+    );
+    let (code, out) = ship_copy(&altered);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("BAD_RECORD"), "{out}");
+
+    // Another site's log under this site's certificate.
+    let (code, out) = ship(&Site::ship_args(
+        pki,
+        &other.daemon.db(),
+        &node.addr,
+        &site.id,
+    ));
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("NOT_ENROLLED"), "{out}");
+
+    // Everything HQ was sent so far but the honest batch was refused.
+    assert_eq!(
+        pg.number(&format!(
+            "SELECT count(*) FROM records WHERE site = '{}'",
+            site.id
+        )) as u64,
+        head
+    );
+
+    // The honest log goes on; then its tail is cut together with its checkpoints.
+    let (code, out) = site.ship_once(pki, &node.addr);
+    assert_eq!(code, 0, "{out}");
+    let head = hq_head(pg, &site.id);
+    let cut = site.copy_log(&copies.path().join("cut.db"));
+    let keep = sqlite3(
+        &cut,
+        &format!("SELECT max(seq) FROM checkpoints WHERE seq < {head}"),
+    );
+    let keep: u64 = keep.trim().parse().unwrap();
+    sqlite3(
+        &cut,
+        &format!(
+            "DELETE FROM audit WHERE seq > {keep}; DELETE FROM checkpoints WHERE seq > {keep};"
+        ),
+    );
+    let (code, out) = ship_copy(&cut);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("ROLLBACK") && out.contains("cut"), "{out}");
+
+    // A fork: the site restored from the early backup onto another machine stamps anew.
+    let before = site.daemon.db();
+    let restored = site.restored_from(&backup);
+    let mut c = restored.client().await;
+    for i in 0..30 {
+        stamp_ok(&mut c, "contract", &sha256(format!("anew {i}").as_bytes())).await;
+    }
+    drop(c);
+    let (code, out) = ship_copy(&restored.db());
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("FORK"), "{out}");
+    assert_ne!(before, restored.db());
+
+    // A certificate no site is enrolled with: refused in the handshake.
+    pki.client("stranger");
+    let (code, out) = ship(&Site::ship_args(
+        pki,
+        &site.daemon.db(),
+        &node.addr,
+        "stranger",
+    ));
+    assert_eq!(code, 2, "{out}");
+
+    // Garbage, a batch before the hello, and a frame over the limit.
+    let reply = raw_frame(pki, &node.addr, &site.id, &[0, 0, 0, 3, 0xff, 0xff, 0xff])
+        .await
+        .expect("a reply to garbage");
+    assert_eq!(reply.status, sealgate::hq::pb::Status::BadRequest as i32);
+    let batch = {
+        use prost::Message;
+        let m = sealgate::hq::pb::SiteMessage {
+            body: Some(sealgate::hq::pb::site_message::Body::Batch(
+                sealgate::hq::pb::Batch::default(),
+            )),
+        }
+        .encode_to_vec();
+        let mut f = (m.len() as u32).to_be_bytes().to_vec();
+        f.extend(m);
+        f
+    };
+    let reply = raw_frame(pki, &node.addr, &site.id, &batch).await.unwrap();
+    assert_eq!(reply.status, sealgate::hq::pb::Status::BadRequest as i32);
+    assert!(
+        reply.message.contains("before the hello"),
+        "{}",
+        reply.message
+    );
+    let reply = raw_frame(pki, &node.addr, &site.id, &(64u32 << 20).to_be_bytes())
+        .await
+        .unwrap();
+    assert_eq!(reply.status, sealgate::hq::pb::Status::TooLarge as i32);
+
+    // Each refusal is a central alert, once.
+    let raised = alerts(pg, &site.id);
+    for kind in [
+        "gap",
+        "bad_signature",
+        "bad_record",
+        "not_enrolled",
+        "rollback",
+        "fork",
+        "bad_request",
+        "too_large",
+    ] {
+        let n = raised
+            .iter()
+            .filter(|a| a.starts_with(&format!("{kind}: ")))
+            .count();
+        assert!(n >= 1, "no {kind} alert: {raised:#?}");
+    }
+    let strangers = alerts(pg, "certificate %");
+    assert_eq!(strangers.len(), 1, "{strangers:?}");
+    assert!(strangers[0].starts_with("unknown_site: "), "{strangers:?}");
+
+    // HQ is up, the honest log still ships, and what HQ holds verifies.
+    stamp_n(site, 3).await;
+    let (code, out) = site.ship_once(pki, &node.addr);
+    assert_eq!(code, 0, "{out}");
+    let report = verify_central(pg, site);
+    assert!(report.ok(), "{:?}", report.problems);
+    assert_eq!(report.records, hq_head(pg, &site.id));
+    assert_eq!(
+        pg.number("SELECT count(*) FROM records") as u64,
+        hq_head(pg, &site.id),
+        "a refused record reached the table"
+    );
+}

@@ -154,7 +154,7 @@ pub fn check_batch(
             first.seq, head.seq
         )));
     }
-    if first.seq > head.seq + 1 {
+    if first.seq > head.seq + 1 && !records.iter().any(|x| x.seq == head.seq + 1) {
         return Err(Refusal::Gap(format!(
             "the batch starts at seq {} but HQ holds records up to {}: records {}..{} are missing",
             first.seq,
@@ -167,7 +167,8 @@ pub fn check_batch(
     for (i, r) in records.iter().enumerate() {
         let want = head.seq + 1 + i as u64;
         if r.seq != want {
-            return Err(if r.seq > want {
+            let later = records[i..].iter().any(|x| x.seq == want);
+            return Err(if r.seq > want && !later {
                 Refusal::Gap(format!(
                     "the batch skips from seq {} to {}: records {want}..{} are missing",
                     want - 1,
@@ -176,9 +177,8 @@ pub fn check_batch(
                 ))
             } else {
                 Refusal::BadRecord(format!(
-                    "seq {} comes after seq {}: the batch is out of order",
-                    r.seq,
-                    want - 1
+                    "seq {} comes where seq {want} belongs: the batch is out of order",
+                    r.seq
                 ))
             });
         }
@@ -265,4 +265,217 @@ fn signed_by(c: &Checkpoint, key: &TrustedKey) -> Result<(), Refusal> {
         )));
     }
     check_signature(c, key).map_err(Refusal::BadSignature)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::audit::kind;
+    use ed25519_dalek::pkcs8::EncodePublicKey;
+    use ed25519_dalek::Signer;
+    use sha2::Digest;
+
+    struct Log {
+        key: ed25519_dalek::SigningKey,
+        records: Vec<Record>,
+        checkpoints: Vec<Checkpoint>,
+    }
+
+    impl Log {
+        fn new() -> Log {
+            Log {
+                key: ed25519_dalek::SigningKey::from_bytes(&[7; 32]),
+                records: Vec::new(),
+                checkpoints: Vec::new(),
+            }
+        }
+
+        fn trusted(&self) -> TrustedKey {
+            let spki = self
+                .key
+                .verifying_key()
+                .to_public_key_der()
+                .unwrap()
+                .into_vec();
+            TrustedKey::from_spki(spki).unwrap()
+        }
+
+        fn append(&mut self, n: usize) {
+            for _ in 0..n {
+                let prev = self.records.last().map(|r| r.hash).unwrap_or([0; 32]);
+                let mut r = Record::new(kind::STAMP_COMPLETED);
+                r.detail = format!("record {}", self.records.len() + 1);
+                r.seal_after(self.records.len() as u64 + 1, prev);
+                self.records.push(r);
+            }
+        }
+
+        fn sign(&self, seq: u64, prev_seq: u64) -> Checkpoint {
+            let head = self.records[seq as usize - 1].hash;
+            let m = Checkpoint::message(seq, prev_seq, &head, 1000);
+            let digest = sha2::Sha256::digest(&m);
+            Checkpoint {
+                seq,
+                prev_seq,
+                head,
+                at_ms: 1000,
+                key_id: self.trusted().key_id,
+                algorithm: "ed25519".into(),
+                signature: self.key.sign(&digest).to_bytes().to_vec(),
+            }
+        }
+
+        fn checkpoint(&mut self, prev_seq: u64) {
+            let c = self.sign(self.records.len() as u64, prev_seq);
+            self.checkpoints.push(c);
+        }
+
+        fn range(&self, from: u64, to: u64) -> (&[Record], Vec<Checkpoint>) {
+            let cps = self
+                .checkpoints
+                .iter()
+                .filter(|c| c.seq >= from && c.seq <= to)
+                .cloned()
+                .collect();
+            (&self.records[from as usize - 1..to as usize], cps)
+        }
+    }
+
+    fn head_after(log: &Log, key: &TrustedKey, to: u64) -> Head {
+        let (r, c) = log.range(1, to);
+        check_batch(&Head::default(), key, r, &c, 1000).unwrap()
+    }
+
+    #[test]
+    fn a_batch_extends_the_head_and_every_change_to_it_is_refused() {
+        let mut log = Log::new();
+        log.append(3);
+        log.checkpoint(0);
+        log.append(3);
+        log.checkpoint(3);
+        let key = log.trusted();
+        let head = head_after(&log, &key, 3);
+        assert_eq!(
+            (head.seq, head.checkpoint_seq, head.checkpoint_prev_seq),
+            (3, 3, 0)
+        );
+        let (r, c) = log.range(4, 6);
+        let next = check_batch(&head, &key, r, &c, 1000).unwrap();
+        assert_eq!((next.seq, next.checkpoint_prev_seq), (6, 3));
+
+        // The same batch again, one that skips, one out of order.
+        assert!(matches!(
+            check_batch(&next, &key, r, &c, 1000),
+            Err(Refusal::Stale(_))
+        ));
+        assert!(matches!(
+            check_batch(&head, &key, &r[1..], &c, 1000),
+            Err(Refusal::Gap(_))
+        ));
+        let mut swapped = r.to_vec();
+        swapped.swap(0, 1);
+        assert!(matches!(
+            check_batch(&head, &key, &swapped, &c, 1000),
+            Err(Refusal::BadRecord(_))
+        ));
+        // A record rewritten with its hash and the chain after it recomputed: every record
+        // hashes and links, but the device signed another head.
+        let mut rewritten = r.to_vec();
+        rewritten[0].detail = "rewritten".into();
+        let mut prev = head.hash;
+        for x in &mut rewritten {
+            x.seal_after(x.seq, prev);
+            prev = x.hash;
+        }
+        let e = check_batch(&head, &key, &rewritten, &c, 1000).unwrap_err();
+        assert!(
+            matches!(e, Refusal::BadRecord(_)) && e.to_string().contains("checkpoint 6"),
+            "{e}"
+        );
+        // Not closed by a checkpoint; too large; no checkpoint at all.
+        assert!(matches!(
+            check_batch(&head, &key, &r[..2], &[], 1000),
+            Err(Refusal::BadRequest(_))
+        ));
+        assert!(matches!(
+            check_batch(&head, &key, r, &c, 2),
+            Err(Refusal::TooLarge(_))
+        ));
+        // A forged signature, and a checkpoint of another key.
+        let mut forged = c.clone();
+        forged[0].signature[0] ^= 1;
+        assert!(matches!(
+            check_batch(&head, &key, r, &forged, 1000),
+            Err(Refusal::BadSignature(_))
+        ));
+        let mut other = Log::new();
+        other.key = ed25519_dalek::SigningKey::from_bytes(&[9; 32]);
+        assert!(matches!(
+            check_batch(&head, &other.trusted(), r, &c, 1000),
+            Err(Refusal::NotEnrolled(_))
+        ));
+    }
+
+    #[test]
+    fn another_history_at_hqs_head_is_a_fork() {
+        let mut log = Log::new();
+        log.append(3);
+        log.checkpoint(0);
+        let key = log.trusted();
+        let head = head_after(&log, &key, 3);
+        let mut fork = Log::new();
+        fork.append(2);
+        fork.records.push({
+            let mut r = Record::new(kind::ALERT);
+            r.seal_after(3, fork.records[1].hash);
+            r
+        });
+        fork.append(2);
+        fork.checkpoint(0);
+        let (r, c) = fork.range(4, 5);
+        assert!(matches!(
+            check_batch(&head, &key, r, &c, 1000),
+            Err(Refusal::Fork(_))
+        ));
+        // Its hello says so too: a checkpoint at HQ's head over another record.
+        let at_head = fork.sign(3, 0);
+        let stored = log.records[2].hash;
+        assert!(matches!(
+            check_hello(&head, &key, Some(&at_head), |_| Some(stored)),
+            Err(Refusal::Fork(_))
+        ));
+    }
+
+    #[test]
+    fn a_site_behind_hq_is_a_rollback_and_a_replaced_newest_checkpoint_is_not() {
+        let mut log = Log::new();
+        log.append(2);
+        log.checkpoint(0);
+        log.append(2);
+        log.checkpoint(2);
+        let key = log.trusted();
+        let head = head_after(&log, &key, 4);
+        assert!(matches!(
+            check_hello(&head, &key, Some(&log.checkpoints[0]), |_| None),
+            Err(Refusal::Rollback(_))
+        ));
+        assert!(matches!(
+            check_hello(&head, &key, None, |_| None),
+            Err(Refusal::Rollback(_))
+        ));
+        let stored = log.records[3].hash;
+        check_hello(&head, &key, Some(&log.checkpoints[1]), |_| Some(stored)).unwrap();
+
+        // The site replaced its newest checkpoint (4, after 2) by one at 6, also after 2.
+        log.append(2);
+        log.checkpoints.pop();
+        log.checkpoint(2);
+        let (r, c) = log.range(5, 6);
+        let next = check_batch(&head, &key, r, &c, 1000).unwrap();
+        assert_eq!((next.checkpoint_seq, next.checkpoint_prev_seq), (6, 2));
+        // But a checkpoint naming one HQ never had is not taken.
+        let (r, _) = log.range(5, 6);
+        let odd = log.sign(6, 1);
+        assert!(check_batch(&head, &key, r, &[odd], 1000).is_err());
+    }
 }

@@ -365,3 +365,33 @@ pub fn alerts(pg: &Postgres, site_like: &str) -> Vec<String> {
     .map(String::from)
     .collect()
 }
+
+impl Site {
+    /// A copy of the site's log as of now (sqlite's VACUUM INTO: consistent while it runs).
+    pub fn copy_log(&self, to: &Path) -> PathBuf {
+        let _ = std::fs::remove_file(to);
+        sqlite3(
+            &self.daemon.db(),
+            &format!("VACUUM INTO '{}'", to.display()),
+        );
+        to.to_owned()
+    }
+
+    /// Another daemon with this site's configuration and audit key, on a copy of its log put
+    /// in a new state directory: a site restored from a backup onto another machine.
+    pub fn restored_from(&self, backup: &Path) -> Daemon {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("state")).unwrap();
+        std::fs::copy(backup, dir.path().join("state/sealgate.db")).unwrap();
+        let old = self.daemon.dir.path().display().to_string();
+        let text = std::fs::read_to_string(self.daemon.dir.path().join("sealgate.toml"))
+            .unwrap()
+            .replace(&old, &dir.path().display().to_string());
+        std::fs::copy(
+            self.daemon.dir.path().join("audit.pin"),
+            dir.path().join("audit.pin"),
+        )
+        .unwrap();
+        Daemon::start_with(dir, &text, &[]).unwrap_or_else(|f| panic!("restored site: {f:?}"))
+    }
+}
