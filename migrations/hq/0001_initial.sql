@@ -62,6 +62,19 @@ CREATE TABLE checkpoints (
     PRIMARY KEY (site, seq)
 );
 
+-- HQ's witness cosignatures of the checkpoints it verified (docs/headquarters.md).
+CREATE TABLE cosignatures (
+    site            text NOT NULL REFERENCES sites (site),
+    seq             bigint NOT NULL,
+    head            bytea NOT NULL,
+    checkpoint_at_ms bigint NOT NULL,
+    cosigned_at_ms  bigint NOT NULL,
+    key_id          text NOT NULL,
+    algorithm       text NOT NULL,
+    signature       bytea NOT NULL,
+    PRIMARY KEY (site, seq)
+);
+
 CREATE TABLE alerts (
     id              bigserial PRIMARY KEY,
     at              timestamptz NOT NULL DEFAULT now(),
@@ -86,6 +99,10 @@ CREATE TRIGGER records_no_truncate BEFORE TRUNCATE ON records
 CREATE TRIGGER checkpoints_append_only BEFORE UPDATE OR DELETE ON checkpoints
     FOR EACH ROW EXECUTE FUNCTION sealgate_append_only();
 CREATE TRIGGER checkpoints_no_truncate BEFORE TRUNCATE ON checkpoints
+    FOR EACH STATEMENT EXECUTE FUNCTION sealgate_append_only();
+CREATE TRIGGER cosignatures_append_only BEFORE UPDATE OR DELETE ON cosignatures
+    FOR EACH ROW EXECUTE FUNCTION sealgate_append_only();
+CREATE TRIGGER cosignatures_no_truncate BEFORE TRUNCATE ON cosignatures
     FOR EACH STATEMENT EXECUTE FUNCTION sealgate_append_only();
 CREATE TRIGGER alerts_append_only BEFORE UPDATE OR DELETE ON alerts
     FOR EACH ROW EXECUTE FUNCTION sealgate_append_only();

@@ -47,6 +47,8 @@ enum Command {
         #[arg(long, env = "SEALGATE_HQ_ADMIN_URL")]
         url: Option<String>,
     },
+    /// Print the witness public key (SPKI PEM), for the sites' `--hq-key`.
+    WitnessKey,
 }
 
 fn main() {
@@ -78,6 +80,19 @@ async fn run(args: Args) -> anyhow::Result<()> {
             let version = db.migrate(grant.as_deref()).await?;
             enrol(&db, &sites).await?;
             println!("schema version {version}; {} sites enrolled", sites.len());
+            Ok(())
+        }
+        Command::WitnessKey => {
+            let w = config
+                .witness
+                .as_ref()
+                .context("the configuration has no [witness]")?
+                .open()
+                .map_err(anyhow::Error::msg)?;
+            print!(
+                "{}",
+                sealgate::device::keys::pem("PUBLIC KEY", &w.key.spki_der)
+            );
             Ok(())
         }
         Command::Serve => {
@@ -120,7 +135,18 @@ async fn serve(
         max_frame: config.hq.max_frame_bytes,
         idle_timeout: Duration::from_millis(config.hq.idle_timeout_ms),
     };
-    let hq = Arc::new(Hq::new(db, sites, limits));
+    let witness = match &config.witness {
+        Some(w) => {
+            let w = w.open().map_err(anyhow::Error::msg)?;
+            tracing::info!(
+                key = w.key.key_id,
+                "witness key ready: every verified checkpoint is cosigned"
+            );
+            Some(w)
+        }
+        None => None,
+    };
+    let hq = Arc::new(Hq::new(db, sites, limits, witness));
     let raiser = hq.clone();
     let runtime = tokio::runtime::Handle::current();
     let on_refused: sealgate::tls::OnRefused = Arc::new(move |fp: [u8; 32]| {

@@ -17,6 +17,27 @@ pub struct HqConfig {
     pub database: DatabaseConfig,
     #[serde(default, rename = "site")]
     pub sites: Vec<SiteConfig>,
+    /// HQ's witness key, which cosigns every site checkpoint HQ verified.
+    #[serde(default)]
+    pub witness: Option<WitnessConfig>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WitnessConfig {
+    /// Where the device's profile is (the daemon's `device-profiles/`).
+    pub profiles_dir: PathBuf,
+    /// The witness key on the device, by label.
+    pub key_label: String,
+    /// ecdsa-p256-sha256 or ed25519.
+    #[serde(default = "default_witness_algorithm")]
+    pub algorithm: String,
+    /// The device, as a `[[device]]` of the daemon's configuration (a PKCS#11 token).
+    pub device: crate::config::DeviceConfig,
+}
+
+fn default_witness_algorithm() -> String {
+    "ecdsa-p256-sha256".into()
 }
 
 #[derive(Debug, Deserialize)]
@@ -74,6 +95,53 @@ fn default_idle() -> u64 {
 }
 fn default_pool() -> usize {
     8
+}
+
+impl WitnessConfig {
+    /// Opens the witness key's device.
+    pub fn open(&self) -> Result<super::cosign::Witness, String> {
+        use crate::device::profile::{DeviceKind, DeviceProfile};
+        use crate::device::{Algorithm, KeySpec};
+        let algorithm = Algorithm::parse(&self.algorithm)?;
+        if !matches!(algorithm, Algorithm::EcdsaP256Sha256 | Algorithm::Ed25519) {
+            return Err(format!(
+                "witness.algorithm: {} is not one a witness key may have (ecdsa-p256-sha256, ed25519)",
+                self.algorithm
+            ));
+        }
+        let profile = DeviceProfile::load(&self.profiles_dir, &self.device.profile)
+            .map_err(|e| format!("witness device: {e}"))?;
+        if profile.kind != DeviceKind::Pkcs11 {
+            return Err("the witness device must be a PKCS#11 token".into());
+        }
+        let spec = KeySpec {
+            label: Some(self.key_label.clone()),
+            id: None,
+            algorithm,
+        };
+        let device = open_pkcs11(&self.device, profile, spec)?;
+        super::cosign::Witness::new(device)
+    }
+}
+
+#[cfg(feature = "pkcs11")]
+fn open_pkcs11(
+    config: &crate::config::DeviceConfig,
+    profile: crate::device::profile::DeviceProfile,
+    spec: crate::device::KeySpec,
+) -> Result<std::sync::Arc<dyn crate::device::SealDevice>, String> {
+    crate::device::pkcs11::Pkcs11Device::open(config, profile, vec![spec])
+        .map(|d| std::sync::Arc::new(d) as std::sync::Arc<dyn crate::device::SealDevice>)
+        .map_err(|e| format!("witness device: {e}"))
+}
+
+#[cfg(not(feature = "pkcs11"))]
+fn open_pkcs11(
+    _config: &crate::config::DeviceConfig,
+    _profile: crate::device::profile::DeviceProfile,
+    _spec: crate::device::KeySpec,
+) -> Result<std::sync::Arc<dyn crate::device::SealDevice>, String> {
+    Err("this build has no PKCS#11 support (feature pkcs11): no witness key".into())
 }
 
 /// An enrolled site, as the listener and the database layer use it.

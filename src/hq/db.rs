@@ -8,6 +8,7 @@
 
 use super::check::{self, Head, Refusal};
 use super::config::{DatabaseConfig, Site};
+use super::cosign::Cosignature;
 use crate::audit::verify::TrustedKey;
 use crate::audit::{Checkpoint, Record, TEXT_FIELDS};
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
@@ -135,7 +136,7 @@ impl Db {
             let role = quote_ident(role)?;
             tx.batch_execute(&format!(
                 "GRANT SELECT ON sealgate_schema TO {role};
-                 GRANT SELECT, INSERT ON records, checkpoints, alerts TO {role};
+                 GRANT SELECT, INSERT ON records, checkpoints, cosignatures, alerts TO {role};
                  GRANT SELECT, INSERT, UPDATE ON sites TO {role};
                  GRANT USAGE ON SEQUENCE alerts_id_seq TO {role};"
             ))
@@ -281,6 +282,76 @@ impl Db {
         .map_err(DbError::from)?;
         tx.commit().await.map_err(DbError::from)?;
         Ok(new_head)
+    }
+
+    /// HQ's cosignature of a site's checkpoint at `seq`, if it made one.
+    pub async fn cosignature(&self, site: &str, seq: u64) -> Result<Option<Cosignature>, DbError> {
+        let client = self.pool.get().await?;
+        let row = client
+            .query_opt(
+                "SELECT head, checkpoint_at_ms, cosigned_at_ms, key_id, algorithm, signature
+                 FROM cosignatures WHERE site = $1 AND seq = $2",
+                &[&site, &(seq as i64)],
+            )
+            .await?;
+        let Some(row) = row else { return Ok(None) };
+        let head: Vec<u8> = row.get(0);
+        Ok(Some(Cosignature {
+            site: site.to_owned(),
+            seq,
+            head: head
+                .try_into()
+                .map_err(|_| DbError::Config("a cosignature's head is not 32 bytes".into()))?,
+            checkpoint_at_ms: row.get(1),
+            cosigned_at_ms: row.get(2),
+            key_id: row.get(3),
+            algorithm: row.get(4),
+            signature: row.get(5),
+        }))
+    }
+
+    /// The head and time of a site's checkpoint at `seq`, as HQ stored it.
+    pub async fn checkpoint(
+        &self,
+        site: &str,
+        seq: u64,
+    ) -> Result<Option<([u8; 32], i64)>, DbError> {
+        let client = self.pool.get().await?;
+        let row = client
+            .query_opt(
+                "SELECT head, at_ms FROM checkpoints WHERE site = $1 AND seq = $2",
+                &[&site, &(seq as i64)],
+            )
+            .await?;
+        Ok(row.and_then(|r| {
+            let head: Vec<u8> = r.get(0);
+            Some((head.try_into().ok()?, r.get(1)))
+        }))
+    }
+
+    /// Keeps a cosignature; when another node kept one for the same checkpoint first, that one
+    /// stands.
+    pub async fn store_cosignature(&self, c: &Cosignature) -> Result<(), DbError> {
+        let client = self.pool.get().await?;
+        client
+            .execute(
+                "INSERT INTO cosignatures
+                     (site, seq, head, checkpoint_at_ms, cosigned_at_ms, key_id, algorithm, signature)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+                 ON CONFLICT (site, seq) DO NOTHING",
+                &[
+                    &c.site,
+                    &(c.seq as i64),
+                    &c.head.as_slice(),
+                    &c.checkpoint_at_ms,
+                    &c.cosigned_at_ms,
+                    &c.key_id,
+                    &c.algorithm,
+                    &c.signature,
+                ],
+            )
+            .await?;
+        Ok(())
     }
 
     /// Records a central alert, unless the same one (site, kind, seq) was recorded in the last

@@ -9,6 +9,7 @@
 //! - [`check`]: what a batch or a hello must be to extend a site's verified head; pure logic.
 //! - [`db`]: PostgreSQL, HQ's system of record: migrations, the per-site head row that orders
 //!   every site's batches across HQ nodes, append-only tables, central alerts.
+//! - [`cosign`]: HQ's witness cosignatures of what it verified, and the site's store of them.
 //! - [`config`]: HQ's TOML configuration: listener, database, enrolled sites.
 //!
 //! Never: stores a record that is not covered by a checkpoint signed by the site's enrolled
@@ -16,6 +17,7 @@
 
 pub mod check;
 pub mod config;
+pub mod cosign;
 pub mod db;
 pub mod server;
 pub mod ship;

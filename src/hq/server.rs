@@ -7,8 +7,9 @@
 //! Never: reads a protocol byte from a certificate that is not enrolled, or lets one site's
 //! trouble stop another's connection.
 
-use super::check::Refusal;
+use super::check::{Head, Refusal};
 use super::config::Site;
+use super::cosign::{Cosignature, Witness};
 use super::db::Db;
 use super::pb::{self, site_message, HqReply, SiteMessage, Status};
 use crate::audit::{Checkpoint, Record};
@@ -36,10 +37,11 @@ pub struct Hq {
     pub db: Db,
     sites: HashMap<[u8; 32], Arc<Site>>,
     limits: Limits,
+    witness: Option<Arc<Witness>>,
 }
 
 impl Hq {
-    pub fn new(db: Db, sites: Vec<Site>, limits: Limits) -> Hq {
+    pub fn new(db: Db, sites: Vec<Site>, limits: Limits, witness: Option<Witness>) -> Hq {
         Hq {
             db,
             sites: sites
@@ -47,7 +49,59 @@ impl Hq {
                 .map(|s| (s.fingerprint, Arc::new(s)))
                 .collect(),
             limits,
+            witness: witness.map(Arc::new),
         }
+    }
+
+    /// HQ's cosignature of the site's head: the one kept, or one made and kept now. None
+    /// without a witness key, for an empty log, or when the key cannot sign (logged; the
+    /// next reply tries again).
+    async fn cosigned(&self, site: &Site, head: &Head) -> Option<Cosignature> {
+        let witness = self.witness.clone()?;
+        if head.checkpoint_seq == 0 {
+            return None;
+        }
+        let seq = head.checkpoint_seq;
+        let fail = |e: String| tracing::error!(site = site.id, seq, "no cosignature: {e}");
+        match self.db.cosignature(&site.id, seq).await {
+            Ok(Some(c)) => return Some(c),
+            Ok(None) => {}
+            Err(e) => {
+                fail(e.to_string());
+                return None;
+            }
+        }
+        let (cp_head, at_ms) = match self.db.checkpoint(&site.id, seq).await {
+            Ok(Some(c)) => c,
+            Ok(None) => {
+                fail("HQ holds no checkpoint at its head".into());
+                return None;
+            }
+            Err(e) => {
+                fail(e.to_string());
+                return None;
+            }
+        };
+        let id = site.id.clone();
+        let made =
+            tokio::task::spawn_blocking(move || witness.cosign(&id, seq, cp_head, at_ms)).await;
+        let c = match made {
+            Ok(Ok(c)) => c,
+            Ok(Err(e)) => {
+                fail(e);
+                return None;
+            }
+            Err(e) => {
+                fail(e.to_string());
+                return None;
+            }
+        };
+        if let Err(e) = self.db.store_cosignature(&c).await {
+            fail(e.to_string());
+            return None;
+        }
+        // Another node may have kept its own first: that one stands.
+        self.db.cosignature(&site.id, seq).await.ok().flatten()
     }
 
     pub fn pins(&self) -> Vec<[u8; 32]> {
@@ -160,12 +214,14 @@ async fn connection(tcp: TcpStream, peer: String, tls: tokio_rustls::TlsAcceptor
         };
         let sent = match outcome {
             Ok(head) => {
+                let cosignature = hq.cosigned(&site, &head).await;
                 send(
                     &mut framed,
                     HqReply {
                         status: Status::Ok as i32,
                         message: String::new(),
                         head: Some((&head).into()),
+                        cosignature: cosignature.as_ref().map(Into::into),
                     },
                 )
                 .await
@@ -178,7 +234,7 @@ async fn connection(tcp: TcpStream, peer: String, tls: tokio_rustls::TlsAcceptor
     }
 }
 
-async fn hello(hq: &Hq, site: &Site, h: pb::Hello) -> Result<super::check::Head, Refusal> {
+async fn hello(hq: &Hq, site: &Site, h: pb::Hello) -> Result<Head, Refusal> {
     if h.protocol_version != super::PROTOCOL_VERSION {
         return Err(Refusal::BadRequest(format!(
             "protocol version {}; this HQ speaks {}",
@@ -194,7 +250,7 @@ async fn hello(hq: &Hq, site: &Site, h: pb::Hello) -> Result<super::check::Head,
     hq.db.hello(site, newest.as_ref()).await
 }
 
-async fn batch(hq: &Hq, site: &Site, b: pb::Batch) -> Result<super::check::Head, Refusal> {
+async fn batch(hq: &Hq, site: &Site, b: pb::Batch) -> Result<Head, Refusal> {
     if b.records.len() > hq.limits.max_batch_records {
         return Err(Refusal::TooLarge(format!(
             "a batch of {} records; at most {} in one",
@@ -247,6 +303,7 @@ where
             status: r.status() as i32,
             message: r.to_string(),
             head: head.as_ref().map(Into::into),
+            cosignature: None,
         },
     )
     .await

@@ -35,6 +35,10 @@ pub struct ShipConfig {
     pub interval: Duration,
     /// The longest wait between reconnections.
     pub max_backoff: Duration,
+    /// Where HQ's cosignatures are kept (see [`super::cosign::default_store`]).
+    pub cosignatures: PathBuf,
+    /// HQ's witness key: cosignatures that do not verify under it are not kept.
+    pub hq_key: Option<crate::audit::verify::TrustedKey>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -70,6 +74,8 @@ pub struct Shipped {
     pub batches: u64,
     /// HQ's head for this site at the end.
     pub head: u64,
+    /// The newest seq HQ cosigned, kept in the cosignature store.
+    pub cosigned: u64,
 }
 
 type Link = Framed<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>;
@@ -142,7 +148,10 @@ async fn session(
         .map_err(connect_err)?;
     let mut link: Link = Framed::new(stream, FrameCodec::new(super::DEFAULT_MAX_FRAME));
     let log = query::open_read_only(&c.db)?;
-    let mut head = hello(&mut link, &log).await?;
+    let mut store = None;
+    let reply = hello(&mut link, &log).await?;
+    let mut head = head_of(&reply)?;
+    keep_cosignature(c, &log, &mut store, &reply, total)?;
     tracing::info!(hq = c.hq, head, "connected to HQ");
     loop {
         let (records, checkpoints) = next_batch(&log, head, c.batch_records)?;
@@ -156,7 +165,9 @@ async fn session(
                 _ = tokio::time::sleep(c.interval) => {}
             }
             // Greet again: HQ sees the site alive and checks its newest checkpoint.
-            head = hello(&mut link, &log).await?;
+            let reply = hello(&mut link, &log).await?;
+            head = head_of(&reply)?;
+            keep_cosignature(c, &log, &mut store, &reply, total)?;
             continue;
         }
         let n = records.len() as u64;
@@ -174,6 +185,7 @@ async fn session(
                 total.records += n;
                 total.batches += 1;
                 total.head = head;
+                keep_cosignature(c, &log, &mut store, &reply, total)?;
             }
             // HQ holds more, or less, than this shipper thought: go on from HQ's head, once.
             Ok(Status::Gap | Status::Stale) if head_of(&reply)? != head => {
@@ -185,8 +197,53 @@ async fn session(
     }
 }
 
-/// Sends the hello with the log's newest checkpoint; returns HQ's head.
-async fn hello(link: &mut Link, log: &rusqlite::Connection) -> Result<u64, ShipError> {
+/// Keeps the cosignature of a reply, if it has one that matches the log (and verifies under
+/// HQ's key, when it is known). One that does not is logged and left.
+fn keep_cosignature(
+    c: &ShipConfig,
+    log: &rusqlite::Connection,
+    store: &mut Option<rusqlite::Connection>,
+    reply: &HqReply,
+    total: &mut Shipped,
+) -> Result<(), ShipError> {
+    let Some(pc) = reply.cosignature.clone() else {
+        return Ok(());
+    };
+    let cosig = match super::cosign::Cosignature::try_from(pc) {
+        Ok(x) => x,
+        Err(e) => {
+            tracing::error!("HQ sent a cosignature that does not decode: {e}");
+            return Ok(());
+        }
+    };
+    if let Some(key) = &c.hq_key {
+        if let Err(e) = cosig.check(key) {
+            tracing::error!("HQ's cosignature is not kept: {e}");
+            return Ok(());
+        }
+    }
+    let here: Option<Vec<u8>> = rusqlite::OptionalExtension::optional(log.query_row(
+        "SELECT hash FROM audit WHERE seq = ?1",
+        [cosig.seq as i64],
+        |r| r.get(0),
+    ))?;
+    if here.as_deref() != Some(&cosig.head[..]) {
+        tracing::error!(
+            seq = cosig.seq,
+            "HQ cosigned a record this log does not hold; the cosignature is not kept"
+        );
+        return Ok(());
+    }
+    if store.is_none() {
+        *store = Some(super::cosign::open_store(&c.cosignatures)?);
+    }
+    super::cosign::store(store.as_ref().expect("opened above"), &cosig)?;
+    total.cosigned = total.cosigned.max(cosig.seq);
+    Ok(())
+}
+
+/// Sends the hello with the log's newest checkpoint; returns HQ's reply.
+async fn hello(link: &mut Link, log: &rusqlite::Connection) -> Result<HqReply, ShipError> {
     let newest = newest_checkpoint(log)?;
     let reply = call(
         link,
@@ -199,7 +256,7 @@ async fn hello(link: &mut Link, log: &rusqlite::Connection) -> Result<u64, ShipE
     if reply.status != Status::Ok as i32 {
         return Err(refused(&reply));
     }
-    head_of(&reply)
+    Ok(reply)
 }
 
 fn newest_checkpoint(log: &rusqlite::Connection) -> Result<Option<Checkpoint>, ShipError> {

@@ -185,6 +185,7 @@ impl HqNode {
             .arg("--config")
             .arg(&config)
             .args(["migrate", "--grant", HQ_ROLE, "--url", &pg.url(OWNER)])
+            .env("SOFTHSM2_CONF", demo().softhsm_conf())
             .output()
             .unwrap();
         assert!(
@@ -214,6 +215,7 @@ impl HqNode {
             .arg("--config")
             .arg(&self.config)
             .args(["--log-format", "text", "serve"])
+            .env("SOFTHSM2_CONF", demo().softhsm_conf())
             .env("SEALGATE_LOG", "info,sealgate=debug")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -253,6 +255,44 @@ impl HqNode {
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
+
+    /// `sealgate-hq witness-key`: the witness public key, PEM.
+    pub fn witness_key(&self) -> String {
+        let out = Command::new(HQ)
+            .arg("--config")
+            .arg(&self.config)
+            .arg("witness-key")
+            .env("SOFTHSM2_CONF", demo().softhsm_conf())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "sealgate-hq witness-key: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+}
+
+/// A `[witness]` section: HQ's witness key is the P-256 key "audit" of a SoftHSM token of its
+/// own, `hq-witness`, made now (its PIN in DIR/witness.pin).
+pub fn witness_section(dir: &Path) -> String {
+    let pin = "13572468";
+    own_token("hq-witness", pin);
+    let pin_file = dir.join("witness.pin");
+    std::fs::write(&pin_file, format!("{pin}\n")).unwrap();
+    std::fs::set_permissions(
+        &pin_file,
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )
+    .unwrap();
+    format!(
+        "\n[witness]\nprofiles_dir = \"{}\"\nkey_label = \"audit\"\n\n[witness.device]\nid = \"hq-witness\"\nprofile = \"softhsm2\"\ntoken_label = \"hq-witness\"\npin_file = \"{}\"\n",
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("device-profiles")
+            .display(),
+        pin_file.display()
+    )
 }
 
 impl Drop for HqNode {

@@ -25,6 +25,13 @@ pub enum AuditCommand {
         /// not that it came from your device.
         #[arg(long)]
         key: Vec<PathBuf>,
+        /// HQ's witness public key (SPKI PEM): also check HQ's cosignatures of this log (from
+        /// --cosignatures, by default hq-cosignatures.db beside --db), report the newest
+        /// point HQ cosigned, and fail a log that ends before it or differs at it.
+        #[arg(long, conflicts_with = "bundle")]
+        hq_key: Option<PathBuf>,
+        #[arg(long, requires = "hq_key")]
+        cosignatures: Option<PathBuf>,
     },
     /// Records matching every filter given, oldest first.
     Query {
@@ -103,6 +110,13 @@ pub struct ShipArgs {
     /// The longest wait between reconnections (milliseconds).
     #[arg(long, default_value_t = 30_000)]
     max_backoff_ms: u64,
+    /// Where to keep HQ's cosignatures (default: hq-cosignatures.db beside --db).
+    #[arg(long)]
+    cosignatures: Option<PathBuf>,
+    /// HQ's witness public key (SPKI PEM, from `sealgate-hq witness-key`): cosignatures that
+    /// do not verify under it are not kept.
+    #[arg(long)]
+    hq_key: Option<PathBuf>,
 }
 
 #[derive(ClapArgs)]
@@ -170,7 +184,22 @@ pub enum ExportFormat {
 /// Runs an audit command; returns the process's exit code.
 pub fn run(command: &AuditCommand, json: bool) -> anyhow::Result<i32> {
     match command {
-        AuditCommand::Verify { source, key } => run_verify(source, key, json),
+        AuditCommand::Verify {
+            source,
+            key,
+            hq_key,
+            cosignatures,
+        } => {
+            let witness = hq_key.as_ref().map(|k| {
+                (
+                    k.as_path(),
+                    cosignatures
+                        .clone()
+                        .unwrap_or_else(|| sealgate::hq::cosign::default_store(&source.db.db)),
+                )
+            });
+            run_verify(source, key, witness, json)
+        }
         AuditCommand::Query { db, filter, format } => {
             let conn = open(&db.db)?;
             query_out(&conn, &filter.to_filter()?, *format)?;
@@ -239,6 +268,11 @@ fn ship(a: &ShipArgs, json: bool) -> anyhow::Result<i32> {
         follow: a.follow,
         interval: std::time::Duration::from_millis(a.interval_ms.max(10)),
         max_backoff: std::time::Duration::from_millis(a.max_backoff_ms.max(a.interval_ms)),
+        cosignatures: a
+            .cosignatures
+            .clone()
+            .unwrap_or_else(|| sealgate::hq::cosign::default_store(&a.db.db)),
+        hq_key: a.hq_key.as_deref().map(key_file).transpose()?,
     };
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -259,13 +293,16 @@ fn ship(a: &ShipArgs, json: bool) -> anyhow::Result<i32> {
                 if json {
                     println!(
                         "{}",
-                        serde_json::json!({"records": done.records, "batches": done.batches, "hq_head": done.head})
+                        serde_json::json!({"records": done.records, "batches": done.batches, "hq_head": done.head, "hq_cosigned": done.cosigned})
                     );
                 } else {
                     println!(
                         "shipped {} records in {} batches; HQ holds this site's log up to seq {}",
                         done.records, done.batches, done.head
                     );
+                    if done.cosigned > 0 {
+                        println!("HQ cosigned the log up to seq {}", done.cosigned);
+                    }
                 }
                 Ok(0)
             }
@@ -318,17 +355,16 @@ impl FilterArgs {
     }
 }
 
-fn run_verify(source: &Source, key_files: &[PathBuf], json: bool) -> anyhow::Result<i32> {
-    let mut keys = Vec::new();
-    for path in key_files {
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("cannot read {}", path.display()))?;
-        let (_, der) = pem_rfc7468::decode_vec(text.as_bytes())
-            .map_err(|e| anyhow::anyhow!("{}: not PEM: {e}", path.display()))?;
-        keys.push(
-            TrustedKey::from_spki(der).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?,
-        );
-    }
+fn run_verify(
+    source: &Source,
+    key_files: &[PathBuf],
+    witness: Option<(&Path, PathBuf)>,
+    json: bool,
+) -> anyhow::Result<i32> {
+    let keys = key_files
+        .iter()
+        .map(|p| key_file(p))
+        .collect::<anyhow::Result<Vec<_>>>()?;
     let from_log = keys.is_empty();
     let started = std::time::Instant::now();
     let report = match &source.bundle {
@@ -345,6 +381,15 @@ fn run_verify(source: &Source, key_files: &[PathBuf], json: bool) -> anyhow::Res
             },
         );
     }
+    let cosigned = match witness {
+        Some((key, store)) => Some(check_cosignatures(
+            &source.db.db,
+            &key_file(key)?,
+            &store,
+            &mut report,
+        )?),
+        None => None,
+    };
     let seconds = started.elapsed().as_secs_f64();
     let rate = report.records as f64 / seconds.max(1e-9);
     if json {
@@ -359,6 +404,8 @@ fn run_verify(source: &Source, key_files: &[PathBuf], json: bool) -> anyhow::Res
                 "stamps_checked": report.stamps_checked,
                 "problems": report.problems,
                 "keys_from_log": from_log,
+                "hq_cosigned_seq": cosigned.as_ref().map(|c| c.0),
+                "hq_cosigned_at_ms": cosigned.as_ref().map(|c| c.1),
                 "seconds": seconds,
                 "records_per_second": rate,
             })
@@ -368,8 +415,38 @@ fn run_verify(source: &Source, key_files: &[PathBuf], json: bool) -> anyhow::Res
             eprintln!("note: no --key given; checkpoints were checked against the audit keys recorded in the log itself");
         }
         print_report(&report, seconds, rate);
+        match cosigned {
+            Some((0, _)) => println!("HQ has cosigned none of this log"),
+            Some((seq, at)) => println!("HQ cosigned this log up to seq {seq} ({})", time(at)),
+            None => {}
+        }
     }
     Ok(if report.ok() { 0 } else { 1 })
+}
+
+/// Checks HQ's cosignatures of the log at `db` under HQ's `key`, adding what does not hold
+/// to the report. Returns the newest point HQ cosigned (seq and time; 0 for none).
+fn check_cosignatures(
+    db: &Path,
+    key: &TrustedKey,
+    store: &Path,
+    report: &mut Report,
+) -> anyhow::Result<(u64, i64)> {
+    let Some(cosignatures) = sealgate::hq::cosign::read_store(store)
+        .with_context(|| format!("cannot read {}", store.display()))?
+    else {
+        return Ok((0, 0));
+    };
+    let conn = open(db)?;
+    let mut stmt = conn.prepare("SELECT hash FROM audit WHERE seq = ?1")?;
+    let (newest, problems) =
+        sealgate::hq::cosign::check_log(&cosignatures, key, report.last_seq, |seq| {
+            let h: Option<Vec<u8>> = stmt.query_row([seq as i64], |r| r.get(0)).ok();
+            h.and_then(|h| h.try_into().ok())
+        });
+    report.problems.extend(problems);
+    report.problems.sort_by_key(|p| p.seq);
+    Ok(newest.map(|c| (c.seq, c.cosigned_at_ms)).unwrap_or((0, 0)))
 }
 
 fn print_report(r: &Report, seconds: f64, rate: f64) {
