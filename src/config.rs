@@ -433,6 +433,15 @@ pub struct AuditConfig {
     pub algorithm: String,
     #[serde(default)]
     pub alerts: AlertsConfig,
+    /// An idle log gets an `audit.heartbeat` record (and so a fresh checkpoint) when its
+    /// newest checkpoint is this old, so that headquarters can tell a quiet site from one cut
+    /// off. 0 switches it off.
+    #[serde(default = "default_heartbeat")]
+    pub heartbeat_seconds: u64,
+}
+
+fn default_heartbeat() -> u64 {
+    60
 }
 
 fn default_audit_algorithm() -> String {

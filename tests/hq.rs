@@ -589,3 +589,61 @@ async fn hq_cosigns_what_it_verified_and_the_site_verify_catches_a_tail_cut_with
     let v: serde_json::Value = serde_json::from_str(out.lines().next().unwrap()).unwrap();
     assert_eq!(v["hq_cosigned_seq"], hq_head(pg, &site.id));
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_quiet_site_shows_alive_by_its_heartbeats_and_a_cut_off_one_raises_silence() {
+    let pg = Postgres::start();
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::new(dir.path());
+    let site = Site::start_with_heartbeat("lanzhou", &pki, 1);
+    let node = HqNode::start(dir.path(), &pg, |port| {
+        hq_config(
+            &pki,
+            &pg,
+            port,
+            &[(&site.id, &site.fingerprint, &site.audit_pem)],
+        )
+        .replace(
+            "idle_timeout_ms = 5000",
+            "idle_timeout_ms = 5000\nsilence_after_ms = 3000",
+        )
+    });
+    let mut shipper = site.follow(&pki, &node.addr);
+    stamp_n(&site, 2).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let before = hq_head(&pg, &site.id);
+    // Quiet for longer than the silence limit: the heartbeats keep it alive.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert!(hq_head(&pg, &site.id) > before, "no heartbeat reached HQ");
+    assert!(
+        pg.number("SELECT count(*) FROM records WHERE kind = 'audit.heartbeat'") >= 3,
+        "too few heartbeats"
+    );
+    assert!(alerts(&pg, "%").is_empty(), "{:?}", alerts(&pg, "%"));
+    // Cut off: the shipper stops; HQ notices within the limit and a check.
+    let _ = shipper.kill();
+    let _ = shipper.wait();
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    let raised = loop {
+        let a = alerts(&pg, &site.id);
+        if !a.is_empty() || std::time::Instant::now() > deadline {
+            break a;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(raised.len(), 1, "{raised:?}");
+    assert!(
+        raised[0].starts_with("silence: nothing from site lanzhou"),
+        "{raised:?}"
+    );
+    // The site's own log verifies with its heartbeats in it.
+    let (code, out) = sealctl(&[
+        "audit",
+        "verify",
+        "--db",
+        &site.daemon.db().display().to_string(),
+        "--key",
+        &site.audit_pem.display().to_string(),
+    ]);
+    assert_eq!(code, 0, "{out}");
+}

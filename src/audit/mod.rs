@@ -42,6 +42,9 @@ pub mod rejection {
 
 pub mod kind {
     pub const DAEMON_STARTED: &str = "daemon.started";
+    /// Written to an idle log now and then (`audit.heartbeat_seconds`): a fresh checkpoint
+    /// that shows the site alive.
+    pub const AUDIT_HEARTBEAT: &str = "audit.heartbeat";
     /// One use of an approval consumed; the device is about to sign.
     pub const STAMP_AUTHORIZED: &str = "stamp.authorized";
     pub const STAMP_COMPLETED: &str = "stamp.completed";

@@ -147,6 +147,10 @@ async fn serve(
         None => None,
     };
     let hq = Arc::new(Hq::new(db, sites, limits, witness));
+    tokio::spawn(server::watch_silence(
+        hq.clone(),
+        Duration::from_millis(config.hq.silence_after_ms),
+    ));
     let raiser = hq.clone();
     let runtime = tokio::runtime::Handle::current();
     let on_refused: sealgate::tls::OnRefused = Arc::new(move |fp: [u8; 32]| {

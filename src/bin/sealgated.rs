@@ -113,6 +113,12 @@ fn run(args: Args) -> anyhow::Result<()> {
         let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
             .context("cannot watch SIGINT")?;
         tokio::spawn(watch_devices(service.clone()));
+        if config.audit.heartbeat_seconds > 0 {
+            tokio::spawn(heartbeat(
+                service.clone(),
+                Duration::from_secs(config.audit.heartbeat_seconds),
+            ));
+        }
         let hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
             .context("cannot watch SIGHUP")?;
         tokio::spawn(reload_on_hangup(
@@ -299,6 +305,24 @@ async fn watch_devices(service: Arc<Service>) {
                 service.audit().append_later(record);
             }
             *seen = now;
+        }
+    }
+}
+
+/// Appends `audit.heartbeat` whenever the log's newest checkpoint is `every` old: an idle
+/// site still shows a fresh device signature.
+async fn heartbeat(service: Arc<Service>, every: Duration) {
+    let mut tick = tokio::time::interval(
+        (every / 4).clamp(Duration::from_millis(250), Duration::from_secs(5)),
+    );
+    loop {
+        tick.tick().await;
+        let status = service.audit().status();
+        let age = sealgate::audit::now_ms() - status.checkpoint_at_ms;
+        if status.error.is_empty() && age >= every.as_millis() as i64 {
+            service
+                .audit()
+                .append_later(Record::new(kind::AUDIT_HEARTBEAT));
         }
     }
 }

@@ -57,6 +57,10 @@ pub struct Listener {
     /// A connection with no message for this long is closed.
     #[serde(default = "default_idle")]
     pub idle_timeout_ms: u64,
+    /// A site whose head has not moved for this long raises `silence`: it is cut off, or its
+    /// shipper or daemon stopped (an idle site still sends a heartbeat a minute).
+    #[serde(default = "default_silence")]
+    pub silence_after_ms: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -92,6 +96,9 @@ fn default_max_frame() -> usize {
 }
 fn default_idle() -> u64 {
     120_000
+}
+fn default_silence() -> u64 {
+    300_000
 }
 fn default_pool() -> usize {
     8
@@ -163,7 +170,7 @@ impl HqConfig {
         })?;
         if c.hq.max_batch_records == 0 || c.hq.max_frame_bytes < 1024 || c.hq.idle_timeout_ms == 0 {
             return Err(ConfigError::Invalid(
-                "hq: max_batch_records and idle_timeout_ms must be at least 1, max_frame_bytes at least 1024".into(),
+                "hq: max_batch_records and idle_timeout_ms must be at least 1, max_frame_bytes at least 1024, silence_after_ms at least 1000".into(),
             ));
         }
         if c.database.pool_size == 0 {

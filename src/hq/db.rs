@@ -354,6 +354,29 @@ impl Db {
         Ok(())
     }
 
+    /// Sites whose head has not moved for `after` (or that never shipped since enrolment
+    /// that long ago): id, head seq, and milliseconds since the head last moved.
+    pub async fn silent_sites(
+        &self,
+        after: std::time::Duration,
+    ) -> Result<Vec<(String, u64, i64)>, DbError> {
+        let client = self.pool.get().await?;
+        let rows = client
+            .query(
+                "SELECT site, head_seq,
+                        (extract(epoch FROM now() - coalesce(head_at, enrolled_at)) * 1000)::bigint
+                 FROM sites
+                 WHERE coalesce(head_at, enrolled_at) < now() - make_interval(secs => $1)
+                 ORDER BY site",
+                &[&after.as_secs_f64()],
+            )
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|r| (r.get(0), r.get::<_, i64>(1) as u64, r.get(2)))
+            .collect())
+    }
+
     /// Records a central alert, unless the same one (site, kind, seq) was recorded in the last
     /// ten minutes: a shipper that retries a refused batch raises it once, not once a try.
     /// Returns whether it was recorded.

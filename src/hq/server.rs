@@ -111,9 +111,42 @@ impl Hq {
     /// Logs a central alert and records it in the database (once per ten minutes for the
     /// same site, kind and seq).
     pub async fn raise(&self, site: &str, kind: &str, seq: Option<u64>, detail: &str) {
-        tracing::warn!(site, alert = kind, seq, "{detail}");
-        if let Err(e) = self.db.alert(site, kind, seq, detail).await {
-            tracing::error!(site, alert = kind, error = %e, "the alert could not be recorded");
+        match self.db.alert(site, kind, seq, detail).await {
+            Ok(true) => tracing::warn!(site, alert = kind, seq, "{detail}"),
+            Ok(false) => tracing::info!(site, alert = kind, seq, "again: {detail}"),
+            Err(e) => {
+                tracing::warn!(site, alert = kind, seq, "{detail}");
+                tracing::error!(site, alert = kind, error = %e, "the alert could not be recorded");
+            }
+        }
+    }
+}
+
+/// Raises `silence` for every site whose head has not moved for `after`, checking a few
+/// times within that time; again every ten minutes while it lasts.
+pub async fn watch_silence(hq: Arc<Hq>, after: Duration) {
+    let mut tick = tokio::time::interval(
+        (after / 4).clamp(Duration::from_millis(250), Duration::from_secs(30)),
+    );
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        match hq.db.silent_sites(after).await {
+            Ok(sites) => {
+                for (site, head, age_ms) in sites {
+                    hq.raise(
+                        &site,
+                        "silence",
+                        Some(head),
+                        &format!(
+                            "nothing from site {site} for {} s (its head is seq {head}): the site is cut off, or its shipper or daemon stopped",
+                            age_ms / 1000
+                        ),
+                    )
+                    .await;
+                }
+            }
+            Err(e) => tracing::error!(error = %e, "cannot look for silent sites"),
         }
     }
 }

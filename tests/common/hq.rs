@@ -21,6 +21,11 @@ pub struct Site {
 impl Site {
     /// A daemon on the demo seals whose audit key is in token `site-ID` of its own.
     pub fn start(id: &str, pki: &Pki) -> Site {
+        Site::start_with_heartbeat(id, pki, 0)
+    }
+
+    /// The same, writing `audit.heartbeat` to an idle log every `heartbeat_seconds`.
+    pub fn start_with_heartbeat(id: &str, pki: &Pki, heartbeat_seconds: u64) -> Site {
         let label = format!("site-{id}");
         let pin = "24681357";
         own_token(&label, pin);
@@ -41,11 +46,12 @@ impl Site {
             ..Opts::default()
         };
         let text = config_text(demo(), &socket, &opts);
-        let demo_audit = "[audit]\ndevice = \"demo-hsm\"\nkey_label = \"sealgate-audit\"";
+        let demo_audit =
+            "[audit]\ndevice = \"demo-hsm\"\nkey_label = \"sealgate-audit\"\nheartbeat_seconds = 0";
         assert!(text.contains(demo_audit));
         let text = text.replace(
             demo_audit,
-            "[audit]\ndevice = \"site-audit\"\nkey_label = \"audit\"",
+            &format!("[audit]\ndevice = \"site-audit\"\nkey_label = \"audit\"\nheartbeat_seconds = {heartbeat_seconds}"),
         );
         let daemon =
             Daemon::start_with(dir, &text, &[]).unwrap_or_else(|f| panic!("site {id}: {f:?}"));

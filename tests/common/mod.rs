@@ -446,6 +446,7 @@ max_failures = 3
 [audit]
 device = "demo-hsm"
 key_label = "sealgate-audit"
+heartbeat_seconds = 0
 
 [audit.alerts]
 {alerts}
