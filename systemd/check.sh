@@ -1,21 +1,32 @@
 #!/usr/bin/env bash
 # systemd/check.sh SEALGATED_BINARY: checks the shipped units with systemd's own tools.
-# `systemd-analyze verify` must be clean and the offline security exposure must be 2.0 or
-# better, and the service must not leave core dumps (they would hold PINs). The units name
-# /usr/bin/sealgated; the check points them at the given binary.
+# `systemd-analyze verify` must be clean and the offline security exposure of each service must
+# be 2.0 or better, and no service may leave core dumps (they would hold PINs and keys). The
+# units name /usr/bin/sealgated, sealgate-hq and sealctl; the check points them at the binaries
+# beside the given one.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 bin=$(realpath "${1:?usage: systemd/check.sh PATH-TO-sealgated}")
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
-sed "s|/usr/bin/sealgated|$bin|" "$here/sealgated.service" >"$work/sealgated.service"
-cp "$here/sealgated.socket" "$work/"
+bindir=$(dirname "$bin")
+for unit in sealgated.service sealgated.socket sealgate-hq.service sealgate-ship.service; do
+  sed -e "s|/usr/bin/sealgated|$bin|" -e "s|/usr/bin/sealgate-hq|$bindir/sealgate-hq|" \
+    -e "s|/usr/bin/sealctl|$bindir/sealctl|" "$here/$unit" >"$work/$unit"
+done
 cd "$work"
-grep -qx 'LimitCORE=0' sealgated.service || { echo "sealgated.service must set LimitCORE=0"; exit 1; }
-out=$(systemd-analyze verify ./sealgated.socket ./sealgated.service 2>&1) || { echo "$out"; exit 1; }
+touch ship.env
+sed -i "s|/etc/sealgate/ship.env|$work/ship.env|" sealgate-ship.service
+for service in sealgated sealgate-hq sealgate-ship; do
+  grep -qx 'LimitCORE=0' $service.service || { echo "$service.service must set LimitCORE=0"; exit 1; }
+done
+out=$(systemd-analyze verify ./sealgated.socket ./sealgated.service ./sealgate-hq.service \
+  ./sealgate-ship.service 2>&1) || { echo "$out"; exit 1; }
 [ -z "$out" ] || { echo "systemd-analyze verify is not clean:"; echo "$out"; exit 1; }
-score=$(systemd-analyze security --offline=true ./sealgated.service 2>&1 |
-  sed -n 's/.*Overall exposure level for sealgated.service: \([0-9.]*\).*/\1/p')
-[ -n "$score" ] || { echo "no exposure score from systemd-analyze security"; exit 1; }
-echo "systemd units: verify clean, exposure $score"
-awk -v s="$score" 'BEGIN { exit !(s <= 2.0) }' || { echo "exposure $score is worse than 2.0"; exit 1; }
+for service in sealgated sealgate-hq sealgate-ship; do
+  score=$(systemd-analyze security --offline=true ./$service.service 2>&1 |
+    sed -n "s/.*Overall exposure level for $service.service: \([0-9.]*\).*/\1/p")
+  [ -n "$score" ] || { echo "no exposure score for $service.service"; exit 1; }
+  echo "systemd: $service.service verify clean, exposure $score"
+  awk -v s="$score" 'BEGIN { exit !(s <= 2.0) }' || { echo "$service: exposure $score is worse than 2.0"; exit 1; }
+done

@@ -30,6 +30,10 @@ fn make_install_lays_out_a_package() {
     };
     assert_eq!(mode("usr/bin/sealgated"), 0o755);
     assert_eq!(mode("usr/bin/sealctl"), 0o755);
+    assert_eq!(mode("usr/bin/sealgate-hq"), 0o755);
+    assert_eq!(mode("lib/systemd/system/sealgate-hq.service"), 0o644);
+    assert_eq!(mode("lib/systemd/system/sealgate-ship.service"), 0o644);
+    assert_eq!(mode("usr/share/doc/sealgate/headquarters.md"), 0o644);
     assert_eq!(
         mode("usr/share/sealgate/device-profiles/softhsm2.toml"),
         0o644

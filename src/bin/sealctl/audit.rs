@@ -288,16 +288,19 @@ fn ship(a: &ShipArgs, json: bool) -> anyhow::Result<i32> {
             }
             let _ = stop_tx.send(true);
         });
+        let started = std::time::Instant::now();
         match ship(&config, stop_rx).await {
             Ok(done) => {
+                let seconds = started.elapsed().as_secs_f64();
+                let rate = done.records as f64 / seconds.max(1e-9);
                 if json {
                     println!(
                         "{}",
-                        serde_json::json!({"records": done.records, "batches": done.batches, "hq_head": done.head, "hq_cosigned": done.cosigned})
+                        serde_json::json!({"records": done.records, "batches": done.batches, "hq_head": done.head, "hq_cosigned": done.cosigned, "seconds": seconds, "records_per_second": rate})
                     );
                 } else {
                     println!(
-                        "shipped {} records in {} batches; HQ holds this site's log up to seq {}",
+                        "shipped {} records in {} batches in {seconds:.2} s ({rate:.0} records/s); HQ holds this site's log up to seq {}",
                         done.records, done.batches, done.head
                     );
                     if done.cosigned > 0 {
