@@ -131,9 +131,10 @@ for _ in $(seq 100); do
   sleep 0.1
 done
 say "sealgate-hq serves on 127.0.0.1:$hq_port (log: $hq/sealgate-hq.log)"
-say "look at what HQ holds with: $pgbin/psql -h 127.0.0.1 -p $pg_port -U sealgate sealgate"
-say "  e.g. SELECT site, head_seq, checkpoint_seq, head_at FROM sites;"
-say "       SELECT kind, count(*) FROM records GROUP BY kind;  SELECT * FROM alerts;"
+say "look at what HQ holds, in another terminal:"
+say "  export SEALGATE_HQ_DB=\"host=127.0.0.1 port=$pg_port user=sealgate dbname=sealgate\""
+say "  sealctl hq stats; sealctl hq query --kind stamp.completed --limit 5; sealctl hq alerts --follow"
+say "  or: $pgbin/psql -h 127.0.0.1 -p $pg_port -U sealgate sealgate"
 ship() {
   "$bin/sealctl" audit ship --db "$db" --hq "127.0.0.1:$hq_port" --server-name localhost \
     --ca "$demo/ca/ca.crt" --cert "$hq/site.crt" --key "$hq/site.key" \

@@ -15,7 +15,10 @@ CREATE TABLE sites (
     -- The checkpoint the one at checkpoint_seq names as the one before it.
     checkpoint_prev_seq bigint NOT NULL DEFAULT 0,
     head_at         timestamptz,
-    last_seen       timestamptz
+    last_seen       timestamptz,
+    -- The newest checkpoint the site said its log has, at its last hello: what HQ lags by.
+    reported_seq    bigint NOT NULL DEFAULT 0,
+    reported_at_ms  bigint
 );
 
 CREATE TABLE records (
@@ -85,6 +88,16 @@ CREATE TABLE alerts (
     detail          text NOT NULL
 );
 CREATE INDEX alerts_site_time ON alerts (site, at);
+
+-- `sealctl hq alerts --follow` listens here: each new alert's id.
+CREATE FUNCTION sealgate_alert_notify() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM pg_notify('sealgate_alerts', NEW.id::text);
+    RETURN NEW;
+END
+$$;
+CREATE TRIGGER alerts_notify AFTER INSERT ON alerts
+    FOR EACH ROW EXECUTE FUNCTION sealgate_alert_notify();
 
 CREATE FUNCTION sealgate_append_only() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN

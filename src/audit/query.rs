@@ -147,54 +147,91 @@ pub struct Filter {
     pub limit: Option<u64>,
 }
 
+/// A value a filter compares with.
+#[derive(Debug, Clone, PartialEq)]
+pub enum FilterValue {
+    Int(i64),
+    Text(String),
+}
+
+/// The SQL a database speaks where the filters differ.
+pub enum Dialect {
+    /// SQLite: `?N` placeholders, `json_each` over the approvers.
+    Sqlite,
+    /// PostgreSQL: `$N` placeholders, `jsonb_array_elements` over the approvers.
+    Postgres,
+}
+
 impl Filter {
-    fn sql(&self) -> (String, Vec<rusqlite::types::Value>) {
-        use rusqlite::types::Value;
+    /// The conditions of the filters that are set, joined by AND (empty when none is), with
+    /// placeholders numbered from `first`, and their values in order.
+    pub fn conditions(&self, dialect: Dialect, first: usize) -> (String, Vec<FilterValue>) {
         let mut clauses = Vec::new();
-        let mut args: Vec<Value> = Vec::new();
-        let mut add = |clause: &str, v: Value| {
+        let mut args = Vec::new();
+        let mut add = |clause: &str, v: FilterValue| {
             args.push(v);
-            clauses.push(clause.replace('?', &format!("?{}", args.len())));
+            let n = first + args.len() - 1;
+            let placeholder = match dialect {
+                Dialect::Sqlite => format!("?{n}"),
+                Dialect::Postgres => format!("${n}"),
+            };
+            clauses.push(clause.replace('?', &placeholder));
         };
         if let Some(t) = self.since_ms {
-            add("at_ms >= ?", Value::Integer(t));
+            add("at_ms >= ?", FilterValue::Int(t));
         }
         if let Some(t) = self.until_ms {
-            add("at_ms < ?", Value::Integer(t));
+            add("at_ms < ?", FilterValue::Int(t));
         }
         if let Some(s) = &self.seal {
-            add("seal = ?", Value::Text(s.clone()));
+            add("seal = ?", FilterValue::Text(s.clone()));
         }
         if let Some(s) = &self.applicant {
-            add("applicant = ?", Value::Text(s.clone()));
+            add("applicant = ?", FilterValue::Text(s.clone()));
         }
         if let Some(s) = &self.caller {
-            add("caller = ?", Value::Text(s.clone()));
+            add("caller = ?", FilterValue::Text(s.clone()));
         }
         if let Some(s) = &self.approver {
             add(
-                "approvers <> '' AND EXISTS (SELECT 1 FROM json_each(approvers) WHERE json_extract(value, '$.id') = ?)",
-                Value::Text(s.clone()),
+                match dialect {
+                    Dialect::Sqlite => "approvers <> '' AND EXISTS (SELECT 1 FROM json_each(approvers) WHERE json_extract(value, '$.id') = ?)",
+                    Dialect::Postgres => "approvers <> '' AND EXISTS (SELECT 1 FROM jsonb_array_elements(approvers::jsonb) e WHERE e->>'id' = ?)",
+                },
+                FilterValue::Text(s.clone()),
             );
         }
         if let Some(s) = &self.kind {
-            add("kind = ?", Value::Text(s.clone()));
+            add("kind = ?", FilterValue::Text(s.clone()));
         }
         if let Some(s) = &self.reason {
-            add("reason = ?", Value::Text(s.clone()));
+            add("reason = ?", FilterValue::Text(s.clone()));
         }
         if let Some(s) = &self.doc_sha256 {
-            add("doc_sha256 = ?", Value::Text(s.to_ascii_lowercase()));
+            add("doc_sha256 = ?", FilterValue::Text(s.to_ascii_lowercase()));
         }
+        (clauses.join(" AND "), args)
+    }
+
+    fn sql(&self) -> (String, Vec<rusqlite::types::Value>) {
+        use rusqlite::types::Value;
+        let (conditions, args) = self.conditions(Dialect::Sqlite, 1);
         let mut sql = format!("SELECT {} FROM audit", record_columns());
-        if !clauses.is_empty() {
+        if !conditions.is_empty() {
             sql += " WHERE ";
-            sql += &clauses.join(" AND ");
+            sql += &conditions;
         }
         sql += " ORDER BY seq";
         if let Some(n) = self.limit {
             sql += &format!(" LIMIT {n}");
         }
+        let args = args
+            .into_iter()
+            .map(|v| match v {
+                FilterValue::Int(i) => Value::Integer(i),
+                FilterValue::Text(t) => Value::Text(t),
+            })
+            .collect();
         (sql, args)
     }
 }

@@ -213,11 +213,15 @@ impl Db {
     /// Checks a site's hello against its head, and notes when it was last seen.
     pub async fn hello(&self, site: &Site, newest: Option<&Checkpoint>) -> Result<Head, Refusal> {
         let client = self.pool.get().await.map_err(DbError::from)?;
+        let (reported_seq, reported_at) = newest
+            .map(|c| (c.seq as i64, Some(c.at_ms)))
+            .unwrap_or((0, None));
         let row = client
             .query_one(
-                "UPDATE sites SET last_seen = now() WHERE site = $1
+                "UPDATE sites SET last_seen = now(), reported_seq = $2, reported_at_ms = $3
+                 WHERE site = $1
                  RETURNING head_seq, head_hash, checkpoint_seq, checkpoint_prev_seq, audit_key_spki",
-                &[&site.id],
+                &[&site.id, &reported_seq, &reported_at],
             )
             .await
             .map_err(DbError::from)?;
@@ -401,6 +405,243 @@ impl Db {
             )
             .await?;
         Ok(n == 1)
+    }
+}
+
+/// A central alert as stored.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct CentralAlert {
+    pub id: i64,
+    pub at_ms: i64,
+    pub site: String,
+    pub kind: String,
+    pub seq: Option<i64>,
+    pub detail: String,
+}
+
+/// One site at HQ, for `sealctl hq stats`.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct SiteStats {
+    pub site: String,
+    pub audit_key_id: String,
+    pub head_seq: u64,
+    /// When the head last moved (HQ's clock), Unix ms.
+    pub head_at_ms: Option<i64>,
+    pub last_seen_ms: Option<i64>,
+    /// The site's newest checkpoint at its last hello, and how many records HQ lacks of it.
+    pub reported_seq: u64,
+    pub lag_records: u64,
+    pub records: u64,
+    pub stamps_completed: u64,
+    pub stamps_denied: u64,
+    pub site_alerts: u64,
+    pub central_alerts: u64,
+}
+
+impl Db {
+    /// Every record matching `filter` (and `site`), oldest first by site and seq.
+    pub async fn for_each_record(
+        &self,
+        site: Option<&str>,
+        filter: &crate::audit::query::Filter,
+        mut f: impl FnMut(String, Record) -> Result<(), String>,
+    ) -> Result<(), DbError> {
+        use crate::audit::query::{Dialect, FilterValue};
+        use futures_util::TryStreamExt;
+        let (conditions, values) = filter.conditions(Dialect::Postgres, 1);
+        let mut args: Vec<Box<dyn ToSql + Sync + Send>> = values
+            .into_iter()
+            .map(|v| match v {
+                FilterValue::Int(i) => Box::new(i) as Box<dyn ToSql + Sync + Send>,
+                FilterValue::Text(t) => Box::new(t),
+            })
+            .collect();
+        let mut wheres = Vec::new();
+        if !conditions.is_empty() {
+            wheres.push(conditions);
+        }
+        if let Some(s) = site {
+            args.push(Box::new(s.to_owned()));
+            wheres.push(format!("site = ${}", args.len()));
+        }
+        let mut sql = format!(
+            "SELECT site, seq, at_ms, {}, amount, ref_seq, prev_hash, hash FROM records",
+            crate::audit::TEXT_COLUMNS.join(", ")
+        );
+        if !wheres.is_empty() {
+            sql += " WHERE ";
+            sql += &wheres.join(" AND ");
+        }
+        sql += " ORDER BY site, seq";
+        if let Some(n) = filter.limit {
+            sql += &format!(" LIMIT {n}");
+        }
+        let client = self.pool.get().await?;
+        let stream = client
+            .query_raw(&sql, args.iter().map(|a| a.as_ref() as &(dyn ToSql + Sync)))
+            .await?;
+        futures_util::pin_mut!(stream);
+        while let Some(row) = stream.try_next().await? {
+            let mut r = Record {
+                seq: row.get::<_, i64>(1) as u64,
+                at_ms: row.get(2),
+                amount: row.get(3 + TEXT_FIELDS),
+                ref_seq: row.get::<_, Option<i64>>(4 + TEXT_FIELDS).map(|s| s as u64),
+                prev_hash: row
+                    .get::<_, Vec<u8>>(5 + TEXT_FIELDS)
+                    .try_into()
+                    .unwrap_or([0; 32]),
+                hash: row
+                    .get::<_, Vec<u8>>(6 + TEXT_FIELDS)
+                    .try_into()
+                    .unwrap_or([0; 32]),
+                ..Record::default()
+            };
+            for (i, t) in r.text_mut().into_iter().enumerate() {
+                *t = row.get(3 + i);
+            }
+            f(row.get(0), r).map_err(DbError::Config)?;
+        }
+        Ok(())
+    }
+
+    /// Central alerts with an id above `after` (and of `site`, and since `since_ms`), oldest
+    /// first.
+    pub async fn alerts_after(
+        &self,
+        after: i64,
+        site: Option<&str>,
+        since_ms: Option<i64>,
+    ) -> Result<Vec<CentralAlert>, DbError> {
+        let client = self.pool.get().await?;
+        let rows = client
+            .query(
+                "SELECT id, (extract(epoch FROM at) * 1000)::bigint, site, kind, seq, detail
+                 FROM alerts
+                 WHERE id > $1 AND ($2::text IS NULL OR site = $2)
+                   AND ($3::bigint IS NULL OR at >= to_timestamp($3::bigint / 1000.0))
+                 ORDER BY id",
+                &[&after, &site, &since_ms],
+            )
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|r| CentralAlert {
+                id: r.get(0),
+                at_ms: r.get(1),
+                site: r.get(2),
+                kind: r.get(3),
+                seq: r.get(4),
+                detail: r.get(5),
+            })
+            .collect())
+    }
+
+    /// Every enrolled site (or `site`) with its head, lag and counts.
+    pub async fn site_stats(&self, site: Option<&str>) -> Result<Vec<SiteStats>, DbError> {
+        let client = self.pool.get().await?;
+        let rows = client
+            .query(
+                "SELECT s.site, s.audit_key_id, s.head_seq,
+                        (extract(epoch FROM s.head_at) * 1000)::bigint,
+                        (extract(epoch FROM s.last_seen) * 1000)::bigint,
+                        s.reported_seq,
+                        (SELECT count(*) FROM records r WHERE r.site = s.site),
+                        (SELECT count(*) FROM records r WHERE r.site = s.site AND r.kind = 'stamp.completed'),
+                        (SELECT count(*) FROM records r WHERE r.site = s.site AND r.kind = 'stamp.denied'),
+                        (SELECT count(*) FROM records r WHERE r.site = s.site AND r.kind = 'alert'),
+                        (SELECT count(*) FROM alerts a WHERE a.site = s.site)
+                 FROM sites s WHERE ($1::text IS NULL OR s.site = $1) ORDER BY s.site",
+                &[&site],
+            )
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|r| {
+                let head = r.get::<_, i64>(2) as u64;
+                let reported = r.get::<_, i64>(5) as u64;
+                SiteStats {
+                    site: r.get(0),
+                    audit_key_id: r.get(1),
+                    head_seq: head,
+                    head_at_ms: r.get(3),
+                    last_seen_ms: r.get(4),
+                    reported_seq: reported,
+                    lag_records: reported.saturating_sub(head),
+                    records: r.get::<_, i64>(6) as u64,
+                    stamps_completed: r.get::<_, i64>(7) as u64,
+                    stamps_denied: r.get::<_, i64>(8) as u64,
+                    site_alerts: r.get::<_, i64>(9) as u64,
+                    central_alerts: r.get::<_, i64>(10) as u64,
+                }
+            })
+            .collect())
+    }
+}
+
+/// A connection of its own that listens for new central alerts: each notification on the
+/// channel is one alert's id. Ends when the connection does.
+pub async fn listen_alerts(
+    c: &DatabaseConfig,
+) -> Result<
+    (
+        tokio_postgres::Client,
+        tokio::sync::mpsc::UnboundedReceiver<i64>,
+    ),
+    DbError,
+> {
+    let pg: tokio_postgres::Config = c
+        .url
+        .parse()
+        .map_err(|e| DbError::Config(format!("database.url: {e}")))?;
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let client = match &c.ca {
+        Some(ca) => {
+            let tls = crate::tls::client_config(ca, None).map_err(DbError::Config)?;
+            let (client, conn) = pg
+                .connect(tokio_postgres_rustls::MakeRustlsConnect::new(tls))
+                .await?;
+            tokio::spawn(forward_notifications(conn, tx));
+            client
+        }
+        None => {
+            if !pg.get_hosts().iter().all(is_loopback) {
+                return Err(DbError::Config(
+                    "the database is not on loopback: give its CA for TLS".into(),
+                ));
+            }
+            let (client, conn) = pg.connect(tokio_postgres::NoTls).await?;
+            tokio::spawn(forward_notifications(conn, tx));
+            client
+        }
+    };
+    client.batch_execute("LISTEN sealgate_alerts").await?;
+    Ok((client, rx))
+}
+
+async fn forward_notifications<S, T>(
+    mut conn: tokio_postgres::Connection<S, T>,
+    tx: tokio::sync::mpsc::UnboundedSender<i64>,
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let mut messages = std::pin::pin!(futures_util::stream::poll_fn(
+        move |cx| conn.poll_message(cx)
+    ));
+    while let Some(m) = futures_util::StreamExt::next(&mut messages).await {
+        match m {
+            Ok(tokio_postgres::AsyncMessage::Notification(n)) => {
+                if tx.send(n.payload().parse().unwrap_or(0)).is_err() {
+                    return;
+                }
+            }
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!(error = %e, "the alert listener's connection ended");
+                return;
+            }
+        }
     }
 }
 

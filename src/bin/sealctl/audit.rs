@@ -322,7 +322,7 @@ fn open(path: &Path) -> anyhow::Result<rusqlite::Connection> {
 }
 
 /// Milliseconds since the epoch from RFC 3339 or a UTC date.
-fn parse_time(s: &str) -> anyhow::Result<i64> {
+pub(crate) fn parse_time(s: &str) -> anyhow::Result<i64> {
     if let Ok(t) = s.parse::<jiff::Timestamp>() {
         return Ok(t.as_millisecond());
     }
@@ -342,7 +342,7 @@ pub fn time(ms: i64) -> String {
 }
 
 impl FilterArgs {
-    fn to_filter(&self) -> anyhow::Result<Filter> {
+    pub(crate) fn to_filter(&self) -> anyhow::Result<Filter> {
         Ok(Filter {
             since_ms: self.since.as_deref().map(parse_time).transpose()?,
             until_ms: self.until.as_deref().map(parse_time).transpose()?,

@@ -6,6 +6,7 @@
 
 mod audit;
 mod bench;
+mod hq;
 mod pdf;
 mod verify;
 
@@ -92,6 +93,12 @@ enum Command {
     Audit {
         #[command(subcommand)]
         command: audit::AuditCommand,
+    },
+    /// Headquarters' view of every site, from HQ's PostgreSQL database: records, heads and
+    /// lag, central alerts (see docs/headquarters.md).
+    Hq {
+        #[command(subcommand)]
+        command: hq::HqCommand,
     },
     /// Measure durable stamps per second against the raw device, on the demo token (starts a
     /// daemon of its own; see README, "Performance").
@@ -656,6 +663,12 @@ fn main() {
             Err(e) => std::process::exit(fail(&e, json)),
         }
     }
+    if let Command::Hq { command } = &cli.command {
+        match hq::run(command, json) {
+            Ok(code) => std::process::exit(code),
+            Err(e) => std::process::exit(fail(&e, json)),
+        }
+    }
     if let Command::Audit { command } = &cli.command {
         match audit::run(command, json) {
             Ok(code) => std::process::exit(code),
@@ -1025,7 +1038,11 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
                 return Ok(exit::REFUSED);
             }
         }
-        Command::Token { .. } | Command::Audit { .. } | Command::Bench(_) | Command::Verify(_) => {
+        Command::Token { .. }
+        | Command::Audit { .. }
+        | Command::Hq { .. }
+        | Command::Bench(_)
+        | Command::Verify(_) => {
             unreachable!("handled without the daemon")
         }
         Command::Alerts { recent, follow } => {
