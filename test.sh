@@ -6,7 +6,8 @@
 # Python with the protobuf package for a client in another language (and asn1crypto with
 # cryptography, an outside verifier of Ed25519 CMS signatures), and the system's PC/SC
 # service (pcscd) with vsmartcard's virtual reader driver, into which the PIV tests insert our
-# card emulator; and PostgreSQL's server binaries, for the headquarters tests' own cluster.
+# card emulator; and PostgreSQL's server binaries, for the headquarters tests' own cluster,
+# and promtool (prometheus) for HQ's alert rules.
 # The full-disk test mounts a small tmpfs, the storage fault tests mount a FUSE layer of their
 # own (/dev/fuse), and pcscd is started if it is not running, so run as root (or with sudo) for
 # those.
@@ -34,6 +35,8 @@ command -v qpdf >/dev/null || need+=(qpdf)
 # PostgreSQL for the headquarters tests, which start a private cluster with its initdb and
 # pg_ctl (run as the package's postgres user when the suite runs as root).
 ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need+=(postgresql)
+# promtool, which tests the alert rules shipped for HQ's metrics.
+command -v promtool >/dev/null || need+=(prometheus)
 if [ ${#need[@]} -gt 0 ]; then
   echo "test.sh: installing ${need[*]} with apt-get"
   $sudo apt-get update -qq

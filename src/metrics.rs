@@ -137,8 +137,15 @@ pub fn get() -> &'static Metrics {
     METRICS.get_or_init(Metrics::new)
 }
 
-/// Answers `GET /metrics` on `listener` until the task is dropped; anything else is a 404.
+/// Answers `GET /metrics` on `listener` with the daemon's metrics until the task is dropped;
+/// anything else is a 404.
 pub async fn serve(listener: TcpListener) {
+    serve_text(listener, || get().encode()).await
+}
+
+/// Answers `GET /metrics` on `listener` with what `encode` gives, until the task is dropped;
+/// anything else is a 404.
+pub async fn serve_text(listener: TcpListener, encode: fn() -> String) {
     loop {
         let Ok((mut stream, _)) = listener.accept().await else {
             tokio::time::sleep(std::time::Duration::from_millis(50)).await;
@@ -168,7 +175,7 @@ pub async fn serve(listener: TcpListener) {
             }
             let head = &buf[..got];
             let (status, body) = if head.starts_with(b"GET /metrics ") {
-                ("200 OK", get().encode())
+                ("200 OK", encode())
             } else {
                 (
                     "404 Not Found",

@@ -694,6 +694,7 @@ async fn a_quiet_site_shows_alive_by_its_heartbeats_and_a_cut_off_one_raises_sil
     let dir = tempfile::tempdir().unwrap();
     let pki = Pki::new(dir.path());
     let site = Site::start_with_heartbeat("lanzhou", &pki, 1);
+    let metrics = common::postgres::free_port();
     let node = HqNode::start(dir.path(), &pg, |port| {
         hq_config(
             &pki,
@@ -703,7 +704,7 @@ async fn a_quiet_site_shows_alive_by_its_heartbeats_and_a_cut_off_one_raises_sil
         )
         .replace(
             "idle_timeout_ms = 5000",
-            "idle_timeout_ms = 5000\nsilence_after_ms = 3000",
+            &format!("idle_timeout_ms = 5000\nsilence_after_ms = 3000\nmetrics_listen = \"127.0.0.1:{metrics}\""),
         )
     });
     let mut shipper = site.follow(&pki, &node.addr);
@@ -718,6 +719,49 @@ async fn a_quiet_site_shows_alive_by_its_heartbeats_and_a_cut_off_one_raises_sil
         "too few heartbeats"
     );
     assert!(alerts(&pg, "%").is_empty(), "{:?}", alerts(&pg, "%"));
+    // HQ's metrics show the site's head (refreshed every second), no lag, what came in.
+    let scrape = |port: u16| {
+        let (head, body) = http_get(port, "/metrics");
+        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+        prometheus_parse::Scrape::parse(body.lines().map(|l| Ok(l.to_owned()))).unwrap()
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let s = scrape(metrics);
+        let head = hq_head(&pg, &site.id) as f64;
+        let shown = sample(&s, "sealgate_hq_site_head_seq", &[("site", "lanzhou")]);
+        if (head - shown).abs() <= 2.0 {
+            assert!(sample(&s, "sealgate_hq_site_lag_records", &[("site", "lanzhou")]) <= 2.0);
+            assert!(
+                sample(
+                    &s,
+                    "sealgate_hq_site_head_age_seconds",
+                    &[("site", "lanzhou")]
+                ) < 3.0
+            );
+            assert!(
+                sample(
+                    &s,
+                    "sealgate_hq_records_received_total",
+                    &[("site", "lanzhou")]
+                ) > 0.0
+            );
+            assert_eq!(
+                sample(
+                    &s,
+                    "sealgate_hq_alerts",
+                    &[("site", "lanzhou"), ("kind", "silence")]
+                ),
+                0.0
+            );
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "metrics head {shown}, HQ {head}"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
     // Cut off: the shipper stops; HQ notices within the limit and a check.
     let _ = shipper.kill();
     let _ = shipper.wait();
@@ -734,6 +778,26 @@ async fn a_quiet_site_shows_alive_by_its_heartbeats_and_a_cut_off_one_raises_sil
         raised[0].starts_with("silence: nothing from site lanzhou"),
         "{raised:?}"
     );
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while sample(
+        &scrape(metrics),
+        "sealgate_hq_alerts",
+        &[("site", "lanzhou"), ("kind", "silence")],
+    ) < 1.0
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no silence in the metrics"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    assert!(
+        sample(
+            &scrape(metrics),
+            "sealgate_hq_site_head_age_seconds",
+            &[("site", "lanzhou")]
+        ) >= 3.0
+    );
     // The site's own log verifies with its heartbeats in it.
     let (code, out) = sealctl(&[
         "audit",
@@ -744,4 +808,26 @@ async fn a_quiet_site_shows_alive_by_its_heartbeats_and_a_cut_off_one_raises_sil
         &site.audit_pem.display().to_string(),
     ]);
     assert_eq!(code, 0, "{out}");
+}
+
+/// The shipped alert rules (lag, silence, a refused log) are valid and do what their tests say.
+#[test]
+fn the_shipped_alert_rules_pass_promtool() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("prometheus");
+    for args in [
+        ["check", "rules", "sealgate-hq.rules.yml"],
+        ["test", "rules", "sealgate-hq.rules.test.yml"],
+    ] {
+        let out = std::process::Command::new("promtool")
+            .args(args)
+            .current_dir(&dir)
+            .output()
+            .expect("promtool (Debian's prometheus package)");
+        assert!(
+            out.status.success(),
+            "promtool {args:?}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
 }

@@ -173,6 +173,16 @@ async fn serve(
         Some(on_refused),
     )
     .map_err(anyhow::Error::msg)?;
+    tokio::spawn(server::refresh_metrics(hq.clone(), Duration::from_secs(1)));
+    if let Some(addr) = config.hq.metrics_listen {
+        let metrics = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("cannot listen for metrics on {addr}"))?;
+        tracing::info!(%addr, "metrics at GET /metrics");
+        tokio::spawn(sealgate::metrics::serve_text(metrics, || {
+            sealgate::hq::metrics::get().encode()
+        }));
+    }
     let listener = tokio::net::TcpListener::bind(&config.hq.listen)
         .await
         .with_context(|| format!("cannot listen on {}", config.hq.listen))?;

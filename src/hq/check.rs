@@ -47,6 +47,21 @@ pub enum Refusal {
     Unavailable(String),
 }
 
+/// Every kind of central alert, as recorded and counted in the metrics.
+pub const ALERT_KINDS: &[&str] = &[
+    "bad_request",
+    "gap",
+    "replay",
+    "fork",
+    "rollback",
+    "bad_signature",
+    "bad_record",
+    "too_large",
+    "not_enrolled",
+    "silence",
+    "unknown_site",
+];
+
 impl Refusal {
     /// The wire status: the one mapping of refusals to the HQ link's codes.
     pub fn status(&self) -> Status {

@@ -61,6 +61,10 @@ pub struct Listener {
     /// shipper or daemon stopped (an idle site still sends a heartbeat a minute).
     #[serde(default = "default_silence")]
     pub silence_after_ms: u64,
+    /// Where to answer `GET /metrics` (Prometheus text); off when unset. Each site's id and
+    /// counts are in it: bind it where only your Prometheus reaches.
+    #[serde(default)]
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -537,6 +537,46 @@ impl Db {
             .collect())
     }
 
+    /// Each site's head as the metrics show it: id, head seq, the seq it last said it holds,
+    /// and since when (Unix ms) its head has not moved (its enrolment, if it never shipped).
+    pub async fn heads(&self) -> Result<Vec<(String, u64, u64, i64)>, DbError> {
+        let client = self.pool.get().await?;
+        let rows = client
+            .query(
+                "SELECT site, head_seq, reported_seq,
+                        (extract(epoch FROM coalesce(head_at, enrolled_at)) * 1000)::bigint
+                 FROM sites ORDER BY site",
+                &[],
+            )
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|r| {
+                (
+                    r.get(0),
+                    r.get::<_, i64>(1) as u64,
+                    r.get::<_, i64>(2) as u64,
+                    r.get(3),
+                )
+            })
+            .collect())
+    }
+
+    /// Central alerts by (site, kind).
+    pub async fn alert_counts(&self) -> Result<Vec<(String, String, i64)>, DbError> {
+        let client = self.pool.get().await?;
+        let rows = client
+            .query(
+                "SELECT site, kind, count(*) FROM alerts GROUP BY site, kind ORDER BY site, kind",
+                &[],
+            )
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|r| (r.get(0), r.get(1), r.get(2)))
+            .collect())
+    }
+
     /// Every enrolled site (or `site`) with its head, lag and counts.
     pub async fn site_stats(&self, site: Option<&str>) -> Result<Vec<SiteStats>, DbError> {
         let client = self.pool.get().await?;

@@ -10,6 +10,7 @@
 //! - [`db`]: PostgreSQL, HQ's system of record: migrations, the per-site head row that orders
 //!   every site's batches across HQ nodes, append-only tables, central alerts.
 //! - [`cosign`]: HQ's witness cosignatures of what it verified, and the site's store of them.
+//! - [`metrics`]: HQ's Prometheus metrics (heads, lag, alerts), refreshed from the database.
 //! - [`config`]: HQ's TOML configuration: listener, database, enrolled sites.
 //!
 //! Never: stores a record that is not covered by a checkpoint signed by the site's enrolled
@@ -19,6 +20,7 @@ pub mod check;
 pub mod config;
 pub mod cosign;
 pub mod db;
+pub mod metrics;
 pub mod server;
 pub mod ship;
 

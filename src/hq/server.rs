@@ -151,6 +151,23 @@ pub async fn watch_silence(hq: Arc<Hq>, after: Duration) {
     }
 }
 
+/// Refreshes the metrics' view of every site from the database every `every`.
+pub async fn refresh_metrics(hq: Arc<Hq>, every: Duration) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        match (hq.db.heads().await, hq.db.alert_counts().await) {
+            (Ok(heads), Ok(alerts)) => {
+                super::metrics::get().refresh(&heads, &alerts, crate::audit::now_ms())
+            }
+            (Err(e), _) | (_, Err(e)) => {
+                tracing::warn!(error = %e, "cannot refresh the metrics from the database")
+            }
+        }
+    }
+}
+
 /// Accepts shippers until `stop` turns true.
 pub async fn serve(
     listener: TcpListener,
@@ -307,6 +324,7 @@ async fn batch(hq: &Hq, site: &Site, b: pb::Batch) -> Result<Head, Refusal> {
         .db
         .ingest(site, &records, &checkpoints, hq.limits.max_batch_records)
         .await?;
+    super::metrics::get().received(&site.id, records.len());
     tracing::debug!(
         site = site.id,
         head = head.seq,
@@ -325,6 +343,7 @@ where
     let head = hq.db.head(&site.id).await.ok();
     match r.alert() {
         Some(kind) => {
+            super::metrics::get().refused(&site.id, kind);
             hq.raise(&site.id, kind, head.map(|h| h.seq + 1), &r.to_string())
                 .await
         }
