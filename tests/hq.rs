@@ -421,18 +421,8 @@ async fn every_central_alert_fires_and_nothing_unverified_reaches_a_table() {
     let (code, out) = site.ship_once(pki, &node.addr);
     assert_eq!(code, 0, "{out}");
     let head = hq_head(pg, &site.id);
-    let cut = site.copy_log(&copies.path().join("cut.db"));
-    let keep = sqlite3(
-        &cut,
-        &format!("SELECT max(seq) FROM checkpoints WHERE seq < {head}"),
-    );
-    let keep: u64 = keep.trim().parse().unwrap();
-    sqlite3(
-        &cut,
-        &format!(
-            "DELETE FROM audit WHERE seq > {keep}; DELETE FROM checkpoints WHERE seq > {keep};"
-        ),
-    );
+    let cut = copies.path().join("cut.db");
+    site.copy_cut_before(&cut, head);
     let (code, out) = ship_copy(&cut);
     assert_eq!(code, 1, "{out}");
     assert!(out.contains("ROLLBACK") && out.contains("cut"), "{out}");
@@ -641,22 +631,10 @@ async fn hq_cosigns_what_it_verified_and_the_site_verify_catches_a_tail_cut_with
     // The tail cut together with its checkpoints: the log alone still verifies (what a log
     // cannot tell of itself), but not against HQ's cosignature.
     let copies = tempfile::tempdir().unwrap();
-    let cut = site.copy_log(&copies.path().join("cut.db"));
+    let cut = copies.path().join("cut.db");
+    let keep = site.copy_cut_before(&cut, head);
     let cut_store = copies.path().join("hq-cosignatures.db");
     std::fs::copy(&store, &cut_store).unwrap();
-    let keep: u64 = sqlite3(
-        &cut,
-        &format!("SELECT max(seq) FROM checkpoints WHERE seq < {head}"),
-    )
-    .trim()
-    .parse()
-    .unwrap();
-    sqlite3(
-        &cut,
-        &format!(
-            "DELETE FROM audit WHERE seq > {keep}; DELETE FROM checkpoints WHERE seq > {keep};"
-        ),
-    );
     let cut_db = cut.display().to_string();
     let (code, out) = sealctl(&["audit", "verify", "--db", &cut_db]);
     assert_eq!(code, 0, "the cut alone is not caught: {out}");

@@ -30,13 +30,7 @@ impl Site {
         let pin = "24681357";
         own_token(&label, pin);
         let dir = tempfile::tempdir().unwrap();
-        let pin_file = dir.path().join("audit.pin");
-        std::fs::write(&pin_file, format!("{pin}\n")).unwrap();
-        std::fs::set_permissions(
-            &pin_file,
-            std::os::unix::fs::PermissionsExt::from_mode(0o600),
-        )
-        .unwrap();
+        let pin_file = write_pin_file(&dir.path().join("audit.pin"), pin);
         let socket = dir.path().join("sealgated.sock");
         let opts = Opts {
             extra: format!(
@@ -285,13 +279,7 @@ impl HqNode {
 pub fn witness_section(dir: &Path) -> String {
     let pin = "13572468";
     own_token("hq-witness", pin);
-    let pin_file = dir.join("witness.pin");
-    std::fs::write(&pin_file, format!("{pin}\n")).unwrap();
-    std::fs::set_permissions(
-        &pin_file,
-        std::os::unix::fs::PermissionsExt::from_mode(0o600),
-    )
-    .unwrap();
+    let pin_file = write_pin_file(&dir.join("witness.pin"), pin);
     format!(
         "\n[witness]\nprofiles_dir = \"{}\"\nkey_label = \"audit\"\n\n[witness.device]\nid = \"hq-witness\"\nprofile = \"softhsm2\"\ntoken_label = \"hq-witness\"\npin_file = \"{}\"\n",
         Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -421,6 +409,27 @@ impl Site {
             &format!("VACUUM INTO '{}'", to.display()),
         );
         to.to_owned()
+    }
+
+    /// A copy of the log at `to` with its tail after HQ's `head` cut, together with the
+    /// checkpoints that cover it: it keeps what its newest checkpoint before `head` covers.
+    /// Returns that checkpoint's seq.
+    pub fn copy_cut_before(&self, to: &Path, head: u64) -> u64 {
+        let cut = self.copy_log(to);
+        let keep: u64 = sqlite3(
+            &cut,
+            &format!("SELECT max(seq) FROM checkpoints WHERE seq < {head}"),
+        )
+        .trim()
+        .parse()
+        .unwrap();
+        sqlite3(
+            &cut,
+            &format!(
+                "DELETE FROM audit WHERE seq > {keep}; DELETE FROM checkpoints WHERE seq > {keep};"
+            ),
+        );
+        keep
     }
 
     /// Another daemon with this site's configuration and audit key, on a copy of its log put

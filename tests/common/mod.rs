@@ -154,16 +154,17 @@ pub fn own_token(label: &str, pin: &str) {
     }
 }
 
+/// Writes a PIN file (mode 0600) as the daemon reads it; returns its path.
+pub fn write_pin_file(path: &Path, pin: &str) -> PathBuf {
+    std::fs::write(path, format!("{pin}\n")).unwrap();
+    std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    path.to_owned()
+}
+
 /// A configuration for a token made by [`own_token`]: seal "s" on key "k", the audit key
 /// "audit", the PIN `pin` in DIR/pin, and the current user as an administrator caller.
 pub fn own_token_config(dir: &Path, label: &str, pin: &str) -> String {
-    let pin_file = dir.join("pin");
-    std::fs::write(&pin_file, format!("{pin}\n")).unwrap();
-    std::fs::set_permissions(
-        &pin_file,
-        std::os::unix::fs::PermissionsExt::from_mode(0o600),
-    )
-    .unwrap();
+    let pin_file = write_pin_file(&dir.join("pin"), pin);
     format!(
         r#"
 [daemon]

@@ -731,31 +731,33 @@ fn query_out(conn: &rusqlite::Connection, filter: &Filter, format: Format) -> an
                 .and_then(|_| w.flush().map_err(|e| e.to_string()))
         }
         Format::Table => {
-            writeln!(
-                out,
-                "{:>6}  {:<24}  {:<21}  {:<10}  {:<14}  {:<12}  {:<20}  DETAIL",
-                "SEQ", "TIME (UTC)", "KIND", "SEAL", "CALLER", "APPLICANT", "REASON"
-            )?;
+            writeln!(out, "{}", TABLE_HEADER)?;
             query::for_each(conn, filter, |r| {
-                writeln!(
-                    out,
-                    "{:>6}  {:<24}  {:<21}  {:<10}  {:<14}  {:<12}  {:<20}  {}",
-                    r.seq,
-                    time(r.at_ms),
-                    r.kind,
-                    r.seal,
-                    r.caller,
-                    r.applicant,
-                    r.reason,
-                    r.detail.chars().take(80).collect::<String>()
-                )
-                .map_err(|e| e.to_string())
+                writeln!(out, "{}", table_row(&r)).map_err(|e| e.to_string())
             })
         }
     };
     result.map_err(|e| anyhow::anyhow!(e))?;
     out.flush()?;
     Ok(())
+}
+
+/// The columns of `query --format table`.
+pub(crate) const TABLE_HEADER: &str = "   SEQ  TIME (UTC)                KIND                   SEAL        CALLER          APPLICANT     REASON                DETAIL";
+
+/// One record as a row of `query --format table`.
+pub(crate) fn table_row(r: &sealgate::audit::Record) -> String {
+    format!(
+        "{:>6}  {:<24}  {:<21}  {:<10}  {:<14}  {:<12}  {:<20}  {}",
+        r.seq,
+        time(r.at_ms),
+        r.kind,
+        r.seal,
+        r.caller,
+        r.applicant,
+        r.reason,
+        r.detail.chars().take(80).collect::<String>()
+    )
 }
 
 fn print_stats(s: &query::Stats) {

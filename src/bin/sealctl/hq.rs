@@ -103,11 +103,7 @@ async fn query(
     let mut columns = Vec::new();
     match format {
         Format::Json => out.write_all(b"[")?,
-        Format::Table => writeln!(
-            out,
-            "{:<12}  {:>6}  {:<24}  {:<21}  {:<10}  {:<14}  {:<12}  {:<20}  DETAIL",
-            "SITE", "SEQ", "TIME (UTC)", "KIND", "SEAL", "CALLER", "APPLICANT", "REASON"
-        )?,
+        Format::Table => writeln!(out, "{:<12}  {}", "SITE", crate::audit::TABLE_HEADER)?,
         Format::Csv => {}
     }
     hq.for_each_record(db.site.as_deref(), filter, |site, r| {
@@ -139,20 +135,9 @@ async fn query(
                 }));
                 csv.write_record(&row).map_err(|e| e.to_string())?;
             }
-            Format::Table => writeln!(
-                out,
-                "{:<12}  {:>6}  {:<24}  {:<21}  {:<10}  {:<14}  {:<12}  {:<20}  {}",
-                site,
-                r.seq,
-                time(r.at_ms),
-                r.kind,
-                r.seal,
-                r.caller,
-                r.applicant,
-                r.reason,
-                r.detail.chars().take(80).collect::<String>()
-            )
-            .map_err(e)?,
+            Format::Table => {
+                writeln!(out, "{site:<12}  {}", crate::audit::table_row(&r)).map_err(e)?
+            }
         }
         first = false;
         Ok(())
