@@ -254,8 +254,10 @@ async fn connection(tcp: TcpStream, peer: String, tls: tokio_rustls::TlsAcceptor
         let outcome = match msg.body {
             None => Err(Refusal::BadRequest("a site message with no body".into())),
             Some(site_message::Body::Hello(h)) => {
-                greeted = true;
-                hello(&hq, &site, h).await
+                // Batches follow only a hello HQ took.
+                let r = hello(&hq, &site, h).await;
+                greeted = r.is_ok();
+                r
             }
             Some(site_message::Body::Batch(_)) if !greeted => {
                 Err(Refusal::BadRequest("a batch before the hello".into()))
