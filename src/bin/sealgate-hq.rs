@@ -54,6 +54,9 @@ enum Command {
 fn main() {
     let args = Args::parse();
     sealgate::logging::init(args.log_format, "sealgate-hq");
+    // The crash-point tests arm points by FAILPOINTS; only a build with the feature reads it.
+    #[cfg(feature = "failpoints")]
+    let _crash_points = fail::FailScenario::setup();
     let rt = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {

@@ -284,7 +284,9 @@ impl Db {
         )
         .await
         .map_err(DbError::from)?;
+        crate::crash_point!("hq.ingest.before_commit");
         tx.commit().await.map_err(DbError::from)?;
+        crate::crash_point!("hq.ingest.after_commit");
         Ok(new_head)
     }
 

@@ -96,6 +96,7 @@ impl Hq {
                 return None;
             }
         };
+        crate::crash_point!("hq.cosign.before_store");
         if let Err(e) = self.db.store_cosignature(&c).await {
             fail(e.to_string());
             return None;
@@ -267,6 +268,7 @@ async fn connection(tcp: TcpStream, peer: String, tls: tokio_rustls::TlsAcceptor
         let sent = match outcome {
             Ok(head) => {
                 let cosignature = hq.cosigned(&site, &head).await;
+                crate::crash_point!("hq.before_reply");
                 send(
                     &mut framed,
                     HqReply {

@@ -181,6 +181,7 @@ async fn session(
         .await?;
         match Status::try_from(reply.status) {
             Ok(Status::Ok) => {
+                crate::crash_point!("ship.after_ack");
                 head = head_of(&reply)?;
                 total.records += n;
                 total.batches += 1;
@@ -238,6 +239,7 @@ fn keep_cosignature(
         *store = Some(super::cosign::open_store(&c.cosignatures)?);
     }
     super::cosign::store(store.as_ref().expect("opened above"), &cosig)?;
+    crate::crash_point!("ship.after_cosignature");
     total.cosigned = total.cosigned.max(cosig.seq);
     Ok(())
 }

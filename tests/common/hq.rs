@@ -205,6 +205,28 @@ impl HqNode {
 
     /// Starts the node (again), waiting until it accepts connections.
     pub fn restart(&mut self) {
+        self.restart_with(&[]);
+    }
+
+    /// Waits up to `limit` for the node to end by itself (an armed crash point); whether it
+    /// was aborted.
+    pub fn wait_aborted(&mut self, limit: Duration) -> bool {
+        let deadline = Instant::now() + limit;
+        while let Some(c) = self.child.as_mut() {
+            if let Some(status) = c.try_wait().unwrap() {
+                self.child = None;
+                return aborted(status);
+            }
+            if Instant::now() > deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        false
+    }
+
+    /// Starts the node (again) with these environment variables.
+    pub fn restart_with(&mut self, env: &[(&str, &str)]) {
         assert!(self.child.is_none());
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -216,6 +238,7 @@ impl HqNode {
             .arg(&self.config)
             .args(["--log-format", "text", "serve"])
             .env("SOFTHSM2_CONF", demo().softhsm_conf())
+            .envs(env.iter().copied())
             .env("SEALGATE_LOG", "info,sealgate=debug")
             .stdin(Stdio::null())
             .stdout(Stdio::null())

@@ -650,6 +650,10 @@ fn fail(e: &anyhow::Error, json: bool) -> i32 {
 
 fn main() {
     let cli = Cli::parse();
+    // The crash-point tests arm points of the shipper by FAILPOINTS; only a build with the
+    // feature reads it.
+    #[cfg(feature = "failpoints")]
+    let _crash_points = fail::FailScenario::setup();
     let json = cli.json;
     if let Command::Bench(args) = cli.command {
         if let Err(e) = bench::run(args, json) {
