@@ -573,7 +573,7 @@ fn sealctl(args: &[&str]) -> (i32, String) {
 async fn hq_cosigns_what_it_verified_and_the_site_verify_catches_a_tail_cut_with_its_checkpoints() {
     let rig = Rig::new("xian");
     let (pg, pki, site) = (&rig.pg, &rig.pki, &rig.site);
-    let witness = witness_section(rig.dir.path());
+    let witness = witness_section(rig.dir.path(), "hq-witness-xian");
     let node = HqNode::start(rig.dir.path(), pg, |port| {
         hq_config(
             pki,
@@ -819,7 +819,7 @@ fn the_shipped_alert_rules_pass_promtool() {
 async fn a_crash_at_every_step_of_shipping_loses_nothing_and_stores_nothing_twice() {
     let rig = Rig::new("hefei");
     let (pg, pki, site) = (&rig.pg, &rig.pki, &rig.site);
-    let witness = witness_section(rig.dir.path());
+    let witness = witness_section(rig.dir.path(), "hq-witness-hefei");
     let mut node = HqNode::start(rig.dir.path(), pg, |port| {
         hq_config(
             pki,

@@ -251,7 +251,9 @@ pub fn check_log<'a>(
                 what: format!(
                     "the log ends at seq {last_seq} but HQ cosigned it up to seq {} on {}: records {}..{} were removed (its tail was cut, checkpoints and all)",
                     c.seq,
-                    c.cosigned_at_ms,
+                    jiff::Timestamp::from_millisecond(c.cosigned_at_ms)
+                        .map(|t| format!("{t:.3}"))
+                        .unwrap_or_else(|_| c.cosigned_at_ms.to_string()),
                     last_seq + 1,
                     c.seq
                 ),

@@ -281,28 +281,49 @@ fn next_batch(
     let Some(first) = checkpoints.first() else {
         return Ok((Vec::new(), Vec::new()));
     };
-    let mut end = first.seq;
+    let first_seq = first.seq;
     let keep = checkpoints
         .iter()
-        .take_while(|cp| cp.seq - head <= max || cp.seq == first.seq)
+        .take_while(|cp| cp.seq - head <= max || cp.seq == first_seq)
         .count();
     checkpoints.truncate(keep);
-    if let Some(last) = checkpoints.last() {
-        end = last.seq;
-    }
+    let end = checkpoints.last().map(|c| c.seq).unwrap_or(first_seq);
     let mut stmt = tx.prepare_cached(&format!(
         "SELECT {} FROM audit WHERE seq > ?1 AND seq <= ?2 ORDER BY seq",
         query::record_columns()
     ))?;
     let mut rows = stmt.query(rusqlite::params![head as i64, end as i64])?;
-    let mut records = Vec::with_capacity((end - head) as usize);
+    let mut records = Vec::with_capacity(((end - head) as usize).min(100_000));
     while let Some(row) = rows.next()? {
         let mut r = Record::default();
         query::read_row_into(row, &mut r)?;
         records.push(r);
     }
+    // Records with large evidence (PDF signatures) make large batches: keep the frame within
+    // BATCH_BYTES, ending at a checkpoint (at least the first one).
+    // (A log with records missing is sent as it is: HQ names the gap.)
+    let mut bytes = 0usize;
+    let mut fits = 0;
+    let mut next = 0;
+    for (i, cp) in checkpoints.iter().enumerate() {
+        while next < records.len() && records[next].seq <= cp.seq {
+            bytes += pb::Record::from(&records[next]).encoded_len() + 8;
+            next += 1;
+        }
+        if i > 0 && bytes > BATCH_BYTES {
+            break;
+        }
+        fits = i + 1;
+    }
+    checkpoints.truncate(fits);
+    let end = checkpoints.last().map(|c| c.seq).unwrap_or(head);
+    records.retain(|r| r.seq <= end);
     Ok((records, checkpoints))
 }
+
+/// The most bytes of records a batch carries, unless its first checkpoint covers more (half the
+/// default frame limit, so the batch and its checkpoints fit).
+const BATCH_BYTES: usize = super::DEFAULT_MAX_FRAME / 2;
 
 async fn call(link: &mut Link, body: site_message::Body) -> Result<HqReply, ShipError> {
     let msg = SiteMessage { body: Some(body) };

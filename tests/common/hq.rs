@@ -298,13 +298,14 @@ impl HqNode {
 }
 
 /// A `[witness]` section: HQ's witness key is the P-256 key "audit" of a SoftHSM token of its
-/// own, `hq-witness`, made now (its PIN in DIR/witness.pin).
-pub fn witness_section(dir: &Path) -> String {
+/// own, labelled `label` (one per test: the tests of a binary share the SoftHSM), made now (its
+/// PIN in DIR/witness.pin).
+pub fn witness_section(dir: &Path, label: &str) -> String {
     let pin = "13572468";
-    own_token("hq-witness", pin);
+    own_token(label, pin);
     let pin_file = write_pin_file(&dir.join("witness.pin"), pin);
     format!(
-        "\n[witness]\nprofiles_dir = \"{}\"\nkey_label = \"audit\"\n\n[witness.device]\nid = \"hq-witness\"\nprofile = \"softhsm2\"\ntoken_label = \"hq-witness\"\npin_file = \"{}\"\n",
+        "\n[witness]\nprofiles_dir = \"{}\"\nkey_label = \"audit\"\n\n[witness.device]\nid = \"hq-witness\"\nprofile = \"softhsm2\"\ntoken_label = \"{label}\"\npin_file = \"{}\"\n",
         Path::new(env!("CARGO_MANIFEST_DIR"))
             .join("device-profiles")
             .display(),
