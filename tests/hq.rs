@@ -398,7 +398,12 @@ async fn every_central_alert_fires_and_nothing_unverified_reaches_a_table() {
     assert_eq!(code, 1, "{out}");
     assert!(out.contains("BAD_RECORD"), "{out}");
 
-    // Another site's log under this site's certificate.
+    // Another site's log under this site's certificate; a refused hello leaves what HQ
+    // believes the site holds as it was.
+    let reported =
+        |pg: &Postgres| pg.number("SELECT reported_seq FROM sites WHERE site = 'nanjing'");
+    let before = reported(pg);
+    stamp_n(&other, 12).await;
     let (code, out) = ship(&Site::ship_args(
         pki,
         &other.daemon.db(),
@@ -407,6 +412,7 @@ async fn every_central_alert_fires_and_nothing_unverified_reaches_a_table() {
     ));
     assert_eq!(code, 1, "{out}");
     assert!(out.contains("NOT_ENROLLED"), "{out}");
+    assert_eq!(reported(pg), before);
 
     // Everything HQ was sent so far but the honest batch was refused.
     assert_eq!(

@@ -213,15 +213,11 @@ impl Db {
     /// Checks a site's hello against its head, and notes when it was last seen.
     pub async fn hello(&self, site: &Site, newest: Option<&Checkpoint>) -> Result<Head, Refusal> {
         let client = self.pool.get().await.map_err(DbError::from)?;
-        let (reported_seq, reported_at) = newest
-            .map(|c| (c.seq as i64, Some(c.at_ms)))
-            .unwrap_or((0, None));
         let row = client
             .query_one(
-                "UPDATE sites SET last_seen = now(), reported_seq = $2, reported_at_ms = $3
-                 WHERE site = $1
-                 RETURNING head_seq, head_hash, checkpoint_seq, checkpoint_prev_seq, audit_key_spki",
-                &[&site.id, &reported_seq, &reported_at],
+                "SELECT head_seq, head_hash, checkpoint_seq, checkpoint_prev_seq, audit_key_spki
+                 FROM sites WHERE site = $1",
+                &[&site.id],
             )
             .await
             .map_err(DbError::from)?;
@@ -239,6 +235,18 @@ impl Db {
             _ => None,
         };
         check::check_hello(&head, &key, newest, |_| stored)?;
+        // Only a hello that passed says what the site holds.
+        let (reported_seq, reported_at) = newest
+            .map(|c| (c.seq as i64, Some(c.at_ms)))
+            .unwrap_or((0, None));
+        client
+            .execute(
+                "UPDATE sites SET last_seen = now(), reported_seq = $2, reported_at_ms = $3
+                 WHERE site = $1",
+                &[&site.id, &reported_seq, &reported_at],
+            )
+            .await
+            .map_err(DbError::from)?;
         Ok(head)
     }
 
