@@ -188,6 +188,11 @@ impl Rig {
 
     /// A node for this site.
     fn node(&self) -> HqNode {
+        self.node_with("")
+    }
+
+    /// A node for this site, with more configuration after its own.
+    fn node_with(&self, extra: &str) -> HqNode {
         let s = &self.site;
         HqNode::start(self.dir.path(), &self.pg, |port| {
             hq_config(
@@ -195,8 +200,16 @@ impl Rig {
                 &self.pg,
                 port,
                 &[(&s.id, &s.fingerprint, &s.audit_pem)],
-            )
+            ) + extra
         })
+    }
+
+    /// A node with a witness key in a token labelled `label`, and that key's PEM file.
+    fn witnessed_node(&self, label: &str) -> (HqNode, std::path::PathBuf) {
+        let node = self.node_with(&witness_section(self.dir.path(), label));
+        let pem = self.dir.path().join("hq-witness.pub.pem");
+        std::fs::write(&pem, node.witness_key()).unwrap();
+        (node, pem)
     }
 }
 
@@ -579,17 +592,7 @@ fn sealctl(args: &[&str]) -> (i32, String) {
 async fn hq_cosigns_what_it_verified_and_the_site_verify_catches_a_tail_cut_with_its_checkpoints() {
     let rig = Rig::new("xian");
     let (pg, pki, site) = (&rig.pg, &rig.pki, &rig.site);
-    let witness = witness_section(rig.dir.path(), "hq-witness-xian");
-    let node = HqNode::start(rig.dir.path(), pg, |port| {
-        hq_config(
-            pki,
-            pg,
-            port,
-            &[(&site.id, &site.fingerprint, &site.audit_pem)],
-        ) + &witness
-    });
-    let hq_pem = rig.dir.path().join("hq-witness.pub.pem");
-    std::fs::write(&hq_pem, node.witness_key()).unwrap();
+    let (node, hq_pem) = rig.witnessed_node("hq-witness-xian");
 
     stamp_n(site, 10).await;
     let mut args = Site::ship_args(pki, &site.daemon.db(), &node.addr, &site.id);
@@ -825,17 +828,7 @@ fn the_shipped_alert_rules_pass_promtool() {
 async fn a_crash_at_every_step_of_shipping_loses_nothing_and_stores_nothing_twice() {
     let rig = Rig::new("hefei");
     let (pg, pki, site) = (&rig.pg, &rig.pki, &rig.site);
-    let witness = witness_section(rig.dir.path(), "hq-witness-hefei");
-    let mut node = HqNode::start(rig.dir.path(), pg, |port| {
-        hq_config(
-            pki,
-            pg,
-            port,
-            &[(&site.id, &site.fingerprint, &site.audit_pem)],
-        ) + &witness
-    });
-    let hq_pem = rig.dir.path().join("hq-witness.pub.pem");
-    std::fs::write(&hq_pem, node.witness_key()).unwrap();
+    let (mut node, hq_pem) = rig.witnessed_node("hq-witness-hefei");
     let mut args = Site::ship_args(pki, &site.daemon.db(), &node.addr, &site.id);
     args.extend(["--hq-key".into(), hq_pem.display().to_string()]);
     let check = |when: &str| {
