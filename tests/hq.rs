@@ -362,6 +362,11 @@ async fn every_central_alert_fires_and_nothing_unverified_reaches_a_table() {
     let node = rig.node();
     let copies = tempfile::tempdir().unwrap();
     let ship_copy = |db: &std::path::Path| ship(&Site::ship_args(pki, db, &node.addr, &site.id));
+    // The site's log under a certificate of its own that no site is enrolled with.
+    let ship_as_stranger = |name: &str| {
+        pki.client(name);
+        ship(&Site::ship_args(pki, &site.daemon.db(), &node.addr, name))
+    };
 
     stamp_n(site, 5).await;
     let backup = site.copy_log(&copies.path().join("backup.db"));
@@ -460,13 +465,7 @@ async fn every_central_alert_fires_and_nothing_unverified_reaches_a_table() {
     assert_ne!(before, restored.db());
 
     // A certificate no site is enrolled with: refused in the handshake.
-    pki.client("stranger");
-    let (code, out) = ship(&Site::ship_args(
-        pki,
-        &site.daemon.db(),
-        &node.addr,
-        "stranger",
-    ));
+    let (code, out) = ship_as_stranger("stranger");
     assert_eq!(code, 2, "{out}");
 
     // Garbage, a batch before the hello, and a frame over the limit.
@@ -521,13 +520,7 @@ async fn every_central_alert_fires_and_nothing_unverified_reaches_a_table() {
     let seen = Printed::collect(follower.stdout.take().unwrap());
     let before = alerts(pg, "%").len();
     seen.wait_for("{", before, Duration::from_secs(10));
-    pki.client("stranger2");
-    let (code, out) = ship(&Site::ship_args(
-        pki,
-        &site.daemon.db(),
-        &node.addr,
-        "stranger2",
-    ));
+    let (code, out) = ship_as_stranger("stranger2");
     assert_eq!(code, 2, "{out}");
     seen.wait_for("{", before + 1, Duration::from_secs(10));
     assert!(
@@ -901,4 +894,47 @@ async fn a_crash_at_every_step_of_shipping_loses_nothing_and_stores_nothing_twic
         &hq_pem.display().to_string(),
     ]);
     assert_eq!(code, 0, "{out}");
+}
+
+/// HQ reaches a database elsewhere only over TLS, checking the server's certificate: the
+/// site's log arrives over a connection PostgreSQL reports as TLS.
+#[tokio::test(flavor = "multi_thread")]
+async fn hq_reaches_its_database_over_tls_when_given_its_ca() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::new(dir.path());
+    let pg = Postgres::start_with_tls(
+        std::path::Path::new(&pki.path("server.crt")),
+        std::path::Path::new(&pki.path("server.key")),
+    );
+    let site = Site::start("fuzhou", &pki);
+    let node = HqNode::start(dir.path(), &pg, |port| {
+        hq_config(
+            &pki,
+            &pg,
+            port,
+            &[(&site.id, &site.fingerprint, &site.audit_pem)],
+        )
+        .replace(
+            "pool_size = 4",
+            &format!("pool_size = 4\nca = \"{}\"", pki.path("ca.crt")),
+        )
+    });
+    stamp_n(&site, 3).await;
+    let (code, out) = site.ship_once(&pki, &node.addr);
+    assert_eq!(code, 0, "{out}");
+    wait_caught_up(&pg, &site);
+    let tls = pg.number(&format!(
+        "SELECT count(*) FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid)
+         WHERE a.usename = '{HQ_ROLE}' AND s.ssl"
+    ));
+    let plain = pg.number(&format!(
+        "SELECT count(*) FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid)
+         WHERE a.usename = '{HQ_ROLE}' AND NOT s.ssl"
+    ));
+    assert!(
+        tls >= 1 && plain == 0,
+        "{tls} TLS and {plain} plaintext connections of HQ"
+    );
+    let report = verify_central(&pg, &site);
+    assert!(report.ok(), "{:?}", report.problems);
 }

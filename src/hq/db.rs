@@ -68,35 +68,46 @@ fn is_loopback(host: &tokio_postgres::config::Host) -> bool {
     }
 }
 
+/// The connection settings, and the TLS connector when a CA is given: then TLS is required
+/// (never PostgreSQL's default of falling back to plaintext) and the server must prove its
+/// name. Without a CA only a Unix socket or loopback is accepted.
+fn connection_settings(
+    c: &DatabaseConfig,
+) -> Result<
+    (
+        tokio_postgres::Config,
+        Option<tokio_postgres_rustls::MakeRustlsConnect>,
+    ),
+    DbError,
+> {
+    let mut pg: tokio_postgres::Config = c
+        .url
+        .parse()
+        .map_err(|e| DbError::Config(format!("database.url: {e}")))?;
+    match &c.ca {
+        Some(ca) => {
+            let tls = crate::tls::client_config(ca, None).map_err(DbError::Config)?;
+            pg.ssl_mode(tokio_postgres::config::SslMode::Require);
+            Ok((pg, Some(tokio_postgres_rustls::MakeRustlsConnect::new(tls))))
+        }
+        None if pg.get_hosts().iter().all(is_loopback) => Ok((pg, None)),
+        None => Err(DbError::Config(
+            "database.url names a host that is not loopback: give database.ca for TLS".into(),
+        )),
+    }
+}
+
 impl Db {
     /// A pool of connections as configured: TLS when a CA is given, else only to a Unix
     /// socket or loopback.
     pub fn connect(c: &DatabaseConfig) -> Result<Db, DbError> {
-        let pg: tokio_postgres::Config = c
-            .url
-            .parse()
-            .map_err(|e| DbError::Config(format!("database.url: {e}")))?;
+        let (pg, tls) = connection_settings(c)?;
         let manager_config = ManagerConfig {
             recycling_method: RecyclingMethod::Fast,
         };
-        let manager = match &c.ca {
-            Some(ca) => {
-                let tls = crate::tls::client_config(ca, None).map_err(DbError::Config)?;
-                Manager::from_config(
-                    pg,
-                    tokio_postgres_rustls::MakeRustlsConnect::new(tls),
-                    manager_config,
-                )
-            }
-            None => {
-                if !pg.get_hosts().iter().all(is_loopback) {
-                    return Err(DbError::Config(
-                        "database.url names a host that is not loopback: give database.ca for TLS"
-                            .into(),
-                    ));
-                }
-                Manager::from_config(pg, tokio_postgres::NoTls, manager_config)
-            }
+        let manager = match tls {
+            Some(tls) => Manager::from_config(pg, tls, manager_config),
+            None => Manager::from_config(pg, tokio_postgres::NoTls, manager_config),
         };
         let pool = Pool::builder(manager)
             .max_size(c.pool_size)
@@ -640,26 +651,15 @@ pub async fn listen_alerts(
     ),
     DbError,
 > {
-    let pg: tokio_postgres::Config = c
-        .url
-        .parse()
-        .map_err(|e| DbError::Config(format!("database.url: {e}")))?;
+    let (pg, tls) = connection_settings(c)?;
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-    let client = match &c.ca {
-        Some(ca) => {
-            let tls = crate::tls::client_config(ca, None).map_err(DbError::Config)?;
-            let (client, conn) = pg
-                .connect(tokio_postgres_rustls::MakeRustlsConnect::new(tls))
-                .await?;
+    let client = match tls {
+        Some(tls) => {
+            let (client, conn) = pg.connect(tls).await?;
             tokio::spawn(forward_notifications(conn, tx));
             client
         }
         None => {
-            if !pg.get_hosts().iter().all(is_loopback) {
-                return Err(DbError::Config(
-                    "the database is not on loopback: give its CA for TLS".into(),
-                ));
-            }
             let (client, conn) = pg.connect(tokio_postgres::NoTls).await?;
             tokio::spawn(forward_notifications(conn, tx));
             client
@@ -788,4 +788,36 @@ async fn insert_checkpoints(
         .await?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_remote_database_needs_a_ca_and_a_local_one_does_not() {
+        let config = |url: &str| DatabaseConfig {
+            url: url.into(),
+            ca: None,
+            pool_size: 1,
+        };
+        for remote in [
+            "host=192.0.2.7 dbname=x",
+            "host=db.example dbname=x",
+            "host=/tmp,10.0.0.1",
+        ] {
+            assert!(
+                matches!(Db::connect(&config(remote)), Err(DbError::Config(_))),
+                "{remote}"
+            );
+        }
+        for local in [
+            "host=127.0.0.1 dbname=x",
+            "host=localhost",
+            "host=::1",
+            "host=/run/postgresql",
+        ] {
+            assert!(Db::connect(&config(local)).is_ok(), "{local}");
+        }
+    }
 }

@@ -17,6 +17,7 @@ pub struct Postgres {
     bin: PathBuf,
     pub port: u16,
     run_as: Option<String>,
+    ssl: bool,
 }
 
 /// The newest installed PostgreSQL's binaries (Debian keeps them out of PATH).
@@ -47,6 +48,15 @@ pub fn free_port() -> u16 {
 
 impl Postgres {
     pub fn start() -> Postgres {
+        Postgres::start_with(None)
+    }
+
+    /// A cluster that also speaks TLS with this certificate chain and key (PEM).
+    pub fn start_with_tls(cert: &Path, key: &Path) -> Postgres {
+        Postgres::start_with(Some((cert, key)))
+    }
+
+    fn start_with(tls: Option<(&Path, &Path)>) -> Postgres {
         let root = nix::unistd::geteuid().is_root();
         let dir = tempfile::Builder::new()
             .prefix("sealgate-pg-")
@@ -59,11 +69,12 @@ impl Postgres {
                 .expect("the postgres user (Debian's postgresql package makes it)");
             nix::unistd::chown(dir.path(), Some(u.uid), Some(u.gid)).unwrap();
         }
-        let pg = Postgres {
+        let mut pg = Postgres {
             bin: bindir(),
             port: free_port(),
             run_as,
             dir,
+            ssl: false,
         };
         let data = pg.data();
         pg.run(
@@ -80,6 +91,21 @@ impl Postgres {
                 "--no-sync",
             ],
         );
+        if let Some((cert, key)) = tls {
+            // server.crt and server.key in the data directory, the server's own, key 0600.
+            use std::os::unix::fs::PermissionsExt;
+            let data = Path::new(&data);
+            for (from, to) in [(cert, "server.crt"), (key, "server.key")] {
+                let to = data.join(to);
+                std::fs::copy(from, &to).unwrap();
+                std::fs::set_permissions(&to, std::fs::Permissions::from_mode(0o600)).unwrap();
+                if pg.run_as.is_some() {
+                    let u = nix::unistd::User::from_name("postgres").unwrap().unwrap();
+                    nix::unistd::chown(&to, Some(u.uid), Some(u.gid)).unwrap();
+                }
+            }
+            pg.ssl = true;
+        }
         pg.pg_ctl_start();
         pg.psql_as("postgres", &format!("CREATE ROLE {HQ_ROLE} LOGIN"));
         pg.psql_as(
@@ -123,9 +149,10 @@ impl Postgres {
 
     fn pg_ctl_start(&self) {
         let options = format!(
-            "-p {} -k {} -c listen_addresses=127.0.0.1",
+            "-p {} -k {} -c listen_addresses=127.0.0.1{}",
             self.port,
-            self.dir.path().display()
+            self.dir.path().display(),
+            if self.ssl { " -c ssl=on" } else { "" }
         );
         let log = self.dir.path().join("postgres.log").display().to_string();
         self.run(
@@ -145,10 +172,12 @@ impl Postgres {
         );
     }
 
-    /// A connection string for `user` to the HQ database, over loopback TCP.
+    /// A connection string for `user` to the HQ database, over loopback TCP (by the name in
+    /// the server's certificate, when it speaks TLS).
     pub fn url(&self, user: &str) -> String {
         format!(
-            "host=127.0.0.1 port={} user={user} dbname={DATABASE}",
+            "host={} port={} user={user} dbname={DATABASE}",
+            if self.ssl { "localhost" } else { "127.0.0.1" },
             self.port
         )
     }
