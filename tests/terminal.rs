@@ -1212,6 +1212,7 @@ async fn a_line_cut_between_a_grant_and_its_ack_leaves_the_grant_recorded_and_it
     // The terminal takes the grant and the line goes before the ACK: the office app hears
     // that the grant stands, the terminal comes back, and its impression is taken.
     sim.send("cut-on-grant");
+    sim.wait_for("armed cut-on-grant", 1);
     let doc = sha256(b"cut before the ack");
     let r = grant(&d, "stamp-room", &doc, 1).await;
     assert_eq!(r.status, Status::DeviceUnavailable as i32, "{}", r.message);
@@ -1229,6 +1230,7 @@ async fn a_line_cut_between_a_grant_and_its_ack_leaves_the_grant_recorded_and_it
     // hears the same, nothing more is released, and the terminal is free again once the
     // grant's time is up.
     sim.send("lose-grants 100");
+    sim.wait_for("armed lose-grants 100", 1);
     let r = grant(&d, "stamp-room", &sha256(b"never arrives"), 1).await;
     assert_eq!(r.status, Status::DeviceUnavailable as i32, "{}", r.message);
     sim.send("lose-grants 0");

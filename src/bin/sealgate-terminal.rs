@@ -430,8 +430,15 @@ impl Terminal {
                 self.connect();
             }
             ["deaf", _] => self.deaf = num(1).unwrap_or(1) as u32,
-            ["cut-on-grant"] => self.cut_on_grant = true,
-            ["lose-grants", _] => self.lose_grants = num(1).unwrap_or(1) as u32,
+            // Said once in force, so a test knows the next grant meets it.
+            ["cut-on-grant"] => {
+                self.cut_on_grant = true;
+                say("armed cut-on-grant");
+            }
+            ["lose-grants", _] => {
+                self.lose_grants = num(1).unwrap_or(1) as u32;
+                say(&format!("armed lose-grants {}", self.lose_grants));
+            }
             ["silence"] => self.heartbeats = false,
             ["resume"] => {
                 self.heartbeats = true;
