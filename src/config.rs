@@ -58,6 +58,25 @@ pub struct Config {
     /// The time-stamping authority whose RFC 3161 tokens container stamps carry.
     #[serde(default)]
     pub timestamp: Option<TimestampConfig>,
+    /// Configuration fragments signed by headquarters, which this site takes (see
+    /// `sealgate::hq::policy`); none are taken when unset.
+    #[serde(default)]
+    pub hq_policy: Option<HqPolicyConfig>,
+}
+
+/// `[hq_policy]`: whom this site takes configuration fragments from, and what it keeps its own.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HqPolicyConfig {
+    /// This site's id at headquarters; a fragment for another site is refused.
+    pub site: String,
+    /// HQ's policy public key (SPKI PEM, `sealgate-hq policy key`); relative to the
+    /// configuration's folder.
+    pub key_file: PathBuf,
+    /// Sections HQ may not change: "caller", "approver", "applicant", "alerts", "seal" (every
+    /// seal) or "seal:ID". A fragment touching one is refused whole.
+    #[serde(default)]
+    pub pinned: Vec<String>,
 }
 
 /// `[timestamp]`: an RFC 3161 time-stamping authority over HTTP(S).
@@ -545,12 +564,32 @@ impl Config {
             fix(&mut l.certificate);
             fix(&mut l.key);
         }
+        if let Some(h) = self.hq_policy.as_mut() {
+            fix(&mut h.key_file);
+        }
     }
 
-    fn check(&self) -> Result<(), ConfigError> {
+    /// The cross-checks between sections; run again on a configuration a fragment changed.
+    pub(crate) fn check(&self) -> Result<(), ConfigError> {
         let invalid = |m: String| Err(ConfigError::Invalid(m));
         if self.daemon.max_frame_bytes < 64 || self.daemon.max_frame_bytes > 64 * 1024 * 1024 {
             return invalid("daemon.max_frame_bytes must be between 64 and 67108864".into());
+        }
+        if let Some(h) = &self.hq_policy {
+            if h.site.is_empty() {
+                return invalid("hq_policy.site must not be empty".into());
+            }
+            for p in &h.pinned {
+                let known = matches!(
+                    p.as_str(),
+                    "caller" | "approver" | "applicant" | "alerts" | "seal"
+                ) || p.strip_prefix("seal:").is_some_and(|id| !id.is_empty());
+                if !known {
+                    return invalid(format!(
+                        "hq_policy.pinned: {p:?} is none of caller, approver, applicant, alerts, seal, seal:ID"
+                    ));
+                }
+            }
         }
         if self.daemon.max_connections == 0 {
             return invalid("daemon.max_connections must be at least 1".into());
@@ -947,6 +986,9 @@ impl Config {
                     Guard::NoForeignWrite,
                 )?;
             }
+        }
+        if let Some(h) = &self.hq_policy {
+            check_trusted(&h.key_file, "HQ's policy key", Guard::NoForeignWrite)?;
         }
         if let Some(l) = &self.terminal_listener {
             check_trusted(&l.key, "the terminal listener's key", Guard::Secret)?;

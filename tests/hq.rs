@@ -7,7 +7,7 @@ mod common;
 
 use common::hq::*;
 use common::pki::Pki;
-use common::postgres::{Postgres, HQ_ROLE};
+use common::postgres::{free_port, Postgres, HQ_ROLE};
 use common::*;
 use std::time::Duration;
 
@@ -937,4 +937,324 @@ async fn hq_reaches_its_database_over_tls_when_given_its_ca() {
     );
     let report = verify_central(&pg, &site);
     assert!(report.ok(), "{:?}", report.problems);
+}
+
+/// The records of one kind in a site's log: (seq, reason, detail, evidence).
+fn site_records(site: &Site, kind: &str) -> Vec<(u64, String, String, serde_json::Value)> {
+    let out = sqlite3(
+        &site.daemon.db(),
+        &format!(
+            "SELECT json_object('seq', seq, 'reason', reason, 'detail', detail, 'evidence', evidence) FROM audit WHERE kind = '{kind}' ORDER BY seq"
+        ),
+    );
+    out.lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            (
+                v["seq"].as_u64().unwrap(),
+                v["reason"].as_str().unwrap().to_owned(),
+                v["detail"].as_str().unwrap().to_owned(),
+                serde_json::from_str(v["evidence"].as_str().unwrap()).unwrap_or_default(),
+            )
+        })
+        .collect()
+}
+
+/// Asks the site's daemon to apply fragment bytes directly, as a shipper would.
+async fn apply_policy(site: &Site, fragment: Vec<u8>) -> sealgate::protocol::Response {
+    let mut c = site.daemon.client().await;
+    c.call(sealgate::protocol::request::Body::ApplyPolicy(
+        sealgate::protocol::pb::ApplyPolicyRequest { fragment },
+    ))
+    .await
+    .unwrap()
+}
+
+/// A stamp with the contract seal approved by the department head alone: its status and reason.
+async fn contract_by_one_level(site: &Site, what: &str) -> (i32, String) {
+    let mut c = site.daemon.client().await;
+    let digest = sha256(format!("{} {what} {}", site.id, unix_now()).as_bytes());
+    let r = c
+        .stamp("contract", &digest, &token_for("contract", &digest), "")
+        .await
+        .unwrap();
+    (r.status, r.reason)
+}
+
+/// A contract approved by the department head and an executive.
+async fn contract_by_two_levels(site: &Site, what: &str) {
+    let mut c = site.daemon.client().await;
+    let digest = sha256(format!("{} {what} {}", site.id, unix_now()).as_bytes());
+    let mut a = Approval::for_seal("contract", &digest);
+    a.signers = vec![("zhang.wei".into(), 300), ("li.na".into(), 240)];
+    let r = c.stamp("contract", &digest, &a.token(), "").await.unwrap();
+    assert_eq!(
+        r.status,
+        sealgate::protocol::Status::Ok as i32,
+        "{what}: {} {}",
+        r.reason,
+        r.message
+    );
+}
+
+/// Contracts take two levels: the department head and an executive.
+const TWO_LEVELS: &str = r#"
+[[seal]]
+id = "contract"
+
+[[seal.rule]]
+name = "contracts, two levels (HQ)"
+doc_types = ["contract"]
+levels = ["dept_head", "executive"]
+dept_scoped = ["dept_head"]
+"#;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_policy_fragment_from_hq_tightens_a_site_rule_and_foreign_stale_or_pinned_ones_are_refused(
+) {
+    let pg = Postgres::start();
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::new(dir.path());
+    // HQ's policy key first: the site is configured with it.
+    let policy = key_section(dir.path(), "policy", "hq-policy-kunming");
+    let keys_only = dir.path().join("hq-keys.toml");
+    std::fs::write(&keys_only, hq_config(&pki, &pg, 1, &[]) + &policy).unwrap();
+    let (code, pem) = hq_command(&keys_only, &["policy", "key"]);
+    assert_eq!(code, 0, "{pem}");
+    let policy_pem = dir.path().join("hq-policy.pub.pem");
+    std::fs::write(&policy_pem, &pem).unwrap();
+    let site = Site::start_with(
+        "kunming",
+        &pki,
+        0,
+        &format!(
+            "\n[hq_policy]\nsite = \"kunming\"\nkey_file = \"{}\"\npinned = [\"approver\"]\n",
+            policy_pem.display()
+        ),
+    );
+    let node = HqNode::start(dir.path(), &pg, |port| {
+        hq_config(
+            &pki,
+            &pg,
+            port,
+            &[(&site.id, &site.fingerprint, &site.audit_pem)],
+        ) + &policy
+    });
+    let mut args = vec![
+        "--socket".to_string(),
+        site.daemon.socket.display().to_string(),
+    ];
+    args.extend(Site::ship_args(
+        &pki,
+        &site.daemon.db(),
+        &node.addr,
+        &site.id,
+    ));
+    args.push("--apply-policy".into());
+    let publish = |body: &str, config: &std::path::Path| {
+        let file = dir.path().join(format!("fragment-{}.toml", free_port()));
+        std::fs::write(&file, body).unwrap();
+        hq_command(
+            config,
+            &[
+                "policy",
+                "publish",
+                "--site",
+                "kunming",
+                file.to_str().unwrap(),
+            ],
+        )
+    };
+
+    // Before: one level is enough.
+    assert_eq!(
+        contract_by_one_level(&site, "before").await.0,
+        sealgate::protocol::Status::Ok as i32
+    );
+
+    // Version 1 tightens the contract seal; the shipper hands it over at its hello.
+    let (code, out) = publish(TWO_LEVELS, &node.config);
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains("site kunming: policy version 1 published (seal:contract;"),
+        "{out}"
+    );
+    let (code, out) = ship(&args);
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains("HQ policy version 1 is in force at the daemon"),
+        "{out}"
+    );
+    let (status, reason) = contract_by_one_level(&site, "after").await;
+    assert_eq!(
+        (status, reason.as_str()),
+        (
+            sealgate::protocol::Status::ApprovalDenied as i32,
+            "missing_level"
+        )
+    );
+    contract_by_two_levels(&site, "after").await;
+    let applied = site_records(&site, "config.applied");
+    assert_eq!(applied.len(), 1, "{applied:?}");
+    assert_eq!(applied[0].3["version"], 1);
+    assert_eq!(
+        applied[0].3["sections"],
+        serde_json::json!(["seal:contract"])
+    );
+    // HQ learns which version is in force from the records it verified.
+    let (code, out) = ship(&args);
+    assert_eq!(code, 0, "{out}");
+    let in_force =
+        |pg: &Postgres| pg.psql("SELECT policy_version FROM sites WHERE site = 'kunming'");
+    assert_eq!(in_force(&pg), "1");
+    assert_eq!(
+        pg.psql("SELECT policy_sha256 FROM sites WHERE site = 'kunming'"),
+        applied[0].3["fragment_sha256"].as_str().unwrap()
+    );
+
+    // Version 2 comes signed by another key (a node with a policy key of its own): refused,
+    // recorded, and version 1 stays in force.
+    let stranger = dir.path().join("hq-stranger.toml");
+    std::fs::write(
+        &stranger,
+        hq_config(&pki, &pg, 1, &[])
+            + &key_section(dir.path(), "policy", "hq-policy-stranger-kunming"),
+    )
+    .unwrap();
+    let (code, out) = publish(&TWO_LEVELS.replace("two levels", "relaxed"), &stranger);
+    assert_eq!(code, 0, "{out}");
+    let (code, out) = ship(&args);
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains("the daemon refused HQ's policy fragment"),
+        "{out}"
+    );
+    let refused = site_records(&site, "config.refused");
+    assert_eq!(refused.len(), 1, "{refused:?}");
+    assert_eq!(refused[0].1, "bad_signature", "{refused:?}");
+    assert_eq!(refused[0].3["version"], 2);
+    assert_eq!(
+        contract_by_one_level(&site, "after v2").await.1,
+        "missing_level"
+    );
+
+    // Version 3, by HQ's key, also changes the alert thresholds: in force.
+    let v3 = format!(
+        "{TWO_LEVELS}\n[alerts]\nrestamp = true\nburst_count = 500\nburst_window_seconds = 60\n"
+    );
+    let (code, out) = publish(&v3, &node.config);
+    assert_eq!(code, 0, "{out}");
+    let (code, out) = ship(&args);
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains("HQ policy version 3 is in force at the daemon"),
+        "{out}"
+    );
+
+    // Version 1 handed over again is older than the one in force: refused and recorded.
+    let row = pg.psql(
+        "SELECT version || ' ' || issued_at_ms || ' ' || key_id || ' ' || algorithm || ' ' || encode(signature, 'hex') || ' ' || encode(convert_to(body, 'UTF8'), 'hex') FROM policy_fragments WHERE site = 'kunming' AND version = 1",
+    );
+    let f: Vec<&str> = row.split(' ').collect();
+    let v1 = sealgate::hq::policy::Fragment {
+        site: "kunming".into(),
+        version: f[0].parse().unwrap(),
+        issued_at_ms: f[1].parse().unwrap(),
+        key_id: f[2].into(),
+        algorithm: f[3].into(),
+        signature: hex::decode(f[4]).unwrap(),
+        body: String::from_utf8(hex::decode(f[5]).unwrap()).unwrap(),
+    };
+    let r = apply_policy(&site, v1.encode()).await;
+    assert_eq!(
+        (r.status, r.reason.as_str()),
+        (
+            sealgate::protocol::Status::PolicyRefused as i32,
+            "not_newer"
+        ),
+        "{}",
+        r.message
+    );
+    assert!(
+        r.message.contains("not newer than version 3 in force"),
+        "{}",
+        r.message
+    );
+    // The same fragment with its version raised no longer verifies.
+    let forged = sealgate::hq::policy::Fragment {
+        version: 9,
+        ..v1.clone()
+    };
+    let r = apply_policy(&site, forged.encode()).await;
+    assert_eq!(r.reason, "bad_signature", "{}", r.message);
+    let r = apply_policy(&site, b"\xff\xff not a fragment".to_vec()).await;
+    assert_eq!(r.reason, "invalid", "{}", r.message);
+
+    // Version 4 changes the approvers, which this site pinned: refused whole.
+    let v4 = format!(
+        "{v3}\n[[approver]]\nid = \"hq.appointee\"\nrole = \"executive\"\npublic_key = \"\"\"\n{pem}\"\"\"\n"
+    );
+    let (code, out) = publish(&v4, &node.config);
+    assert_eq!(code, 0, "{out}");
+    let (code, out) = ship(&args);
+    assert_eq!(code, 0, "{out}");
+    let refused = site_records(&site, "config.refused");
+    let reasons: Vec<&str> = refused.iter().map(|r| r.1.as_str()).collect();
+    assert_eq!(
+        reasons,
+        [
+            "bad_signature",
+            "not_newer",
+            "bad_signature",
+            "invalid",
+            "pinned"
+        ],
+        "{refused:?}"
+    );
+    assert!(
+        refused[4]
+            .2
+            .contains("changes \"approver\", which this site pinned"),
+        "{refused:?}"
+    );
+
+    // A reload and a restart keep version 3 in force; the restart says so in its first record.
+    assert!(site.daemon.reload(1).contains("configuration reloaded"));
+    assert_eq!(
+        contract_by_one_level(&site, "after the reload").await.1,
+        "missing_level"
+    );
+    let mut site = site;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(site.daemon.pid()),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    site.daemon = site.daemon.restart_with(&[]).unwrap();
+    assert_eq!(
+        contract_by_one_level(&site, "after the restart").await.1,
+        "missing_level"
+    );
+    let started = site_records(&site, "daemon.started");
+    assert_eq!(
+        started.last().unwrap().3["policy_version"],
+        3,
+        "{started:?}"
+    );
+    let (code, out) = ship(&args);
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(in_force(&pg), "3");
+    let (code, out) = sealctl(&["hq", "stats", "--url", &pg.url(HQ_ROLE)]);
+    assert_eq!(code, 0, "{out}");
+    let row = out.lines().find(|l| l.starts_with("kunming")).unwrap();
+    assert_eq!(row.split_whitespace().last(), Some("3"), "{out}");
+    // Everything the site recorded verifies, here and at HQ.
+    let (code, out) = sealctl(&[
+        "audit",
+        "verify",
+        "--db",
+        site.daemon.db().to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{out}");
+    assert!(verify_central(&pg, &site).ok(), "HQ's copy verifies");
 }

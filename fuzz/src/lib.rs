@@ -344,7 +344,8 @@ impl World {
             .expect("a runtime");
         let service = {
             let _in = runtime.enter();
-            Service::new(&config, registry, dir.path()).expect("the fuzzed service starts")
+            Service::new(&config, registry, &dir.path().join("sealgate.toml"), None)
+                .expect("the fuzzed service starts")
         };
         let caller = service.identify(CALLER_UID, CALLER_UID, Some(1));
         let stranger = service.identify(CALLER_UID + 1, CALLER_UID + 1, Some(2));

@@ -247,7 +247,12 @@ impl AuditLog {
     /// Opens the log in the database at `path` (schema already migrated), checks its tail
     /// against the last checkpoint, records an outcome for every dangling authorisation and a
     /// `daemon.started` record, and starts the writer. Blocks.
-    pub fn open(path: PathBuf, key: AuditKey, anomaly: Anomaly) -> Result<AuditLog, AuditError> {
+    pub fn open(
+        path: PathBuf,
+        key: AuditKey,
+        anomaly: Anomaly,
+        started_evidence: String,
+    ) -> Result<AuditLog, AuditError> {
         let status = Arc::new(Mutex::new(AuditStatus::default()));
         let (alerts, _) = broadcast::channel(256);
         let mut w = Writer::new(path, key, anomaly, alerts.clone(), status.clone());
@@ -260,6 +265,7 @@ impl AuditLog {
         }
         let mut started = Record::new(kind::DAEMON_STARTED);
         started.detail = format!("sealgated {}", env!("CARGO_PKG_VERSION"));
+        started.evidence = started_evidence;
         first.push(started);
         w.pending = first;
         w.flush_pending();

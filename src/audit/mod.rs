@@ -61,6 +61,9 @@ pub mod kind {
     pub const DEVICE_PIN_LOW: &str = "device.pin_low";
     pub const MFA_ENROLLED: &str = "mfa.enrolled";
     pub const MFA_RESET: &str = "mfa.reset";
+    /// A configuration fragment from HQ was put in force, or refused (`reason` says why).
+    pub const CONFIG_APPLIED: &str = "config.applied";
+    pub const CONFIG_REFUSED: &str = "config.refused";
     /// A terminal's link came up or went down.
     pub const TERMINAL_CONNECTED: &str = "terminal.connected";
     pub const TERMINAL_DISCONNECTED: &str = "terminal.disconnected";

@@ -19,6 +19,15 @@ pub struct TrustedKey {
 }
 
 impl TrustedKey {
+    /// A public key from an SPKI PEM file.
+    pub fn from_pem_file(path: &std::path::Path) -> Result<TrustedKey, String> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        let (_, der) = pem_rfc7468::decode_vec(text.as_bytes())
+            .map_err(|e| format!("{} is not PEM: {e}", path.display()))?;
+        TrustedKey::from_spki(der).map_err(|e| format!("{}: {e}", path.display()))
+    }
+
     pub fn from_spki(spki_der: Vec<u8>) -> Result<TrustedKey, String> {
         let algorithm = crate::device::keys::spki_algorithm(&spki_der)
             .ok_or("not a P-256 or Ed25519 public key")?;

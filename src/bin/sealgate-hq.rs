@@ -49,6 +49,29 @@ enum Command {
     },
     /// Print the witness public key (SPKI PEM), for the sites' `--hq-key`.
     WitnessKey,
+    /// Configuration fragments for sites, signed with HQ's policy key.
+    #[command(subcommand)]
+    Policy(PolicyCommand),
+}
+
+#[derive(Subcommand)]
+enum PolicyCommand {
+    /// Print the policy public key (SPKI PEM), for the sites' `[hq_policy] key_file`.
+    Key,
+    /// Sign a fragment (TOML: [[caller]], [[approver]], [[applicant]], [[seal]], [alerts])
+    /// as the site's next version and publish it; the site's shipper fetches it at its next
+    /// hello.
+    Publish {
+        #[arg(long)]
+        site: String,
+        /// The fragment's body.
+        file: PathBuf,
+    },
+    /// Print the newest fragment published for a site.
+    Show {
+        #[arg(long)]
+        site: String,
+    },
 }
 
 fn main() {
@@ -90,7 +113,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 .witness
                 .as_ref()
                 .context("the configuration has no [witness]")?
-                .open()
+                .open("witness")
                 .map_err(anyhow::Error::msg)?;
             print!(
                 "{}",
@@ -98,11 +121,79 @@ async fn run(args: Args) -> anyhow::Result<()> {
             );
             Ok(())
         }
+        Command::Policy(p) => policy(&config, p).await,
         Command::Serve => {
             let db = Db::connect(&config.database)?;
             serve(config, sites, db).await
         }
     }
+}
+
+async fn policy(config: &HqConfig, command: PolicyCommand) -> anyhow::Result<()> {
+    let key = || {
+        config
+            .policy
+            .as_ref()
+            .context("the configuration has no [policy]")?
+            .open("policy")
+            .map_err(anyhow::Error::msg)
+    };
+    match command {
+        PolicyCommand::Key => {
+            print!(
+                "{}",
+                sealgate::device::keys::pem("PUBLIC KEY", &key()?.key.spki_der)
+            );
+        }
+        PolicyCommand::Publish { site, file } => {
+            let body = std::fs::read_to_string(&file)
+                .with_context(|| format!("cannot read {}", file.display()))?;
+            // HQ publishes only what a site can read; the site checks it again against its
+            // own configuration.
+            let sections = sealgate::hq::policy::Body::parse(&body)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?
+                .sections();
+            let key = key()?;
+            let db = Db::connect(&config.database)?;
+            db.check_schema().await?;
+            let f = db
+                .publish_policy(&site, body, |f| {
+                    f.key_id = key.key.key_id.clone();
+                    f.algorithm = key.key.algorithm.name().to_owned();
+                    f.signature = key.sign(&f.message())?;
+                    Ok(())
+                })
+                .await?;
+            tracing::info!(site, version = f.version, "policy fragment published");
+            println!(
+                "site {site}: policy version {} published ({}; {})",
+                f.version,
+                if sections.is_empty() {
+                    "no sections".to_owned()
+                } else {
+                    sections.join(", ")
+                },
+                f.digest()
+            );
+        }
+        PolicyCommand::Show { site } => {
+            let db = Db::connect(&config.database)?;
+            match db.newest_policy(&site).await? {
+                Some(f) => {
+                    println!(
+                        "# site {site}, version {}, issued {} ms, key {}, {}",
+                        f.version,
+                        f.issued_at_ms,
+                        f.key_id,
+                        f.digest()
+                    );
+                    print!("{}", f.body);
+                }
+                None => println!("# site {site}: no fragment published"),
+            }
+        }
+    }
+    Ok(())
 }
 
 async fn enrol(db: &Db, sites: &[sealgate::hq::config::Site]) -> anyhow::Result<()> {
@@ -140,7 +231,7 @@ async fn serve(
     };
     let witness = match &config.witness {
         Some(w) => {
-            let w = w.open().map_err(anyhow::Error::msg)?;
+            let w = w.open("witness").map_err(anyhow::Error::msg)?;
             tracing::info!(
                 key = w.key.key_id,
                 "witness key ready: every verified checkpoint is cosigned"

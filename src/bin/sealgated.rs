@@ -50,10 +50,12 @@ fn run(args: Args) -> anyhow::Result<()> {
     if let Err(e) = nix::sys::prctl::set_dumpable(false) {
         tracing::warn!(error = %e, "cannot mark the process as not dumpable");
     }
-    let config = Config::load(&args.config)?;
-    config.check_file_modes(&args.config, |name: &str| {
-        sealgate::device::profile::DeviceProfile::modules_of(&config.daemon.profiles_dir, name)
-    })?;
+    let mut config = sealgate::service::load_config(&args.config)?;
+    // The fragment from HQ in force (if this site takes them) goes on the file's policy.
+    let policy = sealgate::hq::policy::restore(&mut config).map_err(anyhow::Error::msg)?;
+    if let Some(f) = &policy {
+        tracing::info!(version = f.version, "HQ policy fragment in force");
+    }
     if nix::unistd::geteuid().is_root() && !config.daemon.allow_root {
         bail!(
             "refusing to run as root; run as a dedicated user, or set daemon.allow_root = true in {}",
@@ -84,7 +86,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         );
         return Ok(());
     }
-    let service = Arc::new(Service::new(&config, registry, &config_dir)?);
+    let service = Arc::new(Service::new(&config, registry, &args.config, policy)?);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -125,7 +127,6 @@ fn run(args: Args) -> anyhow::Result<()> {
             hangup,
             service.clone(),
             args.config.clone(),
-            config_dir.clone(),
         ));
         tokio::spawn(prune_ledger(service.clone()));
         tracing::info!(
@@ -230,7 +231,6 @@ async fn reload_on_hangup(
     mut hangup: tokio::signal::unix::Signal,
     service: Arc<Service>,
     path: PathBuf,
-    config_dir: PathBuf,
 ) {
     while hangup.recv().await.is_some() {
         let mut states = vec![sd_notify::NotifyState::Reloading];
@@ -238,16 +238,9 @@ async fn reload_on_hangup(
             states.push(now);
         }
         let _ = sd_notify::notify(false, &states);
-        let (s, p, d) = (service.clone(), path.clone(), config_dir.clone());
+        let (s, p) = (service.clone(), path.clone());
         let outcome = tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
-            let config = Config::load(&p)?;
-            config.check_file_modes(&p, |name: &str| {
-                sealgate::device::profile::DeviceProfile::modules_of(
-                    &config.daemon.profiles_dir,
-                    name,
-                )
-            })?;
-            s.reload(&config, &d)?;
+            s.reload(sealgate::service::load_config(&p)?)?;
             Ok(())
         })
         .await;

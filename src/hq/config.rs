@@ -19,24 +19,28 @@ pub struct HqConfig {
     pub sites: Vec<SiteConfig>,
     /// HQ's witness key, which cosigns every site checkpoint HQ verified.
     #[serde(default)]
-    pub witness: Option<WitnessConfig>,
+    pub witness: Option<KeyConfig>,
+    /// HQ's policy key, which signs the configuration fragments HQ publishes for sites
+    /// (`sealgate-hq policy publish`); a key of its own, not the witness key.
+    #[serde(default)]
+    pub policy: Option<KeyConfig>,
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct WitnessConfig {
+pub struct KeyConfig {
     /// Where the device's profile is (the daemon's `device-profiles/`).
     pub profiles_dir: PathBuf,
-    /// The witness key on the device, by label.
+    /// The key on the device, by label.
     pub key_label: String,
     /// ecdsa-p256-sha256 or ed25519.
-    #[serde(default = "default_witness_algorithm")]
+    #[serde(default = "default_key_algorithm")]
     pub algorithm: String,
     /// The device, as a `[[device]]` of the daemon's configuration (a PKCS#11 token).
     pub device: crate::config::DeviceConfig,
 }
 
-fn default_witness_algorithm() -> String {
+fn default_key_algorithm() -> String {
     "ecdsa-p256-sha256".into()
 }
 
@@ -108,30 +112,31 @@ fn default_pool() -> usize {
     8
 }
 
-impl WitnessConfig {
-    /// Opens the witness key's device.
-    pub fn open(&self) -> Result<super::cosign::Witness, String> {
+impl KeyConfig {
+    /// Opens the key's device; `section` ("witness", "policy") names it in errors.
+    pub fn open(&self, section: &str) -> Result<super::cosign::HqKey, String> {
         use crate::device::profile::{DeviceKind, DeviceProfile};
         use crate::device::{Algorithm, KeySpec};
         let algorithm = Algorithm::parse(&self.algorithm)?;
         if !matches!(algorithm, Algorithm::EcdsaP256Sha256 | Algorithm::Ed25519) {
             return Err(format!(
-                "witness.algorithm: {} is not one a witness key may have (ecdsa-p256-sha256, ed25519)",
+                "{section}.algorithm: {} is not one HQ's keys may have (ecdsa-p256-sha256, ed25519)",
                 self.algorithm
             ));
         }
         let profile = DeviceProfile::load(&self.profiles_dir, &self.device.profile)
-            .map_err(|e| format!("witness device: {e}"))?;
+            .map_err(|e| format!("{section} device: {e}"))?;
         if profile.kind != DeviceKind::Pkcs11 {
-            return Err("the witness device must be a PKCS#11 token".into());
+            return Err(format!("the {section} device must be a PKCS#11 token"));
         }
         let spec = KeySpec {
             label: Some(self.key_label.clone()),
             id: None,
             algorithm,
         };
-        let device = open_pkcs11(&self.device, profile, spec)?;
-        super::cosign::Witness::new(device)
+        let device =
+            open_pkcs11(&self.device, profile, spec).map_err(|e| format!("{section} {e}"))?;
+        super::cosign::HqKey::new(device)
     }
 }
 
@@ -143,7 +148,7 @@ fn open_pkcs11(
 ) -> Result<std::sync::Arc<dyn crate::device::SealDevice>, String> {
     crate::device::pkcs11::Pkcs11Device::open(config, profile, vec![spec])
         .map(|d| std::sync::Arc::new(d) as std::sync::Arc<dyn crate::device::SealDevice>)
-        .map_err(|e| format!("witness device: {e}"))
+        .map_err(|e| format!("device: {e}"))
 }
 
 #[cfg(not(feature = "pkcs11"))]
@@ -152,7 +157,7 @@ fn open_pkcs11(
     _profile: crate::device::profile::DeviceProfile,
     _spec: crate::device::KeySpec,
 ) -> Result<std::sync::Arc<dyn crate::device::SealDevice>, String> {
-    Err("this build has no PKCS#11 support (feature pkcs11): no witness key".into())
+    Err("device: this build has no PKCS#11 support (feature pkcs11)".into())
 }
 
 /// An enrolled site, as the listener and the database layer use it.
@@ -213,20 +218,8 @@ impl HqConfig {
                     s.id
                 )));
             }
-            let pem =
-                std::fs::read_to_string(&s.audit_key).map_err(|source| ConfigError::Read {
-                    path: s.audit_key.clone(),
-                    source,
-                })?;
-            let (_, der) = pem_rfc7468::decode_vec(pem.as_bytes()).map_err(|e| {
-                invalid(format!(
-                    "site {:?}: {} is not PEM: {e}",
-                    s.id,
-                    s.audit_key.display()
-                ))
-            })?;
-            let audit_key = TrustedKey::from_spki(der)
-                .map_err(|e| invalid(format!("site {:?}: {}: {e}", s.id, s.audit_key.display())))?;
+            let audit_key = TrustedKey::from_pem_file(&s.audit_key)
+                .map_err(|e| invalid(format!("site {:?}: {e}", s.id)))?;
             out.push(Site {
                 id: s.id.clone(),
                 fingerprint: fp,

@@ -101,19 +101,30 @@ impl TryFrom<pb::Cosignature> for Cosignature {
     }
 }
 
-/// HQ's witness key: one key in HQ's own device.
-pub struct Witness {
+/// One of HQ's own keys (the witness key, the policy key): one key in HQ's own device.
+pub struct HqKey {
     device: Arc<dyn SealDevice>,
     pub key: TrustedKey,
 }
 
-impl Witness {
-    pub fn new(device: Arc<dyn SealDevice>) -> Result<Witness, String> {
+impl HqKey {
+    pub fn new(device: Arc<dyn SealDevice>) -> Result<HqKey, String> {
         let key = TrustedKey::from_spki(device.key(0).spki_der.clone())?;
-        Ok(Witness { device, key })
+        Ok(HqKey { device, key })
     }
 
-    /// Signs that HQ holds `site`'s log up to `seq` with hash `head`. Blocks.
+    /// Signs the SHA-256 of `message` inside the device. Blocks.
+    pub fn sign(&self, message: &[u8]) -> Result<Vec<u8>, String> {
+        if self.device.health() != crate::device::Health::Ready {
+            self.device.recover();
+        }
+        let digest: [u8; 32] = Sha256::digest(message).into();
+        self.device
+            .sign(0, &digest)
+            .map_err(|e| format!("HQ's key {} could not sign: {e}", self.key.key_id))
+    }
+
+    /// As the witness: signs that HQ holds `site`'s log up to `seq` with hash `head`. Blocks.
     pub fn cosign(
         &self,
         site: &str,
@@ -131,14 +142,7 @@ impl Witness {
             algorithm: self.key.algorithm.name().to_owned(),
             signature: Vec::new(),
         };
-        if self.device.health() != crate::device::Health::Ready {
-            self.device.recover();
-        }
-        let digest: [u8; 32] = Sha256::digest(c.message()).into();
-        c.signature = self
-            .device
-            .sign(0, &digest)
-            .map_err(|e| format!("the witness key could not sign: {e}"))?;
+        c.signature = self.sign(&c.message())?;
         Ok(c)
     }
 }

@@ -9,6 +9,7 @@
 use super::check::{self, Head, Refusal};
 use super::config::{DatabaseConfig, Site};
 use super::cosign::Cosignature;
+use super::policy::Fragment;
 use crate::audit::verify::TrustedKey;
 use crate::audit::{Checkpoint, Record, TEXT_FIELDS};
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
@@ -16,7 +17,10 @@ use tokio_postgres::types::ToSql;
 
 /// The schema, one migration per version, applied in order. Each runs in one transaction
 /// under an advisory lock, so two nodes migrating at once apply each version once.
-const MIGRATIONS: &[(i32, &str)] = &[(1, include_str!("../../migrations/hq/0001_initial.sql"))];
+const MIGRATIONS: &[(i32, &str)] = &[
+    (1, include_str!("../../migrations/hq/0001_initial.sql")),
+    (2, include_str!("../../migrations/hq/0002_policy.sql")),
+];
 
 /// The schema version this build works with.
 pub const SCHEMA_VERSION: i32 = MIGRATIONS[MIGRATIONS.len() - 1].0;
@@ -147,7 +151,7 @@ impl Db {
             let role = quote_ident(role)?;
             tx.batch_execute(&format!(
                 "GRANT SELECT ON sealgate_schema TO {role};
-                 GRANT SELECT, INSERT ON records, checkpoints, cosignatures, alerts TO {role};
+                 GRANT SELECT, INSERT ON records, checkpoints, cosignatures, alerts, policy_fragments TO {role};
                  GRANT SELECT, INSERT, UPDATE ON sites TO {role};
                  GRANT USAGE ON SEQUENCE alerts_id_seq TO {role};"
             ))
@@ -289,6 +293,15 @@ impl Db {
         insert_checkpoints(&tx, &site.id, checkpoints)
             .await
             .map_err(DbError::from)?;
+        if let Some((seq, version, digest)) = policy_in_force(records) {
+            tx.execute(
+                "UPDATE sites SET policy_version = $2, policy_sha256 = $3, policy_seq = $4
+                 WHERE site = $1",
+                &[&site.id, &(version as i64), &digest, &(seq as i64)],
+            )
+            .await
+            .map_err(DbError::from)?;
+        }
         tx.execute(
             "UPDATE sites SET head_seq = $2, head_hash = $3, checkpoint_seq = $4,
                  checkpoint_prev_seq = $5, head_at = now(), last_seen = now()
@@ -307,6 +320,80 @@ impl Db {
         tx.commit().await.map_err(DbError::from)?;
         crate::crash_point!("hq.ingest.after_commit");
         Ok(new_head)
+    }
+
+    /// The newest fragment published for a site.
+    pub async fn newest_policy(&self, site: &str) -> Result<Option<Fragment>, DbError> {
+        let client = self.pool.get().await?;
+        let row = client
+            .query_opt(
+                "SELECT version, issued_at_ms, body, key_id, algorithm, signature
+                 FROM policy_fragments WHERE site = $1 ORDER BY version DESC LIMIT 1",
+                &[&site],
+            )
+            .await?;
+        Ok(row.map(|r| Fragment {
+            site: site.to_owned(),
+            version: r.get::<_, i64>(0) as u64,
+            issued_at_ms: r.get(1),
+            body: r.get(2),
+            key_id: r.get(3),
+            algorithm: r.get(4),
+            signature: r.get(5),
+        }))
+    }
+
+    /// Publishes a fragment for an enrolled site as the next version: `sign` is given it
+    /// unsigned and signs it (HQ's policy key). The site's row is locked meanwhile, so two
+    /// publishers take two versions.
+    pub async fn publish_policy(
+        &self,
+        site: &str,
+        body: String,
+        sign: impl FnOnce(&mut Fragment) -> Result<(), String>,
+    ) -> Result<Fragment, DbError> {
+        let mut client = self.pool.get().await?;
+        let tx = client.transaction().await?;
+        let enrolled = tx
+            .query_opt("SELECT 1 FROM sites WHERE site = $1 FOR UPDATE", &[&site])
+            .await?;
+        if enrolled.is_none() {
+            return Err(DbError::Config(format!("no site {site:?} is enrolled")));
+        }
+        let newest: i64 = tx
+            .query_one(
+                "SELECT coalesce(max(version), 0) FROM policy_fragments WHERE site = $1",
+                &[&site],
+            )
+            .await?
+            .get(0);
+        let mut f = Fragment {
+            site: site.to_owned(),
+            version: newest as u64 + 1,
+            issued_at_ms: crate::audit::now_ms(),
+            body,
+            key_id: String::new(),
+            algorithm: String::new(),
+            signature: Vec::new(),
+        };
+        sign(&mut f).map_err(DbError::Config)?;
+        tx.execute(
+            "INSERT INTO policy_fragments
+                 (site, version, issued_at_ms, body, key_id, algorithm, signature)
+             VALUES ($1, $2, $3, $4, $5, $6, $7)",
+            &[
+                &f.site,
+                &(f.version as i64),
+                &f.issued_at_ms,
+                &f.body,
+                &f.key_id,
+                &f.algorithm,
+                &f.signature,
+            ],
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(f)
     }
 
     /// HQ's cosignature of a site's checkpoint at `seq`, if it made one.
@@ -457,6 +544,9 @@ pub struct SiteStats {
     pub stamps_denied: u64,
     pub site_alerts: u64,
     pub central_alerts: u64,
+    /// The HQ fragment version the site proved it has in force (0: none), and its digest.
+    pub policy_version: u64,
+    pub policy_sha256: Option<String>,
 }
 
 impl Db {
@@ -611,7 +701,8 @@ impl Db {
                         (SELECT count(*) FROM records r WHERE r.site = s.site AND r.kind = 'stamp.completed'),
                         (SELECT count(*) FROM records r WHERE r.site = s.site AND r.kind = 'stamp.denied'),
                         (SELECT count(*) FROM records r WHERE r.site = s.site AND r.kind = 'alert'),
-                        (SELECT count(*) FROM alerts a WHERE a.site = s.site)
+                        (SELECT count(*) FROM alerts a WHERE a.site = s.site),
+                        s.policy_version, s.policy_sha256
                  FROM sites s WHERE ($1::text IS NULL OR s.site = $1) ORDER BY s.site",
                 &[&site],
             )
@@ -634,6 +725,8 @@ impl Db {
                     stamps_denied: r.get::<_, i64>(8) as u64,
                     site_alerts: r.get::<_, i64>(9) as u64,
                     central_alerts: r.get::<_, i64>(10) as u64,
+                    policy_version: r.get::<_, i64>(11) as u64,
+                    policy_sha256: r.get(12),
                 }
             })
             .collect())
@@ -693,6 +786,27 @@ async fn forward_notifications<S, T>(
             }
         }
     }
+}
+
+/// The newest record of a batch that says which HQ fragment the site has in force: a
+/// `config.applied`, or a `daemon.started` (which names the one it started with, if any).
+/// (seq, version, fragment digest).
+fn policy_in_force(records: &[Record]) -> Option<(u64, u64, Option<String>)> {
+    records.iter().rev().find_map(|r| {
+        if r.kind != crate::audit::kind::CONFIG_APPLIED
+            && r.kind != crate::audit::kind::DAEMON_STARTED
+        {
+            return None;
+        }
+        let e: serde_json::Value = serde_json::from_str(&r.evidence).unwrap_or_default();
+        let version = e["policy_version"].as_u64().or(e["version"].as_u64());
+        match (r.kind.as_str(), version) {
+            (_, Some(v)) => Some((r.seq, v, e["fragment_sha256"].as_str().map(str::to_owned))),
+            // A daemon started without a fragment from HQ.
+            (crate::audit::kind::DAEMON_STARTED, None) => Some((r.seq, 0, None)),
+            _ => None,
+        }
+    })
 }
 
 fn head_of(row: &tokio_postgres::Row) -> Result<Head, DbError> {

@@ -21,6 +21,7 @@ pub mod config;
 pub mod cosign;
 pub mod db;
 pub mod metrics;
+pub mod policy;
 pub mod server;
 pub mod ship;
 

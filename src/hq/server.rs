@@ -9,7 +9,7 @@
 
 use super::check::{Head, Refusal};
 use super::config::Site;
-use super::cosign::{Cosignature, Witness};
+use super::cosign::{Cosignature, HqKey};
 use super::db::Db;
 use super::pb::{self, site_message, HqReply, SiteMessage, Status};
 use crate::audit::{Checkpoint, Record};
@@ -37,11 +37,11 @@ pub struct Hq {
     pub db: Db,
     sites: HashMap<[u8; 32], Arc<Site>>,
     limits: Limits,
-    witness: Option<Arc<Witness>>,
+    witness: Option<Arc<HqKey>>,
 }
 
 impl Hq {
-    pub fn new(db: Db, sites: Vec<Site>, limits: Limits, witness: Option<Witness>) -> Hq {
+    pub fn new(db: Db, sites: Vec<Site>, limits: Limits, witness: Option<HqKey>) -> Hq {
         Hq {
             db,
             sites: sites
@@ -50,6 +50,18 @@ impl Hq {
                 .collect(),
             limits,
             witness: witness.map(Arc::new),
+        }
+    }
+
+    /// The newest fragment HQ published for the site, for the reply to its hello. None when
+    /// there is none, or when the database cannot say (logged; the next hello asks again).
+    async fn policy_for(&self, site: &Site) -> Option<super::policy::Fragment> {
+        match self.db.newest_policy(&site.id).await {
+            Ok(f) => f,
+            Err(e) => {
+                tracing::error!(site = site.id, error = %e, "cannot read the site's policy");
+                None
+            }
         }
     }
 
@@ -252,6 +264,7 @@ async fn connection(tcp: TcpStream, peer: String, tls: tokio_rustls::TlsAcceptor
                 return;
             }
         };
+        let is_hello = matches!(msg.body, Some(site_message::Body::Hello(_)));
         let outcome = match msg.body {
             None => Err(Refusal::BadRequest("a site message with no body".into())),
             Some(site_message::Body::Hello(h)) => {
@@ -268,6 +281,11 @@ async fn connection(tcp: TcpStream, peer: String, tls: tokio_rustls::TlsAcceptor
         let sent = match outcome {
             Ok(head) => {
                 let cosignature = hq.cosigned(&site, &head).await;
+                let policy = if is_hello {
+                    hq.policy_for(&site).await
+                } else {
+                    None
+                };
                 crate::crash_point!("hq.before_reply");
                 send(
                     &mut framed,
@@ -276,6 +294,7 @@ async fn connection(tcp: TcpStream, peer: String, tls: tokio_rustls::TlsAcceptor
                         message: String::new(),
                         head: Some((&head).into()),
                         cosignature: cosignature.as_ref().map(Into::into),
+                        policy: policy.as_ref().map(Into::into),
                     },
                 )
                 .await
@@ -360,6 +379,7 @@ where
             message: r.to_string(),
             head: head.as_ref().map(Into::into),
             cosignature: None,
+            policy: None,
         },
     )
     .await

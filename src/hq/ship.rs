@@ -39,6 +39,9 @@ pub struct ShipConfig {
     pub cosignatures: PathBuf,
     /// HQ's witness key: cosignatures that do not verify under it are not kept.
     pub hq_key: Option<crate::audit::verify::TrustedKey>,
+    /// The daemon's socket: HQ's newest policy fragment for this site is handed to the daemon
+    /// there (which checks it and decides). None: fragments are not delivered.
+    pub policy_socket: Option<PathBuf>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -76,6 +79,9 @@ pub struct Shipped {
     pub head: u64,
     /// The newest seq HQ cosigned, kept in the cosignature store.
     pub cosigned: u64,
+    /// The version of HQ's policy fragment the daemon said is in force, once one was handed
+    /// over.
+    pub policy_version: Option<u64>,
 }
 
 type Link = Framed<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>;
@@ -95,8 +101,10 @@ pub async fn ship(
         .map_err(|e| ShipError::Setup(format!("server name {:?}: {e}", c.server_name)))?;
     let mut total = Shipped::default();
     let mut backoff = c.interval;
+    // The digest of the fragment last handed to the daemon: each is handed over once per run.
+    let mut delivered = None;
     loop {
-        let result = session(c, &tls, &name, &mut total, &mut stop).await;
+        let result = session(c, &tls, &name, &mut total, &mut delivered, &mut stop).await;
         match result {
             Ok(()) => return Ok(total),
             Err(e) if !c.follow => return Err(e),
@@ -128,6 +136,7 @@ async fn session(
     tls: &Arc<rustls::ClientConfig>,
     name: &rustls::pki_types::ServerName<'static>,
     total: &mut Shipped,
+    delivered: &mut Option<String>,
     stop: &mut tokio::sync::watch::Receiver<bool>,
 ) -> Result<(), ShipError> {
     let connect_err = |e: std::io::Error| ShipError::Connect {
@@ -152,6 +161,7 @@ async fn session(
     let reply = hello(&mut link, &log).await?;
     let mut head = head_of(&reply)?;
     keep_cosignature(c, &log, &mut store, &reply, total)?;
+    offer_policy(c, &reply, delivered, total).await;
     tracing::info!(hq = c.hq, head, "connected to HQ");
     loop {
         let (records, checkpoints) = next_batch(&log, head, c.batch_records)?;
@@ -168,6 +178,7 @@ async fn session(
             let reply = hello(&mut link, &log).await?;
             head = head_of(&reply)?;
             keep_cosignature(c, &log, &mut store, &reply, total)?;
+            offer_policy(c, &reply, delivered, total).await;
             continue;
         }
         let n = records.len() as u64;
@@ -242,6 +253,66 @@ fn keep_cosignature(
     crate::crash_point!("ship.after_cosignature");
     total.cosigned = total.cosigned.max(cosig.seq);
     Ok(())
+}
+
+/// Hands HQ's newest policy fragment (in a hello's reply) to the daemon, once per fragment;
+/// one the daemon could not be reached for is offered again at the next hello. The daemon
+/// checks it, records what it decided, and answers; a refusal is logged here.
+async fn offer_policy(
+    c: &ShipConfig,
+    reply: &HqReply,
+    delivered: &mut Option<String>,
+    total: &mut Shipped,
+) {
+    let (Some(socket), Some(p)) = (&c.policy_socket, &reply.policy) else {
+        return;
+    };
+    let fragment = super::policy::Fragment::from(p.clone());
+    let digest = fragment.digest();
+    if delivered.as_deref() == Some(digest.as_str()) {
+        return;
+    }
+    let asked = async {
+        let mut client = crate::protocol::client::Client::connect(socket).await?;
+        client
+            .call(crate::protocol::request::Body::ApplyPolicy(
+                crate::protocol::pb::ApplyPolicyRequest {
+                    fragment: fragment.encode(),
+                },
+            ))
+            .await
+    };
+    let r = match tokio::time::timeout(Duration::from_secs(30), asked).await {
+        Ok(Ok(r)) => r,
+        Ok(Err(e)) => {
+            tracing::warn!(socket = %socket.display(), error = %e, "cannot hand HQ's policy fragment to the daemon; trying at the next hello");
+            return;
+        }
+        Err(_) => {
+            tracing::warn!(socket = %socket.display(), "the daemon did not answer about HQ's policy fragment; trying at the next hello");
+            return;
+        }
+    };
+    match r.body {
+        Some(crate::protocol::response::Body::ApplyPolicy(a)) => {
+            tracing::info!(
+                version = a.version,
+                applied = a.applied,
+                "HQ's policy fragment is in force at the daemon"
+            );
+            total.policy_version = Some(a.version);
+        }
+        _ => tracing::error!(
+            version = fragment.version,
+            status = crate::protocol::Status::try_from(r.status)
+                .map(|s| s.as_str_name())
+                .unwrap_or("unknown"),
+            reason = r.reason,
+            message = r.message,
+            "the daemon refused HQ's policy fragment"
+        ),
+    }
+    *delivered = Some(digest);
 }
 
 /// Sends the hello with the log's newest checkpoint; returns HQ's reply.

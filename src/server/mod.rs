@@ -428,6 +428,7 @@ fn request_kind(req: &Request) -> &'static str {
         Some(B::ResetMfa(_)) => "reset_mfa",
         Some(B::WatchAlerts(_)) => "watch_alerts",
         Some(B::GrantTerminal(_)) => "grant_terminal",
+        Some(B::ApplyPolicy(_)) => "apply_policy",
     }
 }
 

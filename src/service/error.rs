@@ -44,6 +44,8 @@ pub enum ServiceError {
     AuditUnavailable(String),
     #[error("{0}")]
     TimestampUnavailable(String),
+    #[error("HQ policy fragment refused: {0}")]
+    PolicyRefused(crate::hq::policy::Refused),
 }
 
 impl From<AuditError> for ServiceError {
@@ -119,6 +121,7 @@ impl ServiceError {
             ServiceError::Denied(_) => Status::ApprovalDenied,
             ServiceError::AuditUnavailable(_) => Status::AuditUnavailable,
             ServiceError::TimestampUnavailable(_) => Status::TimestampUnavailable,
+            ServiceError::PolicyRefused(_) => Status::PolicyRefused,
         }
     }
 
@@ -126,6 +129,7 @@ impl ServiceError {
     pub fn into_response(self, request_id: u64) -> Response {
         let reason = match &self {
             ServiceError::Denied(d) => d.reason.code().to_owned(),
+            ServiceError::PolicyRefused(r) => r.code().to_owned(),
             _ => String::new(),
         };
         Response {

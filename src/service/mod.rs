@@ -16,6 +16,7 @@
 //! | `admin` | TOTP enrolment and reset, ledger upkeep |
 //! | `status` | Status, ListSeals, DescribeSeal, alerts |
 //! | `setup` | building from the configuration, reloads |
+//! | `policy` | configuration fragments from headquarters, put in force |
 //! | `error` | the one error enum and its one mapping to wire statuses |
 //!
 //! Never: blocks the executor on a device or a durable write, or puts a token, PIN or key in
@@ -30,6 +31,7 @@ mod check;
 mod error;
 mod job;
 mod outcome;
+mod policy;
 mod refusal;
 mod setup;
 mod sign;
@@ -39,6 +41,7 @@ mod terminals;
 
 pub use caller::{Caller, Peer};
 pub use error::{ServiceError, StartError};
+pub use setup::load_config;
 pub use status::wire_record;
 
 use crate::approval::gate::Gate;
@@ -83,6 +86,11 @@ pub struct Service {
     terminal_specs: std::sync::Mutex<Vec<(TerminalSpec, crate::audit::query::TerminalMemory)>>,
     /// The time-stamping authority of container stamps, when one is configured.
     tsa: Option<Arc<crate::timestamp::Tsa>>,
+    /// The configuration file, and its folder (approvers' key files are taken from it).
+    config_path: std::path::PathBuf,
+    config_dir: std::path::PathBuf,
+    /// The fragment from HQ in force; held while one is put in force, and by reloads.
+    policy: tokio::sync::Mutex<Option<crate::hq::policy::Fragment>>,
 }
 
 impl Service {
@@ -102,12 +110,20 @@ impl Service {
     }
 
     /// Builds the service: trust store, policies, state database, TOTP, and the audit log
-    /// (which records an outcome for every stamp a previous run left unfinished). Blocks.
+    /// (which records an outcome for every stamp a previous run left unfinished). `config` is
+    /// the file at `config_path` with `policy`, the fragment from HQ in force, applied on it
+    /// (see [`crate::hq::policy::restore`]). Blocks.
     pub fn new(
         config: &Config,
         registry: Registry,
-        config_dir: &std::path::Path,
+        config_path: &std::path::Path,
+        policy: Option<crate::hq::policy::Fragment>,
     ) -> Result<Service, StartError> {
+        let config_dir = config_path
+            .parent()
+            .map(|p| p.to_path_buf())
+            .unwrap_or_default();
+        let config_dir = config_dir.as_path();
         let rules = rules_of(config, config_dir)?;
         for w in rules.warnings() {
             tracing::warn!("{w}");
@@ -130,7 +146,15 @@ impl Service {
             })
             .collect::<Result<Vec<_>, StartError>>()?;
         let (key, anomaly) = audit_parts(config, &registry)?;
-        let audit = AuditLog::open(store.path().to_owned(), key, anomaly)?;
+        // The first record of the run says which fragment from HQ it started with.
+        let started = match &policy {
+            Some(f) => serde_json::json!({
+                "policy_version": f.version,
+                "fragment_sha256": f.digest(),
+            }),
+            None => serde_json::json!({ "policy_version": 0 }),
+        };
+        let audit = AuditLog::open(store.path().to_owned(), key, anomaly, started.to_string())?;
         store.with(|c| {
             crate::audit::query::record_seal_keys(
                 c,
@@ -188,6 +212,9 @@ impl Service {
                     std::time::Duration::from_millis(t.timeout_ms),
                 ))
             }),
+            config_path: config_path.to_owned(),
+            config_dir: config_dir.to_owned(),
+            policy: tokio::sync::Mutex::new(policy),
         })
     }
 
@@ -294,6 +321,7 @@ impl Service {
                 let records = self.recent_alerts(w.recent.min(1000)).await?;
                 Ok(response::Body::Alerts(pb::AlertsResponse { records }))
             }
+            request::Body::ApplyPolicy(p) => self.apply_policy(caller, p).await,
             request::Body::EnrollMfa(e) => {
                 let user = e.user;
                 let mut record = Record::new(kind::MFA_ENROLLED);

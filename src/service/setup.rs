@@ -113,6 +113,7 @@ pub(super) fn restart_only(config: &Config) -> String {
             (&a.device, &a.key_label, &a.key_id, &a.algorithm),
             terminals,
             &config.terminal_listener,
+            &config.hq_policy,
         )
     )
 }
@@ -126,15 +127,53 @@ pub(super) fn audit_parts(
     Ok((AuditKey { device, key }, anomaly))
 }
 
+/// The configuration file, read and checked as at start-up (contents and file modes), without
+/// the fragment from HQ on it.
+pub fn load_config(path: &std::path::Path) -> Result<Config, crate::config::ConfigError> {
+    let config = Config::load(path)?;
+    config.check_file_modes(path, |name: &str| {
+        crate::device::profile::DeviceProfile::modules_of(&config.daemon.profiles_dir, name)
+    })?;
+    Ok(config)
+}
+
+/// A configuration checked whole and ready to put in force.
+pub(super) struct Prepared {
+    rules: Rules,
+    anomaly: Anomaly,
+    callers: std::sync::Arc<Vec<std::sync::Arc<super::Caller>>>,
+}
+
 impl Service {
     /// Puts a re-read configuration in force: callers, the trust store, seal policies and the
-    /// anomaly rules' thresholds, all or nothing. Anything else that changed (devices, seals'
-    /// keys, the daemon's settings, TOTP, the audit key), or a device profile that no longer
-    /// reads the same, refuses the reload and the running configuration stays. Blocks.
-    pub fn reload(&self, config: &Config, config_dir: &std::path::Path) -> Result<(), StartError> {
+    /// anomaly rules' thresholds, all or nothing, with the fragment from HQ in force applied
+    /// on it again. Anything else that changed (devices, seals' keys, the daemon's settings,
+    /// TOTP, the audit key, `[hq_policy]`), a device profile that no longer reads the same, or
+    /// a fragment in force that no longer applies, refuses the reload and the running
+    /// configuration stays. Blocks.
+    pub fn reload(&self, mut config: Config) -> Result<(), StartError> {
+        let in_force = self.policy.blocking_lock();
+        if let (Some(f), Some(settings)) = (in_force.as_ref(), config.hq_policy.clone()) {
+            f.apply_to(&settings, &mut config).map_err(|e| {
+                StartError::Reload(format!(
+                    "the HQ policy fragment in force no longer applies: {e}"
+                ))
+            })?;
+        }
+        let prepared = self.prepare(&config, &self.config_dir)?;
+        self.put_in_force(prepared);
+        Ok(())
+    }
+
+    /// Checks a configuration as a reload would put it in force. Blocks.
+    pub(super) fn prepare(
+        &self,
+        config: &Config,
+        config_dir: &std::path::Path,
+    ) -> Result<Prepared, StartError> {
         if restart_only(config) != self.fixed {
             return Err(StartError::Reload(
-                "devices, seals' keys, terminals, [daemon], [mfa] or the audit key changed; those take a restart"
+                "devices, seals' keys, terminals, [daemon], [mfa], [hq_policy] or the audit key changed; those take a restart"
                     .into(),
             ));
         }
@@ -161,10 +200,17 @@ impl Service {
             tracing::warn!("{w}");
         }
         let anomaly = Anomaly::from_config(&config.audit.alerts).map_err(StartError::Reload)?;
-        let callers = callers_of(config);
-        self.gate.replace_rules(rules);
-        *self.callers.write().unwrap_or_else(|p| p.into_inner()) = callers;
-        self.audit.replace_anomaly(anomaly);
-        Ok(())
+        Ok(Prepared {
+            rules,
+            anomaly,
+            callers: callers_of(config),
+        })
+    }
+
+    /// Swaps a prepared configuration in.
+    pub(super) fn put_in_force(&self, p: Prepared) {
+        self.gate.replace_rules(p.rules);
+        *self.callers.write().unwrap_or_else(|p| p.into_inner()) = p.callers;
+        self.audit.replace_anomaly(p.anomaly);
     }
 }

@@ -26,6 +26,11 @@ impl Site {
 
     /// The same, writing `audit.heartbeat` to an idle log every `heartbeat_seconds`.
     pub fn start_with_heartbeat(id: &str, pki: &Pki, heartbeat_seconds: u64) -> Site {
+        Site::start_with(id, pki, heartbeat_seconds, "")
+    }
+
+    /// The same, with more configuration after the daemon's own.
+    pub fn start_with(id: &str, pki: &Pki, heartbeat_seconds: u64, more: &str) -> Site {
         let label = format!("site-{id}");
         let pin = "24681357";
         own_token(&label, pin);
@@ -34,7 +39,7 @@ impl Site {
         let socket = dir.path().join("sealgated.sock");
         let opts = Opts {
             extra: format!(
-                "\n[[device]]\nid = \"site-audit\"\nprofile = \"softhsm2\"\ntoken_label = \"{label}\"\npin_file = \"{}\"\n",
+                "\n[[device]]\nid = \"site-audit\"\nprofile = \"softhsm2\"\ntoken_label = \"{label}\"\npin_file = \"{}\"\n{more}",
                 pin_file.display()
             ),
             ..Opts::default()
@@ -281,35 +286,45 @@ impl HqNode {
 
     /// `sealgate-hq witness-key`: the witness public key, PEM.
     pub fn witness_key(&self) -> String {
-        let out = Command::new(HQ)
-            .arg("--config")
-            .arg(&self.config)
-            .arg("witness-key")
-            .env("SOFTHSM2_CONF", demo().softhsm_conf())
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "sealgate-hq witness-key: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).unwrap()
+        let (code, out) = hq_command(&self.config, &["witness-key"]);
+        assert_eq!(code, 0, "sealgate-hq witness-key: {out}");
+        out
     }
 }
 
 /// A `[witness]` section: HQ's witness key is the P-256 key "audit" of a SoftHSM token of its
 /// own, labelled `label` (one per test: the tests of a binary share the SoftHSM), made now (its
-/// PIN in DIR/witness.pin).
+/// PIN in DIR/LABEL.pin).
 pub fn witness_section(dir: &Path, label: &str) -> String {
+    key_section(dir, "witness", label)
+}
+
+/// A section (`witness`, `policy`) naming HQ's key as [`witness_section`] does.
+pub fn key_section(dir: &Path, section: &str, label: &str) -> String {
     let pin = "13572468";
     own_token(label, pin);
-    let pin_file = write_pin_file(&dir.join("witness.pin"), pin);
+    let pin_file = write_pin_file(&dir.join(format!("{label}.pin")), pin);
     format!(
-        "\n[witness]\nprofiles_dir = \"{}\"\nkey_label = \"audit\"\n\n[witness.device]\nid = \"hq-witness\"\nprofile = \"softhsm2\"\ntoken_label = \"{label}\"\npin_file = \"{}\"\n",
+        "\n[{section}]\nprofiles_dir = \"{}\"\nkey_label = \"audit\"\n\n[{section}.device]\nid = \"hq-{section}\"\nprofile = \"softhsm2\"\ntoken_label = \"{label}\"\npin_file = \"{}\"\n",
         Path::new(env!("CARGO_MANIFEST_DIR"))
             .join("device-profiles")
             .display(),
         pin_file.display()
+    )
+}
+
+/// Runs `sealgate-hq --config CONFIG ARGS`: exit code and stdout + stderr.
+pub fn hq_command(config: &Path, args: &[&str]) -> (i32, String) {
+    let out = Command::new(HQ)
+        .arg("--config")
+        .arg(config)
+        .args(args)
+        .env("SOFTHSM2_CONF", demo().softhsm_conf())
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
     )
 }
 

@@ -117,6 +117,10 @@ pub struct ShipArgs {
     /// do not verify under it are not kept.
     #[arg(long)]
     hq_key: Option<PathBuf>,
+    /// Hand HQ's newest policy fragment for this site to the daemon (at --socket), which puts
+    /// it in force if it passes the site's `[hq_policy]`.
+    #[arg(long)]
+    apply_policy: bool,
 }
 
 #[derive(ClapArgs)]
@@ -182,7 +186,7 @@ pub enum ExportFormat {
 }
 
 /// Runs an audit command; returns the process's exit code.
-pub fn run(command: &AuditCommand, json: bool) -> anyhow::Result<i32> {
+pub fn run(command: &AuditCommand, json: bool, socket: &Path) -> anyhow::Result<i32> {
     match command {
         AuditCommand::Verify {
             source,
@@ -232,7 +236,7 @@ pub fn run(command: &AuditCommand, json: bool) -> anyhow::Result<i32> {
             }
             Ok(0)
         }
-        AuditCommand::Ship(a) => ship(a, json),
+        AuditCommand::Ship(a) => ship(a, json, socket),
         AuditCommand::Stats { db, since, top } => {
             let conn = open(&db.db)?;
             let since = since.as_deref().map(parse_time).transpose()?;
@@ -247,8 +251,11 @@ pub fn run(command: &AuditCommand, json: bool) -> anyhow::Result<i32> {
     }
 }
 
-fn ship(a: &ShipArgs, json: bool) -> anyhow::Result<i32> {
+fn ship(a: &ShipArgs, json: bool, socket: &Path) -> anyhow::Result<i32> {
     use sealgate::hq::ship::{ship, ShipConfig};
+    // The shipper says what happens on the way (interruptions, refusals, HQ's policy) in log
+    // lines: to the journal under systemd, else to stderr.
+    sealgate::logging::init(sealgate::logging::LogFormat::Auto, "sealctl-ship");
     let server_name = match &a.server_name {
         Some(n) => n.clone(),
         None => {
@@ -273,6 +280,7 @@ fn ship(a: &ShipArgs, json: bool) -> anyhow::Result<i32> {
             .clone()
             .unwrap_or_else(|| sealgate::hq::cosign::default_store(&a.db.db)),
         hq_key: a.hq_key.as_deref().map(key_file).transpose()?,
+        policy_socket: a.apply_policy.then(|| socket.to_owned()),
     };
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -296,7 +304,7 @@ fn ship(a: &ShipArgs, json: bool) -> anyhow::Result<i32> {
                 if json {
                     println!(
                         "{}",
-                        serde_json::json!({"records": done.records, "batches": done.batches, "hq_head": done.head, "hq_cosigned": done.cosigned, "seconds": seconds, "records_per_second": rate})
+                        serde_json::json!({"records": done.records, "batches": done.batches, "hq_head": done.head, "hq_cosigned": done.cosigned, "policy_version": done.policy_version, "seconds": seconds, "records_per_second": rate})
                     );
                 } else {
                     println!(
@@ -305,6 +313,9 @@ fn ship(a: &ShipArgs, json: bool) -> anyhow::Result<i32> {
                     );
                     if done.cosigned > 0 {
                         println!("HQ cosigned the log up to seq {}", done.cosigned);
+                    }
+                    if let Some(v) = done.policy_version {
+                        println!("HQ policy version {v} is in force at the daemon");
                     }
                 }
                 Ok(0)
@@ -483,11 +494,7 @@ fn print_report(r: &Report, seconds: f64, rate: f64) {
 
 /// An audit public key from an SPKI PEM file.
 fn key_file(path: &Path) -> anyhow::Result<TrustedKey> {
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
-    let (_, der) = pem_rfc7468::decode_vec(text.as_bytes())
-        .map_err(|e| anyhow::anyhow!("{}: not PEM: {e}", path.display()))?;
-    TrustedKey::from_spki(der).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
+    TrustedKey::from_pem_file(path).map_err(anyhow::Error::msg)
 }
 
 fn keys_from_log(conn: &rusqlite::Connection) -> anyhow::Result<Vec<TrustedKey>> {

@@ -659,6 +659,7 @@ fn verify_speed(
             key: 0,
         },
         Anomaly::none(),
+        String::new(),
     )?;
     let build = Instant::now();
     let writers = 1024u64;

@@ -175,7 +175,7 @@ async fn stats(db: &Database, json: bool) -> anyhow::Result<()> {
     }
     let when = |t: Option<i64>| t.map(time).unwrap_or_else(|| "never".into());
     println!(
-        "{:<12}  {:>8}  {:<24}  {:<24}  {:>6}  {:>8}  {:>7}  {:>6}  {:>6}  {:>6}",
+        "{:<12}  {:>8}  {:<24}  {:<24}  {:>6}  {:>8}  {:>7}  {:>6}  {:>6}  {:>6}  {:>6}",
         "SITE",
         "HEAD",
         "HEAD MOVED",
@@ -185,11 +185,12 @@ async fn stats(db: &Database, json: bool) -> anyhow::Result<()> {
         "STAMPS",
         "DENIED",
         "ALERTS",
-        "HQ"
+        "HQ",
+        "POLICY"
     );
     for s in &sites {
         println!(
-            "{:<12}  {:>8}  {:<24}  {:<24}  {:>6}  {:>8}  {:>7}  {:>6}  {:>6}  {:>6}",
+            "{:<12}  {:>8}  {:<24}  {:<24}  {:>6}  {:>8}  {:>7}  {:>6}  {:>6}  {:>6}  {:>6}",
             s.site,
             s.head_seq,
             when(s.head_at_ms),
@@ -199,7 +200,8 @@ async fn stats(db: &Database, json: bool) -> anyhow::Result<()> {
             s.stamps_completed,
             s.stamps_denied,
             s.site_alerts,
-            s.central_alerts
+            s.central_alerts,
+            s.policy_version
         );
     }
     Ok(())

@@ -674,7 +674,7 @@ fn main() {
         }
     }
     if let Command::Audit { command } = &cli.command {
-        match audit::run(command, json) {
+        match audit::run(command, json, &cli.socket) {
             Ok(code) => std::process::exit(code),
             Err(e) => std::process::exit(fail(&e, json)),
         }
