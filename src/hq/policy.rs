@@ -444,6 +444,117 @@ mod tests {
         assert!(body("").unwrap().sections().is_empty());
     }
 
+    const SITE_CONFIG: &str = r#"
+[daemon]
+socket = "s.sock"
+profiles_dir = "profiles"
+state_dir = "state"
+
+[[caller]]
+name = "oa"
+uids = [1000]
+seals = ["contract"]
+
+[[device]]
+id = "hsm"
+profile = "softhsm2"
+token_label = "t"
+pin_file = "pin"
+
+[[seal]]
+id = "contract"
+device = "hsm"
+key_label = "k"
+algorithm = "ecdsa-p256-sha256"
+
+[[seal.rule]]
+levels = ["dept_head"]
+
+[audit]
+device = "hsm"
+key_label = "audit"
+"#;
+
+    /// A fragment for `site` signed by the Ed25519 key of seed `seed`, whose SPKI PEM is
+    /// written to `dir/key-SEED.pem`.
+    fn signed(dir: &Path, seed: u8, site: &str, version: u64, body: &str) -> (Fragment, PathBuf) {
+        use ed25519_dalek::pkcs8::EncodePublicKey;
+        use ed25519_dalek::Signer;
+        let key = ed25519_dalek::SigningKey::from_bytes(&[seed; 32]);
+        let spki = key.verifying_key().to_public_key_der().unwrap().into_vec();
+        let trusted = TrustedKey::from_spki(spki.clone()).unwrap();
+        let pem = dir.join(format!("key-{seed}.pem"));
+        std::fs::write(&pem, crate::device::keys::pem("PUBLIC KEY", &spki)).unwrap();
+        let mut f = Fragment {
+            site: site.into(),
+            version,
+            issued_at_ms: 1,
+            body: body.into(),
+            key_id: trusted.key_id.clone(),
+            algorithm: trusted.algorithm.name().into(),
+            signature: Vec::new(),
+        };
+        let digest: [u8; 32] = Sha256::digest(f.message()).into();
+        f.signature = key.sign(&digest).to_bytes().to_vec();
+        (f, pem)
+    }
+
+    #[test]
+    fn a_site_takes_only_a_newer_fragment_of_its_key_for_itself_that_leaves_its_pins() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sealgate.toml");
+        std::fs::write(&path, SITE_CONFIG).unwrap();
+        let tighter =
+            "[[seal]]\nid = \"contract\"\n[[seal.rule]]\nlevels = [\"dept_head\", \"executive\"]\n";
+        let (v2, pem) = signed(dir.path(), 1, "site-a", 2, tighter);
+        let settings = HqPolicyConfig {
+            site: "site-a".into(),
+            key_file: pem,
+            pinned: vec!["applicant".into()],
+        };
+        let mut config = Config::load(&path).unwrap();
+        assert_eq!(v2.admit(&settings, None, &mut config), Ok(true));
+        assert_eq!(config.seals[0].rules[0].levels, ["dept_head", "executive"]);
+        // The one in force again: nothing to do. An older or equal other one: refused.
+        assert_eq!(v2.admit(&settings, Some(&v2), &mut config), Ok(false));
+        let (v1, _) = signed(dir.path(), 1, "site-a", 1, "");
+        let (other_v2, _) = signed(dir.path(), 1, "site-a", 2, "");
+        for stale in [&v1, &other_v2] {
+            let r = stale.admit(&settings, Some(&v2), &mut Config::load(&path).unwrap());
+            assert_eq!(r.unwrap_err().code(), "not_newer");
+        }
+        // Another site's, another key's, a pinned section, a seal the site lacks.
+        let (other_site, _) = signed(dir.path(), 1, "site-b", 3, "");
+        let (other_key, _) = signed(dir.path(), 2, "site-a", 3, "");
+        let (pinned, _) = signed(dir.path(), 1, "site-a", 3, "applicant = []");
+        let (unknown, _) = signed(dir.path(), 1, "site-a", 3, "[[seal]]\nid = \"nope\"");
+        let (broken, _) = signed(
+            dir.path(),
+            1,
+            "site-a",
+            3,
+            "[[caller]]\nname = \"x\"\nseals = [\"nope\"]",
+        );
+        for (f, code) in [
+            (&other_site, "other_site"),
+            (&other_key, "bad_signature"),
+            (&pinned, "pinned"),
+            (&unknown, "invalid"),
+            (&broken, "invalid"),
+        ] {
+            let mut fresh = Config::load(&path).unwrap();
+            let r = f.admit(&settings, Some(&v2), &mut fresh);
+            assert_eq!(r.as_ref().map_err(Refused::code), Err(code), "{r:?}");
+        }
+        // A signature over another version does not carry over.
+        let raised = Fragment {
+            version: 9,
+            ..v2.clone()
+        };
+        let r = raised.admit(&settings, Some(&v2), &mut Config::load(&path).unwrap());
+        assert_eq!(r.unwrap_err().code(), "bad_signature");
+    }
+
     #[test]
     fn the_signed_message_covers_every_field_but_the_signature() {
         let f = Fragment {
