@@ -1258,3 +1258,110 @@ async fn a_policy_fragment_from_hq_tightens_a_site_rule_and_foreign_stale_or_pin
     assert_eq!(code, 0, "{out}");
     assert!(verify_central(&pg, &site).ok(), "HQ's copy verifies");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_site_started_again_with_a_new_audit_key_is_refused_until_enrolled_again_and_keeps_its_history(
+) {
+    let rig = Rig::new("dali");
+    let (pg, pki, old) = (&rig.pg, &rig.pki, &rig.site);
+    let mut node = rig.node();
+    stamp_n(old, 6).await;
+    let (code, out) = old.ship_once(pki, &node.addr);
+    assert_eq!(code, 0, "{out}");
+    let old_head = hq_head(pg, "dali");
+    assert!(old_head > 6);
+
+    // The site's audit device is replaced and its log starts again, with a new key. HQ,
+    // configured with the new key, still holds the enrolled one and refuses the new log.
+    let new = Site::start("dali-again", pki);
+    stamp_n(&new, 4).await;
+    std::fs::write(
+        &node.config,
+        hq_config(
+            pki,
+            pg,
+            node.port(),
+            &[("dali", &old.fingerprint, &new.audit_pem)],
+        ),
+    )
+    .unwrap();
+    node.kill();
+    node.restart();
+    assert!(
+        node.log()
+            .contains("the configured audit key is not the one enrolled"),
+        "{}",
+        node.log()
+    );
+    let args = Site::ship_args(pki, &new.daemon.db(), &node.addr, "dali");
+    let (code, out) = ship(&args);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("NOT_ENROLLED"), "{out}");
+    assert_eq!(hq_head(pg, "dali"), old_head);
+    // Nothing resets the site behind the enrolment's back: not HQ's own role.
+    let e = pg
+        .try_psql_as_role(
+            HQ_ROLE,
+            "UPDATE sites SET audit_key_id = 'x', head_seq = 0 WHERE site = 'dali'",
+        )
+        .unwrap_err();
+    assert!(e.contains("keeps its enrolled key within an epoch"), "{e}");
+
+    // The explicit step: a new epoch, with its reason kept.
+    let hq_config_path = node.config.clone();
+    let (code, out) = hq_command(
+        &hq_config_path,
+        &[
+            "enrol",
+            "--site",
+            "dali",
+            "--reason",
+            "audit token replaced",
+        ],
+    );
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains("site dali: epoch 2 enrolled with audit key"),
+        "{out}"
+    );
+    assert!(
+        out.contains(&format!("epoch 1 ends at seq {old_head}")),
+        "{out}"
+    );
+    let (code, out) = hq_command(
+        &hq_config_path,
+        &["enrol", "--site", "dali", "--reason", "twice"],
+    );
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("nothing to do"), "{out}");
+
+    // The new log ships from seq 1; the old epoch stays whole and apart.
+    let (code, out) = ship(&args);
+    assert_eq!(code, 0, "{out}");
+    let new_head = new.newest_checkpoint().0;
+    assert_eq!(hq_head(pg, "dali"), new_head);
+    assert_eq!(
+        pg.number("SELECT count(*) FROM records WHERE site = 'dali' AND epoch = 1") as u64,
+        old_head
+    );
+    assert_eq!(
+        pg.number("SELECT count(*) FROM records WHERE site = 'dali' AND epoch = 2") as u64,
+        new_head
+    );
+    assert_eq!(
+        pg.psql(
+            "SELECT string_agg(epoch || ' ' || reason || ' ' || previous_head_seq, ', ' ORDER BY epoch) FROM enrolments WHERE site = 'dali'"
+        ),
+        format!("1 enrolled 0, 2 audit token replaced {old_head}")
+    );
+    assert!(verify_central(pg, &new).ok(), "the new epoch verifies");
+    // The old log, shipped again, is now the one refused.
+    let (code, out) = old.ship_once(pki, &node.addr);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("NOT_ENROLLED"), "{out}");
+    let (code, out) = sealctl(&["hq", "stats", "--url", &pg.url(HQ_ROLE), "--json"]);
+    assert_eq!(code, 0, "{out}");
+    let stats: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(stats[0]["epoch"], 2, "{out}");
+    assert_eq!(stats[0]["records"], new_head, "{out}");
+}

@@ -49,6 +49,15 @@ enum Command {
     },
     /// Print the witness public key (SPKI PEM), for the sites' `--hq-key`.
     WitnessKey,
+    /// Enrol a site again with the audit key its [[site]] now names (its device was replaced,
+    /// its log started again): what HQ holds of it stays as one epoch, its new log is the next.
+    Enrol {
+        #[arg(long)]
+        site: String,
+        /// Why, kept with the enrolment.
+        #[arg(long)]
+        reason: String,
+    },
     /// Configuration fragments for sites, signed with HQ's policy key.
     #[command(subcommand)]
     Policy(PolicyCommand),
@@ -122,6 +131,30 @@ async fn run(args: Args) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Policy(p) => policy(&config, p).await,
+        Command::Enrol { site, reason } => {
+            let s = sites
+                .iter()
+                .find(|s| s.id == site)
+                .with_context(|| format!("no [[site]] {site:?} in the configuration"))?;
+            if reason.trim().is_empty() {
+                anyhow::bail!("give the reason for the new enrolment (--reason)");
+            }
+            let db = Db::connect(&config.database)?;
+            db.check_schema().await?;
+            let (epoch, before) = db.reenrol(s, &reason).await?;
+            tracing::info!(
+                site,
+                epoch,
+                key = s.audit_key.key_id,
+                previous_head = before.seq,
+                "site enrolled again"
+            );
+            println!(
+                "site {site}: epoch {epoch} enrolled with audit key {}; epoch {} ends at seq {}",
+                s.audit_key.key_id, before.epoch, before.seq
+            );
+            Ok(())
+        }
         Command::Serve => {
             let db = Db::connect(&config.database)?;
             serve(config, sites, db).await
@@ -210,7 +243,7 @@ async fn enrol(db: &Db, sites: &[sealgate::hq::config::Site]) -> anyhow::Result<
                 site = site.id,
                 enrolled,
                 configured,
-                "the configured audit key is not the one enrolled; the enrolled key stays in force"
+                "the configured audit key is not the one enrolled; the enrolled key stays in force until `sealgate-hq enrol --site ID --reason ...`"
             ),
         }
     }

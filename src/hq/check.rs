@@ -18,6 +18,8 @@ pub struct Head {
     pub hash: [u8; 32],
     pub checkpoint_seq: u64,
     pub checkpoint_prev_seq: u64,
+    /// The site's enrolment this head is of (see `migrations/hq/0003_enrolments.sql`).
+    pub epoch: i32,
 }
 
 /// Why HQ refuses what a site sent. Each is a central alert (except `Unavailable`, which is
@@ -269,13 +271,14 @@ pub fn check_batch(
         hash: last.hash,
         checkpoint_seq: last.seq,
         checkpoint_prev_seq: prev_prev,
+        epoch: head.epoch,
     })
 }
 
 fn signed_by(c: &Checkpoint, key: &TrustedKey) -> Result<(), Refusal> {
     if c.key_id != key.key_id {
         return Err(Refusal::NotEnrolled(format!(
-            "checkpoint {} is signed by audit key {}, but the key enrolled for this site is {}: a new key is enrolled at HQ first",
+            "checkpoint {} is signed by audit key {}, but the key enrolled for this site is {}: a new key is enrolled at HQ first (sealgate-hq enrol)",
             c.seq, c.key_id, key.key_id
         )));
     }

@@ -20,6 +20,7 @@ use tokio_postgres::types::ToSql;
 const MIGRATIONS: &[(i32, &str)] = &[
     (1, include_str!("../../migrations/hq/0001_initial.sql")),
     (2, include_str!("../../migrations/hq/0002_policy.sql")),
+    (3, include_str!("../../migrations/hq/0003_enrolments.sql")),
 ];
 
 /// The schema version this build works with.
@@ -151,7 +152,7 @@ impl Db {
             let role = quote_ident(role)?;
             tx.batch_execute(&format!(
                 "GRANT SELECT ON sealgate_schema TO {role};
-                 GRANT SELECT, INSERT ON records, checkpoints, cosignatures, alerts, policy_fragments TO {role};
+                 GRANT SELECT, INSERT ON records, checkpoints, cosignatures, alerts, policy_fragments, enrolments TO {role};
                  GRANT SELECT, INSERT, UPDATE ON sites TO {role};
                  GRANT USAGE ON SEQUENCE alerts_id_seq TO {role};"
             ))
@@ -183,10 +184,11 @@ impl Db {
 
     /// Enrols each configured site not yet in the database, and says how each one stands.
     pub async fn enrol(&self, sites: &[Site]) -> Result<Vec<Enrolment>, DbError> {
-        let client = self.pool.get().await?;
+        let mut client = self.pool.get().await?;
         let mut out = Vec::new();
         for s in sites {
-            let inserted = client
+            let tx = client.transaction().await?;
+            let inserted = tx
                 .execute(
                     "INSERT INTO sites (site, audit_key_id, audit_key_spki) VALUES ($1, $2, $3)
                      ON CONFLICT (site) DO NOTHING",
@@ -194,9 +196,17 @@ impl Db {
                 )
                 .await?;
             if inserted == 1 {
+                tx.execute(
+                    "INSERT INTO enrolments (site, epoch, audit_key_id, audit_key_spki, reason)
+                     VALUES ($1, 1, $2, $3, 'enrolled')",
+                    &[&s.id, &s.audit_key.key_id, &s.audit_key.spki_der],
+                )
+                .await?;
+                tx.commit().await?;
                 out.push(Enrolment::New);
                 continue;
             }
+            tx.commit().await?;
             let enrolled: String = client
                 .query_one("SELECT audit_key_id FROM sites WHERE site = $1", &[&s.id])
                 .await?
@@ -213,12 +223,72 @@ impl Db {
         Ok(out)
     }
 
+    /// Enrols a site again with its configured audit key (a new device, a log started again):
+    /// what HQ holds of it stays as its epoch so far, and a new epoch starts from an empty
+    /// head with the new key. Refused when the configured key is the one enrolled. Returns the
+    /// new epoch and where the one before ended.
+    pub async fn reenrol(&self, site: &Site, reason: &str) -> Result<(i32, Head), DbError> {
+        let mut client = self.pool.get().await?;
+        let tx = client.transaction().await?;
+        let row = tx
+            .query_opt(
+                "SELECT head_seq, head_hash, checkpoint_seq, checkpoint_prev_seq, epoch, audit_key_spki
+                 FROM sites WHERE site = $1 FOR UPDATE",
+                &[&site.id],
+            )
+            .await?
+            .ok_or_else(|| {
+                DbError::Config(format!(
+                    "site {:?} was never enrolled: `migrate` or `serve` enrols it",
+                    site.id
+                ))
+            })?;
+        let before = head_of(&row)?;
+        if enrolled_key(&row)?.spki_der == site.audit_key.spki_der {
+            return Err(DbError::Config(format!(
+                "site {:?} is enrolled with the configured audit key {} already; nothing to do",
+                site.id, site.audit_key.key_id
+            )));
+        }
+        let epoch = before.epoch + 1;
+        tx.execute(
+            "INSERT INTO enrolments (site, epoch, audit_key_id, audit_key_spki, reason,
+                 previous_head_seq, previous_head_hash)
+             VALUES ($1, $2, $3, $4, $5, $6, $7)",
+            &[
+                &site.id,
+                &epoch,
+                &site.audit_key.key_id,
+                &site.audit_key.spki_der,
+                &reason,
+                &(before.seq as i64),
+                &before.hash.as_slice(),
+            ],
+        )
+        .await?;
+        tx.execute(
+            "UPDATE sites SET epoch = $2, audit_key_id = $3, audit_key_spki = $4, head_seq = 0,
+                 head_hash = decode(repeat('00', 32), 'hex'), checkpoint_seq = 0,
+                 checkpoint_prev_seq = 0, head_at = NULL, reported_seq = 0, reported_at_ms = NULL
+             WHERE site = $1",
+            &[
+                &site.id,
+                &epoch,
+                &site.audit_key.key_id,
+                &site.audit_key.spki_der,
+            ],
+        )
+        .await?;
+        tx.commit().await?;
+        Ok((epoch, before))
+    }
+
     /// HQ's verified head of a site.
     pub async fn head(&self, site: &str) -> Result<Head, DbError> {
         let client = self.pool.get().await?;
         let row = client
             .query_one(
-                "SELECT head_seq, head_hash, checkpoint_seq, checkpoint_prev_seq FROM sites WHERE site = $1",
+                "SELECT head_seq, head_hash, checkpoint_seq, checkpoint_prev_seq, epoch FROM sites WHERE site = $1",
                 &[&site],
             )
             .await?;
@@ -230,7 +300,7 @@ impl Db {
         let client = self.pool.get().await.map_err(DbError::from)?;
         let row = client
             .query_one(
-                "SELECT head_seq, head_hash, checkpoint_seq, checkpoint_prev_seq, audit_key_spki
+                "SELECT head_seq, head_hash, checkpoint_seq, checkpoint_prev_seq, epoch, audit_key_spki
                  FROM sites WHERE site = $1",
                 &[&site.id],
             )
@@ -241,8 +311,8 @@ impl Db {
         let stored = match newest {
             Some(c) if c.seq > 0 && c.seq <= head.seq => client
                 .query_opt(
-                    "SELECT hash FROM records WHERE site = $1 AND seq = $2",
-                    &[&site.id, &(c.seq as i64)],
+                    "SELECT hash FROM records WHERE site = $1 AND epoch = $2 AND seq = $3",
+                    &[&site.id, &head.epoch, &(c.seq as i64)],
                 )
                 .await
                 .map_err(DbError::from)?
@@ -278,7 +348,7 @@ impl Db {
         let tx = client.transaction().await.map_err(DbError::from)?;
         let row = tx
             .query_one(
-                "SELECT head_seq, head_hash, checkpoint_seq, checkpoint_prev_seq, audit_key_spki
+                "SELECT head_seq, head_hash, checkpoint_seq, checkpoint_prev_seq, epoch, audit_key_spki
                  FROM sites WHERE site = $1 FOR UPDATE",
                 &[&site.id],
             )
@@ -287,10 +357,10 @@ impl Db {
         let head = head_of(&row)?;
         let key = enrolled_key(&row)?;
         let new_head = check::check_batch(&head, &key, records, checkpoints, max_records)?;
-        insert_records(&tx, &site.id, records)
+        insert_records(&tx, &site.id, head.epoch, records)
             .await
             .map_err(DbError::from)?;
-        insert_checkpoints(&tx, &site.id, checkpoints)
+        insert_checkpoints(&tx, &site.id, head.epoch, checkpoints)
             .await
             .map_err(DbError::from)?;
         if let Some((seq, version, digest)) = policy_in_force(records) {
@@ -396,14 +466,19 @@ impl Db {
         Ok(f)
     }
 
-    /// HQ's cosignature of a site's checkpoint at `seq`, if it made one.
-    pub async fn cosignature(&self, site: &str, seq: u64) -> Result<Option<Cosignature>, DbError> {
+    /// HQ's cosignature of a site's checkpoint at `seq` of `epoch`, if it made one.
+    pub async fn cosignature(
+        &self,
+        site: &str,
+        epoch: i32,
+        seq: u64,
+    ) -> Result<Option<Cosignature>, DbError> {
         let client = self.pool.get().await?;
         let row = client
             .query_opt(
                 "SELECT head, checkpoint_at_ms, cosigned_at_ms, key_id, algorithm, signature
-                 FROM cosignatures WHERE site = $1 AND seq = $2",
-                &[&site, &(seq as i64)],
+                 FROM cosignatures WHERE site = $1 AND epoch = $2 AND seq = $3",
+                &[&site, &epoch, &(seq as i64)],
             )
             .await?;
         let Some(row) = row else { return Ok(None) };
@@ -422,17 +497,18 @@ impl Db {
         }))
     }
 
-    /// The head and time of a site's checkpoint at `seq`, as HQ stored it.
+    /// The head and time of a site's checkpoint at `seq` of `epoch`, as HQ stored it.
     pub async fn checkpoint(
         &self,
         site: &str,
+        epoch: i32,
         seq: u64,
     ) -> Result<Option<([u8; 32], i64)>, DbError> {
         let client = self.pool.get().await?;
         let row = client
             .query_opt(
-                "SELECT head, at_ms FROM checkpoints WHERE site = $1 AND seq = $2",
-                &[&site, &(seq as i64)],
+                "SELECT head, at_ms FROM checkpoints WHERE site = $1 AND epoch = $2 AND seq = $3",
+                &[&site, &epoch, &(seq as i64)],
             )
             .await?;
         Ok(row.and_then(|r| {
@@ -443,14 +519,14 @@ impl Db {
 
     /// Keeps a cosignature; when another node kept one for the same checkpoint first, that one
     /// stands.
-    pub async fn store_cosignature(&self, c: &Cosignature) -> Result<(), DbError> {
+    pub async fn store_cosignature(&self, epoch: i32, c: &Cosignature) -> Result<(), DbError> {
         let client = self.pool.get().await?;
         client
             .execute(
                 "INSERT INTO cosignatures
-                     (site, seq, head, checkpoint_at_ms, cosigned_at_ms, key_id, algorithm, signature)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
-                 ON CONFLICT (site, seq) DO NOTHING",
+                     (site, seq, head, checkpoint_at_ms, cosigned_at_ms, key_id, algorithm, signature, epoch)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
+                 ON CONFLICT (site, epoch, seq) DO NOTHING",
                 &[
                     &c.site,
                     &(c.seq as i64),
@@ -460,6 +536,7 @@ impl Db {
                     &c.key_id,
                     &c.algorithm,
                     &c.signature,
+                    &epoch,
                 ],
             )
             .await?;
@@ -547,6 +624,9 @@ pub struct SiteStats {
     /// The HQ fragment version the site proved it has in force (0: none), and its digest.
     pub policy_version: u64,
     pub policy_sha256: Option<String>,
+    /// The site's enrolment: 1, and one more at each explicit re-enrolment (its counts are
+    /// this epoch's).
+    pub epoch: i32,
 }
 
 impl Db {
@@ -583,7 +663,7 @@ impl Db {
             sql += " WHERE ";
             sql += &wheres.join(" AND ");
         }
-        sql += " ORDER BY site, seq";
+        sql += " ORDER BY site, epoch, seq";
         if let Some(n) = filter.limit {
             sql += &format!(" LIMIT {n}");
         }
@@ -697,12 +777,12 @@ impl Db {
                         (extract(epoch FROM s.head_at) * 1000)::bigint,
                         (extract(epoch FROM s.last_seen) * 1000)::bigint,
                         s.reported_seq,
-                        (SELECT count(*) FROM records r WHERE r.site = s.site),
-                        (SELECT count(*) FROM records r WHERE r.site = s.site AND r.kind = 'stamp.completed'),
-                        (SELECT count(*) FROM records r WHERE r.site = s.site AND r.kind = 'stamp.denied'),
-                        (SELECT count(*) FROM records r WHERE r.site = s.site AND r.kind = 'alert'),
+                        (SELECT count(*) FROM records r WHERE r.site = s.site AND r.epoch = s.epoch),
+                        (SELECT count(*) FROM records r WHERE r.site = s.site AND r.epoch = s.epoch AND r.kind = 'stamp.completed'),
+                        (SELECT count(*) FROM records r WHERE r.site = s.site AND r.epoch = s.epoch AND r.kind = 'stamp.denied'),
+                        (SELECT count(*) FROM records r WHERE r.site = s.site AND r.epoch = s.epoch AND r.kind = 'alert'),
                         (SELECT count(*) FROM alerts a WHERE a.site = s.site),
-                        s.policy_version, s.policy_sha256
+                        s.policy_version, s.policy_sha256, s.epoch
                  FROM sites s WHERE ($1::text IS NULL OR s.site = $1) ORDER BY s.site",
                 &[&site],
             )
@@ -727,6 +807,7 @@ impl Db {
                     central_alerts: r.get::<_, i64>(10) as u64,
                     policy_version: r.get::<_, i64>(11) as u64,
                     policy_sha256: r.get(12),
+                    epoch: r.get(13),
                 }
             })
             .collect())
@@ -818,11 +899,12 @@ fn head_of(row: &tokio_postgres::Row) -> Result<Head, DbError> {
             .map_err(|_| DbError::Config("a site's head_hash is not 32 bytes".into()))?,
         checkpoint_seq: row.get::<_, i64>(2) as u64,
         checkpoint_prev_seq: row.get::<_, i64>(3) as u64,
+        epoch: row.get(4),
     })
 }
 
 fn enrolled_key(row: &tokio_postgres::Row) -> Result<TrustedKey, DbError> {
-    TrustedKey::from_spki(row.get(4))
+    TrustedKey::from_spki(row.get(5))
         .map_err(|e| DbError::Config(format!("the site's enrolled audit key: {e}")))
 }
 
@@ -838,6 +920,7 @@ fn quote_ident(name: &str) -> Result<String, DbError> {
 async fn insert_records(
     tx: &deadpool_postgres::Transaction<'_>,
     site: &str,
+    epoch: i32,
     records: &[Record],
 ) -> Result<(), tokio_postgres::Error> {
     let seqs: Vec<i64> = records.iter().map(|r| r.seq as i64).collect();
@@ -856,13 +939,20 @@ async fn insert_records(
     for t in &texts {
         params.push(t);
     }
-    params.extend([&amounts as &(dyn ToSql + Sync), &refs, &prevs, &hashes]);
+    params.extend([
+        &amounts as &(dyn ToSql + Sync),
+        &refs,
+        &prevs,
+        &hashes,
+        &epoch,
+    ]);
     let n = TEXT_FIELDS;
     let text_args: Vec<String> = (0..n).map(|i| format!("${}::text[]", 4 + i)).collect();
     let sql = format!(
-        "INSERT INTO records (site, seq, at_ms, {}, amount, ref_seq, prev_hash, hash)
-         SELECT $1, * FROM unnest($2::bigint[], $3::bigint[], {}, ${}::bigint[], ${}::bigint[], ${}::bytea[], ${}::bytea[])",
+        "INSERT INTO records (epoch, site, seq, at_ms, {}, amount, ref_seq, prev_hash, hash)
+         SELECT ${}::integer, $1, * FROM unnest($2::bigint[], $3::bigint[], {}, ${}::bigint[], ${}::bigint[], ${}::bytea[], ${}::bytea[])",
         crate::audit::TEXT_COLUMNS.join(", "),
+        8 + n,
         text_args.join(", "),
         4 + n,
         5 + n,
@@ -877,12 +967,13 @@ async fn insert_records(
 async fn insert_checkpoints(
     tx: &deadpool_postgres::Transaction<'_>,
     site: &str,
+    epoch: i32,
     checkpoints: &[Checkpoint],
 ) -> Result<(), tokio_postgres::Error> {
     let stmt = tx
         .prepare_cached(
-            "INSERT INTO checkpoints (site, seq, prev_seq, head, at_ms, key_id, algorithm, signature)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+            "INSERT INTO checkpoints (site, seq, prev_seq, head, at_ms, key_id, algorithm, signature, epoch)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
         )
         .await?;
     for c in checkpoints {
@@ -897,6 +988,7 @@ async fn insert_checkpoints(
                 &c.key_id,
                 &c.algorithm,
                 &c.signature,
+                &epoch,
             ],
         )
         .await?;

@@ -75,7 +75,7 @@ impl Hq {
         }
         let seq = head.checkpoint_seq;
         let fail = |e: String| tracing::error!(site = site.id, seq, "no cosignature: {e}");
-        match self.db.cosignature(&site.id, seq).await {
+        match self.db.cosignature(&site.id, head.epoch, seq).await {
             Ok(Some(c)) => return Some(c),
             Ok(None) => {}
             Err(e) => {
@@ -83,7 +83,7 @@ impl Hq {
                 return None;
             }
         }
-        let (cp_head, at_ms) = match self.db.checkpoint(&site.id, seq).await {
+        let (cp_head, at_ms) = match self.db.checkpoint(&site.id, head.epoch, seq).await {
             Ok(Some(c)) => c,
             Ok(None) => {
                 fail("HQ holds no checkpoint at its head".into());
@@ -109,12 +109,16 @@ impl Hq {
             }
         };
         crate::crash_point!("hq.cosign.before_store");
-        if let Err(e) = self.db.store_cosignature(&c).await {
+        if let Err(e) = self.db.store_cosignature(head.epoch, &c).await {
             fail(e.to_string());
             return None;
         }
         // Another node may have kept its own first: that one stands.
-        self.db.cosignature(&site.id, seq).await.ok().flatten()
+        self.db
+            .cosignature(&site.id, head.epoch, seq)
+            .await
+            .ok()
+            .flatten()
     }
 
     pub fn pins(&self) -> Vec<[u8; 32]> {

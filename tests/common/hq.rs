@@ -284,6 +284,11 @@ impl HqNode {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// The port the node listens on.
+    pub fn port(&self) -> u16 {
+        self.addr.rsplit_once(':').unwrap().1.parse().unwrap()
+    }
+
     /// `sealgate-hq witness-key`: the witness public key, PEM.
     pub fn witness_key(&self) -> String {
         let (code, out) = hq_command(&self.config, &["witness-key"]);
@@ -354,14 +359,16 @@ pub fn central_log(
     Vec<sealgate::audit::Checkpoint>,
 ) {
     let records = pg.psql(&format!(
-        "SELECT coalesce(json_agg((to_jsonb(r) - 'site' - 'received_at')
+        "SELECT coalesce(json_agg((to_jsonb(r) - 'site' - 'received_at' - 'epoch')
              || jsonb_build_object('prev_hash', encode(prev_hash, 'hex'), 'hash', encode(hash, 'hex'))
-             ORDER BY seq), '[]') FROM records r WHERE site = '{site}'"
+             ORDER BY seq), '[]') FROM records r
+         WHERE site = '{site}' AND epoch = (SELECT epoch FROM sites WHERE site = '{site}')"
     ));
     let checkpoints = pg.psql(&format!(
-        "SELECT coalesce(json_agg((to_jsonb(c) - 'site' - 'received_at')
+        "SELECT coalesce(json_agg((to_jsonb(c) - 'site' - 'received_at' - 'epoch')
              || jsonb_build_object('head', encode(head, 'hex'), 'signature', encode(signature, 'hex'))
-             ORDER BY seq), '[]') FROM checkpoints c WHERE site = '{site}'"
+             ORDER BY seq), '[]') FROM checkpoints c
+         WHERE site = '{site}' AND epoch = (SELECT epoch FROM sites WHERE site = '{site}')"
     ));
     (
         serde_json::from_str(&records).unwrap(),
