@@ -1074,7 +1074,7 @@ impl DeviceConfig {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     fn parse(text: &str) -> Result<Config, ConfigError> {
@@ -1084,7 +1084,7 @@ mod tests {
         Config::load(&path)
     }
 
-    const GOOD: &str = r#"
+    pub(crate) const GOOD: &str = r#"
 [daemon]
 socket = "s.sock"
 profiles_dir = "profiles"

@@ -28,6 +28,30 @@ impl TrustedKey {
         TrustedKey::from_spki(der).map_err(|e| format!("{}: {e}", path.display()))
     }
 
+    /// Whether this key made `signature` over `message` (SHA-256 of it signed inside a
+    /// device), given as by `key_id` with `algorithm`; why not, if not.
+    pub fn check_signed(
+        &self,
+        key_id: &str,
+        algorithm: &str,
+        message: &[u8],
+        signature: &[u8],
+    ) -> Result<(), String> {
+        if key_id != self.key_id || algorithm != self.algorithm.name() {
+            return Err(format!(
+                "it is by key {key_id} ({algorithm}), not by {}",
+                self.key_id
+            ));
+        }
+        crate::device::keys::verify_device_signature(
+            self.algorithm,
+            &self.spki_der,
+            message,
+            signature,
+        )
+        .map_err(|e| format!("{e} with key {}", self.key_id))
+    }
+
     pub fn from_spki(spki_der: Vec<u8>) -> Result<TrustedKey, String> {
         let algorithm = crate::device::keys::spki_algorithm(&spki_der)
             .ok_or("not a P-256 or Ed25519 public key")?;

@@ -49,24 +49,13 @@ impl Cosignature {
 
     /// Whether `key` signed this cosignature; why not, if not.
     pub fn check(&self, key: &TrustedKey) -> Result<(), String> {
-        if self.key_id != key.key_id || self.algorithm != key.algorithm.name() {
-            return Err(format!(
-                "cosignature of seq {} is by key {} ({}), not HQ's key {}",
-                self.seq, self.key_id, self.algorithm, key.key_id
-            ));
-        }
-        crate::device::keys::verify_device_signature(
-            key.algorithm,
-            &key.spki_der,
+        key.check_signed(
+            &self.key_id,
+            &self.algorithm,
             &self.message(),
             &self.signature,
         )
-        .map_err(|e| {
-            format!(
-                "cosignature of seq {}: {e} with HQ's key {}",
-                self.seq, key.key_id
-            )
-        })
+        .map_err(|e| format!("cosignature of seq {} is not HQ's: {e}", self.seq))
     }
 }
 

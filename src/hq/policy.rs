@@ -201,22 +201,16 @@ impl Fragment {
 
     /// Whether `key` signed this fragment; why not, if not.
     pub fn check_signature(&self, key: &TrustedKey) -> Result<(), Refused> {
-        if self.key_id != key.key_id || self.algorithm != key.algorithm.name() {
-            return Err(Refused::BadSignature(format!(
-                "fragment version {} is signed by key {} ({}), not by HQ's policy key {}",
-                self.version, self.key_id, self.algorithm, key.key_id
-            )));
-        }
-        crate::device::keys::verify_device_signature(
-            key.algorithm,
-            &key.spki_der,
+        key.check_signed(
+            &self.key_id,
+            &self.algorithm,
             &self.message(),
             &self.signature,
         )
         .map_err(|e| {
             Refused::BadSignature(format!(
-                "fragment version {}: {e} with HQ's policy key {}",
-                self.version, key.key_id
+                "fragment version {} is not signed by HQ's policy key: {e}",
+                self.version
             ))
         })
     }
@@ -444,37 +438,6 @@ mod tests {
         assert!(body("").unwrap().sections().is_empty());
     }
 
-    const SITE_CONFIG: &str = r#"
-[daemon]
-socket = "s.sock"
-profiles_dir = "profiles"
-state_dir = "state"
-
-[[caller]]
-name = "oa"
-uids = [1000]
-seals = ["contract"]
-
-[[device]]
-id = "hsm"
-profile = "softhsm2"
-token_label = "t"
-pin_file = "pin"
-
-[[seal]]
-id = "contract"
-device = "hsm"
-key_label = "k"
-algorithm = "ecdsa-p256-sha256"
-
-[[seal.rule]]
-levels = ["dept_head"]
-
-[audit]
-device = "hsm"
-key_label = "audit"
-"#;
-
     /// A fragment for `site` signed by the Ed25519 key of seed `seed`, whose SPKI PEM is
     /// written to `dir/key-SEED.pem`.
     fn signed(dir: &Path, seed: u8, site: &str, version: u64, body: &str) -> (Fragment, PathBuf) {
@@ -503,7 +466,7 @@ key_label = "audit"
     fn a_site_takes_only_a_newer_fragment_of_its_key_for_itself_that_leaves_its_pins() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("sealgate.toml");
-        std::fs::write(&path, SITE_CONFIG).unwrap();
+        std::fs::write(&path, crate::config::tests::GOOD).unwrap();
         let tighter =
             "[[seal]]\nid = \"contract\"\n[[seal.rule]]\nlevels = [\"dept_head\", \"executive\"]\n";
         let (v2, pem) = signed(dir.path(), 1, "site-a", 2, tighter);
