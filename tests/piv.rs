@@ -533,9 +533,9 @@ async fn stamp_while_pulled(
 }
 
 /// A stamp whose PIN check the card holds back, pulled while it is held; the jtis of the
-/// approvals it took. On a loaded machine the hold can run out before the pull lands (the check
-/// then passes, and the pull comes before the signature): such a round spends no try, and it is
-/// done again with the card back in, at most three times.
+/// approvals it took. On a loaded machine the check can pass before the pull lands (the card
+/// says `verify=ok`, and the pull comes before the signature): such a round spends no try, and
+/// it is done again with the card back in, at most three times.
 async fn pull_during_pin_check(
     card: &mut Card,
     daemon: &Daemon,
@@ -543,9 +543,9 @@ async fn pull_during_pin_check(
 ) -> Vec<String> {
     let mut jtis = Vec::new();
     for _ in 0..3 {
-        let passed = card.count("verify=ok");
+        let tries = card.tries_left();
         jtis.push(stamp_while_pulled(card, daemon, doc, "verify=held").await);
-        if card.count("verify=ok") == passed {
+        if card.tries_left() + 1 == tries {
             return jtis;
         }
         card.insert();
