@@ -22,6 +22,7 @@ install:
 	$(INSTALL) -D -m 0644 README.md $(DESTDIR)$(PREFIX)/share/doc/sealgate/README.md
 	$(INSTALL) -D -m 0644 docs/audit-log.md $(DESTDIR)$(PREFIX)/share/doc/sealgate/audit-log.md
 	$(INSTALL) -D -m 0644 docs/headquarters.md $(DESTDIR)$(PREFIX)/share/doc/sealgate/headquarters.md
+	$(INSTALL) -D -m 0644 docs/passkeys.md $(DESTDIR)$(PREFIX)/share/doc/sealgate/passkeys.md
 	$(INSTALL) -D -m 0644 proto/sealgate/v1/sealgate.proto $(DESTDIR)$(PREFIX)/share/sealgate/proto/sealgate/v1/sealgate.proto
 	$(INSTALL) -d -m 0750 $(DESTDIR)/etc/sealgate
 

@@ -73,9 +73,10 @@ elif ! pcscd_ready; then
 fi
 
 # A private Python environment for the Python client test (Debian's own python3-protobuf is
-# older than the generated code needs), the Ed25519 CMS check, and pyHanko for stamped PDFs.
+# older than the generated code needs), the Ed25519 CMS check, pyHanko for stamped PDFs, and
+# fido2 for the software passkey of the passkey tests.
 venv=target/test-venv
-if ! "$venv/bin/python3" -c 'import google.protobuf, cryptography, asn1crypto, pyhanko' 2>/dev/null ||
+if ! "$venv/bin/python3" -c 'import google.protobuf, cryptography, asn1crypto, pyhanko, fido2' 2>/dev/null ||
   [ ! -x "$venv/bin/pyhanko" ]; then
   python3 -m venv "$venv"
   "$venv/bin/pip" install -q -r tests/python/requirements.txt

@@ -62,6 +62,34 @@ pub struct Config {
     /// `sealgate::hq::policy`); none are taken when unset.
     #[serde(default)]
     pub hq_policy: Option<HqPolicyConfig>,
+    /// Where approvers approve with a passkey; needed when an approver has one.
+    #[serde(default)]
+    pub webauthn: Option<WebauthnConfig>,
+}
+
+/// `[webauthn]`: the approval pages whose passkey assertions this site accepts.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WebauthnConfig {
+    /// Origins of the approval page, exactly as browsers write them in the client data, e.g.
+    /// "https://approvals.example.com" (scheme, host, and a port other than the scheme's own).
+    pub origins: Vec<String>,
+}
+
+/// One registered passkey of an approver (`[[approver.passkey]]`), as the approval page's
+/// registration gives it.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PasskeyConfig {
+    /// The credential id, base64url.
+    pub credential_id: String,
+    /// The credential's public key as a COSE_Key (ES256 or EdDSA), base64url.
+    pub public_key: String,
+    /// The relying party id it was registered for, e.g. "approvals.example.com".
+    pub rp_id: String,
+    /// The registration's attestation format, kept for the record ("none", "packed", ...).
+    #[serde(default)]
+    pub attestation: String,
 }
 
 /// `[hq_policy]`: whom this site takes configuration fragments from, and what it keeps its own.
@@ -353,6 +381,11 @@ pub struct RuleConfig {
     /// The applicant must give a TOTP code.
     #[serde(default)]
     pub mfa: bool,
+    /// Whether a passkey's approval must come with user verification (fingerprint, face,
+    /// PIN): "required" at every level, "preferred" at none; unset, at every level above the
+    /// first.
+    #[serde(default)]
+    pub user_verification: Option<String>,
     /// An approval of this rule's document types (and departments and scopes) that carries no
     /// amount is refused, instead of falling through to a rule without amount bounds.
     #[serde(default)]
@@ -413,6 +446,10 @@ pub struct ApproverConfig {
     /// ...or in a file (relative to the configuration's folder).
     #[serde(default)]
     pub public_key_file: Option<PathBuf>,
+    /// Passkeys (WebAuthn credentials) this approver approves with, beside or instead of a
+    /// key.
+    #[serde(default, rename = "passkey")]
+    pub passkeys: Vec<PasskeyConfig>,
     /// RFC 3339 times bounding when this approver's approvals count.
     #[serde(default)]
     pub valid_from: Option<String>,

@@ -28,6 +28,16 @@ pub enum Reason {
     Replayed,
     Exhausted,
     UnknownApplicant,
+    /// A passkey's credential the approver has not registered.
+    UnknownCredential,
+    WebauthnChallenge,
+    WebauthnType,
+    WebauthnOrigin,
+    WebauthnRpId,
+    WebauthnUserPresence,
+    WebauthnUserVerification,
+    /// A passkey's signature counter went back: the authenticator may have been copied.
+    ClonedAuthenticator,
 }
 
 impl Reason {
@@ -55,6 +65,14 @@ impl Reason {
             Reason::Replayed => "replayed",
             Reason::Exhausted => "exhausted",
             Reason::UnknownApplicant => "unknown_applicant",
+            Reason::UnknownCredential => "unknown_credential",
+            Reason::WebauthnChallenge => "webauthn_challenge",
+            Reason::WebauthnType => "webauthn_type",
+            Reason::WebauthnOrigin => "webauthn_origin",
+            Reason::WebauthnRpId => "webauthn_rp_id",
+            Reason::WebauthnUserPresence => "webauthn_user_presence",
+            Reason::WebauthnUserVerification => "webauthn_user_verification",
+            Reason::ClonedAuthenticator => "cloned_authenticator",
         }
     }
 }

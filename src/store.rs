@@ -133,6 +133,20 @@ CREATE TABLE seal_keys (
     PRIMARY KEY (key_id, algorithm)
 );
 "#,
+    // Each passkey's approvals (when it approved, by its own signed header, and its signature
+    // counter then), so a counter that does not move forward with time (a copied
+    // authenticator) is refused.
+    r#"
+CREATE TABLE passkey_uses (
+    id INTEGER PRIMARY KEY,
+    credential_id TEXT NOT NULL,
+    approved_at INTEGER NOT NULL,
+    sign_count INTEGER NOT NULL,
+    jti TEXT NOT NULL,
+    at INTEGER NOT NULL
+);
+CREATE INDEX passkey_uses_credential ON passkey_uses(credential_id, approved_at);
+"#,
 ];
 
 pub struct Store {

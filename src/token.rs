@@ -17,7 +17,7 @@ pub const MAX_TOKEN_BYTES: usize = 64 * 1024;
 /// Most signatures one token may carry.
 pub const MAX_SIGNATURES: usize = 16;
 /// Protected-header parameters this implementation understands, and so may be listed in `crit`.
-const UNDERSTOOD_CRITICAL: &[&str] = &["approved_at"];
+const UNDERSTOOD_CRITICAL: &[&str] = &["approved_at", "webauthn"];
 
 /// Signature algorithms approvers may use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -102,6 +102,19 @@ pub struct Header {
     pub crit: Option<Vec<String>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub typ: Option<String>,
+    /// For a passkey's approval: the WebAuthn credential id (base64url) whose assertion is the
+    /// signature. It changes what the signature is, so it must be listed in `crit`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub webauthn: Option<String>,
+}
+
+/// What a WebAuthn assertion carries beside its signature: the authenticator's data and the
+/// client's data, exactly as the authenticator and the browser made them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Assertion {
+    pub credential_id: Vec<u8>,
+    pub authenticator_data: Vec<u8>,
+    pub client_data_json: Vec<u8>,
 }
 
 /// One signature of a parsed token, not yet verified.
@@ -111,6 +124,8 @@ pub struct Signature {
     /// The protected header exactly as sent (base64url), part of the signing input.
     protected_b64: String,
     pub signature: Vec<u8>,
+    /// Set when the signature is a WebAuthn assertion's (see [`Header::webauthn`]).
+    pub assertion: Option<Assertion>,
 }
 
 /// A parsed token: claims and signatures. Nothing in it is trusted until verified.
@@ -145,6 +160,10 @@ struct FlattenedJson {
     signature: String,
     #[serde(default)]
     header: Option<serde_json::Value>,
+    #[serde(rename = "authenticatorData", default)]
+    authenticator_data: Option<String>,
+    #[serde(rename = "clientDataJSON", default)]
+    client_data_json: Option<String>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -155,6 +174,39 @@ struct SignatureJson {
     /// Unprotected header: accepted for interoperability, never read.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     header: Option<serde_json::Value>,
+    /// A WebAuthn assertion's authenticator data and client data (base64url); both or none.
+    #[serde(
+        rename = "authenticatorData",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    authenticator_data: Option<String>,
+    #[serde(
+        rename = "clientDataJSON",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    client_data_json: Option<String>,
+}
+
+/// One signature entry as sent: protected header, signature, and a WebAuthn assertion's two
+/// other parts (base64url) when it is one.
+struct RawSignature {
+    protected: String,
+    signature: String,
+    authenticator_data: Option<String>,
+    client_data_json: Option<String>,
+}
+
+impl From<SignatureJson> for RawSignature {
+    fn from(s: SignatureJson) -> RawSignature {
+        RawSignature {
+            protected: s.protected,
+            signature: s.signature,
+            authenticator_data: s.authenticator_data,
+            client_data_json: s.client_data_json,
+        }
+    }
 }
 
 /// RFC 7797's `b64` changes what is signed; this implementation does not support it, so a
@@ -187,7 +239,7 @@ impl Token {
         if text.is_empty() {
             return perr("no approval token");
         }
-        let (payload_b64, sigs): (String, Vec<(String, String)>) = if text.starts_with('{') {
+        let (payload_b64, sigs): (String, Vec<RawSignature>) = if text.starts_with('{') {
             let value: serde_json::Value = serde_json::from_str(text)
                 .map_err(|e| ParseError(format!("token is not JSON: {e}")))?;
             if value.get("signatures").is_some() {
@@ -198,16 +250,21 @@ impl Token {
                 }
                 (
                     g.payload,
-                    g.signatures
-                        .into_iter()
-                        .map(|s| (s.protected, s.signature))
-                        .collect(),
+                    g.signatures.into_iter().map(RawSignature::from).collect(),
                 )
             } else {
                 let f: FlattenedJson = serde_json::from_value(value)
                     .map_err(|e| ParseError(format!("not a flattened JWS: {e}")))?;
                 no_b64(f.header.as_ref())?;
-                (f.payload, vec![(f.protected, f.signature)])
+                (
+                    f.payload,
+                    vec![RawSignature {
+                        protected: f.protected,
+                        signature: f.signature,
+                        authenticator_data: f.authenticator_data,
+                        client_data_json: f.client_data_json,
+                    }],
+                )
             }
         } else {
             let parts: Vec<&str> = text.split('.').collect();
@@ -216,7 +273,12 @@ impl Token {
             };
             (
                 payload.to_string(),
-                vec![(protected.to_string(), signature.to_string())],
+                vec![RawSignature {
+                    protected: protected.to_string(),
+                    signature: signature.to_string(),
+                    authenticator_data: None,
+                    client_data_json: None,
+                }],
             )
         };
         if sigs.is_empty() {
@@ -226,7 +288,7 @@ impl Token {
     }
 
     /// Decodes the claims and each signature's protected header. Bounded in signature count.
-    fn assemble(payload_b64: String, sigs: Vec<(String, String)>) -> Result<Token, ParseError> {
+    fn assemble(payload_b64: String, sigs: Vec<RawSignature>) -> Result<Token, ParseError> {
         if sigs.len() > MAX_SIGNATURES {
             return perr(format!(
                 "token carries {} signatures; at most {MAX_SIGNATURES}",
@@ -238,7 +300,8 @@ impl Token {
             serde_json::from_slice(&payload).map_err(|e| ParseError(format!("claims: {e}")))?;
         check_claims(&claims)?;
         let mut signatures = Vec::with_capacity(sigs.len());
-        for (protected_b64, sig_b64) in sigs {
+        for raw_sig in sigs {
+            let protected_b64 = raw_sig.protected;
             let raw = b64("protected header", &protected_b64)?;
             let value: serde_json::Value = serde_json::from_slice(&raw)
                 .map_err(|e| ParseError(format!("protected header: {e}")))?;
@@ -255,10 +318,37 @@ impl Token {
                     }
                 }
             }
+            let assertion = match (
+                &header.webauthn,
+                raw_sig.authenticator_data,
+                raw_sig.client_data_json,
+            ) {
+                (None, None, None) => None,
+                (Some(id), Some(auth), Some(client)) => {
+                    if !header
+                        .crit
+                        .as_ref()
+                        .is_some_and(|c| c.iter().any(|p| p == "webauthn"))
+                    {
+                        return perr("a WebAuthn signature must list \"webauthn\" in crit");
+                    }
+                    Some(Assertion {
+                        credential_id: b64("webauthn credential id", id)?,
+                        authenticator_data: b64("authenticatorData", &auth)?,
+                        client_data_json: b64("clientDataJSON", &client)?,
+                    })
+                }
+                _ => {
+                    return perr(
+                        "a WebAuthn signature carries the webauthn header, authenticatorData and clientDataJSON together (in a JSON serialization)",
+                    )
+                }
+            };
             signatures.push(Signature {
                 header,
                 protected_b64,
-                signature: b64("signature", &sig_b64)?,
+                signature: b64("signature", &raw_sig.signature)?,
+                assertion,
             });
         }
         Ok(Token {
@@ -299,6 +389,7 @@ impl Token {
             approved_at,
             crit: None,
             typ: None,
+            webauthn: None,
         };
         let protected_b64 = B64.encode(serde_json::to_vec(&header).expect("header serializes"));
         let input = signing_input(&protected_b64, &self.payload_b64);
@@ -307,8 +398,52 @@ impl Token {
             header,
             protected_b64,
             signature,
+            assertion: None,
         });
         Ok(())
+    }
+
+    /// Adds one approver's WebAuthn assertion. `assert` gets the challenge (the SHA-256 of the
+    /// JWS signing input, see [`Token::challenge`]) and returns the authenticator data, the
+    /// client data JSON and the signature, as a browser's `navigator.credentials.get` gives them.
+    #[allow(clippy::type_complexity)]
+    pub fn add_webauthn_signature(
+        &mut self,
+        alg: JwsAlg,
+        kid: &str,
+        approved_at: i64,
+        credential_id: &[u8],
+        assert: impl FnOnce(&[u8; 32]) -> Result<(Vec<u8>, Vec<u8>, Vec<u8>), String>,
+    ) -> Result<(), String> {
+        let header = Header {
+            alg,
+            kid: kid.to_owned(),
+            approved_at,
+            crit: Some(vec!["webauthn".into()]),
+            typ: None,
+            webauthn: Some(B64.encode(credential_id)),
+        };
+        let protected_b64 = B64.encode(serde_json::to_vec(&header).expect("header serializes"));
+        let challenge = challenge_of(&protected_b64, &self.payload_b64);
+        let (authenticator_data, client_data_json, signature) = assert(&challenge)?;
+        self.signatures.push(Signature {
+            header,
+            protected_b64,
+            signature,
+            assertion: Some(Assertion {
+                credential_id: credential_id.to_vec(),
+                authenticator_data,
+                client_data_json,
+            }),
+        });
+        Ok(())
+    }
+
+    /// What a WebAuthn assertion for signature `i` must have signed as its challenge: the
+    /// SHA-256 of the JWS signing input (protected header "." payload), so the assertion binds
+    /// exactly this approver's header and this approval's claims.
+    pub fn challenge(&self, i: usize) -> [u8; 32] {
+        challenge_of(&self.signatures[i].protected_b64, &self.payload_b64)
     }
 
     /// The general JSON serialization.
@@ -320,6 +455,14 @@ impl Token {
                 protected: s.protected_b64.clone(),
                 signature: B64.encode(&s.signature),
                 header: None,
+                authenticator_data: s
+                    .assertion
+                    .as_ref()
+                    .map(|a| B64.encode(&a.authenticator_data)),
+                client_data_json: s
+                    .assertion
+                    .as_ref()
+                    .map(|a| B64.encode(&a.client_data_json)),
             })
             .collect();
         serde_json::json!({ "payload": self.payload_b64, "signatures": sigs }).to_string()
@@ -333,18 +476,15 @@ impl Token {
         }
         let g: GeneralJson = serde_json::from_slice(bytes)
             .map_err(|e| ParseError(format!("not a general JWS: {e}")))?;
-        let sigs = g
-            .signatures
-            .into_iter()
-            .map(|s| (s.protected, s.signature))
-            .collect();
+        let sigs = g.signatures.into_iter().map(RawSignature::from).collect();
         Token::assemble(g.payload, sigs)
     }
 
-    /// Checks signature `i` against `key`. The algorithm in the header must be the key's.
+    /// Checks signature `i` against `key`. The algorithm in the header must be the key's. A
+    /// WebAuthn assertion is never a JWS signature (see `approval::webauthn`).
     pub fn verify(&self, i: usize, key: &VerifyingKey) -> bool {
         let s = &self.signatures[i];
-        if s.header.alg != key.alg() {
+        if s.header.alg != key.alg() || s.assertion.is_some() {
             return false;
         }
         key.verify(
@@ -365,6 +505,13 @@ impl Token {
         h.update(self.payload_b64.as_bytes());
         h.update([0u8]);
         h.update(&s.signature);
+        if let Some(a) = &s.assertion {
+            // Length-prefixed, so no two assertions share a fingerprint by moving bytes.
+            for part in [&a.authenticator_data, &a.client_data_json] {
+                h.update((part.len() as u64).to_be_bytes());
+                h.update(part);
+            }
+        }
         h.finalize().into()
     }
 
@@ -377,6 +524,11 @@ impl Token {
 
 fn signing_input(protected_b64: &str, payload_b64: &str) -> String {
     format!("{protected_b64}.{payload_b64}")
+}
+
+fn challenge_of(protected_b64: &str, payload_b64: &str) -> [u8; 32] {
+    use sha2::Digest;
+    sha2::Sha256::digest(signing_input(protected_b64, payload_b64)).into()
 }
 
 /// The ISO 4217 alphabetic codes in use (active list, including funds and metals codes).
@@ -745,6 +897,68 @@ mod tests {
         assert!(Token::parse(t.to_json().as_bytes()).is_ok());
         let big = vec![b' '; MAX_TOKEN_BYTES + 1];
         assert!(Token::parse(&big).unwrap_err().0.contains("at most"));
+    }
+
+    #[test]
+    fn a_webauthn_entry_round_trips_and_must_be_whole() {
+        let mut t = Token::unsigned(claims());
+        let mut challenge = [0u8; 32];
+        t.add_webauthn_signature(JwsAlg::ES256, "a", 1100, b"cred-1", |c| {
+            challenge = *c;
+            Ok((
+                vec![1; 37],
+                b"{\"type\":\"webauthn.get\"}".to_vec(),
+                vec![2; 70],
+            ))
+        })
+        .unwrap();
+        assert_eq!(t.challenge(0), challenge);
+        let json = t.to_json();
+        let parsed = Token::parse(json.as_bytes()).unwrap();
+        let a = parsed.signatures[0].assertion.as_ref().unwrap();
+        assert_eq!(a.credential_id, b"cred-1");
+        assert_eq!(a.authenticator_data, vec![1; 37]);
+        assert_eq!(parsed.challenge(0), challenge);
+        // Never taken for a JWS signature, whatever the key.
+        assert!(!parsed.verify(0, &p(2).verifying_key()));
+        // The fingerprint covers the client data.
+        let mut other = parsed.clone();
+        other.signatures[0]
+            .assertion
+            .as_mut()
+            .unwrap()
+            .client_data_json
+            .push(b' ');
+        assert_ne!(
+            other.signature_fingerprint(0),
+            parsed.signature_fingerprint(0)
+        );
+        // Without its client data, without crit, or in the compact form: malformed.
+        let mut v: serde_json::Value = serde_json::from_str(&json).unwrap();
+        let entry = v["signatures"][0].clone();
+        v["signatures"][0]
+            .as_object_mut()
+            .unwrap()
+            .remove("clientDataJSON");
+        assert!(Token::parse(v.to_string().as_bytes())
+            .unwrap_err()
+            .0
+            .contains("together"));
+        let no_crit =
+            B64.encode(br#"{"alg":"ES256","kid":"a","approved_at":1100,"webauthn":"Y3JlZC0x"}"#);
+        v["signatures"][0] = entry.clone();
+        v["signatures"][0]["protected"] = no_crit.clone().into();
+        assert!(Token::parse(v.to_string().as_bytes())
+            .unwrap_err()
+            .0
+            .contains("crit"));
+        let compact = format!(
+            "{}.{}.{}",
+            entry["protected"].as_str().unwrap(),
+            t.payload_b64,
+            entry["signature"].as_str().unwrap()
+        );
+        assert!(Token::parse(compact.as_bytes()).is_err());
     }
 
     #[test]

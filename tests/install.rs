@@ -34,6 +34,7 @@ fn make_install_lays_out_a_package() {
     assert_eq!(mode("lib/systemd/system/sealgate-hq.service"), 0o644);
     assert_eq!(mode("lib/systemd/system/sealgate-ship.service"), 0o644);
     assert_eq!(mode("usr/share/doc/sealgate/headquarters.md"), 0o644);
+    assert_eq!(mode("usr/share/doc/sealgate/passkeys.md"), 0o644);
     assert_eq!(
         mode("usr/share/sealgate/device-profiles/softhsm2.toml"),
         0o644

@@ -51,6 +51,9 @@ pub struct PendingUse {
     pub rate_limit: Option<RateLimit>,
     /// Uses to consume at once: 1 for a stamp, the impressions of a terminal grant.
     pub count: u32,
+    /// The passkeys that approved: credential id (base64url), when it approved, its signature
+    /// counter. Checked to move forward with time when the approval is first used.
+    pub passkeys: Vec<(String, i64, u32)>,
 }
 
 impl PendingUse {
@@ -63,6 +66,7 @@ impl PendingUse {
             uses: self.uses,
             exp: self.exp,
             count: self.count,
+            passkeys: &self.passkeys,
         }
     }
 }
@@ -147,6 +151,12 @@ impl Gate {
             exp: token.claims.exp,
             rate_limit: rule.and_then(|r| r.rate_limit),
             count: 1,
+            passkeys: ev
+                .approvals
+                .iter()
+                .filter_map(|a| a.passkey.as_ref().map(|p| (a, p)))
+                .map(|(a, p)| (p.credential.clone(), a.approved_at, p.sign_count))
+                .collect(),
         });
         FirstPass {
             mfa: rule.is_some_and(|r| r.mfa),
@@ -270,12 +280,20 @@ fn approvers_json(approvals: &[crate::policy::ApprovalFact], levels: Option<&[St
                 .and_then(|l| l.iter().position(|r| *r == a.role))
                 .map(|i| i + 1)
                 .unwrap_or(0);
-            serde_json::json!({
+            let mut v = serde_json::json!({
                 "id": a.approver,
                 "role": a.role,
                 "level": level,
                 "approved_at": a.approved_at,
-            })
+            });
+            if let Some(p) = &a.passkey {
+                v["passkey"] = serde_json::json!({
+                    "credential": p.credential,
+                    "user_verified": p.user_verified,
+                    "sign_count": p.sign_count,
+                });
+            }
+            v
         })
         .collect();
     if list.is_empty() {

@@ -20,6 +20,10 @@ pub struct Use<'a> {
     pub exp: i64,
     /// Uses this one act consumes: 1 for a stamp, the impressions of a terminal grant.
     pub count: u32,
+    /// Passkeys that approved, with their signature counters (see [`PendingUse::passkeys`]).
+    ///
+    /// [`PendingUse::passkeys`]: super::gate::PendingUse::passkeys
+    pub passkeys: &'a [(String, i64, u32)],
 }
 
 fn refusal(u: &Use<'_>, row: Option<Row>) -> Option<Denial> {
@@ -153,6 +157,17 @@ pub fn consume(
                     ),
                 )));
             }
+            // The approval's first use: its passkeys' counters must have moved forward.
+            if let Some(d) = counters_refusal(conn, u)? {
+                return Ok(Err(d));
+            }
+            for (credential, approved_at, count) in u.passkeys {
+                conn.prepare_cached(
+                    "INSERT INTO passkey_uses (credential_id, approved_at, sign_count, jti, at) \
+                     VALUES (?1, ?2, ?3, ?4, ?5)",
+                )?
+                .execute(params![credential, approved_at, count, u.jti, now])?;
+            }
             insert_row(conn, u, u.count, now)?;
             u.uses - u.count
         }
@@ -226,6 +241,46 @@ fn count_since(
     )
 }
 
+/// The refusal of an approval whose passkey's signature counter does not fit its earlier
+/// approvals: it must be higher than the counter of every approval made before it and lower
+/// than that of every one made after it (approval times are the passkey's own signed headers;
+/// approvals may be used out of order). A counter that goes back is how a copied
+/// authenticator shows itself (WebAuthn §6.1.1). An authenticator that keeps no counter says
+/// 0 every time, which stands.
+fn counters_refusal(conn: &Connection, u: &Use<'_>) -> Result<Option<Denial>, rusqlite::Error> {
+    for (credential, approved_at, count) in u.passkeys {
+        if *count == 0 {
+            let counted: bool = conn
+                .prepare_cached(
+                    "SELECT EXISTS (SELECT 1 FROM passkey_uses WHERE credential_id = ?1 AND sign_count > 0)",
+                )?
+                .query_row(params![credential], |r| r.get(0))?;
+            if !counted {
+                continue;
+            }
+        }
+        let clash: Option<(i64, u32)> = conn
+            .prepare_cached(
+                "SELECT approved_at, sign_count FROM passkey_uses WHERE credential_id = ?1 AND \
+                 ((approved_at < ?2 AND sign_count >= ?3) OR (approved_at > ?2 AND sign_count <= ?3) \
+                  OR sign_count = ?3) LIMIT 1",
+            )?
+            .query_row(params![credential, approved_at, count], |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })
+            .optional()?;
+        if let Some((at, seen)) = clash {
+            return Ok(Some(Denial::new(
+                Reason::ClonedAuthenticator,
+                format!(
+                    "passkey {credential} approved at {approved_at} with signature counter {count}, but it had counter {seen} in an approval at {at}: the authenticator may have been copied"
+                ),
+            )));
+        }
+    }
+    Ok(None)
+}
+
 /// Whether `consume` would refuse, without consuming (for dry runs).
 pub fn peek(store: &Store, u: &Use<'_>) -> Result<Option<Denial>, StoreError> {
     store.with(|conn| {
@@ -237,7 +292,13 @@ pub fn peek(store: &Store, u: &Use<'_>) -> Result<Option<Denial>, StoreError> {
         } else {
             0
         };
-        Ok(refusal(u, counted(u, &row, logged)))
+        let counted = counted(u, &row, logged);
+        if counted.is_none() {
+            if let Some(d) = counters_refusal(conn, u)? {
+                return Ok(Some(d));
+            }
+        }
+        Ok(refusal(u, counted))
     })
 }
 
@@ -262,6 +323,13 @@ pub fn prune(store: &Store, now: i64) -> Result<usize, StoreError> {
         tx.execute(
             "DELETE FROM stamp_uses WHERE at < ?1",
             params![now - 32 * 86400],
+        )?;
+        // A passkey's approvals older than 400 days are forgotten, except the one with its
+        // highest counter (SQLite gives the bare `id` of the row that holds the max).
+        tx.execute(
+            "DELETE FROM passkey_uses WHERE at < ?1 AND id NOT IN \
+             (SELECT id FROM (SELECT id, max(sign_count) FROM passkey_uses GROUP BY credential_id))",
+            params![now - 400 * 86400],
         )?;
         tx.commit()?;
         Ok(n)
@@ -297,6 +365,7 @@ mod tests {
             uses,
             exp: 1000,
             count: 1,
+            passkeys: &[],
         }
     }
 
@@ -320,6 +389,54 @@ mod tests {
         assert_eq!(d.reason, Reason::Replayed);
         assert_eq!(uses_since(&s, "a", "s", 0).unwrap(), 5);
         assert!(peek(&s, &u("one", &p, 1)).unwrap().is_some());
+    }
+
+    #[test]
+    fn a_passkey_counter_must_move_forward_with_its_approval_times() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path()).unwrap();
+        let p = [3u8; 32];
+        let with = |jti: &'static str, keys: &'static [(String, i64, u32)]| Use {
+            passkeys: keys,
+            ..u(jti, &p, 1)
+        };
+        fn leak(v: Vec<(String, i64, u32)>) -> &'static [(String, i64, u32)] {
+            Vec::leak(v)
+        }
+        let k = |at: i64, n: u32| leak(vec![("cred-a".into(), at, n)]);
+        assert!(consume_one(&s, &with("p1", k(100, 5)), 10, None).is_ok());
+        // Approved later with a higher counter, or earlier with a lower one (used out of order).
+        assert!(consume_one(&s, &with("p2", k(200, 9)), 10, None).is_ok());
+        assert!(consume_one(&s, &with("p3", k(150, 7)), 10, None).is_ok());
+        // A counter seen before, a later approval with a lower counter, an earlier approval
+        // with a higher one: each refused, and nothing of it is kept.
+        for (jti, keys) in [("p4", k(300, 9)), ("p5", k(300, 6)), ("p6", k(120, 8))] {
+            let d = consume_one(&s, &with(jti, keys), 10, None).unwrap_err();
+            assert_eq!(d.reason, Reason::ClonedAuthenticator, "{jti}: {d}");
+            assert!(peek(&s, &with(jti, keys)).unwrap().is_some(), "{jti}");
+        }
+        let kept = s
+            .with(|c| {
+                c.query_row("SELECT count(*) FROM passkey_uses", [], |r| {
+                    r.get::<_, i64>(0)
+                })
+            })
+            .unwrap();
+        assert_eq!(kept, 3);
+        // A counter of 0 where the passkey showed counters before is a counter that went back.
+        let d = consume_one(&s, &with("p7", k(400, 0)), 10, None).unwrap_err();
+        assert_eq!(d.reason, Reason::ClonedAuthenticator);
+        // An authenticator that keeps no counter says 0 every time; that stands.
+        let z = |at: i64| leak(vec![("cred-z".into(), at, 0)]);
+        assert!(consume_one(&s, &with("z1", z(100)), 10, None).is_ok());
+        assert!(consume_one(&s, &with("z2", z(200)), 10, None).is_ok());
+        // The second use of a standing approval is not checked again (same assertion).
+        let standing = |jti: &'static str| Use {
+            passkeys: k(500, 11),
+            ..u(jti, &p, 2)
+        };
+        assert!(consume_one(&s, &standing("s1"), 10, None).is_ok());
+        assert!(consume_one(&s, &standing("s1"), 10, None).is_ok());
     }
 
     #[test]

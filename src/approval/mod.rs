@@ -9,10 +9,11 @@
 pub mod gate;
 pub mod ledger;
 pub mod mfa;
+pub mod webauthn;
 
 pub use crate::denial::{Denial, Reason};
 
-use crate::policy::{ApprovalFact, SealPolicy};
+use crate::policy::{ApprovalFact, PasskeyFact, SealPolicy};
 use crate::token::{Token, VerifyingKey};
 use std::collections::HashMap;
 use std::path::Path;
@@ -68,7 +69,10 @@ pub struct Approver {
     pub name: String,
     pub role: String,
     pub department: String,
-    pub key: VerifyingKey,
+    /// The approver's JWS key, if they have one...
+    pub key: Option<VerifyingKey>,
+    /// ...and their passkeys (at least one of the two).
+    pub passkeys: Vec<webauthn::Passkey>,
     pub valid_from: Option<i64>,
     pub valid_until: Option<i64>,
     pub revoked: bool,
@@ -90,6 +94,8 @@ pub struct TrustStore {
     approvers: HashMap<String, Approver>,
     /// The applicant directory (normalised id to department); empty when not configured.
     applicants: HashMap<String, String>,
+    /// Origins of the approval pages whose passkey assertions count (`[webauthn] origins`).
+    origins: Vec<String>,
     /// Fingerprints of signatures that verified under these approvers' keys (see
     /// [`Token::signature_fingerprint`]). A standing approval with many uses is verified once,
     /// not on every use; what changes between uses (time, validity, remaining uses) is checked
@@ -105,13 +111,14 @@ impl TrustStore {
         approvers: &[crate::config::ApproverConfig],
         base: &Path,
     ) -> Result<TrustStore, TrustError> {
-        TrustStore::with_applicants(approvers, &[], base)
+        TrustStore::with_applicants(approvers, &[], None, base)
     }
 
-    /// The trust store with the applicant directory.
+    /// The trust store with the applicant directory and the approval pages' origins.
     pub fn with_applicants(
         approvers: &[crate::config::ApproverConfig],
         applicants: &[crate::config::ApplicantConfig],
+        webauthn: Option<&crate::config::WebauthnConfig>,
         base: &Path,
     ) -> Result<TrustStore, TrustError> {
         let mut map = HashMap::new();
@@ -135,23 +142,30 @@ impl TrustStore {
                 Some(normalize_id(&a.name).map_err(|e| err(format!("name: {e}")))?)
             };
             let pem = match (&a.public_key, &a.public_key_file) {
-                (Some(p), None) => p.clone(),
+                (Some(p), None) => Some(p.clone()),
                 (None, Some(f)) => {
                     let path = if f.is_relative() {
                         base.join(f)
                     } else {
                         f.clone()
                     };
-                    std::fs::read_to_string(&path)
-                        .map_err(|e| err(format!("cannot read {}: {e}", path.display())))?
+                    Some(
+                        std::fs::read_to_string(&path)
+                            .map_err(|e| err(format!("cannot read {}: {e}", path.display())))?,
+                    )
                 }
+                (None, None) if !a.passkeys.is_empty() => None,
                 _ => {
                     return Err(err(
-                        "needs exactly one of public_key and public_key_file".into()
+                        "needs exactly one of public_key and public_key_file, or a passkey".into(),
                     ))
                 }
             };
-            let key = VerifyingKey::from_pem(&pem).map_err(err)?;
+            let key = pem
+                .map(|p| VerifyingKey::from_pem(&p))
+                .transpose()
+                .map_err(err)?;
+            let passkeys = passkeys_of(a, webauthn).map_err(err)?;
             let time = |s: &Option<String>| -> Result<Option<i64>, TrustError> {
                 s.as_deref()
                     .map(|s| {
@@ -167,6 +181,7 @@ impl TrustStore {
                 role: a.role.clone(),
                 department: a.department.clone(),
                 key,
+                passkeys,
                 valid_from: time(&a.valid_from)?,
                 valid_until: time(&a.valid_until)?,
                 revoked: a.revoked,
@@ -177,12 +192,13 @@ impl TrustStore {
             // revoked or whose validity has ended can sign nothing and does not count.
             let alive = |x: &Approver| !x.revoked && x.valid_until.is_none_or(|u| u >= now);
             if alive(&approver) {
-                if let Some(other) = map
+                if let Some((other, what)) = map
                     .values()
-                    .find(|o: &&Approver| alive(o) && o.key.same_as(&approver.key))
+                    .filter(|o: &&Approver| alive(o))
+                    .find_map(|o| shares_a_key(o, &approver).map(|w| (o, w)))
                 {
                     return Err(err(format!(
-                        "has the same public key as approver {:?}; one key belongs to one person",
+                        "has the same {what} as approver {:?}; one key belongs to one person",
                         other.id
                     )));
                 }
@@ -205,6 +221,7 @@ impl TrustStore {
         Ok(TrustStore {
             approvers: map,
             applicants: directory,
+            origins: webauthn.map(|w| w.origins.clone()).unwrap_or_default(),
             verified: Default::default(),
         })
     }
@@ -215,12 +232,21 @@ impl TrustStore {
 
     /// Whether signature `i` of `token` verifies under `approver`'s key, remembering a success.
     fn verify(&self, token: &Token, i: usize, approver: &Approver) -> bool {
+        match &approver.key {
+            Some(key) => self.remembered(token, i, || token.verify(i, key)),
+            None => false,
+        }
+    }
+
+    /// Whether signature `i` verified before (under this trust store), or verifies now by
+    /// `verify`; a success is remembered.
+    fn remembered(&self, token: &Token, i: usize, verify: impl FnOnce() -> bool) -> bool {
         let fingerprint = token.signature_fingerprint(i);
         let seen = |set: &std::collections::HashSet<[u8; 32]>| set.contains(&fingerprint);
         if seen(&self.verified.lock().unwrap_or_else(|p| p.into_inner())) {
             return true;
         }
-        if !token.verify(i, &approver.key) {
+        if !verify() {
             return false;
         }
         let mut set = self.verified.lock().unwrap_or_else(|p| p.into_inner());
@@ -230,6 +256,71 @@ impl TrustStore {
         set.insert(fingerprint);
         true
     }
+}
+
+/// An approver's passkeys from the configuration; they need `[webauthn]` origins.
+fn passkeys_of(
+    a: &crate::config::ApproverConfig,
+    webauthn: Option<&crate::config::WebauthnConfig>,
+) -> Result<Vec<webauthn::Passkey>, String> {
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
+    use base64::Engine;
+    if !a.passkeys.is_empty() && webauthn.is_none_or(|w| w.origins.is_empty()) {
+        return Err("has a passkey, but no [webauthn] origins say where approvals are made".into());
+    }
+    let mut out: Vec<webauthn::Passkey> = Vec::new();
+    for p in &a.passkeys {
+        let id = B64
+            .decode(p.credential_id.trim_end_matches('='))
+            .map_err(|_| {
+                format!(
+                    "passkey {:?}: credential_id is not base64url",
+                    p.credential_id
+                )
+            })?;
+        if id.is_empty() || id.len() > 1023 {
+            return Err(format!(
+                "passkey {:?}: a credential id is 1 to 1023 bytes",
+                p.credential_id
+            ));
+        }
+        let cose = B64
+            .decode(p.public_key.trim_end_matches('='))
+            .map_err(|_| format!("passkey {:?}: public_key is not base64url", p.credential_id))?;
+        let key = webauthn::PasskeyKey::from_cose(&cose)
+            .map_err(|e| format!("passkey {:?}: {e}", p.credential_id))?;
+        if p.rp_id.is_empty() {
+            return Err(format!(
+                "passkey {:?}: rp_id must not be empty",
+                p.credential_id
+            ));
+        }
+        if out.iter().any(|o| o.credential_id == id) {
+            return Err(format!("passkey {:?} is listed twice", p.credential_id));
+        }
+        out.push(webauthn::Passkey::new(
+            id,
+            key,
+            p.rp_id.clone(),
+            p.attestation.clone(),
+        ));
+    }
+    Ok(out)
+}
+
+/// What two approvers share, if anything: a JWS key, a passkey's credential id or its key.
+fn shares_a_key(a: &Approver, b: &Approver) -> Option<&'static str> {
+    if matches!((&a.key, &b.key), (Some(x), Some(y)) if x.same_as(y)) {
+        return Some("public key");
+    }
+    a.passkeys
+        .iter()
+        .any(|p| {
+            b.passkeys
+                .iter()
+                .any(|q| p.credential_id == q.credential_id || p.key.same_as(&q.key))
+        })
+        .then_some("passkey")
 }
 
 /// What the checks that need no state found.
@@ -282,6 +373,11 @@ pub fn evaluate(
     let applicant_approves =
         |a: &Approver| a.id == applicant || a.normal_name.as_deref() == Some(applicant.as_str());
 
+    // The rule is found from the claims alone; a passkey's approval needs it to know whether
+    // its level asks for user verification.
+    let matched = policy.match_rule(c);
+    let rule_of = matched.as_ref().ok().map(|i| &policy.rules[*i]);
+
     // Signatures: every one must verify; a token with a bad signature is refused whole.
     let mut approvals = Vec::new();
     let mut seen = HashMap::new();
@@ -294,13 +390,45 @@ pub fn evaluate(
             ));
             continue;
         };
-        if !trust.verify(&token, i, approver) {
-            denials.push(Denial::new(
-                Reason::BadSignature,
-                format!("the signature of {kid:?} does not verify"),
-            ));
-            continue;
-        }
+        let passkey = match &sig.assertion {
+            None => {
+                if !trust.verify(&token, i, approver) {
+                    denials.push(Denial::new(
+                        Reason::BadSignature,
+                        format!("the signature of {kid:?} does not verify"),
+                    ));
+                    continue;
+                }
+                None
+            }
+            Some(a) => {
+                let Some(p) = approver
+                    .passkeys
+                    .iter()
+                    .find(|p| p.credential_id == a.credential_id)
+                else {
+                    denials.push(Denial::new(
+                        Reason::UnknownCredential,
+                        format!("approver {kid:?} has registered no such passkey"),
+                    ));
+                    continue;
+                };
+                let needs_uv = rule_of.is_some_and(|r| r.needs_user_verification(&approver.role));
+                match webauthn::check(&token, i, p, &trust.origins, needs_uv, |f| {
+                    trust.remembered(&token, i, f)
+                }) {
+                    Ok(asserted) => Some(PasskeyFact {
+                        credential: p.id_b64(),
+                        user_verified: asserted.user_verified,
+                        sign_count: asserted.sign_count,
+                    }),
+                    Err(d) => {
+                        denials.push(d);
+                        continue;
+                    }
+                }
+            }
+        };
         let at = sig.header.approved_at;
         if approver.revoked {
             denials.push(Denial::new(
@@ -352,6 +480,7 @@ pub fn evaluate(
             role: approver.role.clone(),
             department: approver.department.clone(),
             approved_at: at,
+            passkey,
         });
     }
 
@@ -419,7 +548,7 @@ pub fn evaluate(
         ));
     }
 
-    let rule = match policy.match_rule(c) {
+    let rule = match matched {
         Err(why) => {
             denials.push(Denial::new(
                 Reason::NoRule,
@@ -456,7 +585,8 @@ mod tests {
             name: String::new(),
             role: "dept_head".into(),
             department: "sales".into(),
-            key: key.verifying_key(),
+            key: Some(key.verifying_key()),
+            passkeys: Vec::new(),
             valid_from: None,
             valid_until: None,
             revoked: false,
@@ -487,6 +617,38 @@ mod tests {
         });
         t.add_signature(key, "a", 1100);
         t
+    }
+
+    #[test]
+    fn one_passkey_belongs_to_one_person() {
+        let v: serde_json::Value =
+            serde_json::from_str(include_str!("../../tests/vectors/webauthn.json")).unwrap();
+        let (id, key) = (
+            v["passkeys"][0]["credential_id"].as_str().unwrap(),
+            v["passkeys"][0]["cose_key"].as_str().unwrap(),
+        );
+        #[derive(serde::Deserialize)]
+        struct File {
+            approver: Vec<crate::config::ApproverConfig>,
+        }
+        let entry = |who: &str, cred: &str| {
+            format!("[[approver]]\nid = \"{who}\"\nrole = \"r\"\n[[approver.passkey]]\ncredential_id = \"{cred}\"\npublic_key = \"{key}\"\nrp_id = \"rp\"\n")
+        };
+        let origins = crate::config::WebauthnConfig {
+            origins: vec!["https://rp".into()],
+        };
+        let build = |text: String, w: Option<&crate::config::WebauthnConfig>| {
+            let f: File = toml::from_str(&text).unwrap();
+            TrustStore::with_applicants(&f.approver, &[], w, Path::new("/"))
+        };
+        assert!(build(entry("a", id), Some(&origins)).is_ok());
+        let e = build(entry("a", id), None).unwrap_err();
+        assert!(e.detail.contains("[webauthn]"), "{e}");
+        // The same credential, or the same key under another credential id.
+        for other in [id, "b3RoZXI"] {
+            let e = build(entry("a", id) + &entry("b", other), Some(&origins)).unwrap_err();
+            assert!(e.detail.contains("same passkey as approver"), "{e}");
+        }
     }
 
     #[test]

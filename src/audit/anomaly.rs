@@ -29,6 +29,8 @@ pub mod rule {
     pub const TERMINAL_BAD_SIGNATURE: &str = "terminal_bad_signature";
     pub const TERMINAL_TAMPER: &str = "terminal_tamper";
     pub const TERMINAL_HEARTBEAT_LOST: &str = "terminal_heartbeat_lost";
+    /// A passkey's signature counter went back (always on).
+    pub const CLONED_AUTHENTICATOR: &str = "cloned_authenticator";
 }
 
 trait Rule: Send {
@@ -90,6 +92,7 @@ impl Anomaly {
         if c.terminals {
             rules.push(Box::new(Terminal));
         }
+        rules.push(Box::new(ClonedAuthenticator));
         Ok(Anomaly { rules })
     }
 
@@ -112,6 +115,23 @@ impl Anomaly {
             }
         }
         Ok(out)
+    }
+}
+
+/// An approval refused because a passkey's counter went back: someone may hold a copy of an
+/// approver's authenticator. Always on; the refusal alone would not reach anyone.
+struct ClonedAuthenticator;
+
+impl Rule for ClonedAuthenticator {
+    fn name(&self) -> &'static str {
+        rule::CLONED_AUTHENTICATOR
+    }
+    fn observe(&mut self, r: &Record, _: &Connection) -> rusqlite::Result<Option<String>> {
+        let denied = r.kind == kind::STAMP_DENIED || r.kind == kind::TERMINAL_DENIED;
+        Ok(
+            (denied && r.reason == crate::denial::Reason::ClonedAuthenticator.code())
+                .then(|| format!("seal {:?}: {}", r.seal, r.detail)),
+        )
     }
 }
 

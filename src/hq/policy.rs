@@ -108,7 +108,7 @@ impl Body {
         }
         let body: Body = toml::from_str(text).map_err(|e| format!("the body: {}", e.message()))?;
         for a in body.approvers.iter().flatten() {
-            if a.public_key_file.is_some() || a.public_key.is_none() {
+            if a.public_key_file.is_some() || (a.public_key.is_none() && a.passkeys.is_empty()) {
                 return Err(format!(
                     "approver {:?}: a fragment gives approvers' keys inline (public_key)",
                     a.id

@@ -26,6 +26,28 @@ pub struct ApprovalFact {
     pub role: String,
     pub department: String,
     pub approved_at: i64,
+    /// Set when the approval is a passkey's assertion.
+    pub passkey: Option<PasskeyFact>,
+}
+
+/// What a passkey's approval showed: which credential, whether the user was verified, and the
+/// authenticator's signature counter (which the replay ledger checks moves forward).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PasskeyFact {
+    /// The credential id, base64url.
+    pub credential: String,
+    pub user_verified: bool,
+    pub sign_count: u32,
+}
+
+/// Where a rule asks a passkey's approval for user verification.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum UserVerification {
+    /// At every level above the first (the default).
+    #[default]
+    AboveFirst,
+    Required,
+    Preferred,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -51,6 +73,7 @@ pub struct Rule {
     pub rate_limit: Option<RateLimit>,
     pub mfa: bool,
     amount_required: bool,
+    pub user_verification: UserVerification,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -122,6 +145,16 @@ impl SealPolicy {
                     ))
                 }
             };
+            let user_verification = match r.user_verification.as_deref() {
+                None => UserVerification::AboveFirst,
+                Some("required") => UserVerification::Required,
+                Some("preferred") => UserVerification::Preferred,
+                Some(other) => {
+                    return Err(err(format!(
+                        "user_verification is \"required\" or \"preferred\", not {other:?}"
+                    )))
+                }
+            };
             if let (Some(a), Some(b)) = (r.amount_min, r.amount_max) {
                 if a >= b {
                     return Err(err("amount_min must be below amount_max".into()));
@@ -141,6 +174,7 @@ impl SealPolicy {
                 rate_limit,
                 mfa: r.mfa,
                 amount_required: r.amount_required,
+                user_verification,
             });
             let rule = out.last().expect("just pushed");
             if rule.amount_required && !rule.amount_bounded() {
@@ -331,6 +365,16 @@ impl Rule {
         denials
     }
 
+    /// Whether a passkey's approval by someone with `role` must come with user verification:
+    /// where the rule says so, or (by default) when the role fills a level above the first.
+    pub fn needs_user_verification(&self, role: &str) -> bool {
+        match self.user_verification {
+            UserVerification::Required => true,
+            UserVerification::Preferred => false,
+            UserVerification::AboveFirst => self.levels.iter().skip(1).any(|l| l == role),
+        }
+    }
+
     /// Whether `now` (Unix seconds) is inside the allowed hours and weekdays.
     pub fn check_hours(&self, now: i64) -> Option<Denial> {
         let why = self.hours.outside(now)?;
@@ -474,6 +518,7 @@ mod tests {
             role: role.into(),
             department: dept.into(),
             approved_at: at,
+            passkey: None,
         }
     }
 
@@ -483,6 +528,28 @@ mod tests {
 
     fn reasons(d: &[Denial]) -> Vec<Reason> {
         d.iter().map(|d| d.reason).collect()
+    }
+
+    #[test]
+    fn user_verification_is_asked_above_the_first_level_unless_the_rule_says_otherwise() {
+        let r = |uv: Option<&str>| {
+            compile(RuleConfig {
+                user_verification: uv.map(String::from),
+                ..rule(&["dept_head", "executive"], &[])
+            })
+        };
+        let default = r(None);
+        assert!(!default.needs_user_verification("dept_head"));
+        assert!(default.needs_user_verification("executive"));
+        assert!(!default.needs_user_verification("someone_else"));
+        assert!(r(Some("required")).needs_user_verification("dept_head"));
+        assert!(!r(Some("preferred")).needs_user_verification("executive"));
+        let bad = RuleConfig {
+            user_verification: Some("always".into()),
+            ..rule(&["dept_head"], &[])
+        };
+        let e = SealPolicy::from_config("s", &[bad]).unwrap_err();
+        assert!(e.to_string().contains("user_verification"), "{e}");
     }
 
     #[test]

@@ -49,7 +49,12 @@ pub(super) fn terminal_specs(config: &Config) -> Result<Vec<TerminalSpec>, Start
 
 /// The trust store and every seal's policy, as configured.
 pub(super) fn rules_of(config: &Config, config_dir: &std::path::Path) -> Result<Rules, StartError> {
-    let trust = TrustStore::with_applicants(&config.approvers, &config.applicants, config_dir)?;
+    let trust = TrustStore::with_applicants(
+        &config.approvers,
+        &config.applicants,
+        config.webauthn.as_ref(),
+        config_dir,
+    )?;
     let mut policies = HashMap::new();
     for s in &config.seals {
         let limits = crate::config::TokenLimits::of(s.max_token_lifetime_seconds, s.max_uses);
