@@ -19,6 +19,7 @@ install:
 	$(INSTALL) -D -m 0644 systemd/sealgated.socket $(DESTDIR)$(SYSTEMD_UNIT_DIR)/sealgated.socket
 	$(INSTALL) -D -m 0644 systemd/sealgate-hq.service $(DESTDIR)$(SYSTEMD_UNIT_DIR)/sealgate-hq.service
 	$(INSTALL) -D -m 0644 systemd/sealgate-ship.service $(DESTDIR)$(SYSTEMD_UNIT_DIR)/sealgate-ship.service
+	$(INSTALL) -D -m 0644 systemd/sealgate-notify.service $(DESTDIR)$(SYSTEMD_UNIT_DIR)/sealgate-notify.service
 	$(INSTALL) -D -m 0644 README.md $(DESTDIR)$(PREFIX)/share/doc/sealgate/README.md
 	$(INSTALL) -D -m 0644 docs/audit-log.md $(DESTDIR)$(PREFIX)/share/doc/sealgate/audit-log.md
 	$(INSTALL) -D -m 0644 docs/headquarters.md $(DESTDIR)$(PREFIX)/share/doc/sealgate/headquarters.md

@@ -76,7 +76,7 @@ fi
 # older than the generated code needs), the Ed25519 CMS check, pyHanko for stamped PDFs, and
 # fido2 for the software passkey of the passkey tests.
 venv=target/test-venv
-if ! "$venv/bin/python3" -c 'import google.protobuf, cryptography, asn1crypto, pyhanko, fido2' 2>/dev/null ||
+if ! "$venv/bin/python3" -c 'import google.protobuf, cryptography, asn1crypto, pyhanko, fido2, aiosmtpd' 2>/dev/null ||
   [ ! -x "$venv/bin/pyhanko" ]; then
   python3 -m venv "$venv"
   "$venv/bin/pip" install -q -r tests/python/requirements.txt

@@ -29,6 +29,7 @@ pub mod device;
 pub mod hq;
 pub mod logging;
 pub mod metrics;
+pub mod notify;
 pub mod pdf;
 pub mod policy;
 pub mod protocol;

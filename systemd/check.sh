@@ -10,20 +10,21 @@ bin=$(realpath "${1:?usage: systemd/check.sh PATH-TO-sealgated}")
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 bindir=$(dirname "$bin")
-for unit in sealgated.service sealgated.socket sealgate-hq.service sealgate-ship.service; do
+for unit in sealgated.service sealgated.socket sealgate-hq.service sealgate-ship.service \
+  sealgate-notify.service; do
   sed -e "s|/usr/bin/sealgated|$bin|" -e "s|/usr/bin/sealgate-hq|$bindir/sealgate-hq|" \
     -e "s|/usr/bin/sealctl|$bindir/sealctl|" "$here/$unit" >"$work/$unit"
 done
 cd "$work"
 touch ship.env
 sed -i "s|/etc/sealgate/ship.env|$work/ship.env|" sealgate-ship.service
-for service in sealgated sealgate-hq sealgate-ship; do
+for service in sealgated sealgate-hq sealgate-ship sealgate-notify; do
   grep -qx 'LimitCORE=0' $service.service || { echo "$service.service must set LimitCORE=0"; exit 1; }
 done
 out=$(systemd-analyze verify ./sealgated.socket ./sealgated.service ./sealgate-hq.service \
-  ./sealgate-ship.service 2>&1) || { echo "$out"; exit 1; }
+  ./sealgate-ship.service ./sealgate-notify.service 2>&1) || { echo "$out"; exit 1; }
 [ -z "$out" ] || { echo "systemd-analyze verify is not clean:"; echo "$out"; exit 1; }
-for service in sealgated sealgate-hq sealgate-ship; do
+for service in sealgated sealgate-hq sealgate-ship sealgate-notify; do
   score=$(systemd-analyze security --offline=true ./$service.service 2>&1 |
     sed -n "s/.*Overall exposure level for $service.service: \([0-9.]*\).*/\1/p")
   [ -n "$score" ] || { echo "no exposure score for $service.service"; exit 1; }

@@ -33,6 +33,7 @@ fn make_install_lays_out_a_package() {
     assert_eq!(mode("usr/bin/sealgate-hq"), 0o755);
     assert_eq!(mode("lib/systemd/system/sealgate-hq.service"), 0o644);
     assert_eq!(mode("lib/systemd/system/sealgate-ship.service"), 0o644);
+    assert_eq!(mode("lib/systemd/system/sealgate-notify.service"), 0o644);
     assert_eq!(mode("usr/share/doc/sealgate/headquarters.md"), 0o644);
     assert_eq!(mode("usr/share/doc/sealgate/passkeys.md"), 0o644);
     assert_eq!(

@@ -7,6 +7,7 @@
 mod audit;
 mod bench;
 mod hq;
+mod notify;
 mod pdf;
 mod verify;
 
@@ -107,6 +108,10 @@ enum Command {
     /// the document and trusted CAs, and with --db (or --bundle) find each stamp in the audit
     /// log: who applied, who approved, when, on which device (offline).
     Verify(verify::VerifyArgs),
+    /// Deliver the site's alerts to webhooks, WeCom/DingTalk/Feishu robots and mail, as the
+    /// notify configuration routes them, from the audit log (read-only) through a durable
+    /// outbox; needs no daemon.
+    Notify(notify::NotifyArgs),
     /// The newest alerts raised by the anomaly rules; with --follow, every new one as it comes
     /// (administrators only).
     Alerts {
@@ -667,6 +672,12 @@ fn main() {
             Err(e) => std::process::exit(fail(&e, json)),
         }
     }
+    if let Command::Notify(args) = &cli.command {
+        match notify::run(args, json) {
+            Ok(code) => std::process::exit(code),
+            Err(e) => std::process::exit(fail(&e, json)),
+        }
+    }
     if let Command::Hq { command } = &cli.command {
         match hq::run(command, json) {
             Ok(code) => std::process::exit(code),
@@ -1046,6 +1057,7 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
         | Command::Audit { .. }
         | Command::Hq { .. }
         | Command::Bench(_)
+        | Command::Notify(_)
         | Command::Verify(_) => {
             unreachable!("handled without the daemon")
         }
