@@ -551,6 +551,51 @@ async fn every_central_alert_fires_and_nothing_unverified_reaches_a_table() {
     assert_eq!(strangers.len(), 2, "{strangers:?}");
     assert!(strangers[0].starts_with("unknown_site: "), "{strangers:?}");
 
+    // Central alerts reach people too: `sealctl notify` on HQ's database, to a webhook that
+    // checks the HMAC (tests/python/alert_receivers.py).
+    {
+        use common::receivers::{received, secret_file, Receiver};
+        let work = tempfile::tempdir().unwrap();
+        let out = work.path().join("received");
+        std::fs::create_dir(&out).unwrap();
+        let secret = secret_file(work.path(), "hook.secret", "the risk office's key");
+        let port = common::postgres::free_port();
+        let _hook = Receiver::http(port, &secret, &secret, &out);
+        let config = work.path().join("notify.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "site = \"hq\"\noutbox = \"outbox.db\"\n\n[hq_database]\nurl = \"{url}\"\n\n[[channel]]\nid = \"risk\"\nkind = \"webhook\"\nurl = \"http://127.0.0.1:{port}/hook\"\nsecret_file = \"{secret}\"\n\n[[route]]\nchannels = [\"risk\"]\n"
+            ),
+        )
+        .unwrap();
+        let (code, said) = sealctl(&["--json", "notify", "--config", config.to_str().unwrap()]);
+        assert_eq!(code, 0, "{said}");
+        let sent: Vec<serde_json::Value> = received(&out, "hook")
+            .iter()
+            .flat_map(|h| h["body"]["alerts"].as_array().unwrap().clone())
+            .collect();
+        assert_eq!(
+            sent.len() as i64,
+            pg.number("SELECT count(*) FROM alerts"),
+            "every central alert, once: {sent:?}"
+        );
+        assert!(sent
+            .iter()
+            .all(|a| !a["site"].as_str().unwrap_or("").is_empty()));
+        assert!(
+            sent.iter().any(|a| a["rule"] == "unknown_site")
+                && sent
+                    .iter()
+                    .any(|a| a["rule"] == "fork" && a["site"] == site.id.as_str()),
+            "{sent:?}"
+        );
+        assert!(received(&out, "refused").is_empty());
+        let (code, again) = sealctl(&["--json", "notify", "--config", config.to_str().unwrap()]);
+        assert_eq!(code, 0, "{again}");
+        assert!(again.contains("\"sent\":0"), "nothing twice: {again}");
+    }
+
     // HQ is up, the honest log still ships, and what HQ holds verifies.
     stamp_n(site, 3).await;
     let (code, out) = site.ship_once(pki, &node.addr);

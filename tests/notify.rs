@@ -5,15 +5,11 @@
 
 mod common;
 
+use common::receivers::{received, secret_file, seqs, Receiver};
 use common::*;
 use std::os::unix::fs::PermissionsExt;
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
-
-fn python() -> String {
-    std::env::var("SEALGATE_TEST_PYTHON").unwrap_or_else(|_| "python3".into())
-}
 
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -23,69 +19,12 @@ fn free_port() -> u16 {
         .port()
 }
 
-/// A receiver process, killed when dropped.
-struct Receiver(Child);
-
-impl Receiver {
-    fn start(args: &[&str]) -> Receiver {
-        let mut child = Command::new(python())
-            .arg(concat!(
-                env!("CARGO_MANIFEST_DIR"),
-                "/tests/python/alert_receivers.py"
-            ))
-            .args(args)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap();
-        let lines = wait_for_line(&mut child, |l| l == "ready");
-        assert!(
-            lines.last().is_some_and(|l| l == "ready"),
-            "alert_receivers.py {args:?} (needs aiosmtpd): {lines:?}"
-        );
-        Receiver(child)
-    }
-}
-
-impl Drop for Receiver {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// The JSON lines a receiver kept under `name`.
-fn received(out: &Path, name: &str) -> Vec<serde_json::Value> {
-    std::fs::read_to_string(out.join(format!("{name}.jsonl")))
-        .unwrap_or_default()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
-}
-
 fn wait_until(what: &str, limit: Duration, mut done: impl FnMut() -> bool) {
     let deadline = Instant::now() + limit;
     while !done() {
         assert!(Instant::now() < deadline, "timed out waiting for {what}");
         std::thread::sleep(Duration::from_millis(100));
     }
-}
-
-fn secret_file(dir: &Path, name: &str, value: &str) -> String {
-    let p = dir.join(name);
-    std::fs::write(&p, value).unwrap();
-    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
-    p.display().to_string()
-}
-
-/// Alert seqs in a webhook message.
-fn seqs(hook: &serde_json::Value) -> Vec<u64> {
-    hook["body"]["alerts"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|a| a["seq"].as_u64().unwrap())
-        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -216,17 +155,7 @@ digest_seconds = 3
             .any(|l| l.contains("alert delivery failed"))
     });
     std::thread::sleep(Duration::from_secs(2));
-    let _http = Receiver::start(&[
-        "http",
-        "--port",
-        &http.to_string(),
-        "--secret",
-        &hook_secret,
-        "--robot-secret",
-        &robot_secret,
-        "--out",
-        &out_s,
-    ]);
+    let _http = Receiver::http(http, &hook_secret, &robot_secret, &out);
     let restamp = alerts("restamp")[0];
     let off = alerts("off_hours");
     wait_until(

@@ -332,6 +332,7 @@ pub fn text(site: &str, alerts: &[Alert], window_ms: i64) -> String {
     for a in alerts {
         t += &format!("{} #{} {}", when(a.at_ms), a.seq, a.rule);
         for (k, v) in [
+            ("site", &a.site),
             ("seal", &a.seal),
             ("device", &a.device),
             ("applicant", &a.applicant),
@@ -375,6 +376,7 @@ mod tests {
             caller: String::new(),
             doc_sha256: String::new(),
             ref_seq: Some(6),
+            site: String::new(),
         };
         let t = text("shanghai", std::slice::from_ref(&a), 0);
         assert!(

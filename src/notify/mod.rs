@@ -37,8 +37,13 @@ pub struct NotifyConfig {
     /// The site's name in messages (e.g. "shanghai").
     #[serde(default)]
     pub site: String,
-    /// The site's audit log (the daemon's `state_dir/sealgate.db`), read only.
-    pub db: PathBuf,
+    /// The site's audit log (the daemon's `state_dir/sealgate.db`), read only...
+    #[serde(default)]
+    pub db: Option<PathBuf>,
+    /// ...or headquarters' database, whose central alerts (gaps, forks, rollbacks, silence,
+    /// unknown sites, …) go out instead; a role that may read `alerts` is enough.
+    #[serde(default)]
+    pub hq_database: Option<crate::hq::config::DatabaseConfig>,
     /// The outbox: a SQLite file of this process's own.
     pub outbox: PathBuf,
     #[serde(default, rename = "channel")]
@@ -127,7 +132,18 @@ impl NotifyConfig {
                 *p = base.join(&*p);
             }
         };
-        abs(&mut c.db);
+        if c.db.is_some() == c.hq_database.is_some() {
+            return Err(err(
+                "give the site's audit log (db) or HQ's database ([hq_database]), one of them"
+                    .into(),
+            ));
+        }
+        if let Some(db) = &mut c.db {
+            abs(db);
+        }
+        if let Some(ca) = c.hq_database.as_mut().and_then(|h| h.ca.as_mut()) {
+            abs(ca);
+        }
         abs(&mut c.outbox);
         let mut ids = std::collections::HashSet::new();
         for ch in &mut c.channels {
@@ -162,6 +178,7 @@ impl NotifyConfig {
 /// What one alert says, as every channel renders it.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize, PartialEq, Eq)]
 pub struct Alert {
+    /// The log seq of a site's alert; the id of a central alert at HQ.
     pub seq: u64,
     pub at_ms: i64,
     pub rule: String,
@@ -171,7 +188,11 @@ pub struct Alert {
     pub applicant: String,
     pub caller: String,
     pub doc_sha256: String,
+    /// A site alert: the record it is about; a central alert: the site's seq it names.
     pub ref_seq: Option<u64>,
+    /// A central alert's site (or a stranger's certificate); empty for a site's own alert.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub site: String,
 }
 
 impl Alert {
@@ -187,6 +208,23 @@ impl Alert {
             caller: r.caller.clone(),
             doc_sha256: r.doc_sha256.clone(),
             ref_seq: r.ref_seq,
+            site: String::new(),
+        }
+    }
+
+    fn central(a: &crate::hq::db::CentralAlert) -> Alert {
+        Alert {
+            seq: a.id.max(0) as u64,
+            at_ms: a.at_ms,
+            rule: a.kind.clone(),
+            detail: a.detail.clone(),
+            seal: String::new(),
+            device: String::new(),
+            applicant: String::new(),
+            caller: String::new(),
+            doc_sha256: String::new(),
+            ref_seq: a.seq.map(|s| s.max(0) as u64),
+            site: a.site.clone(),
         }
     }
 }
@@ -388,6 +426,30 @@ impl Outbox {
         tx.commit().map_err(&err)
     }
 
+    /// The deliveries not taken yet after a try: channel, alert seq, tries, the last error,
+    /// when the next try is due (ms). Oldest first, at most `limit`.
+    pub fn failures(&self, limit: u32) -> Result<Vec<Failing>, NotifyError> {
+        let mut stmt = self
+            .conn
+            .prepare(
+                "SELECT channel, alert_seq, attempts, last_error, next_try_ms FROM deliveries \
+                 WHERE delivered_ms IS NULL AND attempts > 0 ORDER BY id LIMIT ?1",
+            )
+            .map_err(|e| self.err(e))?;
+        let rows = stmt
+            .query_map(params![limit], |r| {
+                Ok(Failing {
+                    channel: r.get(0)?,
+                    alert_seq: r.get::<_, i64>(1)? as u64,
+                    attempts: r.get::<_, i64>(2)? as u64,
+                    last_error: r.get(3)?,
+                    next_try_ms: r.get(4)?,
+                })
+            })
+            .map_err(|e| self.err(e))?;
+        rows.collect::<Result<_, _>>().map_err(|e| self.err(e))
+    }
+
     /// How many deliveries are done, waiting (a digest not yet due, a first try), failing.
     pub fn pending(&self) -> Result<Pending, NotifyError> {
         self.conn
@@ -406,6 +468,16 @@ impl Outbox {
             )
             .map_err(|e| self.err(e))
     }
+}
+
+/// A delivery that was tried and not taken yet.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Failing {
+    pub channel: String,
+    pub alert_seq: u64,
+    pub attempts: u64,
+    pub last_error: String,
+    pub next_try_ms: i64,
 }
 
 /// One message to send: a delivery alone, or a digest window's deliveries to one channel.
@@ -457,12 +529,85 @@ pub struct Pass {
     pub failed: usize,
 }
 
+/// Where alerts are read from.
+enum Source {
+    /// A site's audit log, read only; opened again after a read fails.
+    Site {
+        path: PathBuf,
+        conn: Option<Connection>,
+    },
+    /// HQ's central alerts, over a runtime of the source's own (delivery itself blocks).
+    Hq {
+        runtime: tokio::runtime::Runtime,
+        db: crate::hq::db::Db,
+    },
+}
+
+impl Source {
+    fn open(c: &NotifyConfig) -> Result<Source, NotifyError> {
+        if let Some(path) = &c.db {
+            return Ok(Source::Site {
+                path: path.clone(),
+                conn: None,
+            });
+        }
+        let hq = c.hq_database.as_ref().expect("checked at load");
+        let err = |detail: String| NotifyError::Log {
+            path: "HQ's database".into(),
+            detail,
+        };
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| err(e.to_string()))?;
+        let db = runtime
+            .block_on(async { crate::hq::db::Db::connect(hq) })
+            .map_err(|e| err(e.to_string()))?;
+        Ok(Source::Hq { runtime, db })
+    }
+
+    /// Alerts after `after`, at most [`READ_BATCH`], and the position read up to.
+    fn read(&mut self, after: u64) -> Result<(Vec<Alert>, u64), NotifyError> {
+        match self {
+            Source::Site { path, conn } => {
+                let err = |e: rusqlite::Error| NotifyError::Log {
+                    path: path.display().to_string(),
+                    detail: e.to_string(),
+                };
+                if conn.is_none() {
+                    *conn = Some(crate::audit::query::open_read_only(path).map_err(err)?);
+                }
+                read_alerts(conn.as_ref().expect("opened"), after).map_err(|e| {
+                    // Opened again next pass (the file may have been replaced).
+                    *conn = None;
+                    err(e)
+                })
+            }
+            Source::Hq { runtime, db } => {
+                let rows = runtime
+                    .block_on(db.alerts_after(after.min(i64::MAX as u64) as i64, None, None))
+                    .map_err(|e| NotifyError::Log {
+                        path: "HQ's database".into(),
+                        detail: e.to_string(),
+                    })?;
+                let alerts: Vec<Alert> = rows
+                    .iter()
+                    .take(READ_BATCH as usize)
+                    .map(Alert::central)
+                    .collect();
+                let last = alerts.last().map_or(after, |a| a.seq);
+                Ok((alerts, last))
+            }
+        }
+    }
+}
+
 /// Delivery, ready to run passes.
 pub struct Notifier {
     config: NotifyConfig,
     channels: Vec<channel::Channel>,
     outbox: Outbox,
-    log: Option<Connection>,
+    source: Source,
 }
 
 impl Notifier {
@@ -477,11 +622,12 @@ impl Notifier {
                 detail,
             })?;
         let outbox = Outbox::open(&config.outbox)?;
+        let source = Source::open(&config)?;
         Ok(Notifier {
             config,
             channels,
             outbox,
-            log: None,
+            source,
         })
     }
 
@@ -489,24 +635,9 @@ impl Notifier {
     /// unreachable is noted and tried again later.
     pub fn pass(&mut self) -> Result<Pass, NotifyError> {
         let mut pass = Pass::default();
-        let log_err = |e: rusqlite::Error| NotifyError::Log {
-            path: self.config.db.display().to_string(),
-            detail: e.to_string(),
-        };
-        if self.log.is_none() {
-            self.log = Some(crate::audit::query::open_read_only(&self.config.db).map_err(log_err)?);
-        }
         loop {
             let after = self.outbox.cursor()?;
-            let read = read_alerts(self.log.as_ref().expect("opened"), after);
-            let (alerts, last) = match read {
-                Ok(r) => r,
-                Err(e) => {
-                    // Opened again next pass (the file may have been replaced).
-                    self.log = None;
-                    return Err(log_err(e));
-                }
-            };
+            let (alerts, last) = self.source.read(after)?;
             if last == after {
                 break;
             }
@@ -540,6 +671,10 @@ impl Notifier {
 
     pub fn pending(&self) -> Result<Pending, NotifyError> {
         self.outbox.pending()
+    }
+
+    pub fn failures(&self, limit: u32) -> Result<Vec<Failing>, NotifyError> {
+        self.outbox.failures(limit)
     }
 }
 
@@ -610,6 +745,7 @@ mod tests {
             caller: String::new(),
             doc_sha256: String::new(),
             ref_seq: None,
+            site: String::new(),
         };
         let n = o
             .enqueue(

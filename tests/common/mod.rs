@@ -8,6 +8,7 @@ pub mod hq;
 pub mod p11kit;
 pub mod pki;
 pub mod postgres;
+pub mod receivers;
 
 use std::io::{BufRead, BufReader, Read};
 use std::os::unix::net::UnixDatagram;

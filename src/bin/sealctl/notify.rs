@@ -34,18 +34,27 @@ pub fn run(a: &NotifyArgs, json: bool) -> anyhow::Result<i32> {
             use tokio::signal::unix::{signal, SignalKind};
             let mut term = signal(SignalKind::terminate())?;
             let flag = stop.clone();
-            let mut worker = tokio::task::spawn_blocking(move || {
-                sealgate::notify::follow(&mut n, interval, &flag)
-            });
+            // A thread of its own, not the runtime's blocking pool: reading HQ's alerts runs a
+            // runtime of its own on it.
+            let (done_tx, mut done) = tokio::sync::oneshot::channel();
+            let worker = std::thread::Builder::new()
+                .name("notify".into())
+                .spawn(move || {
+                    let r = sealgate::notify::follow(&mut n, interval, &flag);
+                    let _ = done_tx.send(());
+                    r
+                })?;
             tokio::select! {
-                r = &mut worker => return Ok::<_, anyhow::Error>(r??),
+                _ = &mut done => {}
                 _ = term.recv() => {}
                 _ = tokio::signal::ctrl_c() => {}
             }
             // The pass under way finishes (a delivery is marked as it went), then it stops.
             stop.store(true, Ordering::Relaxed);
-            worker.await??;
-            Ok(())
+            worker
+                .join()
+                .map_err(|_| anyhow::anyhow!("the delivery thread panicked"))??;
+            Ok::<(), anyhow::Error>(())
         })?;
     } else {
         let p = n.pass()?;
@@ -63,6 +72,20 @@ pub fn run(a: &NotifyArgs, json: bool) -> anyhow::Result<i32> {
             );
         }
         if left.failing > 0 {
+            for f in n.failures(20)? {
+                if json {
+                    println!("{}", serde_json::json!({ "failing": f }));
+                } else {
+                    println!(
+                        "failing: alert {} to {:?}, {} tries, next in {} s: {}",
+                        f.alert_seq,
+                        f.channel,
+                        f.attempts,
+                        ((f.next_try_ms - sealgate::audit::now_ms()) / 1000).max(0),
+                        f.last_error
+                    );
+                }
+            }
             return Ok(1);
         }
     }
