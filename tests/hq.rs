@@ -1286,6 +1286,59 @@ async fn a_policy_fragment_from_hq_tightens_a_site_rule_and_foreign_stale_or_pin
         3,
         "{started:?}"
     );
+
+    // The kept fragment must go on applying. A reload whose configuration now pins what it
+    // changes is refused, and version 3 stays in force...
+    let config_path = site.daemon.dir.path().join("sealgate.toml");
+    let good = std::fs::read_to_string(&config_path).unwrap();
+    let pinned = good.replace(
+        "pinned = [\"approver\"]",
+        "pinned = [\"approver\", \"seal\"]",
+    );
+    assert_ne!(pinned, good);
+    std::fs::write(&config_path, &pinned).unwrap();
+    let line = site.daemon.reload_next();
+    assert!(
+        line.contains("reload refused") && line.contains("no longer applies"),
+        "{line}"
+    );
+    assert_eq!(
+        contract_by_one_level(&site, "after the refused reload")
+            .await
+            .1,
+        "missing_level"
+    );
+    // ...and a start with another HQ key configured is refused: the kept fragment does not
+    // verify under it.
+    let other_key = good.replace(
+        &policy_pem.display().to_string(),
+        &site.audit_pem.display().to_string(),
+    );
+    assert_ne!(other_key, good);
+    std::fs::write(&config_path, &other_key).unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(site.daemon.pid()),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let failed = match site.daemon.restart_with(&[]) {
+        Ok(_) => panic!("the daemon started on a fragment that does not verify"),
+        Err(f) => f,
+    };
+    assert!(
+        failed.stderr.contains("no longer applies")
+            && failed.stderr.contains("not signed by HQ's policy key"),
+        "{}",
+        failed.stderr
+    );
+    // The configuration put back, it starts with version 3 in force.
+    site.daemon = Daemon::start_with(failed.dir, &good, &[]).unwrap();
+    assert_eq!(
+        contract_by_one_level(&site, "after the start with the right key")
+            .await
+            .1,
+        "missing_level"
+    );
     let (code, out) = ship(&args);
     assert_eq!(code, 0, "{out}");
     assert_eq!(in_force(&pg), "3");

@@ -224,14 +224,7 @@ impl Fragment {
         in_force: Option<&Fragment>,
         config: &mut Config,
     ) -> Result<bool, Refused> {
-        let key = TrustedKey::from_pem_file(&settings.key_file).map_err(Refused::Invalid)?;
-        self.check_signature(&key)?;
-        if self.site != settings.site {
-            return Err(Refused::OtherSite(format!(
-                "fragment version {} is for site {:?}; this site is {:?}",
-                self.version, self.site, settings.site
-            )));
-        }
+        self.verify_for(settings)?;
         if let Some(f) = in_force {
             if f == self {
                 return Ok(false);
@@ -245,6 +238,20 @@ impl Fragment {
         }
         self.apply_to(settings, config)?;
         Ok(true)
+    }
+
+    /// Whether this fragment is HQ's for this site: signed by the key the site configured, and
+    /// naming this site. Both a new fragment and the one kept in force must pass it.
+    pub fn verify_for(&self, settings: &HqPolicyConfig) -> Result<(), Refused> {
+        let key = TrustedKey::from_pem_file(&settings.key_file).map_err(Refused::Invalid)?;
+        self.check_signature(&key)?;
+        if self.site != settings.site {
+            return Err(Refused::OtherSite(format!(
+                "fragment version {} is for site {:?}; this site is {:?}",
+                self.version, self.site, settings.site
+            )));
+        }
+        Ok(())
     }
 
     /// Checks the body against what the site pinned and applies it to `config`.
@@ -370,14 +377,7 @@ pub fn restore(config: &mut Config) -> Result<Option<Fragment>, String> {
             path.display()
         )
     };
-    let key = TrustedKey::from_pem_file(&settings.key_file)?;
-    f.check_signature(&key).map_err(why)?;
-    if f.site != settings.site {
-        return Err(why(Refused::OtherSite(format!(
-            "it is for site {:?}",
-            f.site
-        ))));
-    }
+    f.verify_for(&settings).map_err(why)?;
     f.apply_to(&settings, config).map_err(why)?;
     Ok(Some(f))
 }
