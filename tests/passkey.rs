@@ -156,6 +156,22 @@ async fn passkey_approvals_stamp_and_every_forged_one_is_refused_before_the_devi
         assert_eq!(a["passkey"]["user_verified"], true, "{a}");
         assert_eq!(a["passkey"]["sign_count"], 1, "{a}");
     }
+    // `sealctl token inspect` shows what each assertion says of itself.
+    let file = keys.path().join("token.json");
+    std::fs::write(&file, &token).unwrap();
+    let out = Command::new(SEALCTL)
+        .args(["token", "inspect"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let shown: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let p = &shown["signatures"][1]["passkey"];
+    assert_eq!(
+        (&p["origin"], &p["type"], &p["user_verified"]),
+        (&ORIGIN.into(), &"webauthn.get".into(), &true.into()),
+        "{shown}"
+    );
 
     // A passkey level and a key level in one token; the first level's passkey without user
     // verification, which the first level does not ask for.

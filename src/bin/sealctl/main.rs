@@ -517,7 +517,13 @@ fn offline(cli: &Cli) -> anyhow::Result<bool> {
             let sigs: Vec<_> = t
                 .signatures
                 .iter()
-                .map(|s| json!({"kid": s.header.kid, "alg": s.header.alg, "approved_at": s.header.approved_at}))
+                .map(|s| {
+                    let mut v = json!({"kid": s.header.kid, "alg": s.header.alg, "approved_at": s.header.approved_at});
+                    if let Some(a) = &s.assertion {
+                        v["passkey"] = passkey_claims(a);
+                    }
+                    v
+                })
                 .collect();
             let v = json!({"claims": t.claims, "signatures": sigs});
             println!("{}", serde_json::to_string_pretty(&v)?);
@@ -525,6 +531,24 @@ fn offline(cli: &Cli) -> anyhow::Result<bool> {
         TokenCommand::Check { .. } => return Ok(false),
     }
     Ok(true)
+}
+
+/// What a passkey's assertion says of itself, as `token inspect` shows it: nothing here is
+/// verified (the daemon's gate does that).
+fn passkey_claims(a: &sealgate::token::Assertion) -> serde_json::Value {
+    let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    let client: serde_json::Value =
+        serde_json::from_slice(&a.client_data_json).unwrap_or(serde_json::Value::Null);
+    let auth = &a.authenticator_data;
+    let flags = auth.get(32).copied().unwrap_or(0);
+    json!({
+        "credential": b64.encode(&a.credential_id),
+        "type": client.get("type"),
+        "origin": client.get("origin"),
+        "user_present": flags & 0x01 != 0,
+        "user_verified": flags & 0x04 != 0,
+        "sign_count": auth.get(33..37).map(|c| u32::from_be_bytes(c.try_into().expect("4 bytes"))),
+    })
 }
 
 /// Signs SHA-256 digests with a P-256 key in a PKCS#11 token; returns r || s as JWS wants.
