@@ -20,16 +20,6 @@ fn assert_ok(r: &Response, what: &str) {
     );
 }
 
-fn assert_denied(r: &Response, reason: &str, what: &str) {
-    assert_eq!(
-        (r.status, r.reason.as_str()),
-        (Status::ApprovalDenied as i32, reason),
-        "{what}: {}",
-        r.message
-    );
-    assert!(r.body.is_none(), "{what}: a refusal carries no signature");
-}
-
 /// (what, seal, digest the request names, token, TOTP code, expected reason).
 type Case = (
     &'static str,

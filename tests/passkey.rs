@@ -5,7 +5,7 @@
 mod common;
 
 use common::*;
-use sealgate::protocol::{Response, Status};
+use sealgate::protocol::Status;
 use sealgate::token::{Amount, Token};
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -88,16 +88,6 @@ fn approve_by_key(token: &str) -> String {
     let mut t = Token::parse_for_signing(token.as_bytes()).unwrap();
     t.add_signature(&demo().approver_key("li.na"), "li.na", unix_now() - 3);
     t.to_json()
-}
-
-fn assert_denied(r: &Response, reason: &str, what: &str) {
-    assert_eq!(
-        (r.status, r.reason.as_str()),
-        (Status::ApprovalDenied as i32, reason),
-        "{what}: {}",
-        r.message
-    );
-    assert!(r.body.is_none(), "{what}: a refusal carries no signature");
 }
 
 /// Records of `kind` for document `digest` in the daemon's log.

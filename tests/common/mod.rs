@@ -922,6 +922,17 @@ pub fn totp_code(totp: &totp_rs::Totp, offset: i64) -> String {
     totp.generate((unix_now() + 30 * offset) as u64).to_string()
 }
 
+/// Expects the approval gate's refusal with `reason`, and no signature in it.
+pub fn assert_denied(r: &sealgate::protocol::Response, reason: &str, what: &str) {
+    assert_eq!(
+        (r.status, r.reason.as_str()),
+        (sealgate::protocol::Status::ApprovalDenied as i32, reason),
+        "{what}: {}",
+        r.message
+    );
+    assert!(r.body.is_none(), "{what}: a refusal carries no signature");
+}
+
 /// Stamps `digest` with `seal` under a fresh approval and expects success.
 pub async fn stamp_ok(
     c: &mut sealgate::protocol::client::Client,
