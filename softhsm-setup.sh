@@ -377,6 +377,30 @@ mfa = true
 EOF
 fi
 
+# --- alert delivery ---------------------------------------------------------------------------
+# `sealctl notify --config DIR/notify.toml` sends the demo's alerts to a webhook on
+# 127.0.0.1:8765, signed with the key in DIR/notify/webhook.secret (see README, "Alert delivery").
+if [ ! -f "$dir/notify.toml" ]; then
+  say "writing the alert delivery configuration, notify.toml"
+  mkdir -p "$dir/notify"
+  [ -f "$dir/notify/webhook.secret" ] || od -An -tx1 -N32 /dev/urandom | tr -d ' \n' >"$dir/notify/webhook.secret"
+  chmod 600 "$dir/notify/webhook.secret"
+  cat >"$dir/notify.toml" <<EOF
+site = "demo"
+db = "state/sealgate.db"
+outbox = "notify/outbox.db"
+
+[[channel]]
+id = "demo-webhook"
+kind = "webhook"
+url = "http://127.0.0.1:8765/hook"
+secret_file = "notify/webhook.secret"
+
+[[route]]
+channels = ["demo-webhook"]
+EOF
+fi
+
 say "ready in $dir"
 cat <<EOF
 Start the daemon:

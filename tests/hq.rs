@@ -565,7 +565,7 @@ async fn every_central_alert_fires_and_nothing_unverified_reaches_a_table() {
         std::fs::write(
             &config,
             format!(
-                "site = \"hq\"\noutbox = \"outbox.db\"\n\n[hq_database]\nurl = \"{url}\"\n\n[[channel]]\nid = \"risk\"\nkind = \"webhook\"\nurl = \"http://127.0.0.1:{port}/hook\"\nsecret_file = \"{secret}\"\n\n[[route]]\nchannels = [\"risk\"]\n"
+                "site = \"hq\"\noutbox = \"outbox.db\"\nfrom_beginning = true\n\n[hq_database]\nurl = \"{url}\"\n\n[[channel]]\nid = \"risk\"\nkind = \"webhook\"\nurl = \"http://127.0.0.1:{port}/hook\"\nsecret_file = \"{secret}\"\n\n[[route]]\nchannels = [\"risk\"]\n"
             ),
         )
         .unwrap();

@@ -60,6 +60,7 @@ async fn every_alert_reaches_every_channel_once_even_after_a_receiver_was_down()
 site = "shanghai"
 db = "{db}"
 outbox = "outbox.db"
+from_beginning = true
 
 [[channel]]
 id = "keeper-hook"
@@ -182,6 +183,28 @@ digest_seconds = 3
     assert_eq!(
         (&pass["queued"], &pass["sent"], &pass["failing"]),
         (&0.into(), &0.into(), &0.into()),
+        "{pass}"
+    );
+
+    // A new outbox starts at the log's head: what was raised before is not sent again.
+    let fresh = w.join("fresh.toml");
+    std::fs::write(
+        &fresh,
+        std::fs::read_to_string(&config)
+            .unwrap()
+            .replace("outbox = \"outbox.db\"", "outbox = \"fresh-outbox.db\"")
+            .replace("from_beginning = true\n", ""),
+    )
+    .unwrap();
+    let first = Command::new(SEALCTL)
+        .args(["--json", "notify", "--config"])
+        .arg(&fresh)
+        .output()
+        .unwrap();
+    let pass: serde_json::Value = serde_json::from_slice(&first.stdout).unwrap();
+    assert_eq!(
+        (&pass["queued"], &pass["sent"]),
+        (&0.into(), &0.into()),
         "{pass}"
     );
 

@@ -46,6 +46,10 @@ pub struct NotifyConfig {
     pub hq_database: Option<crate::hq::config::DatabaseConfig>,
     /// The outbox: a SQLite file of this process's own.
     pub outbox: PathBuf,
+    /// A new outbox starts at the log's head: alerts raised before delivery was set up are not
+    /// sent (a robot flooded with a year of them helps nobody). True: from the first alert.
+    #[serde(default)]
+    pub from_beginning: bool,
     #[serde(default, rename = "channel")]
     pub channels: Vec<ChannelConfig>,
     #[serde(default, rename = "route")]
@@ -301,12 +305,17 @@ impl Outbox {
 
     /// The last log seq whose alerts are in the outbox.
     pub fn cursor(&self) -> Result<u64, NotifyError> {
+        Ok(self.started()?.unwrap_or(0))
+    }
+
+    /// The cursor, or None for an outbox that has read nothing yet.
+    fn started(&self) -> Result<Option<u64>, NotifyError> {
         self.conn
             .query_row("SELECT seq FROM cursor WHERE id = 1", [], |r| {
                 r.get::<_, i64>(0)
             })
             .optional()
-            .map(|s| s.unwrap_or(0) as u64)
+            .map(|s| s.map(|s| s.max(0) as u64))
             .map_err(|e| self.err(e))
     }
 
@@ -566,6 +575,29 @@ impl Source {
         Ok(Source::Hq { runtime, db })
     }
 
+    /// The newest position: the log's head seq, or HQ's newest alert id.
+    fn head(&mut self) -> Result<u64, NotifyError> {
+        match self {
+            Source::Site { .. } => {
+                let mut last = 0;
+                loop {
+                    let (_, upto) = self.read(last)?;
+                    if upto == last {
+                        return Ok(last);
+                    }
+                    last = upto;
+                }
+            }
+            Source::Hq { runtime, db } => runtime
+                .block_on(db.alerts_after(0, None, None))
+                .map(|rows| rows.last().map_or(0, |a| a.id.max(0) as u64))
+                .map_err(|e| NotifyError::Log {
+                    path: "HQ's database".into(),
+                    detail: e.to_string(),
+                }),
+        }
+    }
+
     /// Alerts after `after`, at most [`READ_BATCH`], and the position read up to.
     fn read(&mut self, after: u64) -> Result<(Vec<Alert>, u64), NotifyError> {
         match self {
@@ -635,6 +667,14 @@ impl Notifier {
     /// unreachable is noted and tried again later.
     pub fn pass(&mut self) -> Result<Pass, NotifyError> {
         let mut pass = Pass::default();
+        if self.outbox.started()?.is_none() && !self.config.from_beginning {
+            let head = self.source.head()?;
+            self.outbox.enqueue(&self.config.routes, &[], head)?;
+            tracing::info!(
+                from = head,
+                "a new outbox: alerts after this position are delivered, none before"
+            );
+        }
         loop {
             let after = self.outbox.cursor()?;
             let (alerts, last) = self.source.read(after)?;
