@@ -229,7 +229,10 @@ if [ ! -f "$dir/sealgate.toml" ]; then
 name = \"demo-admin\"
 uids = [0]
 seals = []
-admin = true"
+admin = true
+# The auditors' console (sealgate-console, run with sudo in the demo) records auditors' logins,
+# searches and acknowledgements through this caller.
+oversight = true"
   office_admin=false
   if [ "$uid" -eq 0 ]; then
     root_line="allow_root = true   # set up as root for the demo; run as a dedicated user in production"
@@ -255,6 +258,7 @@ name = "demo-office-app"
 uids = [$uid]
 seals = ["contract", "finance", "official"]
 admin = $office_admin
+oversight = $office_admin
 
 # The administrator: enrolls and resets applicants' TOTP, follows alerts; stamps nothing.
 $admin_caller
@@ -398,6 +402,49 @@ secret_file = "notify/webhook.secret"
 
 [[route]]
 channels = ["demo-webhook"]
+EOF
+fi
+
+# --- the auditors' console ---------------------------------------------------------------------
+# `sealgate-console serve --config DIR/console.toml` serves the log on https://127.0.0.1:8443/
+# with a certificate of the demo CA; the auditor qian.li (钱丽) logs in with the password in
+# DIR/console/qian.li.password and the TOTP code of the enrolment printed to
+# DIR/console/qian.li.enrolment.json (see README, "The auditors' console").
+if [ ! -f "$dir/console.toml" ]; then
+  say "writing the console configuration, console.toml, its certificate and its auditor"
+  uid=$(id -u)
+  mkdir -p "$dir/console"
+  chmod 700 "$dir/console"
+  openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256 -out "$dir/console/tls.key" 2>/dev/null
+  openssl req -new -key "$dir/console/tls.key" -subj "/O=sealgate demo/CN=localhost" \
+    -out "$dir/console/tls.csr" 2>/dev/null
+  printf 'subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth\n' >"$dir/console/tls.ext"
+  openssl x509 -req -in "$dir/console/tls.csr" -CA "$dir/ca/ca.crt" -CAkey "$dir/ca/ca.key" \
+    -CAcreateserial -days 825 -extfile "$dir/console/tls.ext" -out "$dir/console/tls.crt" 2>/dev/null
+  rm -f "$dir/console/tls.csr" "$dir/console/tls.ext"
+  [ -f "$dir/console/qian.li.password" ] ||
+    od -An -tx1 -N12 /dev/urandom | tr -d ' \n' >"$dir/console/qian.li.password"
+  chmod 600 "$dir/console/qian.li.password"
+  add_user=(add-user --users "$dir/console/users.toml" --name qian.li --role auditor
+    --password-file "$dir/console/qian.li.password" --json)
+  if [ -n "${SEALGATE_CONSOLE:-}" ]; then
+    "$SEALGATE_CONSOLE" "${add_user[@]}" >"$dir/console/qian.li.enrolment.json"
+  else
+    (cd "$here" && cargo run -q --release --bin sealgate-console -- "${add_user[@]}") \
+      >"$dir/console/qian.li.enrolment.json"
+  fi
+  chmod 600 "$dir/console/qian.li.enrolment.json"
+  cat >"$dir/console.toml" <<EOF
+listen = "127.0.0.1:8443"
+site = "demo"
+db = "state/sealgate.db"
+socket = "sealgated.sock"
+# The console runs as root in the demo (the caller demo-admin); the daemon as $(id -un).
+daemon_uid = $uid
+tls_cert = "console/tls.crt"
+tls_key = "console/tls.key"
+users = "console/users.toml"
+audit_key = "audit-key.pub.pem"
 EOF
 fi
 

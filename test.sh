@@ -7,7 +7,8 @@
 # cryptography, an outside verifier of Ed25519 CMS signatures), and the system's PC/SC
 # service (pcscd) with vsmartcard's virtual reader driver, into which the PIV tests insert our
 # card emulator; and PostgreSQL's server binaries, for the headquarters tests' own cluster,
-# and promtool (prometheus) for HQ's alert rules.
+# and promtool (prometheus) for HQ's alert rules; Debian's Chromium and chromedriver for the
+# console's pages, with a Chinese font.
 # The full-disk test mounts a small tmpfs, the storage fault tests mount a FUSE layer of their
 # own (/dev/fuse), and pcscd is started if it is not running, so run as root (or with sudo) for
 # those.
@@ -37,6 +38,11 @@ command -v qpdf >/dev/null || need+=(qpdf)
 ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need+=(postgresql)
 # promtool, which tests the alert rules shipped for HQ's metrics.
 command -v promtool >/dev/null || need+=(prometheus)
+# Headless Chromium and its WebDriver, which the console's end-to-end test drives, and a font
+# with Chinese glyphs for its pages (zh-CN is the console's default language).
+command -v chromium >/dev/null || need+=(chromium)
+command -v chromedriver >/dev/null || need+=(chromium-driver)
+fc-list : family 2>/dev/null | grep -i 'wenquanyi\|noto sans cjk' >/dev/null || need+=(fonts-wqy-microhei)
 if [ ${#need[@]} -gt 0 ]; then
   echo "test.sh: installing ${need[*]} with apt-get"
   $sudo apt-get update -qq

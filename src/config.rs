@@ -252,6 +252,10 @@ pub struct CallerConfig {
     /// May enroll applicants for TOTP and reset their lockout.
     #[serde(default)]
     pub admin: bool,
+    /// The auditors' console: may record auditors' logins, searches, exports and
+    /// acknowledgements in the audit log (and nothing else it could not do anyway).
+    #[serde(default)]
+    pub oversight: bool,
 }
 
 #[derive(Debug, Deserialize)]

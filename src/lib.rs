@@ -17,12 +17,16 @@
 //! - [`metrics`]: Prometheus counters and histograms, and their loopback endpoint.
 //! - [`hq`]: headquarters: the shipper at each site, and `sealgate-hq`'s verification and
 //!   PostgreSQL store of every site's log.
-//! - [`tls`]: mutual TLS with pinned client certificates (terminals, sites).
+//! - [`tls`]: mutual TLS with pinned client certificates (terminals, sites), and the
+//!   console's TLS for browsers.
+//! - [`console`]: the auditors' console: read-only web pages over the audit log, served by a
+//!   process of its own.
 #![deny(unsafe_code)]
 
 pub mod approval;
 pub mod audit;
 pub mod config;
+pub mod console;
 pub mod container;
 pub mod denial;
 pub mod device;

@@ -82,14 +82,11 @@ pub fn fingerprint(cert: &CertificateDer<'_>) -> [u8; 32] {
     Sha256::digest(cert.as_ref()).into()
 }
 
-/// A TLS 1.3 server configuration with this certificate chain and key (PEM files) that accepts
-/// only the pinned client certificates.
-pub fn pinned_server_config(
+/// A certificate chain and its key, from PEM files.
+fn identity(
     cert: &Path,
     key: &Path,
-    pins: Vec<[u8; 32]>,
-    on_refused: Option<OnRefused>,
-) -> Result<rustls::ServerConfig, String> {
+) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), String> {
     use rustls::pki_types::pem::PemObject;
     let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
         .and_then(|i| i.collect::<Result<_, _>>())
@@ -99,6 +96,33 @@ pub fn pinned_server_config(
     }
     let key = PrivateKeyDer::from_pem_file(key)
         .map_err(|e| format!("cannot read the key {}: {e}", key.display()))?;
+    Ok((chain, key))
+}
+
+/// A TLS server configuration for browsers (TLS 1.3 and 1.2, HTTP/1.1), with this certificate
+/// chain and key (PEM files), asking no client certificate: the auditors' console.
+pub fn browser_server_config(cert: &Path, key: &Path) -> Result<rustls::ServerConfig, String> {
+    let (chain, key) = identity(cert, key)?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .map_err(|e| format!("the listener's certificate and key: {e}"))?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(config)
+}
+
+/// A TLS 1.3 server configuration with this certificate chain and key (PEM files) that accepts
+/// only the pinned client certificates.
+pub fn pinned_server_config(
+    cert: &Path,
+    key: &Path,
+    pins: Vec<[u8; 32]>,
+    on_refused: Option<OnRefused>,
+) -> Result<rustls::ServerConfig, String> {
+    let (chain, key) = identity(cert, key)?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let verifier = PinnedClients {
         pins,
@@ -135,11 +159,7 @@ pub fn client_config(
     let Some((cert, key)) = identity else {
         return Ok(builder.with_no_client_auth());
     };
-    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
-        .and_then(|i| i.collect::<Result<_, _>>())
-        .map_err(|e| format!("cannot read the certificate {}: {e}", cert.display()))?;
-    let key = PrivateKeyDer::from_pem_file(key)
-        .map_err(|e| format!("cannot read the key {}: {e}", key.display()))?;
+    let (chain, key) = self::identity(cert, key)?;
     builder
         .with_client_auth_cert(chain, key)
         .map_err(|e| format!("the client certificate and key: {e}"))

@@ -34,6 +34,9 @@ fn make_install_lays_out_a_package() {
     assert_eq!(mode("lib/systemd/system/sealgate-hq.service"), 0o644);
     assert_eq!(mode("lib/systemd/system/sealgate-ship.service"), 0o644);
     assert_eq!(mode("lib/systemd/system/sealgate-notify.service"), 0o644);
+    assert_eq!(mode("usr/bin/sealgate-console"), 0o755);
+    assert_eq!(mode("lib/systemd/system/sealgate-console.service"), 0o644);
+    assert_eq!(mode("usr/share/doc/sealgate/console.md"), 0o644);
     assert_eq!(mode("usr/share/doc/sealgate/headquarters.md"), 0o644);
     assert_eq!(mode("usr/share/doc/sealgate/passkeys.md"), 0o644);
     assert_eq!(
@@ -57,7 +60,8 @@ fn make_install_lays_out_a_package() {
 }
 
 /// The demo's office app and its administrator are different callers: set up by an ordinary
-/// user, the office app (that user) may stamp but not enroll TOTP, and root administers.
+/// user, the office app (that user) may stamp but not enroll TOTP or write the console's
+/// records, and root administers.
 #[test]
 fn the_demo_keeps_the_office_app_and_the_administrator_apart() {
     use std::os::unix::process::CommandExt;
@@ -73,6 +77,7 @@ fn the_demo_keeps_the_office_app_and_the_administrator_apart() {
             .arg(&demo)
             .env("HOME", &demo)
             .env("SEALCTL", common::SEALCTL)
+            .env("SEALGATE_CONSOLE", common::SEALGATE_CONSOLE)
             .uid(4242)
             .gid(4242)
             .output()
@@ -112,4 +117,7 @@ fn the_demo_keeps_the_office_app_and_the_administrator_apart() {
     assert_eq!(admin["uids"].as_array().unwrap()[0].as_integer(), Some(0));
     assert_eq!(admin["admin"].as_bool(), Some(true));
     assert!(admin["seals"].as_array().unwrap().is_empty());
+    // Only the administrator (root, which runs the demo's console) records auditors' actions.
+    assert_eq!(office["oversight"].as_bool(), Some(false));
+    assert_eq!(admin["oversight"].as_bool(), Some(true));
 }

@@ -36,7 +36,9 @@ fn context(user: &str) -> Vec<u8> {
     format!("sealgate totp v1 {user}").into_bytes()
 }
 
-fn totp(secret: &[u8], user: &str, issuer: &str) -> Result<totp_rs::Totp, MfaError> {
+/// The TOTP parameters of every code sealgate checks (RFC 6238: SHA-1, six digits, 30 s, one
+/// step of skew): applicants here, auditors at the console.
+pub fn totp(secret: &[u8], user: &str, issuer: &str) -> Result<totp_rs::Totp, MfaError> {
     Builder::new()
         .with_algorithm(Algorithm::SHA1)
         .with_digits(6)

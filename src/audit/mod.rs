@@ -85,6 +85,16 @@ pub mod kind {
     pub const TERMINAL_HEARTBEAT_LOST: &str = "terminal.heartbeat_lost";
     pub const TERMINAL_HEARTBEAT_BACK: &str = "terminal.heartbeat_back";
     pub const ALERT: &str = "alert";
+    /// An auditor acknowledged an alert at the console (`ref_seq` is the alert, `applicant` the
+    /// auditor, `detail` the comment).
+    pub const ALERT_ACKNOWLEDGED: &str = "alert.acknowledged";
+    /// Auditors at the console (`applicant` is the auditor): a login, a refused login (`reason`
+    /// says why), a log-out, a search (`detail` holds its filters), an export.
+    pub const CONSOLE_LOGIN: &str = "console.login";
+    pub const CONSOLE_LOGIN_FAILED: &str = "console.login_failed";
+    pub const CONSOLE_LOGOUT: &str = "console.logout";
+    pub const CONSOLE_SEARCH: &str = "console.search";
+    pub const CONSOLE_EXPORT: &str = "console.export";
 }
 
 /// One audit record. Text fields are empty when they do not apply.

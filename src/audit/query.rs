@@ -144,6 +144,11 @@ pub struct Filter {
     pub kind: Option<String>,
     pub reason: Option<String>,
     pub doc_sha256: Option<String>,
+    pub doc_type: Option<String>,
+    /// Only records before this one (the console's pages: keyset paging, newest first).
+    pub before_seq: Option<u64>,
+    /// Newest first rather than in log order.
+    pub newest_first: bool,
     pub limit: Option<u64>,
 }
 
@@ -210,6 +215,12 @@ impl Filter {
         if let Some(s) = &self.doc_sha256 {
             add("doc_sha256 = ?", FilterValue::Text(s.to_ascii_lowercase()));
         }
+        if let Some(s) = &self.doc_type {
+            add("doc_type = ?", FilterValue::Text(s.clone()));
+        }
+        if let Some(n) = self.before_seq {
+            add("seq < ?", FilterValue::Int(n.min(i64::MAX as u64) as i64));
+        }
         (clauses.join(" AND "), args)
     }
 
@@ -221,7 +232,11 @@ impl Filter {
             sql += " WHERE ";
             sql += &conditions;
         }
-        sql += " ORDER BY seq";
+        sql += if self.newest_first {
+            " ORDER BY seq DESC"
+        } else {
+            " ORDER BY seq"
+        };
         if let Some(n) = self.limit {
             sql += &format!(" LIMIT {n}");
         }

@@ -299,8 +299,71 @@ impl Outbox {
         })
     }
 
+    /// Opens an outbox another process keeps, to read it (the console's deliveries page).
+    pub fn open_read_only(path: &Path) -> Result<Outbox, NotifyError> {
+        let conn = crate::audit::query::open_read_only(path).map_err(outbox_error(path))?;
+        Ok(Outbox {
+            conn,
+            path: path.to_owned(),
+        })
+    }
+
     fn err(&self, e: rusqlite::Error) -> NotifyError {
         outbox_error(&self.path)(e)
+    }
+
+    /// Deliveries newest first, before id `before`, at most `limit`; or, with `alerts`, every
+    /// delivery of those alerts.
+    pub fn deliveries(
+        &self,
+        before: Option<i64>,
+        limit: u32,
+        alerts: Option<&[u64]>,
+    ) -> Result<Vec<Delivery>, NotifyError> {
+        let columns =
+            "id, channel, alert_seq, window_ms, next_try_ms, attempts, last_error, delivered_ms";
+        let row = |r: &rusqlite::Row<'_>| {
+            Ok(Delivery {
+                id: r.get(0)?,
+                channel: r.get(1)?,
+                alert_seq: r.get::<_, i64>(2)? as u64,
+                window_ms: r.get(3)?,
+                next_try_ms: r.get(4)?,
+                attempts: r.get::<_, i64>(5)? as u64,
+                last_error: r.get(6)?,
+                delivered_ms: r.get(7)?,
+            })
+        };
+        let rows = match alerts {
+            Some(seqs) => {
+                let list = seqs
+                    .iter()
+                    .map(|s| s.min(&(i64::MAX as u64)).to_string())
+                    .collect::<Vec<_>>()
+                    .join(",");
+                let mut stmt = self
+                    .conn
+                    .prepare(&format!(
+                        "SELECT {columns} FROM deliveries WHERE alert_seq IN ({list}) ORDER BY id"
+                    ))
+                    .map_err(|e| self.err(e))?;
+                let rows = stmt.query_map([], row).map_err(|e| self.err(e))?;
+                rows.collect::<Result<Vec<_>, _>>()
+            }
+            None => {
+                let mut stmt = self
+                    .conn
+                    .prepare(&format!(
+                        "SELECT {columns} FROM deliveries WHERE id < ?1 ORDER BY id DESC LIMIT ?2"
+                    ))
+                    .map_err(|e| self.err(e))?;
+                let rows = stmt
+                    .query_map(params![before.unwrap_or(i64::MAX), limit], row)
+                    .map_err(|e| self.err(e))?;
+                rows.collect::<Result<Vec<_>, _>>()
+            }
+        };
+        rows.map_err(|e| self.err(e))
     }
 
     /// The last log seq whose alerts are in the outbox.
@@ -477,6 +540,20 @@ impl Outbox {
             )
             .map_err(|e| self.err(e))
     }
+}
+
+/// One alert's delivery to one channel, as the outbox holds it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Delivery {
+    pub id: i64,
+    pub channel: String,
+    pub alert_seq: u64,
+    /// 0: sent on its own; else the end of its digest window (ms).
+    pub window_ms: i64,
+    pub next_try_ms: i64,
+    pub attempts: u64,
+    pub last_error: String,
+    pub delivered_ms: Option<i64>,
 }
 
 /// A delivery that was tried and not taken yet.

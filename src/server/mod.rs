@@ -427,6 +427,7 @@ fn request_kind(req: &Request) -> &'static str {
         Some(B::EnrollMfa(_)) => "enroll_mfa",
         Some(B::ResetMfa(_)) => "reset_mfa",
         Some(B::WatchAlerts(_)) => "watch_alerts",
+        Some(B::RecordOversight(_)) => "record_oversight",
         Some(B::GrantTerminal(_)) => "grant_terminal",
         Some(B::ApplyPolicy(_)) => "apply_policy",
     }

@@ -19,6 +19,7 @@ pub struct Caller {
     pub(super) gids: Vec<u32>,
     pub(super) seals: HashSet<String>,
     pub(super) admin: bool,
+    pub(super) oversight: bool,
 }
 
 /// Who is on the other end of a connection.
@@ -43,6 +44,7 @@ pub(super) fn callers_of(config: &Config) -> Arc<Vec<Arc<Caller>>> {
                     gids: c.gids.clone(),
                     seals: c.seals.iter().cloned().collect(),
                     admin: c.admin,
+                    oversight: c.oversight,
                 })
             })
             .collect(),

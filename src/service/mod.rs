@@ -31,6 +31,7 @@ mod check;
 mod error;
 mod job;
 mod outcome;
+mod oversight;
 mod policy;
 mod refusal;
 mod setup;
@@ -322,6 +323,7 @@ impl Service {
                 Ok(response::Body::Alerts(pb::AlertsResponse { records }))
             }
             request::Body::ApplyPolicy(p) => self.apply_policy(caller, p).await,
+            request::Body::RecordOversight(o) => self.record_oversight(caller, o).await,
             request::Body::EnrollMfa(e) => {
                 let user = e.user;
                 let mut record = Record::new(kind::MFA_ENROLLED);

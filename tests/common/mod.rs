@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 
 pub const SEALGATED: &str = env!("CARGO_BIN_EXE_sealgated");
 pub const SEALCTL: &str = env!("CARGO_BIN_EXE_sealctl");
+pub const SEALGATE_CONSOLE: &str = env!("CARGO_BIN_EXE_sealgate-console");
 pub const SOFTHSM: &str = "/usr/lib/softhsm/libsofthsm2.so";
 
 /// The demo token and files made by softhsm-setup.sh.
@@ -92,6 +93,7 @@ pub fn demo() -> &'static Demo {
             .arg(&script)
             .arg(&dir)
             .env("SEALCTL", SEALCTL)
+            .env("SEALGATE_CONSOLE", SEALGATE_CONSOLE)
             .output()
             .expect("run softhsm-setup.sh");
         assert!(
@@ -111,18 +113,31 @@ pub fn demo() -> &'static Demo {
 /// a wrong PIN never touches the shared demo token. It holds two P-256 keys: "k" (a seal) and
 /// "audit".
 pub fn own_token(label: &str, pin: &str) {
+    // softhsm2-util reads every token of the directory to find a free slot; one that another
+    // test of this binary is writing at that moment fails it ("Could not get info about the
+    // token"). Tokens are made one at a time, and a start that met a daemon's reading is tried
+    // again.
+    static MAKING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one = MAKING.lock().unwrap_or_else(|p| p.into_inner());
     note_secret(pin);
     let run = |args: &[&str]| {
-        let out = Command::new(args[0])
-            .args(&args[1..])
-            .env("SOFTHSM2_CONF", demo().softhsm_conf())
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        for attempt in 1.. {
+            let out = Command::new(args[0])
+                .args(&args[1..])
+                .env("SOFTHSM2_CONF", demo().softhsm_conf())
+                .output()
+                .unwrap();
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            if !out.status.success()
+                && attempt < 3
+                && stderr.contains("Could not get info about the token")
+            {
+                std::thread::sleep(Duration::from_millis(200));
+                continue;
+            }
+            assert!(out.status.success(), "{args:?}: {stderr}");
+            return;
+        }
     };
     run(&[
         "softhsm2-util",

@@ -365,6 +365,7 @@ impl FilterArgs {
             reason: self.reason.clone(),
             doc_sha256: self.doc.clone(),
             limit: self.limit,
+            ..Filter::default()
         })
     }
 }
