@@ -445,6 +445,7 @@ tls_cert = "console/tls.crt"
 tls_key = "console/tls.key"
 users = "console/users.toml"
 audit_key = "audit-key.pub.pem"
+outbox = "notify/outbox.db"
 EOF
 fi
 

@@ -80,6 +80,7 @@ fn app_with_outbox(
         key_hint: "audit.pem".into(),
         live: tokio::sync::broadcast::channel(16).0,
         outbox,
+        overviews: Default::default(),
     })
 }
 

@@ -213,7 +213,11 @@ impl Filter {
             add("reason = ?", FilterValue::Text(s.clone()));
         }
         if let Some(s) = &self.doc_sha256 {
-            add("doc_sha256 = ?", FilterValue::Text(s.to_ascii_lowercase()));
+            // The first term is the index's own condition (audit_doc_any), so SQLite uses it.
+            add(
+                "doc_sha256 <> '' AND doc_sha256 = ?",
+                FilterValue::Text(s.to_ascii_lowercase()),
+            );
         }
         if let Some(s) = &self.doc_type {
             add("doc_type = ?", FilterValue::Text(s.clone()));
@@ -479,55 +483,218 @@ pub struct Stats {
     pub alerts_by_rule: Vec<(String, u64)>,
     pub outcomes_unknown: u64,
     pub failed: u64,
+    /// Completed stamps, refusals (`stamp.denied`, `access.denied`) and alerts, all of them.
+    pub completed: u64,
+    pub refused: u64,
+    pub alerts: u64,
 }
 
+/// The figures of `sealctl audit stats` (and the console's overview) for the records since
+/// `since_ms`, from one pass over them: counts grouped by kind, seal, applicant, reason and day
+/// (UTC), summed here.
 pub fn stats(conn: &Connection, since_ms: Option<i64>, top: u64) -> rusqlite::Result<Stats> {
+    use std::collections::BTreeMap;
     let since = since_ms.unwrap_or(i64::MIN);
-    let pairs = |sql: &str| -> rusqlite::Result<Vec<(String, u64)>> {
-        let mut stmt = conn.prepare(sql)?;
-        let rows = stmt.query_map(rusqlite::params![since, top as i64], |r| {
-            Ok((r.get(0)?, r.get::<_, i64>(1)? as u64))
-        })?;
-        rows.collect()
-    };
     let mut s = Stats::default();
-    (s.records, s.first_at_ms, s.last_at_ms) = conn.query_row(
-        "SELECT count(*), min(at_ms), max(at_ms) FROM audit WHERE at_ms >= ?1",
-        [since],
-        |r| Ok((r.get::<_, i64>(0)? as u64, r.get(1)?, r.get(2)?)),
+    let mut per_day: BTreeMap<(String, String), u64> = BTreeMap::new();
+    let mut applicants: BTreeMap<String, u64> = BTreeMap::new();
+    let mut denials: BTreeMap<String, u64> = BTreeMap::new();
+    let mut alerts: BTreeMap<String, u64> = BTreeMap::new();
+    let mut stmt = conn.prepare(
+        "SELECT kind, seal, applicant, reason, date(at_ms / 1000, 'unixepoch'), count(*), \
+         min(at_ms), max(at_ms) FROM audit WHERE at_ms >= ?1 GROUP BY 1, 2, 3, 4, 5",
     )?;
-    {
-        let mut stmt = conn.prepare(
-            "SELECT date(at_ms / 1000, 'unixepoch') AS day, seal, count(*) FROM audit \
-             WHERE kind = 'stamp.completed' AND at_ms >= ?1 GROUP BY day, seal ORDER BY day, seal",
-        )?;
-        let rows = stmt.query_map([since], |r| {
-            Ok((r.get(0)?, r.get(1)?, r.get::<_, i64>(2)? as u64))
-        })?;
-        s.stamps_per_seal_per_day = rows.collect::<Result<_, _>>()?;
+    let mut rows = stmt.query([since])?;
+    while let Some(r) = rows.next()? {
+        let kind = r.get_ref(0)?.as_str().unwrap_or_default();
+        let n = r.get::<_, i64>(5)? as u64;
+        let (first, last): (i64, i64) = (r.get(6)?, r.get(7)?);
+        s.records += n;
+        s.first_at_ms = Some(s.first_at_ms.map_or(first, |f| f.min(first)));
+        s.last_at_ms = Some(s.last_at_ms.map_or(last, |l| l.max(last)));
+        match kind {
+            super::kind::STAMP_COMPLETED => {
+                let day: Option<String> = r.get(4)?;
+                *per_day
+                    .entry((day.unwrap_or_default(), r.get(1)?))
+                    .or_default() += n;
+                *applicants.entry(r.get(2)?).or_default() += n;
+                s.completed += n;
+            }
+            super::kind::STAMP_DENIED | super::kind::ACCESS_DENIED => {
+                let reason: String = r.get(3)?;
+                let key = if reason.is_empty() {
+                    kind.to_string()
+                } else {
+                    reason
+                };
+                *denials.entry(key).or_default() += n;
+                s.refused += n;
+            }
+            super::kind::ALERT => {
+                *alerts.entry(r.get(3)?).or_default() += n;
+                s.alerts += n;
+            }
+            super::kind::STAMP_OUTCOME_UNKNOWN => s.outcomes_unknown += n,
+            super::kind::STAMP_FAILED => s.failed += n,
+            _ => {}
+        }
     }
-    s.top_applicants = pairs(
-        "SELECT applicant, count(*) AS n FROM audit WHERE kind = 'stamp.completed' AND at_ms >= ?1 \
-         GROUP BY applicant ORDER BY n DESC, applicant LIMIT ?2",
-    )?;
-    s.denials_by_reason = pairs(
-        "SELECT CASE WHEN reason = '' THEN kind ELSE reason END AS r, count(*) AS n FROM audit \
-         WHERE kind IN ('stamp.denied', 'access.denied') AND at_ms >= ?1 \
-         GROUP BY r ORDER BY n DESC, r LIMIT ?2",
-    )?;
-    s.alerts_by_rule = pairs(
-        "SELECT reason, count(*) AS n FROM audit WHERE kind = 'alert' AND at_ms >= ?1 \
-         GROUP BY reason ORDER BY n DESC, reason LIMIT ?2",
-    )?;
-    s.outcomes_unknown = conn.query_row(
-        "SELECT count(*) FROM audit WHERE kind = 'stamp.outcome_unknown' AND at_ms >= ?1",
-        [since],
-        |r| r.get::<_, i64>(0),
-    )? as u64;
-    s.failed = conn.query_row(
-        "SELECT count(*) FROM audit WHERE kind = 'stamp.failed' AND at_ms >= ?1",
-        [since],
-        |r| r.get::<_, i64>(0),
-    )? as u64;
+    s.stamps_per_seal_per_day = per_day
+        .into_iter()
+        .map(|((day, seal), n)| (day, seal, n))
+        .collect();
+    // Most first, then by name; the first `top`.
+    let ranked = |m: BTreeMap<String, u64>| {
+        let mut v: Vec<(String, u64)> = m.into_iter().collect();
+        v.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+        v.truncate(top.min(usize::MAX as u64) as usize);
+        v
+    };
+    s.top_applicants = ranked(applicants);
+    s.denials_by_reason = ranked(denials);
+    s.alerts_by_rule = ranked(alerts);
     Ok(s)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::audit::{kind, log::insert_record, Record};
+
+    /// The one-pass statistics against one plain query per figure, on a log of every kind over
+    /// several days, seals, applicants and reasons.
+    #[test]
+    fn one_pass_statistics_equal_a_query_per_figure() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = crate::store::Store::open(dir.path()).unwrap();
+        let day = 86_400_000i64;
+        let kinds = [
+            kind::STAMP_AUTHORIZED,
+            kind::STAMP_COMPLETED,
+            kind::STAMP_COMPLETED,
+            kind::STAMP_DENIED,
+            kind::ACCESS_DENIED,
+            kind::ALERT,
+            kind::STAMP_FAILED,
+            kind::STAMP_OUTCOME_UNKNOWN,
+            kind::AUDIT_HEARTBEAT,
+        ];
+        store
+            .with(|c| {
+                for i in 0..500i64 {
+                    let mut r = Record::new(kinds[(i % 9) as usize]);
+                    r.seq = i as u64 + 1;
+                    r.at_ms = 1_790_000_000_000 + (i % 7) * day + i * 1000;
+                    r.seal = ["contract", "finance", "official"][(i % 3) as usize].into();
+                    r.applicant = format!("applicant-{}", i % 13);
+                    r.reason = ["", "replayed", "expired", "off_hours"][(i % 4) as usize].into();
+                    insert_record(c, &r)?;
+                }
+                Ok(())
+            })
+            .unwrap();
+        let conn = open_read_only(&crate::store::db_path(dir.path())).unwrap();
+        let since = 1_790_000_000_000 + 2 * day;
+        let s = stats(&conn, Some(since), 5).unwrap();
+        let pairs = |sql: &str| -> Vec<(String, u64)> {
+            let mut stmt = conn.prepare(sql).unwrap();
+            stmt.query_map(rusqlite::params![since, 5], |r| {
+                Ok((r.get(0)?, r.get::<_, i64>(1)? as u64))
+            })
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap()
+        };
+        let one = |sql: &str| -> u64 {
+            conn.query_row(sql, [since], |r| r.get::<_, i64>(0))
+                .unwrap() as u64
+        };
+        assert_eq!(
+            s.records,
+            one("SELECT count(*) FROM audit WHERE at_ms >= ?1")
+        );
+        let mut stmt = conn
+            .prepare(
+                "SELECT date(at_ms / 1000, 'unixepoch') AS day, seal, count(*) FROM audit \
+                 WHERE kind = 'stamp.completed' AND at_ms >= ?1 GROUP BY day, seal ORDER BY day, seal",
+            )
+            .unwrap();
+        let per_day: Vec<(String, String, u64)> = stmt
+            .query_map([since], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get::<_, i64>(2)? as u64))
+            })
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert!(per_day.len() > 5);
+        assert_eq!(s.stamps_per_seal_per_day, per_day);
+        assert_eq!(
+            s.top_applicants,
+            pairs(
+                "SELECT applicant, count(*) AS n FROM audit WHERE kind = 'stamp.completed' AND at_ms >= ?1 \
+                 GROUP BY applicant ORDER BY n DESC, applicant LIMIT ?2"
+            )
+        );
+        assert_eq!(
+            s.denials_by_reason,
+            pairs(
+                "SELECT CASE WHEN reason = '' THEN kind ELSE reason END AS r, count(*) AS n FROM audit \
+                 WHERE kind IN ('stamp.denied', 'access.denied') AND at_ms >= ?1 \
+                 GROUP BY r ORDER BY n DESC, r LIMIT ?2"
+            )
+        );
+        assert_eq!(
+            s.alerts_by_rule,
+            pairs(
+                "SELECT reason, count(*) AS n FROM audit WHERE kind = 'alert' AND at_ms >= ?1 \
+                 GROUP BY reason ORDER BY n DESC, reason LIMIT ?2"
+            )
+        );
+        assert_eq!(
+            s.failed,
+            one("SELECT count(*) FROM audit WHERE kind = 'stamp.failed' AND at_ms >= ?1")
+        );
+        assert_eq!(
+            s.outcomes_unknown,
+            one("SELECT count(*) FROM audit WHERE kind = 'stamp.outcome_unknown' AND at_ms >= ?1")
+        );
+        assert_eq!(
+            s.completed,
+            one("SELECT count(*) FROM audit WHERE kind = 'stamp.completed' AND at_ms >= ?1")
+        );
+        assert_eq!(
+            s.refused,
+            one("SELECT count(*) FROM audit WHERE kind IN ('stamp.denied', 'access.denied') AND at_ms >= ?1")
+        );
+        assert_eq!(
+            s.alerts,
+            one("SELECT count(*) FROM audit WHERE kind = 'alert' AND at_ms >= ?1")
+        );
+        assert_eq!(
+            s.first_at_ms,
+            Some(
+                conn.query_row(
+                    "SELECT min(at_ms) FROM audit WHERE at_ms >= ?1",
+                    [since],
+                    |r| r.get(0)
+                )
+                .unwrap()
+            )
+        );
+        // The document index is used for a digest search.
+        let (conditions, _) = Filter {
+            doc_sha256: Some("ab".repeat(32)),
+            ..Filter::default()
+        }
+        .conditions(Dialect::Sqlite, 1);
+        let plan: String = conn
+            .query_row(
+                &format!("EXPLAIN QUERY PLAN SELECT seq FROM audit WHERE {conditions}"),
+                ["ab".repeat(32)],
+                |r| r.get(3),
+            )
+            .unwrap();
+        assert!(plan.contains("audit_doc_any"), "{plan}");
+    }
 }

@@ -195,6 +195,7 @@ async fn serve(config: ConsoleConfig) -> anyhow::Result<()> {
         ),
         live,
         outbox: config.outbox.clone(),
+        overviews: Default::default(),
     });
     tokio::spawn(web::watch_alerts(app.clone(), Duration::from_secs(1)));
     let listener = tokio::net::TcpListener::bind(config.listen)

@@ -160,28 +160,23 @@ impl SiteLog {
     }
 }
 
-fn count(conn: &rusqlite::Connection, sql: &str, since: i64, until: i64) -> rusqlite::Result<u64> {
-    conn.query_row(sql, [since, until], |r| r.get::<_, i64>(0))
-        .map(|n| n as u64)
-}
-
-/// Stamps, refusals and alerts of `[since, until)`.
+/// Stamps, refusals and alerts of `[since, until)`, in one pass.
 fn counts(conn: &rusqlite::Connection, since: i64, until: i64) -> rusqlite::Result<Counts> {
-    let of = |kinds: &str| {
-        count(
-            conn,
-            &format!(
-                "SELECT count(*) FROM audit WHERE kind IN ({kinds}) AND at_ms >= ?1 AND at_ms < ?2"
-            ),
-            since,
-            until,
-        )
-    };
-    Ok(Counts {
-        stamps: of("'stamp.completed'")?,
-        refusals: of("'stamp.denied', 'access.denied'")?,
-        alerts: of("'alert'")?,
-    })
+    let mut stmt = conn.prepare_cached(
+        "SELECT kind, count(*) FROM audit WHERE at_ms >= ?1 AND at_ms < ?2 \
+         AND kind IN ('stamp.completed', 'stamp.denied', 'access.denied', 'alert') GROUP BY kind",
+    )?;
+    let mut rows = stmt.query([since, until])?;
+    let mut c = Counts::default();
+    while let Some(r) = rows.next()? {
+        let n = r.get::<_, i64>(1)? as u64;
+        match r.get_ref(0)?.as_str().unwrap_or_default() {
+            kind::STAMP_COMPLETED => c.stamps += n,
+            kind::ALERT => c.alerts += n,
+            _ => c.refusals += n,
+        }
+    }
+    Ok(c)
 }
 
 fn records_referring(conn: &rusqlite::Connection, seq: u64) -> rusqlite::Result<Vec<Record>> {
@@ -240,9 +235,15 @@ impl ConsoleData for SiteLog {
             }
             self.read(move |c| {
                 let before_since = since_ms - (until_ms - since_ms);
+                // The period is up to now, so the statistics since its start are its own.
+                let stats = query::stats(c, Some(since_ms), 10)?;
                 Ok(Overview {
-                    stats: query::stats(c, Some(since_ms), 10)?,
-                    now: counts(c, since_ms, until_ms)?,
+                    now: Counts {
+                        stamps: stats.completed,
+                        refusals: stats.refused,
+                        alerts: stats.alerts,
+                    },
+                    stats,
                     before: counts(c, before_since, since_ms)?,
                     open_alerts: c.query_row(
                         "SELECT count(*) FROM audit a WHERE a.kind = 'alert' AND NOT EXISTS \

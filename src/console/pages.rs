@@ -123,6 +123,7 @@ const WORDS: &[(&str, &str, &str)] = &[
     ("forbidden", "无权查看", "Not yours to see"),
     ("not_found", "没有这条记录", "No such record"),
     ("live", "实时", "Live"),
+    ("as_of", "数据时间", "Figures as of"),
     ("deliveries", "告警推送", "Deliveries"),
     ("channel", "渠道", "Channel"),
     ("delivered", "已送达", "Delivered"),
@@ -265,7 +266,7 @@ fn change(now: u64, before: u64) -> String {
 
 /// The overview: period statistics (the figures of `sealctl audit stats --since`), charts,
 /// the comparison with the period before, and open alerts.
-pub fn overview(f: &Frame, days: u32, since_ms: i64, o: &Overview) -> Markup {
+pub fn overview(f: &Frame, days: u32, since_ms: i64, made_ms: i64, o: &Overview) -> Markup {
     let l = f.lang;
     let s = &o.stats;
     let mut per_seal: Vec<(String, u64)> = Vec::new();
@@ -299,6 +300,7 @@ pub fn overview(f: &Frame, days: u32, since_ms: i64, o: &Overview) -> Markup {
                     a href={"/?days=" (d)} class=[(d == days).then_some("here")] { (d) " " (l.t("days")) } " "
                 }
                 " · " (l.t("since")) " " time id="since" datetime=(time(since_ms)) { (time(since_ms)) }
+                " · " (l.t("as_of")) " " time id="made" datetime=(time(made_ms)) { (time(made_ms)) }
             }
             div.cards {
                 (card("stamps", "stamps", o.now.stamps, o.before.stamps))

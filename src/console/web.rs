@@ -8,7 +8,7 @@
 //! was refused, or sets a cookie that is not Secure, HttpOnly and SameSite=Strict.
 
 use super::auth::{Auth, LoginRefusal, Session};
-use super::data::{ConsoleData, Scope, SiteRecord};
+use super::data::{ConsoleData, Overview, Scope, SiteRecord};
 use super::pages::{self, Frame, Lang, SearchForm};
 use super::ConsoleError;
 use crate::audit::{kind, now_ms, query::Filter};
@@ -21,6 +21,7 @@ use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{Html, IntoResponse, Redirect, Response};
 use axum::routing::{get, post};
 use axum::{Form, Router};
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{broadcast, Mutex};
@@ -128,7 +129,24 @@ pub struct App {
     pub live: broadcast::Sender<SiteRecord>,
     /// The alert delivery's outbox, when the console is told where it is.
     pub outbox: Option<std::path::PathBuf>,
+    /// Overviews by scope and period, with when they were made and their start; see
+    /// [`overview`].
+    pub overviews: Overviews,
 }
+
+/// An overview as made: when (ms), the start of its period (ms), the figures.
+type Made = (i64, i64, Arc<Overview>);
+
+/// The overviews made, and the one making of an overview at a time.
+#[derive(Default)]
+pub struct Overviews {
+    made: std::sync::Mutex<HashMap<String, Made>>,
+    making: Mutex<()>,
+}
+
+/// How long an overview is shown again before it is made afresh. The live alert count updates
+/// meanwhile; the page says when its figures were made.
+pub const OVERVIEW_TTL_MS: i64 = 10_000;
 
 impl App {
     /// Reads the delivery outbox off the executor; None when none is configured.
@@ -479,15 +497,57 @@ async fn overview(
     Query(q): Query<OverviewQuery>,
 ) -> Response {
     let days = q.days.unwrap_or(30).clamp(1, 3660);
-    let until = now_ms();
-    let since = until - i64::from(days) * 86_400_000;
-    match app.data.overview(&a.scope(), since, until + 1).await {
-        Ok(o) => page(
-            StatusCode::OK,
-            pages::overview(&a.frame(&app, "overview"), days, since, &o),
-        ),
-        Err(e) => failure(&app, &a, &e),
+    let scope = a.scope();
+    let key = format!("{scope:?}/{days}");
+    // An overview made less than OVERVIEW_TTL_MS ago is shown again. One is made at a time;
+    // while it is made, the one before is shown to the others. So fifty auditors opening it
+    // at once cost one pass over the log, and only the one who finds it old waits for it.
+    let known = || {
+        app.overviews
+            .made
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&key)
+            .cloned()
+    };
+    let mut shown = known();
+    let old = shown
+        .as_ref()
+        .is_none_or(|(at, _, _)| now_ms() - at >= OVERVIEW_TTL_MS);
+    if old {
+        let making = match &shown {
+            Some(_) => app.overviews.making.try_lock().ok(),
+            None => Some(app.overviews.making.lock().await),
+        };
+        if let Some(_making) = making {
+            // Another auditor's may have been made while this one waited.
+            shown = known().filter(|(at, _, _)| now_ms() - at < OVERVIEW_TTL_MS);
+            if shown.is_none() {
+                let now = now_ms();
+                let since = now - i64::from(days) * 86_400_000;
+                let o = match app.data.overview(&scope, since, now + 1).await {
+                    Ok(o) => Arc::new(o),
+                    Err(e) => return failure(&app, &a, &e),
+                };
+                let entry = (now, since, o);
+                let mut made = app.overviews.made.lock().unwrap_or_else(|p| p.into_inner());
+                if made.len() >= 256 {
+                    made.clear();
+                }
+                made.insert(key.clone(), entry.clone());
+                shown = Some(entry);
+            }
+        } else {
+            shown = shown.or_else(known);
+        }
     }
+    let Some((at, since, o)) = shown else {
+        return failure(&app, &a, &ConsoleError::Log("no overview was made".into()));
+    };
+    page(
+        StatusCode::OK,
+        pages::overview(&a.frame(&app, "overview"), days, since, at, &o),
+    )
 }
 
 async fn sites(State(app): State<Arc<App>>, a: Authed) -> Response {
