@@ -225,7 +225,26 @@ async fn stamps(d: &Daemon) -> Vec<u8> {
         .await
         .unwrap();
     assert_eq!(r.reason, "digest_mismatch");
+    alerts_at_least(&d.db(), 33);
     digest
+}
+
+/// The log's alerts once there are at least `n`: the anomaly rules raise each just after its
+/// stamp's records commit, so a stamp's answer can come before its alert is in the log.
+fn alerts_at_least(db: &Path, n: usize) -> Vec<Record> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let alerts = records(db, Some("alert"));
+        if alerts.len() >= n {
+            return alerts;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "only {} alerts came",
+            alerts.len()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 fn oracle(db: &Path, keep: impl Fn(&Record) -> bool) -> Vec<u64> {
@@ -759,10 +778,7 @@ async fn deliveries_show_what_went_where_and_what_keeps_failing() {
     for doc in ["lease 1", "lease 2", "lease 3"] {
         stamp_ok(&mut c, "contract", &sha256(doc.as_bytes())).await;
     }
-    let alerts: Vec<u64> = records(&d.db(), Some("alert"))
-        .iter()
-        .map(|r| r.seq)
-        .collect();
+    let alerts: Vec<u64> = alerts_at_least(&d.db(), 3).iter().map(|r| r.seq).collect();
     assert_eq!(alerts.len(), 3, "an off_hours alert for each stamp");
     // One pass of alert delivery: the webhook takes every alert, the other channel is down.
     let work = tempfile::tempdir().unwrap();
@@ -1168,17 +1184,10 @@ async fn an_auditor_works_through_the_console_in_chromium() {
     b.execute("window.__same_page = true;", vec![])
         .await
         .unwrap();
-    let newest_alert = || records(&d.db(), Some("alert")).last().map_or(0, |r| r.seq);
-    let before = newest_alert();
+    let before = records(&d.db(), Some("alert")).len();
     let mut c = Client::connect(&d.socket).await.unwrap();
     stamp_ok(&mut c, "finance", &sha256(b"invoice 78")).await;
-    // The anomaly rules raise the alert just after the stamp's records commit.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while newest_alert() == before {
-        assert!(Instant::now() < deadline, "the stamp raised no alert");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let newest = newest_alert();
+    let newest = alerts_at_least(&d.db(), before + 1).last().unwrap().seq;
     wait_js(&b, "the live alert", &format!("const r = document.getElementById('alert-{newest}'); return r !== null && r.className === 'new' && window.__same_page === true;")).await;
     shot(&b, "alerts-live.png").await;
 

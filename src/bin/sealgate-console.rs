@@ -198,6 +198,16 @@ async fn serve(config: ConsoleConfig) -> anyhow::Result<()> {
         overviews: Default::default(),
     });
     tokio::spawn(web::watch_alerts(app.clone(), Duration::from_secs(1)));
+    // The overview most auditors open first, made before the first of them asks.
+    let warm = app.clone();
+    tokio::spawn(async move {
+        if let Err(e) = warm
+            .overview(&sealgate::console::data::Scope::All, 30)
+            .await
+        {
+            tracing::warn!(error = %e, "cannot make the overview");
+        }
+    });
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("cannot listen on {}", config.listen))?;

@@ -135,7 +135,7 @@ pub struct App {
 }
 
 /// An overview as made: when (ms), the start of its period (ms), the figures.
-type Made = (i64, i64, Arc<Overview>);
+pub type Made = (i64, i64, Arc<Overview>);
 
 /// The overviews made, and the one making of an overview at a time.
 #[derive(Default)]
@@ -149,6 +149,52 @@ pub struct Overviews {
 pub const OVERVIEW_TTL_MS: i64 = 10_000;
 
 impl App {
+    /// The overview of the last `days` for `scope`. One made less than OVERVIEW_TTL_MS ago is
+    /// shown again. One is made at a time; while it is made, the one before is shown to the
+    /// others. So fifty auditors opening it at once cost one pass over the log, and only the
+    /// one who finds it old waits for it.
+    pub async fn overview(&self, scope: &Scope, days: u32) -> Result<Made, ConsoleError> {
+        let key = format!("{scope:?}/{days}");
+        let known = || {
+            self.overviews
+                .made
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(&key)
+                .cloned()
+        };
+        let fresh = |m: &Made| now_ms() - m.0 < OVERVIEW_TTL_MS;
+        let shown = known();
+        if shown.as_ref().is_some_and(fresh) {
+            return Ok(shown.expect("checked"));
+        }
+        let _making = match &shown {
+            Some(old) => match self.overviews.making.try_lock() {
+                Ok(m) => m,
+                Err(_) => return Ok(old.clone()),
+            },
+            None => self.overviews.making.lock().await,
+        };
+        // Another auditor's may have been made while this one waited.
+        if let Some(m) = known().filter(fresh) {
+            return Ok(m);
+        }
+        let now = now_ms();
+        let since = now - i64::from(days) * 86_400_000;
+        let o = Arc::new(self.data.overview(scope, since, now + 1).await?);
+        let entry = (now, since, o);
+        let mut made = self
+            .overviews
+            .made
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if made.len() >= 256 {
+            made.clear();
+        }
+        made.insert(key, entry.clone());
+        Ok(entry)
+    }
+
     /// Reads the delivery outbox off the executor; None when none is configured.
     async fn deliveries(
         &self,
@@ -497,52 +543,9 @@ async fn overview(
     Query(q): Query<OverviewQuery>,
 ) -> Response {
     let days = q.days.unwrap_or(30).clamp(1, 3660);
-    let scope = a.scope();
-    let key = format!("{scope:?}/{days}");
-    // An overview made less than OVERVIEW_TTL_MS ago is shown again. One is made at a time;
-    // while it is made, the one before is shown to the others. So fifty auditors opening it
-    // at once cost one pass over the log, and only the one who finds it old waits for it.
-    let known = || {
-        app.overviews
-            .made
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&key)
-            .cloned()
-    };
-    let mut shown = known();
-    let old = shown
-        .as_ref()
-        .is_none_or(|(at, _, _)| now_ms() - at >= OVERVIEW_TTL_MS);
-    if old {
-        let making = match &shown {
-            Some(_) => app.overviews.making.try_lock().ok(),
-            None => Some(app.overviews.making.lock().await),
-        };
-        if let Some(_making) = making {
-            // Another auditor's may have been made while this one waited.
-            shown = known().filter(|(at, _, _)| now_ms() - at < OVERVIEW_TTL_MS);
-            if shown.is_none() {
-                let now = now_ms();
-                let since = now - i64::from(days) * 86_400_000;
-                let o = match app.data.overview(&scope, since, now + 1).await {
-                    Ok(o) => Arc::new(o),
-                    Err(e) => return failure(&app, &a, &e),
-                };
-                let entry = (now, since, o);
-                let mut made = app.overviews.made.lock().unwrap_or_else(|p| p.into_inner());
-                if made.len() >= 256 {
-                    made.clear();
-                }
-                made.insert(key.clone(), entry.clone());
-                shown = Some(entry);
-            }
-        } else {
-            shown = shown.or_else(known);
-        }
-    }
-    let Some((at, since, o)) = shown else {
-        return failure(&app, &a, &ConsoleError::Log("no overview was made".into()));
+    let (at, since, o) = match app.overview(&a.scope(), days).await {
+        Ok(m) => m,
+        Err(e) => return failure(&app, &a, &e),
     };
     page(
         StatusCode::OK,
