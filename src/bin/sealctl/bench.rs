@@ -22,17 +22,18 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// With `--json` the human report goes to stderr and one JSON object of the figures to stdout.
-static JSON: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+pub(crate) static JSON: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 macro_rules! say {
     ($($t:tt)*) => {
-        if JSON.load(std::sync::atomic::Ordering::Relaxed) {
+        if $crate::bench::JSON.load(std::sync::atomic::Ordering::Relaxed) {
             eprintln!($($t)*)
         } else {
             println!($($t)*)
         }
     };
 }
+pub(crate) use say;
 
 #[derive(clap::Args)]
 pub struct BenchArgs {
@@ -61,6 +62,18 @@ pub struct BenchArgs {
     /// Records in the log whose verification is timed; 0 skips it.
     #[arg(long, default_value_t = 1_000_000)]
     verify_records: u64,
+    /// Records in the log the auditors' console is measured on; 0 skips the console.
+    #[arg(long, default_value_t = 1_000_000)]
+    console_records: u64,
+    /// Browsing sessions on the console at once, each logged in as an auditor of its own.
+    #[arg(long, default_value_t = 50)]
+    console_sessions: u64,
+    /// Seconds the sessions browse.
+    #[arg(long, default_value_t = 20.0)]
+    console_seconds: f64,
+    /// Measure the console only (no stamp scenarios, no verification timing).
+    #[arg(long)]
+    console_only: bool,
     /// The sealgated binary (default: the one beside this sealctl).
     #[arg(long)]
     sealgated: Option<PathBuf>,
@@ -117,6 +130,11 @@ pub fn run(args: BenchArgs, json: bool) -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     let mut total_stamps = 0usize;
+    let algorithms = if args.console_only {
+        vec![]
+    } else {
+        algorithms
+    };
     for algorithm in algorithms {
         let (seal, label) = demo_seal(algorithm)?;
         say!("\n== {} (seal {seal}) ==", algorithm.name());
@@ -184,7 +202,47 @@ pub fn run(args: BenchArgs, json: bool) -> anyhow::Result<()> {
     }
     figures.insert("algorithms".into(), per_algorithm.into());
     let db = daemon.stop()?;
-    let (ok, completed) = check_log(&db, &demo)?;
+    if !args.console_only {
+        check_stamps(&db, &demo, total_stamps, &mut figures)?;
+        if args.verify_records > 0 {
+            let (n, secs) = verify_speed(&demo, work.path(), args.verify_records, &runtime)?;
+            figures.insert(
+                "audit_verify".into(),
+                serde_json::json!({"records": n, "seconds": secs, "records_per_second": n as f64 / secs}),
+            );
+        }
+    }
+    if args.console_records > 0 && args.console_sessions > 0 {
+        let dir = work.path().join("console");
+        std::fs::create_dir(&dir)?;
+        let daemon = BenchDaemon::start(&sealgated, &demo, &dir)?;
+        let f = super::bench_console::run(
+            &demo,
+            &dir,
+            &daemon.socket,
+            args.console_records,
+            args.console_sessions,
+            args.console_seconds,
+            &runtime,
+        )?;
+        figures.insert("console".into(), f);
+        daemon.stop()?;
+    }
+    if json {
+        println!("{}", serde_json::Value::Object(figures));
+    }
+    Ok(())
+}
+
+/// Checks the daemon's log after the stamp scenarios: it verifies and holds one
+/// `stamp.completed` per stamp the clients got.
+fn check_stamps(
+    db: &Path,
+    demo: &Path,
+    total_stamps: usize,
+    figures: &mut serde_json::Map<String, serde_json::Value>,
+) -> anyhow::Result<()> {
+    let (ok, completed) = check_log(db, demo)?;
     say!(
         "\naudit log after the run: verifies: {ok}; stamp.completed records {completed}, stamps the clients got {total_stamps}"
     );
@@ -194,16 +252,6 @@ pub fn run(args: BenchArgs, json: bool) -> anyhow::Result<()> {
     );
     if !ok || completed != total_stamps {
         bail!("the audit log does not account for every stamp");
-    }
-    if args.verify_records > 0 {
-        let (n, secs) = verify_speed(&demo, work.path(), args.verify_records, &runtime)?;
-        figures.insert(
-            "audit_verify".into(),
-            serde_json::json!({"records": n, "seconds": secs, "records_per_second": n as f64 / secs}),
-        );
-    }
-    if json {
-        println!("{}", serde_json::Value::Object(figures));
     }
     Ok(())
 }
@@ -507,6 +555,8 @@ name = "bench"
 uids = [{uid}]
 seals = ["contract", "finance", "official"]
 admin = true
+# The console part's sealgate-console records its auditors' actions as this caller.
+oversight = true
 
 [[device]]
 id = "demo-hsm"
@@ -722,7 +772,7 @@ fn verify_speed(
 }
 
 /// The demo's audit key, as the daemon opens it.
-fn audit_device(demo: &Path) -> anyhow::Result<sealgate::device::pkcs11::Pkcs11Device> {
+pub(crate) fn audit_device(demo: &Path) -> anyhow::Result<sealgate::device::pkcs11::Pkcs11Device> {
     use sealgate::device::profile::DeviceProfile;
     use sealgate::device::KeySpec;
     let profiles = profiles_dir(demo)?;

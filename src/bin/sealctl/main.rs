@@ -6,6 +6,7 @@
 
 mod audit;
 mod bench;
+mod bench_console;
 mod hq;
 mod notify;
 mod pdf;
