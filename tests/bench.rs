@@ -1,5 +1,6 @@
 //! `sealctl bench` runs end to end on a small scale: raw signing, the three scenarios against
-//! a daemon of its own, the audit log checked, and the verifier timed. (The figures themselves
+//! a daemon of its own, the audit log checked, the verifier timed, and the auditors' console
+//! browsed. (The figures themselves
 //! are not asserted; README's performance section has a full run's.)
 
 mod common;
@@ -27,6 +28,12 @@ fn bench_runs_every_scenario_and_accounts_for_every_stamp() {
             "0.2",
             "--verify-records",
             "3000",
+            "--console-records",
+            "3000",
+            "--console-sessions",
+            "3",
+            "--console-seconds",
+            "1",
         ])
         .output()
         .unwrap();
@@ -64,4 +71,13 @@ fn bench_runs_every_scenario_and_accounts_for_every_stamp() {
     }
     assert_eq!(figures["audit_log"]["stamp_completed"], 280);
     assert_eq!(figures["audit_verify"]["records"], 3000);
+    // The console: every page answered, to every session.
+    let console = &figures["console"];
+    assert_eq!(console["sessions"], 3);
+    assert!(console["records"].as_u64().unwrap() >= 3000, "{console}");
+    let pages = console["pages"].as_array().unwrap();
+    assert_eq!(pages.len(), 6, "{console}");
+    for p in pages {
+        assert!(p["answers"].as_u64().unwrap() > 0, "{p}");
+    }
 }
