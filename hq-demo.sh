@@ -7,7 +7,9 @@
 #   certificates: HQ's for "localhost" from the demo CA, and the site's client certificate;
 #   a SoftHSM token "sealgate-hq-witness" with HQ's witness key;
 #   hq.toml, enrolling the demo site ("demo") by its certificate and audit key;
-# then migrates the schema, starts sealgate-hq on 127.0.0.1:${HQ_PORT:-7443}, and ships the demo
+# then migrates the schema, starts sealgate-hq on 127.0.0.1:${HQ_PORT:-7443}, headquarters'
+# auditors' console on https://127.0.0.1:${HQ_CONSOLE_PORT:-8444}/ (as the role
+# "sealgate_console", with the demo console's certificate and auditor), and ships the demo
 # daemon's audit log there with `sealctl audit ship --follow` until Ctrl-C, which stops all.
 # Idempotent: a second run reuses what the first made.
 set -euo pipefail
@@ -30,7 +32,7 @@ if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq postgresql >/dev/null
 fi
 pgbin=$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -n1)
-cargo build --release --quiet --bin sealgate-hq --bin sealctl
+cargo build --release --quiet --bin sealgate-hq --bin sealctl --bin sealgate-console
 bin=$PWD/target/release
 
 # --- PostgreSQL -------------------------------------------------------------------------------
@@ -57,6 +59,8 @@ fi
 psql() { "$pgbin/psql" -h 127.0.0.1 -p "$pg_port" -U sealgate -v ON_ERROR_STOP=1 -Atq "$@"; }
 [ "$(psql -d postgres -c "SELECT 1 FROM pg_roles WHERE rolname = 'sealgate_hq'")" = 1 ] ||
   psql -d postgres -c "CREATE ROLE sealgate_hq LOGIN"
+[ "$(psql -d postgres -c "SELECT 1 FROM pg_roles WHERE rolname = 'sealgate_console'")" = 1 ] ||
+  psql -d postgres -c "CREATE ROLE sealgate_console LOGIN"
 [ "$(psql -d postgres -c "SELECT 1 FROM pg_database WHERE datname = 'sealgate'")" = 1 ] ||
   psql -d postgres -c "CREATE DATABASE sealgate OWNER sealgate"
 
@@ -115,13 +119,29 @@ token_label = "sealgate-hq-witness"
 pin_file = "$hq/witness.pin"
 EOF
 "$bin/sealgate-hq" --config "$hq/hq.toml" migrate --grant sealgate_hq \
-  --url "host=127.0.0.1 port=$pg_port user=sealgate dbname=sealgate"
+  --grant-console sealgate_console --url "host=127.0.0.1 port=$pg_port user=sealgate dbname=sealgate"
 "$bin/sealgate-hq" --config "$hq/hq.toml" witness-key >"$hq/hq-witness.pub.pem"
 "$bin/sealgate-hq" --config "$hq/hq.toml" --log-format text serve 2>>"$hq/sealgate-hq.log" &
 node=$!
+# Headquarters' console: every enrolled site's verified records, as a role that may only read
+# and add its own events; the demo console's certificate and auditor (qian.li).
+console_port=${HQ_CONSOLE_PORT:-8444}
+cat >"$hq/console.toml" <<EOF
+listen = "127.0.0.1:$console_port"
+site = "HQ"
+tls_cert = "$demo/console/tls.crt"
+tls_key = "$demo/console/tls.key"
+users = "$demo/console/users.toml"
+
+[hq_database]
+url = "host=127.0.0.1 port=$pg_port user=sealgate_console dbname=sealgate"
+EOF
+"$bin/sealgate-console" --log-format text serve --config "$hq/console.toml" \
+  >/dev/null 2>>"$hq/sealgate-console.log" &
+console=$!
 stop_all() {
-  kill "$node" 2>/dev/null || true
-  wait "$node" 2>/dev/null || true
+  kill "$node" "$console" 2>/dev/null || true
+  wait "$node" "$console" 2>/dev/null || true
   as_pg "$pgbin/pg_ctl" -D "$pgdir/data" -m fast stop >/dev/null || true
 }
 trap stop_all EXIT
@@ -131,6 +151,7 @@ for _ in $(seq 100); do
   sleep 0.1
 done
 say "sealgate-hq serves on 127.0.0.1:$hq_port (log: $hq/sealgate-hq.log)"
+say "headquarters' console: https://127.0.0.1:$console_port/ (qian.li; log: $hq/sealgate-console.log)"
 say "look at what HQ holds, in another terminal:"
 say "  export SEALGATE_HQ_DB=\"host=127.0.0.1 port=$pg_port user=sealgate dbname=sealgate\""
 say "  sealctl hq stats; sealctl hq query --kind stamp.completed --limit 5; sealctl hq alerts --follow"

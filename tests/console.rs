@@ -1199,3 +1199,306 @@ async fn an_auditor_works_through_the_console_in_chromium() {
     b.close().await.unwrap();
     assert_eq!(audit_verify(&d.db()).0, 0);
 }
+
+/// Headquarters' console: two real sites ship their logs to a real `sealgate-hq` on the
+/// tests' own PostgreSQL; the console reads every site's verified records as a role that may
+/// only read and add its own events.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn headquarters_console_shows_every_site_within_the_auditors_scope() {
+    use common::hq::{hq_command, hq_config, wait_caught_up, HqNode, Site};
+    use common::postgres::{Postgres, OWNER};
+    use sealgate::console::central::CentralLog;
+    let pg = Postgres::start();
+    let dir = tempfile::tempdir().unwrap();
+    let pki = pki::Pki::new(dir.path());
+    let sites = [Site::start("shanghai", &pki), Site::start("beijing", &pki)];
+    let specs: Vec<(&str, &str, &Path)> = sites
+        .iter()
+        .map(|s| (s.id.as_str(), s.fingerprint.as_str(), s.audit_pem.as_path()))
+        .collect();
+    let node = HqNode::start(dir.path(), &pg, |port| hq_config(&pki, &pg, port, &specs));
+    // Shanghai stamps one document twice (a restamp alert) and 14 more; Beijing 10 and a
+    // refused replay.
+    let mut c = sites[0].daemon.client().await;
+    let twice = sha256(b"shanghai lease");
+    stamp_ok(&mut c, "contract", &twice).await;
+    stamp_ok(&mut c, "contract", &twice).await;
+    for i in 0..14 {
+        stamp_ok(&mut c, "contract", &sha256(format!("sh {i}").as_bytes())).await;
+    }
+    let mut c = sites[1].daemon.client().await;
+    for i in 0..10 {
+        stamp_ok(&mut c, "contract", &sha256(format!("bj {i}").as_bytes())).await;
+    }
+    let once = token_for("contract", &sha256(b"bj contract"));
+    c.stamp("contract", &sha256(b"bj contract"), &once, "")
+        .await
+        .unwrap();
+    let r = c
+        .stamp("contract", &sha256(b"bj contract"), &once, "")
+        .await
+        .unwrap();
+    assert_denied(&r, "replayed", "a spent approval");
+    alerts_at_least(&sites[0].daemon.db(), 1);
+    for s in &sites {
+        let (code, out) = s.ship_once(&pki, &node.addr);
+        assert_eq!(code, 0, "{out}");
+        wait_caught_up(&pg, s);
+    }
+    // The console's own role: it reads, and adds its own events.
+    pg.psql("CREATE ROLE sealgate_console LOGIN");
+    let (code, out) = hq_command(
+        &node.config,
+        &[
+            "migrate",
+            "--grant-console",
+            "sealgate_console",
+            "--url",
+            &pg.url(OWNER),
+        ],
+    );
+    assert_eq!(code, 0, "{out}");
+    let database = sealgate::hq::config::DatabaseConfig {
+        url: pg.url("sealgate_console"),
+        ca: None,
+        pool_size: 2,
+    };
+    let db = || sealgate::hq::db::Db::connect(&database).unwrap();
+    let qian = user("qian.li", Role::Auditor, &[], "qian li's long password");
+    let wu = user(
+        "wu.fei",
+        Role::SiteAuditor,
+        &["beijing"],
+        "wu fei's long password",
+    );
+    let app = Arc::new(App {
+        data: Arc::new(CentralLog {
+            db: db(),
+            silent_after_ms: 600_000,
+        }),
+        auth: Auth::new(
+            UserFile {
+                users: vec![qian.clone(), wu.clone()],
+            },
+            3_600_000,
+            3_600_000,
+            100,
+        ),
+        recorder: Recorder::Central(db()),
+        site: "HQ".into(),
+        db_hint: "SITE-LOG.db".into(),
+        key_hint: "audit.pem".into(),
+        live: tokio::sync::broadcast::channel(16).0,
+        outbox: None,
+        overviews: Default::default(),
+    });
+    let router = web::router(app.clone());
+    let cookie = login(&router, &qian, "qian li's long password", 0).await;
+    let wcookie = login(&router, &wu, "wu fei's long password", 0).await;
+
+    // The sites board: both, caught up, heard from.
+    let r = call(&router, "GET", "/sites", &cookie, None).await;
+    for s in ["shanghai", "beijing"] {
+        let row = &r.body[r.body.find(&format!("id=\"site-{s}\"")).expect(s)..];
+        let row = &row[..row.find("</tr>").unwrap()];
+        assert!(
+            row.contains("state active") && row.contains("<td class=\"n lag\">0</td>"),
+            "{row}"
+        );
+    }
+    let r = call(&router, "GET", "/sites", &wcookie, None).await;
+    assert!(r.body.contains("site-beijing") && !r.body.contains("site-shanghai"));
+
+    // The overview: every site's stamps for the auditor, Beijing's for its site-auditor.
+    let completed = |site: &str| {
+        pg.number(&format!(
+            "SELECT count(*) FROM records WHERE kind = 'stamp.completed' AND site LIKE '{site}'"
+        ))
+    };
+    let r = call(&router, "GET", "/", &cookie, None).await;
+    assert!(
+        r.body
+            .contains(&format!("id=\"stamps\">{}<", completed("%"))),
+        "{}",
+        r.body
+    );
+    assert!(r.body.contains("<td>replayed</td><td class=\"n\">1</td>"));
+    let r = call(&router, "GET", "/", &wcookie, None).await;
+    assert!(r
+        .body
+        .contains(&format!("id=\"stamps\">{}<", completed("beijing"))));
+
+    // Search across sites, newest first, 50 a page: two pages hold every record once.
+    let all = pg.number("SELECT count(*) FROM records") as usize;
+    assert!(all > 50, "{all} records");
+    let sites_linked = |body: &str| -> Vec<(String, u64)> {
+        body.split("href=\"/record/")
+            .skip(1)
+            .map(|p| {
+                let (site, rest) = p.split_once('/').unwrap();
+                let n: String = rest.chars().take_while(|c| c.is_ascii_digit()).collect();
+                (site.to_string(), n.parse().unwrap())
+            })
+            .collect()
+    };
+    let r = call(&router, "GET", "/search", &cookie, None).await;
+    let first = sites_linked(&r.body);
+    assert_eq!(first.len(), 50);
+    let marker = "id=\"next-page\" href=\"";
+    let i = r.body.find(marker).unwrap() + marker.len();
+    let next = r.body[i..i + r.body[i..].find('"').unwrap()].replace("&amp;", "&");
+    let r = call(&router, "GET", &next, &cookie, None).await;
+    let mut seen: BTreeSet<(String, u64)> = first.into_iter().collect();
+    let second = sites_linked(&r.body);
+    assert_eq!(second.len(), all - 50, "{next}");
+    seen.extend(second);
+    assert_eq!(seen.len(), all, "every record once");
+    let r = call(
+        &router,
+        "GET",
+        "/search?kind=stamp.completed",
+        &wcookie,
+        None,
+    )
+    .await;
+    let linked = sites_linked(&r.body);
+    assert_eq!(linked.len() as i64, completed("beijing"));
+    assert!(linked.iter().all(|(s, _)| s == "beijing"));
+    let r = call(&router, "GET", "/search?site=shanghai", &wcookie, None).await;
+    assert_eq!(r.status, StatusCode::FORBIDDEN);
+
+    // A record: its approvers and the checkpoint HQ verified it under.
+    let seq = pg.number(
+        "SELECT min(seq) FROM records WHERE site = 'shanghai' AND kind = 'stamp.completed'",
+    );
+    let r = call(
+        &router,
+        "GET",
+        &format!("/record/shanghai/{seq}"),
+        &cookie,
+        None,
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert!(
+        r.body.contains("zhang.wei") && r.body.contains("id=\"checkpoint\">#"),
+        "{}",
+        r.body
+    );
+    let r = call(
+        &router,
+        "GET",
+        &format!("/record/shanghai/{seq}"),
+        &wcookie,
+        None,
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::FORBIDDEN);
+
+    // The restamp alert, acknowledged: a row of console_events in the console role's name.
+    let r = call(&router, "GET", "/alerts?open=1", &cookie, None).await;
+    let alert = pg.number(
+        "SELECT seq FROM records WHERE site = 'shanghai' AND kind = 'alert' AND reason = 'restamp'",
+    );
+    assert!(
+        r.body.contains(&format!("id=\"alert-{alert}\"")),
+        "{}",
+        r.body
+    );
+    let token = csrf(&r.body);
+    let r = call(
+        &router,
+        "POST",
+        &format!("/alerts/shanghai/{alert}/ack"),
+        &cookie,
+        Some(&format!("csrf={token}&comment=checked")),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::SEE_OTHER, "{}", r.body);
+    assert_eq!(
+        pg.psql("SELECT console || ' ' || auditor || ' ' || site || ' ' || ref_seq || ' ' || detail FROM console_events WHERE kind = 'alert.acknowledged'"),
+        format!("sealgate_console qian.li shanghai {alert} checked")
+    );
+    let r = call(&router, "GET", "/alerts?open=1", &cookie, None).await;
+    assert!(!r.body.contains(&format!("id=\"alert-{alert}\"")));
+    let r = call(&router, "GET", "/alerts", &cookie, None).await;
+    assert!(r.body.contains("已确认: qian.li"));
+    // What is not an alert cannot be acknowledged; nothing is written.
+    let r = call(
+        &router,
+        "POST",
+        &format!("/alerts/shanghai/{seq}/ack"),
+        &cookie,
+        Some(&format!("csrf={token}&comment=x")),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(
+        pg.number("SELECT count(*) FROM console_events WHERE kind = 'alert.acknowledged'"),
+        1
+    );
+    // Logins and searches are there too, and the console's role can change nothing.
+    assert_eq!(
+        pg.number("SELECT count(*) FROM console_events WHERE kind = 'console.login'"),
+        2
+    );
+    // Two pages and a site-auditor's search; the refused one was not done, so not recorded.
+    assert_eq!(
+        pg.number("SELECT count(*) FROM console_events WHERE kind = 'console.search'"),
+        3
+    );
+    for sql in [
+        "UPDATE console_events SET detail = 'x'",
+        "DELETE FROM console_events",
+        "INSERT INTO console_events (console, auditor, kind, reason, detail) VALUES ('someone', 'x', 'console.login', '', '')",
+        "DELETE FROM records",
+        "INSERT INTO alerts (site, kind, detail) VALUES ('shanghai', 'gap', 'x')",
+        "UPDATE sites SET head_seq = 0",
+    ] {
+        assert!(pg.try_psql_as_role("sealgate_console", sql).is_err(), "{sql} was allowed");
+    }
+
+    // The live feed: a new alert at Beijing, once shipped, comes after where the feed was.
+    let heads = app.data.alert_heads().await.unwrap();
+    stamp_ok(&mut c, "contract", &sha256(b"bj 0")).await;
+    alerts_at_least(&sites[1].daemon.db(), 1);
+    let (code, out) = sites[1].ship_once(&pki, &node.addr);
+    assert_eq!(code, 0, "{out}");
+    wait_caught_up(&pg, &sites[1]);
+    let new = app.data.alerts_after(heads).await.unwrap();
+    assert_eq!(new.len(), 1, "{new:?}");
+    assert_eq!(
+        (new[0].site.as_str(), new[0].record.reason.as_str()),
+        ("beijing", "restamp")
+    );
+
+    // The binary serves the same from a configuration naming HQ's database.
+    let users = dir.path().join("users.toml");
+    UserFile { users: vec![qian] }.save(&users).unwrap();
+    let config = dir.path().join("console.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "listen = \"127.0.0.1:0\"\nsite = \"HQ\"\ntls_cert = \"{}\"\ntls_key = \"{}\"\nusers = \"{}\"\n\n[hq_database]\nurl = \"{}\"\n",
+            pki.path("server.crt"),
+            pki.path("server.key"),
+            users.display(),
+            pg.url("sealgate_console"),
+        ),
+    )
+    .unwrap();
+    let mut child = Command::new(SEALGATE_CONSOLE)
+        .args(["serve", "--config"])
+        .arg(&config)
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(evidence_dir().join("console-hq.log")).unwrap())
+        .spawn()
+        .unwrap();
+    let lines = wait_for_line(&mut child, |l| l.starts_with("console at https://"));
+    let console = Console { child, port: 0 };
+    assert!(lines
+        .last()
+        .unwrap()
+        .starts_with("console at https://127.0.0.1:"));
+    drop(console);
+}

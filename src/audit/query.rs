@@ -489,50 +489,52 @@ pub struct Stats {
     pub alerts: u64,
 }
 
-/// The figures of `sealctl audit stats` (and the console's overview) for the records since
-/// `since_ms`, from one pass over them: counts grouped by kind, seal, applicant, reason and day
-/// (UTC), summed here.
-pub fn stats(conn: &Connection, since_ms: Option<i64>, top: u64) -> rusqlite::Result<Stats> {
-    use std::collections::BTreeMap;
-    let since = since_ms.unwrap_or(i64::MIN);
-    let mut s = Stats::default();
-    let mut per_day: BTreeMap<(String, String), u64> = BTreeMap::new();
-    let mut applicants: BTreeMap<String, u64> = BTreeMap::new();
-    let mut denials: BTreeMap<String, u64> = BTreeMap::new();
-    let mut alerts: BTreeMap<String, u64> = BTreeMap::new();
-    let mut stmt = conn.prepare(
-        "SELECT kind, seal, applicant, reason, date(at_ms / 1000, 'unixepoch'), count(*), \
-         min(at_ms), max(at_ms) FROM audit WHERE at_ms >= ?1 GROUP BY 1, 2, 3, 4, 5",
-    )?;
-    let mut rows = stmt.query([since])?;
-    while let Some(r) = rows.next()? {
-        let kind = r.get_ref(0)?.as_str().unwrap_or_default();
-        let n = r.get::<_, i64>(5)? as u64;
-        let (first, last): (i64, i64) = (r.get(6)?, r.get(7)?);
+/// Sums grouped counts (kind, seal, applicant, reason, day) into [`Stats`]: the one pass of
+/// [`stats`] here, and headquarters' over PostgreSQL.
+#[derive(Default)]
+pub struct StatsBuilder {
+    s: Stats,
+    per_day: std::collections::BTreeMap<(String, String), u64>,
+    applicants: std::collections::BTreeMap<String, u64>,
+    denials: std::collections::BTreeMap<String, u64>,
+    alerts: std::collections::BTreeMap<String, u64>,
+}
+
+impl StatsBuilder {
+    /// `n` records of `kind` (with that seal, applicant, reason, UTC day), the first and last
+    /// of them at these times.
+    #[allow(clippy::too_many_arguments)]
+    pub fn add(
+        &mut self,
+        kind: &str,
+        seal: &str,
+        applicant: &str,
+        reason: &str,
+        day: &str,
+        n: u64,
+        first: i64,
+        last: i64,
+    ) {
+        let s = &mut self.s;
         s.records += n;
         s.first_at_ms = Some(s.first_at_ms.map_or(first, |f| f.min(first)));
         s.last_at_ms = Some(s.last_at_ms.map_or(last, |l| l.max(last)));
         match kind {
             super::kind::STAMP_COMPLETED => {
-                let day: Option<String> = r.get(4)?;
-                *per_day
-                    .entry((day.unwrap_or_default(), r.get(1)?))
+                *self
+                    .per_day
+                    .entry((day.to_string(), seal.to_string()))
                     .or_default() += n;
-                *applicants.entry(r.get(2)?).or_default() += n;
+                *self.applicants.entry(applicant.to_string()).or_default() += n;
                 s.completed += n;
             }
             super::kind::STAMP_DENIED | super::kind::ACCESS_DENIED => {
-                let reason: String = r.get(3)?;
-                let key = if reason.is_empty() {
-                    kind.to_string()
-                } else {
-                    reason
-                };
-                *denials.entry(key).or_default() += n;
+                let key = if reason.is_empty() { kind } else { reason };
+                *self.denials.entry(key.to_string()).or_default() += n;
                 s.refused += n;
             }
             super::kind::ALERT => {
-                *alerts.entry(r.get(3)?).or_default() += n;
+                *self.alerts.entry(reason.to_string()).or_default() += n;
                 s.alerts += n;
             }
             super::kind::STAMP_OUTCOME_UNKNOWN => s.outcomes_unknown += n,
@@ -540,21 +542,55 @@ pub fn stats(conn: &Connection, since_ms: Option<i64>, top: u64) -> rusqlite::Re
             _ => {}
         }
     }
-    s.stamps_per_seal_per_day = per_day
-        .into_iter()
-        .map(|((day, seal), n)| (day, seal, n))
-        .collect();
-    // Most first, then by name; the first `top`.
-    let ranked = |m: BTreeMap<String, u64>| {
-        let mut v: Vec<(String, u64)> = m.into_iter().collect();
-        v.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
-        v.truncate(top.min(usize::MAX as u64) as usize);
-        v
-    };
-    s.top_applicants = ranked(applicants);
-    s.denials_by_reason = ranked(denials);
-    s.alerts_by_rule = ranked(alerts);
-    Ok(s)
+
+    /// The statistics, with the first `top` of each ranking (most first, then by name).
+    pub fn finish(self, top: u64) -> Stats {
+        let mut s = self.s;
+        s.stamps_per_seal_per_day = self
+            .per_day
+            .into_iter()
+            .map(|((day, seal), n)| (day, seal, n))
+            .collect();
+        let ranked = |m: std::collections::BTreeMap<String, u64>| {
+            let mut v: Vec<(String, u64)> = m.into_iter().collect();
+            v.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+            v.truncate(top.min(usize::MAX as u64) as usize);
+            v
+        };
+        s.top_applicants = ranked(self.applicants);
+        s.denials_by_reason = ranked(self.denials);
+        s.alerts_by_rule = ranked(self.alerts);
+        s
+    }
+}
+
+/// The figures of `sealctl audit stats` (and the console's overview) for the records since
+/// `since_ms`, from one pass over them: counts grouped by kind, seal, applicant, reason and day
+/// (UTC), summed by [`StatsBuilder`].
+pub fn stats(conn: &Connection, since_ms: Option<i64>, top: u64) -> rusqlite::Result<Stats> {
+    let since = since_ms.unwrap_or(i64::MIN);
+    let mut b = StatsBuilder::default();
+    let mut stmt = conn.prepare(
+        "SELECT kind, seal, applicant, reason, date(at_ms / 1000, 'unixepoch'), count(*), \
+         min(at_ms), max(at_ms) FROM audit WHERE at_ms >= ?1 GROUP BY 1, 2, 3, 4, 5",
+    )?;
+    let mut rows = stmt.query([since])?;
+    while let Some(r) = rows.next()? {
+        let text = |i: usize| -> rusqlite::Result<&str> {
+            Ok(r.get_ref(i)?.as_str_or_null()?.unwrap_or_default())
+        };
+        b.add(
+            text(0)?,
+            text(1)?,
+            text(2)?,
+            text(3)?,
+            text(4)?,
+            r.get::<_, i64>(5)? as u64,
+            r.get(6)?,
+            r.get(7)?,
+        );
+    }
+    Ok(b.finish(top))
 }
 
 #[cfg(test)]

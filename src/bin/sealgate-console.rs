@@ -1,13 +1,16 @@
 //! sealgate-console: the auditors' console. Serves read-only pages over a site's audit log
-//! (opened read-only) over TLS, to auditors who log in with a password and a TOTP code; their
-//! logins, searches, exports and acknowledgements are appended to the log through the daemon.
+//! (opened read-only), or over every site's records at headquarters (PostgreSQL), over TLS,
+//! to auditors who log in with a password and a TOTP code; their logins, searches, exports and
+//! acknowledgements are appended to the log through the daemon, or to HQ's console_events.
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use sealgate::console::auth::{self, Auth, Role, User, UserFile};
-use sealgate::console::data::SiteLog;
+use sealgate::console::central::CentralLog;
+use sealgate::console::data::{ConsoleData, SiteLog};
 use sealgate::console::web::{self, App, Recorder};
 use sealgate::console::ConsoleConfig;
+use sealgate::hq::db::Db;
 use sealgate::logging::LogFormat;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -155,35 +158,56 @@ async fn serve(config: ConsoleConfig) -> anyhow::Result<()> {
             config.users.display()
         );
     }
-    // The log must be there and readable before anyone is told the console is up.
-    sealgate::audit::query::open_read_only(&config.db)
-        .with_context(|| format!("cannot open the audit log {}", config.db.display()))?;
     let tls = sealgate::tls::browser_server_config(&config.tls_cert, &config.tls_key)
         .map_err(anyhow::Error::msg)?;
     let (live, _) = tokio::sync::broadcast::channel(256);
+    // What the pages read and where the console's own records go: a site's log and its
+    // daemon, or headquarters' database. Either must answer before anyone is told the console
+    // is up.
+    let (data, recorder, db_hint): (Arc<dyn ConsoleData>, Recorder, String) =
+        match (&config.db, &config.socket, &config.hq_database) {
+            (Some(db), Some(socket), None) => {
+                sealgate::audit::query::open_read_only(db)
+                    .with_context(|| format!("cannot open the audit log {}", db.display()))?;
+                let data = SiteLog {
+                    site: config.site.clone(),
+                    db: db.clone(),
+                    silent_after_ms: config.silent_after_ms,
+                };
+                let uid = config
+                    .daemon_uid
+                    .unwrap_or_else(|| nix::unistd::getuid().as_raw());
+                let hint = std::fs::canonicalize(db)
+                    .unwrap_or_else(|_| db.clone())
+                    .display()
+                    .to_string();
+                (Arc::new(data), Recorder::new(socket.clone(), uid), hint)
+            }
+            (None, None, Some(database)) => {
+                let db = Db::connect(database)?;
+                db.check_schema().await?;
+                let data = CentralLog {
+                    db,
+                    silent_after_ms: config.silent_after_ms,
+                };
+                let recorder = Recorder::Central(Db::connect(database)?);
+                // A record at HQ is checked from the site's own log, or HQ's copy of it.
+                let hint = "SITE-LOG.db (or `sealctl hq query`)".to_string();
+                (Arc::new(data), recorder, hint)
+            }
+            _ => anyhow::bail!("give a site's db and socket, or headquarters' hq_database"),
+        };
     let app = Arc::new(App {
-        data: Arc::new(SiteLog {
-            site: config.site.clone(),
-            db: config.db.clone(),
-            silent_after_ms: 3 * 60_000,
-        }),
+        data,
         auth: Auth::new(
             users,
             config.session_minutes as i64 * 60_000,
             config.idle_minutes as i64 * 60_000,
             config.max_sessions,
         ),
-        recorder: Recorder::new(
-            config.socket.clone(),
-            config
-                .daemon_uid
-                .unwrap_or_else(|| nix::unistd::getuid().as_raw()),
-        ),
+        recorder,
         site: config.site.clone(),
-        db_hint: std::fs::canonicalize(&config.db)
-            .unwrap_or_else(|_| config.db.clone())
-            .display()
-            .to_string(),
+        db_hint,
         key_hint: config.audit_key.as_ref().map_or_else(
             || "AUDIT_KEY.pub.pem".to_string(),
             |k| {

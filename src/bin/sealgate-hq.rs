@@ -43,6 +43,10 @@ enum Command {
         /// moving heads) and nothing else.
         #[arg(long)]
         grant: Option<String>,
+        /// The role the auditors' console (sealgate-console with [hq_database]) connects as: it
+        /// may read what the console shows and add its own events, nothing else.
+        #[arg(long)]
+        grant_console: Option<String>,
         /// Connect as the owner with this connection string instead of database.url.
         #[arg(long, env = "SEALGATE_HQ_ADMIN_URL")]
         url: Option<String>,
@@ -106,13 +110,19 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let config = HqConfig::load(&args.config)?;
     let sites = config.sites()?;
     match args.command {
-        Command::Migrate { grant, url } => {
+        Command::Migrate {
+            grant,
+            grant_console,
+            url,
+        } => {
             let mut database = config.database.clone();
             if let Some(u) = url {
                 database.url = u;
             }
             let db = Db::connect(&database)?;
-            let version = db.migrate(grant.as_deref()).await?;
+            let version = db
+                .migrate(grant.as_deref(), grant_console.as_deref())
+                .await?;
             enrol(&db, &sites).await?;
             println!("schema version {version}; {} sites enrolled", sites.len());
             Ok(())

@@ -7,6 +7,7 @@
 use super::ConsoleError;
 use crate::audit::query::{self, Filter, Stats};
 use crate::audit::{kind, Checkpoint, Record};
+use std::collections::HashMap;
 use std::future::Future;
 use std::path::PathBuf;
 use std::pin::Pin;
@@ -79,6 +80,12 @@ pub struct SiteStatus {
     pub checkpoint_at_ms: Option<i64>,
     /// Records after the newest checkpoint (not yet covered by a device signature).
     pub uncovered: u64,
+    /// At headquarters: records the site said it holds that HQ has not verified yet, when it
+    /// last said hello, and the central alerts raised about it (gap, fork, rollback, …) by
+    /// kind.
+    pub lag: Option<u64>,
+    pub last_seen_ms: Option<i64>,
+    pub flags: Vec<(String, u64)>,
 }
 
 /// A record with everything around it: what it refers to, what refers to it (its outcome, the
@@ -104,30 +111,40 @@ pub struct AlertRow {
 
 pub type Answer<'a, T> = Pin<Box<dyn Future<Output = Result<T, ConsoleError>> + Send + 'a>>;
 
-/// The reads of the console's pages. Every method answers only within `scope`.
+/// Where each site's alert feed has got to: site → the seq of its newest alert seen.
+pub type AlertHeads = HashMap<String, u64>;
+
+/// The reads of the console's pages. Every method answers only within `scope`. Pages go on
+/// from a position ([`ConsoleData::position`] of the last record shown), newest first.
 pub trait ConsoleData: Send + Sync + 'static {
     fn sites(&self, scope: &Scope) -> Answer<'_, Vec<SiteStatus>>;
     /// Statistics of `[since_ms, until_ms)` and counts of the period of the same length before.
     fn overview(&self, scope: &Scope, since_ms: i64, until_ms: i64) -> Answer<'_, Overview>;
-    /// Records matching `filter` (its limit and paging apply), optionally of one site.
+    /// Records matching `filter` (its limit applies), optionally of one site, newest first,
+    /// after position `before`.
     fn search(
         &self,
         scope: &Scope,
         site: Option<String>,
         filter: Filter,
+        before: Option<String>,
     ) -> Answer<'_, Vec<SiteRecord>>;
+    /// Where a page that ended with `r` goes on from.
+    fn position(&self, r: &SiteRecord) -> String;
     fn record(&self, site: String, seq: u64) -> Answer<'_, Option<RecordPage>>;
-    /// Alerts, newest first, before `before` (a position from an earlier answer), at most
-    /// `limit`; only those without acknowledgement when `open_only`.
+    /// Alerts, newest first, after position `before`, at most `limit`; only those without
+    /// acknowledgement when `open_only`.
     fn alerts(
         &self,
         scope: &Scope,
-        before: Option<u64>,
+        before: Option<String>,
         limit: u64,
         open_only: bool,
     ) -> Answer<'_, Vec<AlertRow>>;
-    /// Alerts after position `after`, oldest first (the live feed); and the newest position.
-    fn alerts_after(&self, scope: &Scope, after: u64) -> Answer<'_, (Vec<SiteRecord>, u64)>;
+    /// Each site's newest alert now (where the live feed starts).
+    fn alert_heads(&self) -> Answer<'_, AlertHeads>;
+    /// Alerts after `after`, oldest first (the live feed).
+    fn alerts_after(&self, after: AlertHeads) -> Answer<'_, Vec<SiteRecord>>;
 }
 
 /// One site's SQLite log, opened read-only for each read.
@@ -221,6 +238,9 @@ impl ConsoleData for SiteLog {
                     checkpoint_seq: cp_seq as u64,
                     checkpoint_at_ms: cp_at,
                     uncovered: (head_seq - cp_seq).max(0) as u64,
+                    lag: None,
+                    last_seen_ms: None,
+                    flags: vec![],
                 }])
             })
             .await
@@ -261,12 +281,20 @@ impl ConsoleData for SiteLog {
         &self,
         scope: &Scope,
         site: Option<String>,
-        filter: Filter,
+        mut filter: Filter,
+        before: Option<String>,
     ) -> Answer<'_, Vec<SiteRecord>> {
         let seen = scope.admits(&self.site) && site.is_none_or(|s| s == self.site);
         Box::pin(async move {
             if !seen {
                 return Ok(vec![]);
+            }
+            filter.newest_first = true;
+            if let Some(b) = before {
+                filter.before_seq =
+                    Some(b.parse().map_err(|_| {
+                        ConsoleError::Log(format!("{b:?} is not a place in this log"))
+                    })?);
             }
             let rows = self
                 .read(move |c| {
@@ -281,6 +309,10 @@ impl ConsoleData for SiteLog {
                 .await?;
             Ok(rows.into_iter().map(|r| self.site_record(r)).collect())
         })
+    }
+
+    fn position(&self, r: &SiteRecord) -> String {
+        r.record.seq.to_string()
     }
 
     fn record(&self, site: String, seq: u64) -> Answer<'_, Option<RecordPage>> {
@@ -315,7 +347,7 @@ impl ConsoleData for SiteLog {
     fn alerts(
         &self,
         scope: &Scope,
-        before: Option<u64>,
+        before: Option<String>,
         limit: u64,
         open_only: bool,
     ) -> Answer<'_, Vec<AlertRow>> {
@@ -324,6 +356,13 @@ impl ConsoleData for SiteLog {
             if !seen {
                 return Ok(vec![]);
             }
+            let before: Option<u64> =
+                match before {
+                    Some(b) => Some(b.parse().map_err(|_| {
+                        ConsoleError::Log(format!("{b:?} is not a place in this log"))
+                    })?),
+                    None => None,
+                };
             let rows = self
                 .read(move |c| {
                     let mut stmt = c.prepare(&format!(
@@ -365,34 +404,40 @@ impl ConsoleData for SiteLog {
         })
     }
 
-    fn alerts_after(&self, scope: &Scope, after: u64) -> Answer<'_, (Vec<SiteRecord>, u64)> {
-        let seen = scope.admits(&self.site);
+    fn alert_heads(&self) -> Answer<'_, AlertHeads> {
         Box::pin(async move {
-            if !seen {
-                return Ok((vec![], after));
-            }
-            let (rows, head) = self
+            let site = self.site.clone();
+            self.read(move |c| {
+                let head: i64 = c.query_row(
+                    "SELECT coalesce(max(seq), 0) FROM audit WHERE kind = 'alert'",
+                    [],
+                    |r| r.get(0),
+                )?;
+                Ok(HashMap::from([(site, head as u64)]))
+            })
+            .await
+        })
+    }
+
+    fn alerts_after(&self, after: AlertHeads) -> Answer<'_, Vec<SiteRecord>> {
+        Box::pin(async move {
+            let from = after.get(&self.site).copied().unwrap_or(0);
+            let rows = self
                 .read(move |c| {
-                    let head: i64 =
-                        c.query_row("SELECT coalesce(max(seq), 0) FROM audit", [], |r| r.get(0))?;
                     let mut stmt = c.prepare(&format!(
                         "SELECT {} FROM audit WHERE seq > ?1 AND kind = ?2 ORDER BY seq LIMIT 100",
                         query::record_columns()
                     ))?;
                     let rows = stmt
                         .query_map(
-                            rusqlite::params![after.min(i64::MAX as u64) as i64, kind::ALERT],
+                            rusqlite::params![from.min(i64::MAX as u64) as i64, kind::ALERT],
                             query::record_from_row,
                         )?
                         .collect::<rusqlite::Result<Vec<_>>>()?;
-                    Ok((rows, head as u64))
+                    Ok(rows)
                 })
                 .await?;
-            let head = rows.last().map_or(head, |r| r.seq.max(after));
-            Ok((
-                rows.into_iter().map(|r| self.site_record(r)).collect(),
-                head,
-            ))
+            Ok(rows.into_iter().map(|r| self.site_record(r)).collect())
         })
     }
 }

@@ -12,6 +12,7 @@
 //! Never: writes stamps, approvals or policy; logs a password, a TOTP seed or a session token.
 
 pub mod auth;
+pub mod central;
 pub mod data;
 pub mod pages;
 pub mod web;
@@ -37,13 +38,26 @@ pub enum ConsoleError {
 pub struct ConsoleConfig {
     /// Address of the HTTPS listener (e.g. "127.0.0.1:8443").
     pub listen: SocketAddr,
-    /// The site's name, shown on every page and in record addresses.
+    /// The site's name, shown on every page and in record addresses (at headquarters, the
+    /// name shown in the header, e.g. "HQ").
     pub site: String,
-    /// The site's audit log (the daemon's `state_dir/sealgate.db`), opened read-only.
-    pub db: PathBuf,
-    /// The daemon's socket: oversight records (logins, searches, exports, acknowledgements) are
-    /// appended through it. The console's uid must be a caller with `oversight = true`.
-    pub socket: PathBuf,
+    /// A site's console: the site's audit log (the daemon's `state_dir/sealgate.db`), opened
+    /// read-only...
+    #[serde(default)]
+    pub db: Option<PathBuf>,
+    /// ...and the daemon's socket: oversight records (logins, searches, exports,
+    /// acknowledgements) are appended through it. The console's uid must be a caller with
+    /// `oversight = true`.
+    #[serde(default)]
+    pub socket: Option<PathBuf>,
+    /// Or headquarters' console: HQ's database, every site's verified records; the role
+    /// connected as is the one `sealgate-hq migrate --grant-console` named (it reads, and
+    /// adds the console's own events to `console_events`, nothing else).
+    #[serde(default)]
+    pub hq_database: Option<crate::hq::config::DatabaseConfig>,
+    /// At headquarters: a site not heard from for this long is shown silent.
+    #[serde(default = "default_silent_after_ms")]
+    pub silent_after_ms: i64,
     /// The uid the daemon runs as (checked on connect); the console's own uid when absent.
     #[serde(default)]
     pub daemon_uid: Option<u32>,
@@ -74,6 +88,9 @@ pub struct ConsoleConfig {
     pub max_connections: usize,
 }
 
+fn default_silent_after_ms() -> i64 {
+    180_000
+}
 fn default_session_minutes() -> u64 {
     480
 }
@@ -96,23 +113,30 @@ impl ConsoleConfig {
         let text = std::fs::read_to_string(path).map_err(|e| bad(e.to_string()))?;
         let mut c: ConsoleConfig = toml::from_str(&text).map_err(|e| bad(e.to_string()))?;
         let base = path.parent().unwrap_or(Path::new("."));
-        for p in [
-            &mut c.db,
-            &mut c.socket,
-            &mut c.tls_cert,
-            &mut c.tls_key,
-            &mut c.users,
-        ] {
+        for p in [&mut c.tls_cert, &mut c.tls_key, &mut c.users] {
             if p.is_relative() {
                 *p = base.join(&*p);
             }
         }
-        for p in [c.audit_key.as_mut(), c.outbox.as_mut()]
-            .into_iter()
-            .flatten()
-            .filter(|p| p.is_relative())
+        for p in [
+            c.audit_key.as_mut(),
+            c.outbox.as_mut(),
+            c.db.as_mut(),
+            c.socket.as_mut(),
+        ]
+        .into_iter()
+        .flatten()
+        .filter(|p| p.is_relative())
         {
             *p = base.join(&*p);
+        }
+        match (&c.db, &c.socket, &c.hq_database) {
+            (Some(_), Some(_), None) | (None, None, Some(_)) => {}
+            _ => {
+                return Err(bad(
+                    "give a site's db and socket, or headquarters' hq_database".into(),
+                ))
+            }
         }
         if c.site.is_empty() || c.site.len() > 64 {
             return Err(bad("site must be 1-64 characters".into()));

@@ -124,6 +124,9 @@ const WORDS: &[(&str, &str, &str)] = &[
     ("not_found", "没有这条记录", "No such record"),
     ("live", "实时", "Live"),
     ("as_of", "数据时间", "Figures as of"),
+    ("lag", "未核验记录", "Records not yet verified"),
+    ("last_seen", "最近联络", "Last heard from"),
+    ("central_alerts", "总部告警", "Central alerts"),
     ("deliveries", "告警推送", "Deliveries"),
     ("channel", "渠道", "Channel"),
     ("delivered", "已送达", "Delivered"),
@@ -369,17 +372,33 @@ pub fn sites(f: &Frame, sites: &[SiteStatus]) -> Markup {
         l.t("sites"),
         html! {
             h1 { (l.t("sites")) }
+            @let central = sites.iter().any(|s| s.lag.is_some());
             table id="sites" {
-                tr { th { (l.t("site")) } th { (l.t("state")) } th { (l.t("head")) } th { (l.t("last_record")) } th { (l.t("checkpoint")) } th { (l.t("uncovered")) } }
+                tr {
+                    th { (l.t("site")) } th { (l.t("state")) } th { (l.t("head")) } th { (l.t("last_record")) }
+                    @if central {
+                        th { (l.t("lag")) } th { (l.t("last_seen")) } th { (l.t("central_alerts")) }
+                    } @else {
+                        th { (l.t("checkpoint")) } th { (l.t("uncovered")) }
+                    }
+                }
                 @for s in sites {
                     @let (class, word) = state(s.state);
-                    tr {
-                        td { (s.site) }
+                    tr id={"site-" (s.site)} {
+                        td { a href={"/search?site=" (percent(&s.site))} { (s.site) } }
                         td { span class={"state " (class)} { (word) } }
                         td.n { (s.head_seq) }
                         td { @if let Some(t) = s.head_at_ms { (time(t)) } }
-                        td { (s.checkpoint_seq) @if let Some(t) = s.checkpoint_at_ms { " · " (time(t)) } }
-                        td.n { (s.uncovered) }
+                        @if central {
+                            td.n.lag { (s.lag.unwrap_or(0)) }
+                            td { @if let Some(t) = s.last_seen_ms { (time(t)) } }
+                            td.flags {
+                                @for (kind, n) in &s.flags { span.flag { (kind) " ×" (n) } " " }
+                            }
+                        } @else {
+                            td { (s.checkpoint_seq) @if let Some(t) = s.checkpoint_at_ms { " · " (time(t)) } }
+                            td.n { (s.uncovered) }
+                        }
                     }
                 }
             }
@@ -401,7 +420,8 @@ pub struct SearchForm {
     pub doc: String,
     pub reason: String,
     pub kind: String,
-    pub before: Option<u64>,
+    /// Where the page goes on from (the position of the last record of the one before).
+    pub before: Option<String>,
 }
 
 impl SearchForm {
@@ -450,7 +470,7 @@ pub fn search(
     f: &Frame,
     form: &SearchForm,
     rows: &[SiteRecord],
-    next: Option<u64>,
+    next: Option<String>,
     error: Option<&str>,
 ) -> Markup {
     let l = f.lang;
@@ -464,6 +484,7 @@ pub fn search(
         html! {
             h1 { (l.t("search")) }
             form.search method="get" action="/search" {
+                (field("site", "site", &form.site, ""))
                 (field("since", "since", &form.since, "2026-12-01"))
                 (field("until", "until", &form.until, "2026-12-31"))
                 (field("seal", "seal", &form.seal, ""))
@@ -500,7 +521,7 @@ pub fn search(
                     }
                 }
                 @if let Some(b) = next {
-                    p { a id="next-page" href={"/search?" (q) "&before=" (b)} { (l.t("next_page")) } }
+                    p { a id="next-page" href={"/search?" (q) "&before=" (percent(&b))} { (l.t("next_page")) } }
                 }
             }
         },
@@ -670,7 +691,7 @@ pub fn alerts(
     rows: &[AlertRow],
     sent: &[Delivery],
     open_only: bool,
-    next: Option<u64>,
+    next: Option<String>,
 ) -> Markup {
     let l = f.lang;
     page(
@@ -716,7 +737,7 @@ pub fn alerts(
                 }
             }
             @if let Some(b) = next {
-                p { a id="next-page" href={"/alerts?before=" (b) @if open_only { "&open=1" }} { (l.t("next_page")) } }
+                p { a id="next-page" href={"/alerts?before=" (percent(&b)) @if open_only { "&open=1" }} { (l.t("next_page")) } }
             }
         },
     )

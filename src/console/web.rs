@@ -33,32 +33,80 @@ pub const EXPORT_LIMIT: u64 = 10_000;
 const SESSION_COOKIE: &str = "sg_session";
 const LANG_COOKIE: &str = "sg_lang";
 
-/// Appends oversight records through the daemon's socket, one connection kept open.
-pub struct Recorder {
-    socket: std::path::PathBuf,
-    daemon_uid: u32,
-    client: Mutex<Option<Client>>,
+/// Where the console's own records go.
+pub enum Recorder {
+    /// A site's console: appended to the site's log through the daemon's socket, one
+    /// connection kept open.
+    Daemon {
+        socket: std::path::PathBuf,
+        daemon_uid: u32,
+        client: Box<Mutex<Option<Client>>>,
+    },
+    /// Headquarters' console: rows of HQ's append-only `console_events`.
+    Central(crate::hq::db::Db),
 }
 
 impl Recorder {
     pub fn new(socket: std::path::PathBuf, daemon_uid: u32) -> Recorder {
-        Recorder {
+        Recorder::Daemon {
             socket,
             daemon_uid,
-            client: Mutex::new(None),
+            client: Box::new(Mutex::new(None)),
         }
     }
 
-    /// Appends one record; its seq once it is durable. A broken connection is opened again
-    /// once.
+    /// Records one of an auditor's actions (`alert`: the site and seq of the alert
+    /// acknowledged); its place once it is durable.
     pub async fn record(
         &self,
         kind: &str,
         user: &str,
         detail: &str,
         reason: &str,
-        ref_seq: u64,
+        alert: Option<(&str, u64)>,
     ) -> Result<u64, ConsoleError> {
+        match self {
+            Recorder::Daemon {
+                socket,
+                daemon_uid,
+                client,
+            } => {
+                let ref_seq = alert.map_or(0, |a| a.1);
+                at_daemon(
+                    socket,
+                    *daemon_uid,
+                    client,
+                    kind,
+                    user,
+                    detail,
+                    reason,
+                    ref_seq,
+                )
+                .await
+            }
+            Recorder::Central(db) => db
+                .console_event(user, kind, reason, detail, alert)
+                .await
+                .map(|id| id as u64)
+                .map_err(|e| ConsoleError::Record(e.to_string())),
+        }
+    }
+}
+
+/// Appends one record through the daemon; its seq once it is durable. A broken connection is
+/// opened again once.
+#[allow(clippy::too_many_arguments)]
+async fn at_daemon(
+    socket: &std::path::Path,
+    daemon_uid: u32,
+    client: &Mutex<Option<Client>>,
+    kind: &str,
+    user: &str,
+    detail: &str,
+    reason: &str,
+    ref_seq: u64,
+) -> Result<u64, ConsoleError> {
+    {
         let body = request::Body::RecordOversight(pb::RecordOversightRequest {
             kind: kind.into(),
             user: user.into(),
@@ -66,20 +114,19 @@ impl Recorder {
             ref_seq,
             reason: reason.into(),
         });
-        let mut held = self.client.lock().await;
+        let mut held = client.lock().await;
         for attempt in 0..2 {
             if held.is_none() {
-                let c = Client::connect(&self.socket)
+                let c = Client::connect(socket)
                     .await
                     .map_err(|e| ConsoleError::Record(e.to_string()))?;
                 let uid = c
                     .peer_uid()
                     .map_err(|e| ConsoleError::Record(e.to_string()))?;
-                if uid != self.daemon_uid {
+                if uid != daemon_uid {
                     return Err(ConsoleError::Record(format!(
-                        "{} is served by uid {uid}, not the daemon's uid {}",
-                        self.socket.display(),
-                        self.daemon_uid
+                        "{} is served by uid {uid}, not the daemon's uid {daemon_uid}",
+                        socket.display(),
                     )));
                 }
                 *held = Some(c);
@@ -220,19 +267,25 @@ impl App {
 
 /// Finds new alerts every `every` and hands them to the live feed. Runs until the process ends.
 pub async fn watch_alerts(app: Arc<App>, every: Duration) {
-    let mut last = match app.data.alerts_after(&Scope::All, u64::MAX).await {
-        Ok((_, head)) => head,
-        Err(_) => 0,
+    let mut heads = loop {
+        match app.data.alert_heads().await {
+            Ok(h) => break h,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read where the alerts are");
+                tokio::time::sleep(every).await;
+            }
+        }
     };
     let mut tick = tokio::time::interval(every);
     loop {
         tick.tick().await;
-        match app.data.alerts_after(&Scope::All, last).await {
-            Ok((rows, head)) => {
+        match app.data.alerts_after(heads.clone()).await {
+            Ok(rows) => {
                 for r in rows {
+                    let head = heads.entry(r.site.clone()).or_default();
+                    *head = (*head).max(r.record.seq);
                     let _ = app.live.send(r);
                 }
-                last = head;
             }
             Err(e) => tracing::warn!(error = %e, "cannot read new alerts"),
         }
@@ -466,7 +519,7 @@ async fn login(
         Ok(Ok((token, session))) => {
             if let Err(e) = app
                 .recorder
-                .record(kind::CONSOLE_LOGIN, &user, "", "", 0)
+                .record(kind::CONSOLE_LOGIN, &user, "", "", None)
                 .await
             {
                 // Not recorded, so not logged in.
@@ -486,7 +539,7 @@ async fn login(
             tracing::info!(user, reason = why.code(), "login refused");
             if let Err(e) = app
                 .recorder
-                .record(kind::CONSOLE_LOGIN_FAILED, &user, "", why.code(), 0)
+                .record(kind::CONSOLE_LOGIN_FAILED, &user, "", why.code(), None)
                 .await
             {
                 tracing::warn!(error = %e, "a refused login could not be recorded");
@@ -522,7 +575,7 @@ async fn logout(
     app.auth.logout(&a.token);
     if let Err(e) = app
         .recorder
-        .record(kind::CONSOLE_LOGOUT, &a.session.user.name, "", "", 0)
+        .record(kind::CONSOLE_LOGOUT, &a.session.user.name, "", "", None)
         .await
     {
         tracing::warn!(error = %e, "a log-out could not be recorded");
@@ -592,7 +645,6 @@ fn filter_of(form: &SearchForm, limit: u64) -> Result<Filter, String> {
         reason: opt(&form.reason),
         doc_sha256: doc,
         doc_type: opt(&form.doc_type),
-        before_seq: form.before,
         newest_first: true,
         limit: Some(limit),
         ..Filter::default()
@@ -624,21 +676,34 @@ async fn search(
         "{}{}",
         form.query(),
         form.before
+            .as_ref()
             .map(|b| format!("&before={b}"))
             .unwrap_or_default()
     );
     if let Err(e) = app
         .recorder
-        .record(kind::CONSOLE_SEARCH, &a.session.user.name, &detail, "", 0)
+        .record(
+            kind::CONSOLE_SEARCH,
+            &a.session.user.name,
+            &detail,
+            "",
+            None,
+        )
         .await
     {
         return failure(&app, &a, &e);
     }
-    match app.data.search(&a.scope(), site, filter).await {
+    match app
+        .data
+        .search(&a.scope(), site, filter, form.before.clone())
+        .await
+    {
         Ok(mut rows) => {
             let next = (rows.len() as u64 > PAGE).then(|| {
                 rows.truncate(PAGE as usize);
-                rows.last().map(|r| r.record.seq).unwrap_or(0)
+                rows.last()
+                    .map(|r| app.data.position(r))
+                    .unwrap_or_default()
             });
             page(
                 StatusCode::OK,
@@ -675,13 +740,13 @@ async fn export(State(app): State<Arc<App>>, a: Authed, Query(q): Query<ExportQu
             &a.session.user.name,
             &q.form.query(),
             &q.format,
-            0,
+            None,
         )
         .await
     {
         return failure(&app, &a, &e);
     }
-    let rows = match app.data.search(&a.scope(), site, filter).await {
+    let rows = match app.data.search(&a.scope(), site, filter, None).await {
         Ok(r) => r,
         Err(e) => return failure(&app, &a, &e),
     };
@@ -800,7 +865,7 @@ async fn record(
 
 #[derive(serde::Deserialize)]
 struct AlertsQuery {
-    before: Option<u64>,
+    before: Option<String>,
     open: Option<u8>,
 }
 
@@ -814,7 +879,9 @@ async fn alerts(State(app): State<Arc<App>>, a: Authed, Query(q): Query<AlertsQu
         Ok(mut rows) => {
             let next = (rows.len() as u64 > PAGE).then(|| {
                 rows.truncate(PAGE as usize);
-                rows.last().map(|r| r.alert.record.seq).unwrap_or(0)
+                rows.last()
+                    .map(|r| app.data.position(&r.alert))
+                    .unwrap_or_default()
             });
             let seqs = rows
                 .iter()
@@ -892,7 +959,9 @@ async fn acknowledge(
         )
             .into_response();
     }
-    if !a.session.user.may_see(&site) || site != app.site {
+    // A site's console holds its own site's alerts only; headquarters' holds every site's.
+    let elsewhere = matches!(app.recorder, Recorder::Daemon { .. }) && site != app.site;
+    if !a.session.user.may_see(&site) || elsewhere {
         return forbidden(&app, &a);
     }
     let comment: String = form.comment.chars().take(500).collect();
@@ -903,7 +972,7 @@ async fn acknowledge(
             &a.session.user.name,
             &comment,
             "",
-            seq,
+            Some((site.as_str(), seq)),
         )
         .await
     {

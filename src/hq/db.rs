@@ -21,6 +21,7 @@ const MIGRATIONS: &[(i32, &str)] = &[
     (1, include_str!("../../migrations/hq/0001_initial.sql")),
     (2, include_str!("../../migrations/hq/0002_policy.sql")),
     (3, include_str!("../../migrations/hq/0003_enrolments.sql")),
+    (4, include_str!("../../migrations/hq/0004_console.sql")),
 ];
 
 /// The schema version this build works with.
@@ -61,7 +62,7 @@ pub enum Enrolment {
 }
 
 pub struct Db {
-    pool: Pool,
+    pub(super) pool: Pool,
 }
 
 fn is_loopback(host: &tokio_postgres::config::Host) -> bool {
@@ -123,8 +124,14 @@ impl Db {
     }
 
     /// Applies the migrations the database lacks; with `grant_to`, lets that role do what
-    /// `sealgate-hq serve` does and no more. Returns the version now in force.
-    pub async fn migrate(&self, grant_to: Option<&str>) -> Result<i32, DbError> {
+    /// `sealgate-hq serve` does and no more; with `console`, lets that role read what the
+    /// auditors' console shows and add its own events, and nothing else. Returns the version
+    /// now in force.
+    pub async fn migrate(
+        &self,
+        grant_to: Option<&str>,
+        console: Option<&str>,
+    ) -> Result<i32, DbError> {
         let mut client = self.pool.get().await?;
         let tx = client.transaction().await?;
         tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
@@ -155,6 +162,15 @@ impl Db {
                  GRANT SELECT, INSERT ON records, checkpoints, cosignatures, alerts, policy_fragments, enrolments TO {role};
                  GRANT SELECT, INSERT, UPDATE ON sites TO {role};
                  GRANT USAGE ON SEQUENCE alerts_id_seq TO {role};"
+            ))
+            .await?;
+        }
+        if let Some(role) = console {
+            let role = quote_ident(role)?;
+            tx.batch_execute(&format!(
+                "GRANT SELECT ON sealgate_schema, sites, records, checkpoints, alerts, enrolments, console_events TO {role};
+                 GRANT INSERT (auditor, kind, reason, detail, site, epoch, ref_seq) ON console_events TO {role};
+                 GRANT USAGE ON SEQUENCE console_events_id_seq TO {role};"
             ))
             .await?;
         }
@@ -629,6 +645,39 @@ pub struct SiteStats {
     pub epoch: i32,
 }
 
+/// The columns [`record_from_row`] reads, in order.
+pub(super) fn record_columns() -> String {
+    format!(
+        "seq, at_ms, {}, amount, ref_seq, prev_hash, hash",
+        crate::audit::TEXT_COLUMNS.join(", ")
+    )
+}
+
+/// A record from a row whose columns from `first` on are [`record_columns`].
+pub(super) fn record_from_row(row: &tokio_postgres::Row, first: usize) -> Record {
+    let mut r = Record {
+        seq: row.get::<_, i64>(first) as u64,
+        at_ms: row.get(first + 1),
+        amount: row.get(first + 2 + TEXT_FIELDS),
+        ref_seq: row
+            .get::<_, Option<i64>>(first + 3 + TEXT_FIELDS)
+            .map(|s| s as u64),
+        prev_hash: row
+            .get::<_, Vec<u8>>(first + 4 + TEXT_FIELDS)
+            .try_into()
+            .unwrap_or([0; 32]),
+        hash: row
+            .get::<_, Vec<u8>>(first + 5 + TEXT_FIELDS)
+            .try_into()
+            .unwrap_or([0; 32]),
+        ..Record::default()
+    };
+    for (i, t) in r.text_mut().into_iter().enumerate() {
+        *t = row.get(first + 2 + i);
+    }
+    r
+}
+
 impl Db {
     /// Every record matching `filter` (and `site`), oldest first by site and seq.
     pub async fn for_each_record(
@@ -655,10 +704,7 @@ impl Db {
             args.push(Box::new(s.to_owned()));
             wheres.push(format!("site = ${}", args.len()));
         }
-        let mut sql = format!(
-            "SELECT site, seq, at_ms, {}, amount, ref_seq, prev_hash, hash FROM records",
-            crate::audit::TEXT_COLUMNS.join(", ")
-        );
+        let mut sql = format!("SELECT site, {} FROM records", record_columns());
         if !wheres.is_empty() {
             sql += " WHERE ";
             sql += &wheres.join(" AND ");
@@ -673,25 +719,7 @@ impl Db {
             .await?;
         futures_util::pin_mut!(stream);
         while let Some(row) = stream.try_next().await? {
-            let mut r = Record {
-                seq: row.get::<_, i64>(1) as u64,
-                at_ms: row.get(2),
-                amount: row.get(3 + TEXT_FIELDS),
-                ref_seq: row.get::<_, Option<i64>>(4 + TEXT_FIELDS).map(|s| s as u64),
-                prev_hash: row
-                    .get::<_, Vec<u8>>(5 + TEXT_FIELDS)
-                    .try_into()
-                    .unwrap_or([0; 32]),
-                hash: row
-                    .get::<_, Vec<u8>>(6 + TEXT_FIELDS)
-                    .try_into()
-                    .unwrap_or([0; 32]),
-                ..Record::default()
-            };
-            for (i, t) in r.text_mut().into_iter().enumerate() {
-                *t = row.get(3 + i);
-            }
-            f(row.get(0), r).map_err(DbError::Config)?;
+            f(row.get(0), record_from_row(&row, 1)).map_err(DbError::Config)?;
         }
         Ok(())
     }

@@ -22,6 +22,7 @@ pub mod cosign;
 pub mod db;
 pub mod metrics;
 pub mod policy;
+pub mod reads;
 pub mod server;
 pub mod ship;
 
