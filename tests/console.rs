@@ -1323,10 +1323,15 @@ async fn headquarters_console_shows_every_site_within_the_auditors_scope() {
         r.body
     );
     assert!(r.body.contains("<td>replayed</td><td class=\"n\">1</td>"));
+    for site in ["shanghai", "beijing"] {
+        let cell = format!(">{site}</a></td><td class=\"n\">{}</td>", completed(site));
+        assert!(r.body.contains(&cell), "the overview by site lacks {cell}");
+    }
     let r = call(&router, "GET", "/", &wcookie, None).await;
     assert!(r
         .body
         .contains(&format!("id=\"stamps\">{}<", completed("beijing"))));
+    assert!(!r.body.contains(">shanghai</a>"));
 
     // Search across sites, newest first, 50 a page: two pages hold every record once.
     let all = pg.number("SELECT count(*) FROM records") as usize;

@@ -88,22 +88,44 @@ impl ConsoleData for CentralLog {
                 .console_stats(sites.clone(), since_ms, 10)
                 .await
                 .map_err(db_error)?;
-            let (stamps, refusals, alerts) = self
-                .db
-                .console_counts(sites.clone(), since_ms - (until_ms - since_ms), since_ms)
-                .await
-                .map_err(db_error)?;
+            let counts = |rows: Vec<(String, u64, u64, u64)>| -> Vec<(String, Counts)> {
+                rows.into_iter()
+                    .map(|(site, stamps, refusals, alerts)| {
+                        (
+                            site,
+                            Counts {
+                                stamps,
+                                refusals,
+                                alerts,
+                            },
+                        )
+                    })
+                    .collect()
+            };
+            let before = counts(
+                self.db
+                    .console_counts(sites.clone(), since_ms - (until_ms - since_ms), since_ms)
+                    .await
+                    .map_err(db_error)?,
+            );
+            let per_site = counts(
+                self.db
+                    .console_counts(sites.clone(), since_ms, until_ms)
+                    .await
+                    .map_err(db_error)?,
+            );
             Ok(Overview {
                 now: Counts {
                     stamps: stats.completed,
                     refusals: stats.refused,
                     alerts: stats.alerts,
                 },
-                before: Counts {
-                    stamps,
-                    refusals,
-                    alerts,
-                },
+                before: before.iter().fold(Counts::default(), |a, (_, c)| Counts {
+                    stamps: a.stamps + c.stamps,
+                    refusals: a.refusals + c.refusals,
+                    alerts: a.alerts + c.alerts,
+                }),
+                per_site,
                 open_alerts: self.db.console_open_alerts(sites).await.map_err(db_error)?,
                 stats,
             })

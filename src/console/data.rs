@@ -55,6 +55,8 @@ pub struct Overview {
     pub now: Counts,
     pub before: Counts,
     pub open_alerts: u64,
+    /// At headquarters: the period's counts of each site.
+    pub per_site: Vec<(String, Counts)>,
 }
 
 /// How a site looks from here.
@@ -265,6 +267,7 @@ impl ConsoleData for SiteLog {
                     },
                     stats,
                     before: counts(c, before_since, since_ms)?,
+                    per_site: vec![],
                     open_alerts: c.query_row(
                         "SELECT count(*) FROM audit a WHERE a.kind = 'alert' AND NOT EXISTS \
                          (SELECT 1 FROM audit k WHERE k.ref_seq = a.seq AND k.kind = ?1)",

@@ -125,6 +125,7 @@ const WORDS: &[(&str, &str, &str)] = &[
     ("live", "实时", "Live"),
     ("as_of", "数据时间", "Figures as of"),
     ("lag", "未核验记录", "Records not yet verified"),
+    ("per_site", "各站点", "By site"),
     ("last_seen", "最近联络", "Last heard from"),
     ("central_alerts", "总部告警", "Central alerts"),
     ("deliveries", "告警推送", "Deliveries"),
@@ -319,6 +320,17 @@ pub fn overview(f: &Frame, days: u32, since_ms: i64, made_ms: i64, o: &Overview)
             div.charts {
                 section { h2 { (l.t("stamps_per_day")) } div.chart id="chart-stamps" {} }
                 section { h2 { (l.t("refusals_by_reason")) } div.chart id="chart-refusals" {} }
+            }
+            @if !o.per_site.is_empty() {
+                section {
+                    h2 { (l.t("per_site")) }
+                    table id="per-site" {
+                        tr { th { (l.t("site")) } th { (l.t("stamps")) } th { (l.t("refusals")) } th { (l.t("alerts")) } }
+                        @for (site, c) in &o.per_site {
+                            tr { td { a href={"/search?site=" (percent(site))} { (site) } } td.n { (c.stamps) } td.n { (c.refusals) } td.n { (c.alerts) } }
+                        }
+                    }
+                }
             }
             div.tables {
                 section {

@@ -62,31 +62,39 @@ impl Db {
         Ok(b.finish(top))
     }
 
-    /// Completed stamps, refusals and alerts of `[since, until)` over the sites given.
+    /// Completed stamps, refusals and alerts of `[since, until)`, by site, over the sites
+    /// given.
     pub async fn console_counts(
         &self,
         sites: Option<Vec<String>>,
         since_ms: i64,
         until_ms: i64,
-    ) -> Result<(u64, u64, u64), DbError> {
+    ) -> Result<Vec<(String, u64, u64, u64)>, DbError> {
         let client = self.pool.get().await?;
-        let r = client
-            .query_one(
+        let rows = client
+            .query(
                 &format!(
-                    "SELECT count(*) FILTER (WHERE kind = 'stamp.completed'),
+                    "SELECT site, count(*) FILTER (WHERE kind = 'stamp.completed'),
                             count(*) FILTER (WHERE kind IN ('stamp.denied', 'access.denied')),
                             count(*) FILTER (WHERE kind = 'alert')
                      FROM records WHERE {IN_FORCE} AND at_ms >= $1 AND at_ms < $2
-                       AND ($3::text[] IS NULL OR site = ANY($3))"
+                       AND ($3::text[] IS NULL OR site = ANY($3))
+                     GROUP BY site ORDER BY site"
                 ),
                 &[&since_ms, &until_ms, &sites],
             )
             .await?;
-        Ok((
-            r.get::<_, i64>(0) as u64,
-            r.get::<_, i64>(1) as u64,
-            r.get::<_, i64>(2) as u64,
-        ))
+        Ok(rows
+            .iter()
+            .map(|r| {
+                (
+                    r.get(0),
+                    r.get::<_, i64>(1) as u64,
+                    r.get::<_, i64>(2) as u64,
+                    r.get::<_, i64>(3) as u64,
+                )
+            })
+            .collect())
     }
 
     /// Site alerts no auditor acknowledged yet.
