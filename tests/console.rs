@@ -122,33 +122,27 @@ async fn call(
     }
 }
 
-fn enc(s: &str) -> String {
-    let mut out = String::new();
-    for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
-}
+use sealgate::console::pages::percent as enc;
 
-/// Logs in and returns the session cookie ("sg_session=...").
-async fn login(router: &axum::Router, u: &User, password: &str, offset: i64) -> String {
-    let a = call(
+/// A login form sent.
+async fn try_login(router: &axum::Router, name: &str, password: &str, code: &str) -> Answer {
+    call(
         router,
         "POST",
         "/login",
         "",
         Some(&format!(
-            "user={}&password={}&code={}",
-            enc(&u.name),
-            enc(password),
-            code(u, offset)
+            "user={}&password={}&code={code}",
+            enc(name),
+            enc(password)
         )),
     )
-    .await;
+    .await
+}
+
+/// Logs in and returns the session cookie ("sg_session=...").
+async fn login(router: &axum::Router, u: &User, password: &str, offset: i64) -> String {
+    let a = try_login(router, &u.name, password, &code(u, offset)).await;
     assert_eq!(
         a.status,
         StatusCode::SEE_OTHER,
@@ -309,17 +303,7 @@ async fn every_page_and_filter_answers_within_the_auditors_scope() {
     );
 
     // A refused login is recorded with its reason; the page does not say which part was wrong.
-    let r = call(
-        &router,
-        "POST",
-        "/login",
-        "",
-        Some(&format!(
-            "user=qian.li&password=wrong&code={}",
-            code(&qian, 0)
-        )),
-    )
-    .await;
+    let r = try_login(&router, "qian.li", "wrong", &code(&qian, 0)).await;
     assert_eq!(r.status, StatusCode::UNAUTHORIZED);
     assert!(r.body.contains("用户名、密码或验证码错误"), "{}", r.body);
     let failed = records(&db, Some("console.login_failed"));
@@ -336,16 +320,11 @@ async fn every_page_and_filter_answers_within_the_auditors_scope() {
     assert_eq!(logins.len(), 1);
     assert_eq!(logins[0].applicant, "qian.li");
     // The same code again: refused, however right the password.
-    let r = call(
+    let r = try_login(
         &router,
-        "POST",
-        "/login",
-        "",
-        Some(&format!(
-            "user=qian.li&password={}&code={}",
-            enc("qian li's long password"),
-            code(&qian, 0)
-        )),
+        "qian.li",
+        "qian li's long password",
+        &code(&qian, 0),
     )
     .await;
     assert_eq!(r.status, StatusCode::UNAUTHORIZED);
@@ -706,18 +685,7 @@ async fn sessions_expire_and_nothing_happens_unrecorded() {
     // The daemon out of reach: a right login is refused, since it cannot be recorded.
     let gone = d.dir.path().join("no-such.sock");
     let router = web::router(app(&d, vec![sun.clone()], 60_000, &gone));
-    let r = call(
-        &router,
-        "POST",
-        "/login",
-        "",
-        Some(&format!(
-            "user=sun.yu&password={}&code={}",
-            enc("sun yu's long password"),
-            code(&sun, 1)
-        )),
-    )
-    .await;
+    let r = try_login(&router, "sun.yu", "sun yu's long password", &code(&sun, 1)).await;
     assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE);
     assert!(
         r.headers.get(header::SET_COOKIE).is_none(),

@@ -466,7 +466,8 @@ fn serde_urlencoded_pairs(q: &SearchForm) -> String {
         .join("&")
 }
 
-fn percent(s: &str) -> String {
+/// `s` percent-encoded for a URL's path or query (everything but unreserved characters).
+pub fn percent(s: &str) -> String {
     let mut out = String::new();
     for b in s.bytes() {
         if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {

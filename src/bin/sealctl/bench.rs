@@ -712,38 +712,27 @@ fn verify_speed(
         String::new(),
     )?;
     let build = Instant::now();
-    let writers = 1024u64;
-    runtime.block_on(async {
-        let mut tasks = Vec::new();
-        for w in 0..writers {
-            let log = log.clone();
-            tasks.push(tokio::spawn(async move {
-                let mut i = w;
-                while i < n {
-                    // Authorisations: their evidence is not a signature, so this measures the
-                    // chain and checkpoints; each completed stamp's signature check is extra.
-                    let mut r = Record::new(sealgate::audit::kind::STAMP_AUTHORIZED);
-                    r.caller = "oa-system".into();
-                    r.seal = "contract".into();
-                    r.device = "demo-hsm".into();
-                    r.applicant = "zhao.lei".into();
-                    r.doc_sha256 = format!("{i:064x}");
-                    r.doc_type = "invoice".into();
-                    r.approvers = r#"[{"id":"wang.fang","role":"finance","level":1}]"#.into();
-                    r.jti = format!("invoices-2026-11-{}", i / 10_000);
-                    r.evidence = format!(
-                        r#"{{"algorithm":"ecdsa-p256-sha256","signature_sha256":"{i:064x}","key":"contract-seal"}}"#
-                    );
-                    log.append(r).await?;
-                    i += writers;
-                }
-                anyhow::Ok(())
-            }));
+    let log_for_writers = log.clone();
+    in_parallel(runtime, 1024, n, move |i| {
+        let log = log_for_writers.clone();
+        async move {
+            // Authorisations: their evidence is not a signature, so this measures the chain
+            // and checkpoints; each completed stamp's signature check is extra.
+            let mut r = Record::new(sealgate::audit::kind::STAMP_AUTHORIZED);
+            r.caller = "oa-system".into();
+            r.seal = "contract".into();
+            r.device = "demo-hsm".into();
+            r.applicant = "zhao.lei".into();
+            r.doc_sha256 = format!("{i:064x}");
+            r.doc_type = "invoice".into();
+            r.approvers = r#"[{"id":"wang.fang","role":"finance","level":1}]"#.into();
+            r.jti = format!("invoices-2026-11-{}", i / 10_000);
+            r.evidence = format!(
+                r#"{{"algorithm":"ecdsa-p256-sha256","signature_sha256":"{i:064x}","key":"contract-seal"}}"#
+            );
+            log.append(r).await?;
+            Ok(())
         }
-        for t in tasks {
-            t.await??;
-        }
-        anyhow::Ok(())
     })?;
     log.shutdown();
     say!(
@@ -772,6 +761,38 @@ fn verify_speed(
 }
 
 /// The demo's audit key, as the daemon opens it.
+/// Runs `write(i)` for every `i` below `n`, `writers` at a time on `runtime` (each writer
+/// takes every `writers`-th index), as many clients would: the audit writer batches them.
+pub(crate) fn in_parallel<F, Fut>(
+    runtime: &tokio::runtime::Runtime,
+    writers: u64,
+    n: u64,
+    write: F,
+) -> anyhow::Result<()>
+where
+    F: Fn(u64) -> Fut + Clone + Send + 'static,
+    Fut: std::future::Future<Output = anyhow::Result<()>> + Send,
+{
+    runtime.block_on(async {
+        let mut tasks = Vec::new();
+        for w in 0..writers {
+            let write = write.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut i = w;
+                while i < n {
+                    write(i).await?;
+                    i += writers;
+                }
+                anyhow::Ok(())
+            }));
+        }
+        for t in tasks {
+            t.await??;
+        }
+        anyhow::Ok(())
+    })
+}
+
 pub(crate) fn audit_device(demo: &Path) -> anyhow::Result<sealgate::device::pkcs11::Pkcs11Device> {
     use sealgate::device::profile::DeviceProfile;
     use sealgate::device::KeySpec;

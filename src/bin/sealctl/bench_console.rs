@@ -4,7 +4,7 @@
 //! walks: the overview, searches by seal, applicant and document, record pages, the alerts.
 //! It prints, per page, the answers and their p50/p95/p99 latency, and pages per second.
 
-use super::bench::{audit_device, say};
+use super::bench::{audit_device, in_parallel, say};
 use anyhow::{bail, Context as _};
 use sealgate::audit::{anomaly::Anomaly, kind, log::AuditKey, log::AuditLog, Record};
 use std::path::{Path, PathBuf};
@@ -37,60 +37,49 @@ fn build_log(
         Anomaly::none(),
         String::new(),
     )?;
-    let writers = 512u64;
-    let stamps = n / 2;
-    runtime.block_on(async {
-        let mut tasks = Vec::new();
-        for w in 0..writers {
-            let log = log.clone();
-            tasks.push(tokio::spawn(async move {
-                let mut i = w;
-                while i < stamps {
-                    let mut r = Record::new(kind::STAMP_AUTHORIZED);
-                    r.caller = "oa-system".into();
-                    r.seal = SEALS[(i % 3) as usize].into();
-                    r.device = "demo-hsm".into();
-                    r.applicant = APPLICANTS[(i % 8) as usize].into();
-                    r.doc_sha256 = format!("{:064x}", i / 2);
-                    r.doc_type = DOC_TYPES[(i % 4) as usize].into();
-                    r.amount = Some((i % 1000) as i64 * 10_000);
-                    r.currency = "CNY".into();
-                    r.dept = "sales".into();
-                    r.approvers = r#"[{"id":"wang.fang","role":"finance","level":1,"approved_at":1796600000}]"#.into();
-                    r.jti = format!("bench-{i}");
-                    let seq = log.append(r.clone()).await?;
-                    if i % 50 == 49 {
-                        r.kind = kind::STAMP_DENIED.into();
-                        r.reason = "replayed".into();
-                        r.detail = format!("approval \"bench-{i}\" was already used");
-                        log.append(r).await?;
-                    } else {
-                        let mut done = r;
-                        done.kind = kind::STAMP_COMPLETED.into();
-                        done.ref_seq = Some(seq);
-                        done.evidence = format!(
-                            r#"{{"algorithm":"ecdsa-p256-sha256","signature_sha256":"{i:064x}"}}"#
-                        );
-                        let done_seq = log.append(done.clone()).await?;
-                        if i % 40 == 0 {
-                            let mut a = Record::new(kind::ALERT);
-                            a.seal = done.seal;
-                            a.applicant = done.applicant;
-                            a.reason = "off_hours".into();
-                            a.detail = "used outside working hours".into();
-                            a.ref_seq = Some(done_seq);
-                            log.append(a).await?;
-                        }
-                    }
-                    i += writers;
-                }
-                anyhow::Ok(())
-            }));
+    let writer_log = log.clone();
+    in_parallel(runtime, 512, n / 2, move |i| {
+        let log = writer_log.clone();
+        async move {
+            let mut r = Record::new(kind::STAMP_AUTHORIZED);
+            r.caller = "oa-system".into();
+            r.seal = SEALS[(i % 3) as usize].into();
+            r.device = "demo-hsm".into();
+            r.applicant = APPLICANTS[(i % 8) as usize].into();
+            r.doc_sha256 = format!("{:064x}", i / 2);
+            r.doc_type = DOC_TYPES[(i % 4) as usize].into();
+            r.amount = Some((i % 1000) as i64 * 10_000);
+            r.currency = "CNY".into();
+            r.dept = "sales".into();
+            r.approvers =
+                r#"[{"id":"wang.fang","role":"finance","level":1,"approved_at":1796600000}]"#
+                    .into();
+            r.jti = format!("bench-{i}");
+            let seq = log.append(r.clone()).await?;
+            if i % 50 == 49 {
+                r.kind = kind::STAMP_DENIED.into();
+                r.reason = "replayed".into();
+                r.detail = format!("approval \"bench-{i}\" was already used");
+                log.append(r).await?;
+                return Ok(());
+            }
+            let mut done = r;
+            done.kind = kind::STAMP_COMPLETED.into();
+            done.ref_seq = Some(seq);
+            done.evidence =
+                format!(r#"{{"algorithm":"ecdsa-p256-sha256","signature_sha256":"{i:064x}"}}"#);
+            let done_seq = log.append(done.clone()).await?;
+            if i % 40 == 0 {
+                let mut a = Record::new(kind::ALERT);
+                a.seal = done.seal;
+                a.applicant = done.applicant;
+                a.reason = "off_hours".into();
+                a.detail = "used outside working hours".into();
+                a.ref_seq = Some(done_seq);
+                log.append(a).await?;
+            }
+            Ok(())
         }
-        for t in tasks {
-            t.await??;
-        }
-        anyhow::Ok(())
     })?;
     log.shutdown();
     Ok(())
