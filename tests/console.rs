@@ -1159,6 +1159,28 @@ async fn an_auditor_works_through_the_console_in_chromium() {
     wait_js(&b, "the live alert", &format!("const r = document.getElementById('alert-{newest}'); return r !== null && r.className === 'new' && window.__same_page === true;")).await;
     shot(&b, "alerts-live.png").await;
 
+    // The sites board and the deliveries page, in English this time.
+    b.goto(&format!("{base}/sites?lang=en")).await.unwrap();
+    let state = wait_js(
+        &b,
+        "the sites board",
+        "const s = document.querySelector('#sites .state'); return s ? s.textContent : null;",
+    )
+    .await;
+    assert_eq!(state, "Active");
+    shot(&b, "sites.png").await;
+    b.goto(&format!("{base}/deliveries")).await.unwrap();
+    let none = wait_js(
+        &b,
+        "the deliveries page",
+        "const p = document.getElementById('no-outbox'); return p ? p.textContent : null;",
+    )
+    .await;
+    assert!(none
+        .as_str()
+        .unwrap()
+        .starts_with("No alert delivery configured"));
+
     // The log records the auditor's login and search, and still verifies.
     let kinds: BTreeSet<String> = records(&d.db(), None).into_iter().map(|r| r.kind).collect();
     for k in ["console.login", "console.search", "alert.acknowledged"] {
