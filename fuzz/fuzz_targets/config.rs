@@ -24,6 +24,11 @@ fuzz_target!(|data: &[u8]| {
     for seal in &config.seals {
         let _ = SealPolicy::from_config(&seal.id, &seal.rules);
     }
-    let _ = TrustStore::from_config(&config.approvers, dir);
+    let _ = TrustStore::with_applicants(
+        &config.approvers,
+        &config.applicants,
+        config.webauthn.as_ref(),
+        dir,
+    );
     let _ = Anomaly::from_config(&config.audit.alerts);
 });

@@ -60,6 +60,67 @@ pub fn approvers() -> Vec<(&'static str, &'static str, &'static str, SigningKey)
     ]
 }
 
+/// The passkey approver's relying party and approval page.
+pub const PASSKEY_RP: &str = "approvals.fuzz.test";
+pub const PASSKEY_ORIGIN: &str = "https://approvals.fuzz.test";
+
+/// The passkey of approver "sun.li" (an executive): its credential id and ES256 key.
+pub fn passkey() -> (Vec<u8>, p256::ecdsa::SigningKey) {
+    (b"fuzz-passkey-1".to_vec(), p256_key(11))
+}
+
+/// The passkey's public key as a COSE_Key: {1: 2 (EC2), 3: -7 (ES256), -1: 1 (P-256), -2: x,
+/// -3: y}, in CBOR written out by hand.
+fn passkey_cose() -> Vec<u8> {
+    let point = passkey().1.verifying_key().to_encoded_point(false);
+    let mut c = vec![0xa5, 0x01, 0x02, 0x03, 0x26, 0x20, 0x01, 0x21, 0x58, 0x20];
+    c.extend_from_slice(point.x().expect("uncompressed"));
+    c.extend_from_slice(&[0x22, 0x58, 0x20]);
+    c.extend_from_slice(point.y().expect("uncompressed"));
+    c
+}
+
+/// `token` with sun.li's passkey assertion added (user present and verified, counter `count`).
+pub fn add_passkey_signature(token: &mut Token, count: u32) {
+    use p256::ecdsa::signature::Signer;
+    use sha2_for_fuzz::Digest;
+    let (id, key) = passkey();
+    token
+        .add_webauthn_signature(
+            sealgate::token::JwsAlg::ES256,
+            "sun.li",
+            1_700_000_200,
+            &id,
+            |challenge| {
+                let client = format!(
+                    r#"{{"type":"webauthn.get","challenge":"{}","origin":"{PASSKEY_ORIGIN}"}}"#,
+                    b64url(challenge)
+                )
+                .into_bytes();
+                let mut auth = sha2_for_fuzz::Sha256::digest(PASSKEY_RP.as_bytes()).to_vec();
+                auth.push(0x05);
+                auth.extend_from_slice(&count.to_be_bytes());
+                let mut msg = auth.clone();
+                msg.extend_from_slice(&sha2_for_fuzz::Sha256::digest(&client));
+                let sig: p256::ecdsa::Signature = key.sign(&msg);
+                Ok((auth, client, sig.to_der().as_bytes().to_vec()))
+            },
+        )
+        .expect("in memory");
+}
+
+fn b64url(b: &[u8]) -> String {
+    const A: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+    let mut out = String::new();
+    for chunk in b.chunks(3) {
+        let n = chunk.iter().fold(0u32, |n, &x| n << 8 | x as u32) << (8 * (3 - chunk.len()));
+        for i in 0..=chunk.len() {
+            out.push(A[(n >> (18 - 6 * i) & 63) as usize] as char);
+        }
+    }
+    out
+}
+
 /// The terminal's device key, for signed reports.
 pub fn terminal_key() -> ed25519_dalek::SigningKey {
     ed25519_dalek::SigningKey::from_bytes(&[5; 32])
@@ -89,6 +150,7 @@ name = "office"
 uids = [{CALLER_UID}]
 seals = {SEALS:?}
 admin = true
+oversight = true
 
 [[device]]
 id = "soft"
@@ -112,6 +174,11 @@ denial_spike_count = 5
             public_pem(&key)
         );
     }
+    t += &format!(
+        "\n[webauthn]\norigins = [\"{PASSKEY_ORIGIN}\"]\n\n[[approver]]\nid = \"sun.li\"\nrole = \"executive\"\ndepartment = \"management\"\n\n[[approver.passkey]]\ncredential_id = \"{}\"\npublic_key = \"{}\"\nrp_id = \"{PASSKEY_RP}\"\n",
+        b64url(&passkey().0),
+        b64url(&passkey_cose())
+    );
     t += r#"
 [[seal]]
 id = "contract"
@@ -119,6 +186,9 @@ name = "合同专用章"
 device = "soft"
 key_label = "contract"
 algorithm = "ecdsa-p256-sha256"
+# The seeds live from 2023 for decades and grant many uses, so they pass on any day.
+max_token_lifetime_seconds = 4000000000
+max_uses = 1000000
 
 [[seal.rule]]
 name = "large contracts"
@@ -139,6 +209,9 @@ id = "official"
 device = "soft"
 key_label = "official"
 algorithm = "ecdsa-p256-sha256"
+# The seeds live from 2023 for decades and grant many uses, so they pass on any day.
+max_token_lifetime_seconds = 4000000000
+max_uses = 1000000
 
 [[seal.rule]]
 name = "letters"
@@ -152,6 +225,9 @@ id = "finance"
 device = "soft"
 key_label = "finance"
 algorithm = "ecdsa-p256-sha256"
+# The seeds live from 2023 for decades and grant many uses, so they pass on any day.
+max_token_lifetime_seconds = 4000000000
+max_uses = 1000000
 
 [[seal.rule]]
 name = "invoices"

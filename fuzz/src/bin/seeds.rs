@@ -58,12 +58,66 @@ fn main() {
         &["liu.yang"],
     );
     let unsigned = signed(claims("seed-5", "contract", "contract", None, 1), &[]);
+    // A large contract whose executive level is a passkey's WebAuthn assertion.
+    let mut by_passkey = sealgate::token::Token::parse(&signed(
+        claims(
+            "seed-6",
+            "contract",
+            "contract",
+            Some(20_000_000),
+            1_000_000,
+        ),
+        &["zhang.wei"],
+    ))
+    .expect("a seed token");
+    sealgate_fuzz::add_passkey_signature(&mut by_passkey, 7);
+    let by_passkey = by_passkey.to_json().into_bytes();
+    {
+        // The contract seal's seeds must pass, so the fuzzer starts from approvals (a passkey's
+        // among them) that verify.
+        let dir = std::path::Path::new("/nonexistent");
+        let config = sealgate_fuzz::config(dir);
+        let trust = sealgate::approval::TrustStore::with_applicants(
+            &config.approvers,
+            &config.applicants,
+            config.webauthn.as_ref(),
+            dir,
+        )
+        .expect("the trust store");
+        let seal = config
+            .seals
+            .iter()
+            .find(|s| s.id == "contract")
+            .expect("contract");
+        let policy = sealgate::policy::SealPolicy::from_config(&seal.id, &seal.rules)
+            .expect("policy")
+            .with_limits(sealgate::config::TokenLimits::of(
+                seal.max_token_lifetime_seconds,
+                seal.max_uses,
+            ));
+        for (name, t) in [
+            ("contract", &contract),
+            ("large", &large),
+            ("passkey", &by_passkey),
+        ] {
+            let ev = sealgate::approval::evaluate(
+                t,
+                "contract",
+                &sealgate_fuzz::DIGEST,
+                sealgate_fuzz::NOW,
+                &trust,
+                &policy,
+            );
+            assert!(ev.denials.is_empty(), "the {name} seed: {:?}", ev.denials);
+        }
+    }
     for (name, t) in [
         ("contract", &contract),
         ("large", &large),
         ("letter", &letter),
         ("invoice", &invoice),
         ("unsigned", &unsigned),
+        ("passkey", &by_passkey),
     ] {
         write("token", name, t);
     }
@@ -112,6 +166,16 @@ fn main() {
             B::WatchAlerts(pb::WatchAlertsRequest {
                 recent: 5,
                 follow: false,
+            }),
+        ),
+        frame(
+            6,
+            B::RecordOversight(pb::RecordOversightRequest {
+                kind: "console.search".into(),
+                user: "qian.li".into(),
+                detail: "seal=contract".into(),
+                ref_seq: 0,
+                reason: String::new(),
             }),
         ),
     ]
