@@ -35,12 +35,14 @@ const LANG_COOKIE: &str = "sg_lang";
 
 /// Where the console's own records go.
 pub enum Recorder {
-    /// A site's console: appended to the site's log through the daemon's socket, one
-    /// connection kept open.
+    /// A site's console: appended to the site's log through the daemon's socket, over a few
+    /// connections kept open (so that auditors' records at the same moment share the daemon's
+    /// group commits rather than wait for each other's).
     Daemon {
         socket: std::path::PathBuf,
         daemon_uid: u32,
-        client: Box<Mutex<Option<Client>>>,
+        connections: Box<[Mutex<Option<Client>>]>,
+        next: std::sync::atomic::AtomicUsize,
     },
     /// Headquarters' console: rows of HQ's append-only `console_events`.
     Central(crate::hq::db::Db),
@@ -51,7 +53,10 @@ impl Recorder {
         Recorder::Daemon {
             socket,
             daemon_uid,
-            client: Box::new(Mutex::new(None)),
+            connections: (0..RECORDER_CONNECTIONS)
+                .map(|_| Mutex::new(None))
+                .collect(),
+            next: Default::default(),
         }
     }
 
@@ -69,18 +74,22 @@ impl Recorder {
             Recorder::Daemon {
                 socket,
                 daemon_uid,
-                client,
+                connections,
+                next,
             } => {
-                let ref_seq = alert.map_or(0, |a| a.1);
+                let body = request::Body::RecordOversight(pb::RecordOversightRequest {
+                    kind: kind.into(),
+                    user: user.into(),
+                    detail: detail.into(),
+                    ref_seq: alert.map_or(0, |a| a.1),
+                    reason: reason.into(),
+                });
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 at_daemon(
                     socket,
                     *daemon_uid,
-                    client,
-                    kind,
-                    user,
-                    detail,
-                    reason,
-                    ref_seq,
+                    &connections[i % connections.len()],
+                    body,
                 )
                 .await
             }
@@ -93,73 +102,62 @@ impl Recorder {
     }
 }
 
-/// Appends one record through the daemon; its seq once it is durable. A broken connection is
-/// opened again once.
-#[allow(clippy::too_many_arguments)]
+/// Connections the console keeps to the daemon for its records.
+const RECORDER_CONNECTIONS: usize = 8;
+
+/// Appends one record through the daemon on this connection; its seq once it is durable. A
+/// broken connection is opened again once.
 async fn at_daemon(
     socket: &std::path::Path,
     daemon_uid: u32,
     client: &Mutex<Option<Client>>,
-    kind: &str,
-    user: &str,
-    detail: &str,
-    reason: &str,
-    ref_seq: u64,
+    body: request::Body,
 ) -> Result<u64, ConsoleError> {
-    {
-        let body = request::Body::RecordOversight(pb::RecordOversightRequest {
-            kind: kind.into(),
-            user: user.into(),
-            detail: detail.into(),
-            ref_seq,
-            reason: reason.into(),
-        });
-        let mut held = client.lock().await;
-        for attempt in 0..2 {
-            if held.is_none() {
-                let c = Client::connect(socket)
-                    .await
-                    .map_err(|e| ConsoleError::Record(e.to_string()))?;
-                let uid = c
-                    .peer_uid()
-                    .map_err(|e| ConsoleError::Record(e.to_string()))?;
-                if uid != daemon_uid {
-                    return Err(ConsoleError::Record(format!(
-                        "{} is served by uid {uid}, not the daemon's uid {daemon_uid}",
-                        socket.display(),
-                    )));
-                }
-                *held = Some(c);
+    let mut held = client.lock().await;
+    for attempt in 0..2 {
+        if held.is_none() {
+            let c = Client::connect(socket)
+                .await
+                .map_err(|e| ConsoleError::Record(e.to_string()))?;
+            let uid = c
+                .peer_uid()
+                .map_err(|e| ConsoleError::Record(e.to_string()))?;
+            if uid != daemon_uid {
+                return Err(ConsoleError::Record(format!(
+                    "{} is served by uid {uid}, not the daemon's uid {daemon_uid}",
+                    socket.display(),
+                )));
             }
-            let c = held.as_mut().expect("connected above");
-            match tokio::time::timeout(Duration::from_secs(10), c.call(body.clone())).await {
-                Ok(Ok(r)) if r.status == Status::Ok as i32 => {
-                    return match r.body {
-                        Some(response::Body::RecordOversight(o)) => Ok(o.seq),
-                        _ => Err(ConsoleError::Record("an unexpected reply".into())),
-                    }
+            *held = Some(c);
+        }
+        let c = held.as_mut().expect("connected above");
+        match tokio::time::timeout(Duration::from_secs(10), c.call(body.clone())).await {
+            Ok(Ok(r)) if r.status == Status::Ok as i32 => {
+                return match r.body {
+                    Some(response::Body::RecordOversight(o)) => Ok(o.seq),
+                    _ => Err(ConsoleError::Record("an unexpected reply".into())),
                 }
-                Ok(Ok(r)) => {
-                    let status = Status::try_from(r.status)
-                        .map(|s| s.as_str_name().to_string())
-                        .unwrap_or_else(|_| r.status.to_string());
-                    return Err(ConsoleError::Record(format!("{status}: {}", r.message)));
-                }
-                Ok(Err(e)) if attempt == 0 => {
-                    tracing::info!(error = %e, "the daemon's connection broke; connecting again");
-                    *held = None;
-                }
-                Ok(Err(e)) => return Err(ConsoleError::Record(e.to_string())),
-                Err(_) => {
-                    *held = None;
-                    return Err(ConsoleError::Record(
-                        "the daemon did not answer within 10 s".into(),
-                    ));
-                }
+            }
+            Ok(Ok(r)) => {
+                let status = Status::try_from(r.status)
+                    .map(|s| s.as_str_name().to_string())
+                    .unwrap_or_else(|_| r.status.to_string());
+                return Err(ConsoleError::Record(format!("{status}: {}", r.message)));
+            }
+            Ok(Err(e)) if attempt == 0 => {
+                tracing::info!(error = %e, "the daemon's connection broke; connecting again");
+                *held = None;
+            }
+            Ok(Err(e)) => return Err(ConsoleError::Record(e.to_string())),
+            Err(_) => {
+                *held = None;
+                return Err(ConsoleError::Record(
+                    "the daemon did not answer within 10 s".into(),
+                ));
             }
         }
-        unreachable!("the second attempt returns")
     }
+    unreachable!("the second attempt returns")
 }
 
 /// Everything a request may need.
