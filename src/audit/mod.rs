@@ -360,6 +360,27 @@ impl Checkpoint {
     }
 }
 
+/// A Unix time in milliseconds as RFC 3339 (UTC, milliseconds), as people read records.
+pub fn rfc3339(ms: i64) -> String {
+    jiff::Timestamp::from_millisecond(ms)
+        .map(|t| format!("{t:.3}"))
+        .unwrap_or_else(|_| ms.to_string())
+}
+
+/// Milliseconds since the epoch from RFC 3339 or a date (YYYY-MM-DD, in UTC): how people give
+/// a time range over records.
+pub fn parse_time(s: &str) -> Result<i64, String> {
+    if let Ok(t) = s.parse::<jiff::Timestamp>() {
+        return Ok(t.as_millisecond());
+    }
+    let d: jiff::civil::Date = s
+        .parse()
+        .map_err(|_| format!("{s:?} is neither RFC 3339 nor YYYY-MM-DD"))?;
+    d.to_zoned(jiff::tz::TimeZone::UTC)
+        .map(|z| z.timestamp().as_millisecond())
+        .map_err(|e| e.to_string())
+}
+
 /// The key id of an SPKI: first 16 hex digits of its SHA-256.
 pub fn key_id(spki_der: &[u8]) -> String {
     hex::encode(&Sha256::digest(spki_der)[..8])

@@ -162,12 +162,7 @@ impl Lang {
     }
 }
 
-/// A Unix time in milliseconds as RFC 3339 (UTC, milliseconds).
-pub fn time(ms: i64) -> String {
-    jiff::Timestamp::from_millisecond(ms)
-        .map(|t| format!("{t:.3}"))
-        .unwrap_or_else(|_| ms.to_string())
-}
+pub use crate::audit::rfc3339 as time;
 
 fn amount(r: &Record) -> String {
     match r.amount {

@@ -11,7 +11,7 @@ use super::auth::{Auth, LoginRefusal, Session};
 use super::data::{ConsoleData, Overview, Scope, SiteRecord};
 use super::pages::{self, Frame, Lang, SearchForm};
 use super::ConsoleError;
-use crate::audit::{kind, now_ms, query::Filter};
+use crate::audit::{kind, now_ms, parse_time, query::Filter};
 use crate::notify::{Delivery, Outbox, Pending};
 use crate::protocol::client::Client;
 use crate::protocol::{pb, request, response, Status};
@@ -609,19 +609,6 @@ async fn sites(State(app): State<Arc<App>>, a: Authed) -> Response {
         Ok(s) => page(StatusCode::OK, pages::sites(&a.frame(&app, "sites"), &s)),
         Err(e) => failure(&app, &a, &e),
     }
-}
-
-/// Milliseconds since the epoch from RFC 3339 or a UTC date (as `sealctl audit query`).
-fn parse_time(s: &str) -> Result<i64, String> {
-    if let Ok(t) = s.parse::<jiff::Timestamp>() {
-        return Ok(t.as_millisecond());
-    }
-    let d: jiff::civil::Date = s
-        .parse()
-        .map_err(|_| format!("{s:?} is neither RFC 3339 nor YYYY-MM-DD"))?;
-    d.to_zoned(jiff::tz::TimeZone::UTC)
-        .map(|z| z.timestamp().as_millisecond())
-        .map_err(|e| e.to_string())
 }
 
 fn filter_of(form: &SearchForm, limit: u64) -> Result<Filter, String> {

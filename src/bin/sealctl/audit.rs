@@ -334,22 +334,12 @@ fn open(path: &Path) -> anyhow::Result<rusqlite::Connection> {
 
 /// Milliseconds since the epoch from RFC 3339 or a UTC date.
 pub(crate) fn parse_time(s: &str) -> anyhow::Result<i64> {
-    if let Ok(t) = s.parse::<jiff::Timestamp>() {
-        return Ok(t.as_millisecond());
-    }
-    let d: jiff::civil::Date = s
-        .parse()
-        .with_context(|| format!("{s:?} is neither RFC 3339 nor YYYY-MM-DD"))?;
-    Ok(d.to_zoned(jiff::tz::TimeZone::UTC)?
-        .timestamp()
-        .as_millisecond())
+    sealgate::audit::parse_time(s).map_err(anyhow::Error::msg)
 }
 
 /// A Unix time in milliseconds as RFC 3339 (UTC, milliseconds).
 pub fn time(ms: i64) -> String {
-    jiff::Timestamp::from_millisecond(ms)
-        .map(|t| format!("{t:.3}"))
-        .unwrap_or_else(|_| ms.to_string())
+    sealgate::audit::rfc3339(ms)
 }
 
 impl FilterArgs {
