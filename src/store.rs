@@ -152,6 +152,16 @@ CREATE INDEX passkey_uses_credential ON passkey_uses(credential_id, approved_at)
     r#"
 CREATE INDEX audit_doc_any ON audit(doc_sha256) WHERE doc_sha256 <> '';
 "#,
+    // Applications waiting for their approvers: their records, found at start-up without a
+    // scan, and the PDFs submitted with them (shown to approvers, never parsed here).
+    r#"
+CREATE INDEX audit_application ON audit(seq) WHERE kind LIKE 'application.%';
+CREATE TABLE application_documents (
+    jti TEXT PRIMARY KEY,
+    pdf BLOB NOT NULL,
+    at INTEGER NOT NULL
+);
+"#,
 ];
 
 pub struct Store {

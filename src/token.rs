@@ -446,6 +446,33 @@ impl Token {
         challenge_of(&self.signatures[i].protected_b64, &self.payload_b64)
     }
 
+    /// What a passkey's *rejection* of this approval, by the approver of signature `i`, signs
+    /// as its challenge: the SHA-256 of `"sealgate-rejection." BASE64URL(reason) "."` followed by
+    /// the signing input. An approval's signing input has one dot and this has three, so a
+    /// rejection's assertion can never pass as an approval (nor the other way round), and it
+    /// binds the reason given.
+    pub fn rejection_challenge(&self, i: usize, reason: &str) -> [u8; 32] {
+        self.rejection_challenge_for(&self.signatures[i].protected_b64, reason)
+    }
+
+    /// The rejection challenge of a signature whose protected header (base64url) is
+    /// `protected_b64`, before it is made (the approval page asks the passkey for it).
+    pub fn rejection_challenge_for(&self, protected_b64: &str, reason: &str) -> [u8; 32] {
+        use sha2::Digest;
+        let mut h = sha2::Sha256::new();
+        h.update(b"sealgate-rejection.");
+        h.update(B64.encode(reason.as_bytes()).as_bytes());
+        h.update(b".");
+        h.update(signing_input(protected_b64, &self.payload_b64));
+        h.finalize().into()
+    }
+
+    /// The approval challenge of a signature whose protected header is `protected_b64`, before
+    /// it is made (see [`Token::challenge`]).
+    pub fn challenge_for(&self, protected_b64: &str) -> [u8; 32] {
+        challenge_of(protected_b64, &self.payload_b64)
+    }
+
     /// The general JSON serialization.
     pub fn to_json(&self) -> String {
         let sigs: Vec<SignatureJson> = self

@@ -68,6 +68,7 @@ fn app_with_outbox(
     outbox: Option<std::path::PathBuf>,
 ) -> Arc<App> {
     Arc::new(App {
+        approvals: None,
         data: Arc::new(SiteLog {
             site: "demo".into(),
             db: d.db(),
@@ -849,6 +850,17 @@ impl Drop for Console {
 
 /// Writes a console configuration for `d` in `dir` with one auditor and starts the binary.
 fn start_console(d: &Daemon, dir: &Path, password: &str) -> (Console, serde_json::Value) {
+    start_console_with(d, dir, password, "127.0.0.1:0", "")
+}
+
+/// [`start_console`] listening on `listen`, with `more` appended to its configuration.
+fn start_console_with(
+    d: &Daemon,
+    dir: &Path,
+    password: &str,
+    listen: &str,
+    more: &str,
+) -> (Console, serde_json::Value) {
     let pki = pki::Pki::new(dir);
     std::fs::write(dir.join("auditor.password"), password).unwrap();
     let users = dir.join("users.toml");
@@ -867,7 +879,7 @@ fn start_console(d: &Daemon, dir: &Path, password: &str) -> (Console, serde_json
     std::fs::write(
         &config,
         format!(
-            "listen = \"127.0.0.1:0\"\nsite = \"demo\"\ndb = \"{}\"\nsocket = \"{}\"\ntls_cert = \"{}\"\ntls_key = \"{}\"\nusers = \"{}\"\n",
+            "listen = \"{listen}\"\nsite = \"demo\"\ndb = \"{}\"\nsocket = \"{}\"\ntls_cert = \"{}\"\ntls_key = \"{}\"\nusers = \"{}\"\n{more}",
             d.db().display(),
             d.socket.display(),
             pki.path("server.crt"),
@@ -1262,6 +1274,7 @@ async fn headquarters_console_shows_every_site_within_the_auditors_scope() {
         "wu fei's long password",
     );
     let app = Arc::new(App {
+        approvals: None,
         data: Arc::new(CentralLog {
             db: db(),
             silent_after_ms: 600_000,
@@ -1496,4 +1509,502 @@ async fn headquarters_console_shows_every_site_within_the_auditors_scope() {
         .unwrap()
         .starts_with("console at https://127.0.0.1:"));
     drop(console);
+}
+
+/// One DevTools command through chromedriver's CDP endpoint (the WebAuthn virtual
+/// authenticator has no WebDriver command of its own in chromedriver).
+async fn cdp(
+    driver: &Driver,
+    b: &fantoccini::Client,
+    cmd: &str,
+    params: serde_json::Value,
+) -> serde_json::Value {
+    use std::io::{Read, Write};
+    let session = b.session_id().await.unwrap().unwrap();
+    let body = serde_json::json!({ "cmd": cmd, "params": params }).to_string();
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", driver.1)).unwrap();
+    write!(
+        s,
+        "POST /session/{session}/goog/cdp/execute HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    // Read the head, then as many bytes as it says (chromedriver may keep the connection).
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let mut raw = Vec::new();
+    let mut buf = [0u8; 4096];
+    let answer = loop {
+        let n = s.read(&mut buf).unwrap();
+        assert!(n > 0, "{cmd}: chromedriver closed the connection");
+        raw.extend_from_slice(&buf[..n]);
+        let text = String::from_utf8_lossy(&raw).into_owned();
+        if let Some((head, body)) = text.split_once("\r\n\r\n") {
+            let len: usize = head
+                .lines()
+                .find_map(|l| {
+                    let (k, v) = l.split_once(':')?;
+                    k.eq_ignore_ascii_case("content-length")
+                        .then(|| v.trim().parse().ok())?
+                })
+                .unwrap_or(0);
+            if body.len() >= len {
+                break text;
+            }
+        }
+    };
+    let json = answer.split("\r\n\r\n").nth(1).unwrap_or_default();
+    let v: serde_json::Value =
+        serde_json::from_str(json).unwrap_or_else(|e| panic!("{cmd}: {e}: {answer}"));
+    assert!(v["value"].get("error").is_none(), "{cmd}: {v}");
+    v["value"].clone()
+}
+
+/// Clicks the element with this id.
+async fn click(b: &fantoccini::Client, id: &str) {
+    b.find(fantoccini::Locator::Id(id))
+        .await
+        .unwrap_or_else(|e| panic!("#{id}: {e}"))
+        .click()
+        .await
+        .unwrap();
+}
+
+/// Signs `who` in at the approval page (the virtual authenticator answers).
+async fn approver_signs_in(b: &fantoccini::Client, base: &str, who: &str) {
+    b.goto(&format!("{base}/approvals/login")).await.unwrap();
+    b.find(fantoccini::Locator::Id("approver-id"))
+        .await
+        .unwrap()
+        .send_keys(who)
+        .await
+        .unwrap();
+    click(b, "approver-login-button").await;
+    wait_js(
+        b,
+        "the approver's list",
+        &format!("return location.pathname == '/approvals' && document.getElementById('approver')?.textContent == '{who}';"),
+    )
+    .await;
+}
+
+/// Clicks approve (or reject, with a reason) on the open application page; the result line.
+async fn decide_in_page(b: &fantoccini::Client, reject: Option<&str>) -> (String, String) {
+    if let Some(reason) = reject {
+        b.find(fantoccini::Locator::Id("reason"))
+            .await
+            .unwrap()
+            .send_keys(reason)
+            .await
+            .unwrap();
+        click(b, "reject").await;
+    } else {
+        click(b, "approve").await;
+    }
+    let v = wait_js(
+        b,
+        "the decision's result",
+        "const r = document.getElementById('decision-result'); return r.dataset.state ? [r.dataset.state, r.textContent] : null;",
+    )
+    .await;
+    (
+        v[0].as_str().unwrap().to_owned(),
+        v[1].as_str().unwrap().to_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn approvers_register_passkeys_and_approve_in_chromium_and_the_daemon_stamps() {
+    use common::receivers::{received, secret_file, Receiver};
+    let port = free_port();
+    let base = format!("https://localhost:{port}");
+    let demo = demo();
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("sealgated.sock");
+    let opts = Opts {
+        extra: format!("\n[webauthn]\norigins = [\"{base}\"]\n"),
+        ..Opts::default()
+    };
+    let text = config_text(demo, &socket, &opts).replacen(
+        "admin = true\n",
+        "admin = true\noversight = true\n",
+        1,
+    );
+    let d = Daemon::start_with(dir, &text, &[]).unwrap_or_else(|f| panic!("daemon: {f:?}"));
+    let work = tempfile::tempdir().unwrap();
+    let w = work.path();
+    let approvers = w.join("approvers.toml");
+    let (_console, _) = start_console_with(
+        &d,
+        w,
+        "an auditor's password here",
+        &format!("127.0.0.1:{port}"),
+        &format!(
+            "\n[approvals]\nrp_id = \"localhost\"\norigin = \"{base}\"\napprovers = \"{}\"\n",
+            approvers.display()
+        ),
+    );
+    let driver = start_driver();
+    let b = browser(&driver, &w.join("chromium")).await;
+    b.goto(&format!("{base}/approvals/login")).await.unwrap();
+    cdp(&driver, &b, "WebAuthn.enable", serde_json::json!({})).await;
+    let authenticator = cdp(
+        &driver,
+        &b,
+        "WebAuthn.addVirtualAuthenticator",
+        serde_json::json!({"options": {
+            "protocol": "ctap2", "transport": "internal", "hasResidentKey": true,
+            "hasUserVerification": true, "isUserVerified": true,
+            "automaticPresenceSimulation": true,
+        }}),
+    )
+    .await["authenticatorId"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+
+    // An administrator invites two approvers; each registers a passkey through the page, which
+    // shows the trust-store entry to add.
+    let mut trust = String::new();
+    for (id, role, dept) in [
+        ("chen.jing", "dept_head", "sales"),
+        ("sun.li", "executive", "management"),
+    ] {
+        let out = Command::new(SEALGATE_CONSOLE)
+            .args(["invite", "--config"])
+            .arg(w.join("console.toml"))
+            .args(["--approver", id, "--role", role, "--department", dept])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        let link = String::from_utf8(out.stdout).unwrap().trim().to_owned();
+        assert!(
+            link.starts_with(&format!("{base}/register?invite=")),
+            "{link}"
+        );
+        b.goto(&link).await.unwrap();
+        click(&b, "register-button").await;
+        let state = wait_js(
+            &b,
+            "the registration",
+            "const r = document.getElementById('register-result'); return r.dataset.state ? [r.dataset.state, r.textContent] : null;",
+        )
+        .await;
+        assert_eq!(state[0], "registered", "{state}");
+        if id == "chen.jing" {
+            shot(&b, "approval-register.png").await;
+        }
+        let shown = b
+            .execute(
+                "return document.getElementById('register-entry').textContent;",
+                vec![],
+            )
+            .await
+            .unwrap();
+        let entry = shown
+            .as_str()
+            .unwrap()
+            .split("...\n")
+            .nth(1)
+            .unwrap()
+            .to_owned();
+        assert!(entry.contains("rp_id = \"localhost\""), "{entry}");
+        trust += &format!(
+            "\n[[approver]]\nid = \"{id}\"\nrole = \"{role}\"\ndepartment = \"{dept}\"\n\n{entry}"
+        );
+        // An invitation opens once.
+        b.goto(&link).await.unwrap();
+        wait_js(&b, "a spent invitation", "return document.body.innerText.includes('No such invitation') || document.body.innerText.includes('邀请无效');").await;
+    }
+    let registered = records(&d.db(), Some("console.passkey_registered"));
+    assert_eq!(registered.len(), 2);
+    assert!(registered[0].detail.contains("trust_store_entry"));
+    // The administrator adds the entries to the trust store and reloads.
+    let config = d.dir.path().join("sealgate.toml");
+    let mut text = std::fs::read_to_string(&config).unwrap();
+    text += &trust;
+    std::fs::write(&config, text).unwrap();
+    assert!(d.reload_next().contains("configuration reloaded"));
+
+    // The applicant prepares the contract's PDF and submits the application with it.
+    let sealctl = |args: &[&str]| {
+        Command::new(SEALCTL)
+            .arg("--socket")
+            .arg(&d.socket)
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let p = |name: &str| w.join(name).to_str().unwrap().to_owned();
+    std::fs::write(
+        w.join("contract.pdf"),
+        contract_pdf("Supply contract 2026-131"),
+    )
+    .unwrap();
+    let out = sealctl(&[
+        "pdf",
+        "prepare",
+        &p("contract.pdf"),
+        "--seal",
+        "contract",
+        "--page",
+        "1",
+        "--at",
+        "120,30",
+        "--size",
+        "40",
+        "--out",
+        &p("prepared.pdf"),
+    ]);
+    assert!(out.status.success(), "{out:?}");
+    let out = sealctl(&[
+        "token",
+        "new",
+        "--pdf",
+        &p("prepared.pdf"),
+        "--seal",
+        "contract",
+        "--doc-type",
+        "contract",
+        "--title",
+        "供货合同 2026-131",
+        "--amount-minor",
+        "25000000",
+        "--currency",
+        "CNY",
+        "--dept",
+        "sales",
+        "--applicant",
+        "zhao.lei",
+        "--purpose",
+        "supplier contract",
+        "--out",
+        &p("application.json"),
+        "--submit",
+    ]);
+    assert!(out.status.success(), "{out:?}");
+    let said = String::from_utf8_lossy(&out.stdout).into_owned();
+    let application: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(w.join("application.json")).unwrap()).unwrap();
+    let payload = base64::Engine::decode(
+        &base64::engine::general_purpose::URL_SAFE_NO_PAD,
+        application["payload"].as_str().unwrap(),
+    )
+    .unwrap();
+    let claims: serde_json::Value = serde_json::from_slice(&payload).unwrap();
+    let id = claims["jti"].as_str().unwrap().to_owned();
+    assert!(
+        said.contains(&format!("application {id}: pending")),
+        "{said}"
+    );
+    assert!(said.contains("waiting for  a dept_head of sales"), "{said}");
+    // Not yet approved: fetching says so.
+    let out = sealctl(&["token", "fetch", &id]);
+    assert_eq!(out.status.code(), Some(4), "{out:?}");
+
+    // The approvers are told through alert delivery, with a link to the page.
+    let secret = secret_file(w, "hook.secret", "the approvers' webhook key");
+    let http = free_port();
+    let hooks = w.join("received");
+    std::fs::create_dir(&hooks).unwrap();
+    let _receiver = Receiver::http(http, &secret, &secret, &hooks);
+    let notify = w.join("notify.toml");
+    std::fs::write(
+        &notify,
+        format!(
+            "site = \"demo\"\ndb = \"{}\"\noutbox = \"outbox.db\"\nfrom_beginning = true\n\n\
+             [[channel]]\nid = \"approvers\"\nkind = \"webhook\"\nurl = \"http://127.0.0.1:{http}/hook\"\nsecret_file = \"{secret}\"\n\n\
+             [[route]]\nrules = [\"approval_pending\"]\nchannels = [\"approvers\"]\n",
+            d.db().display()
+        ),
+    )
+    .unwrap();
+    let pass = Command::new(SEALCTL)
+        .args(["notify", "--config"])
+        .arg(&notify)
+        .output()
+        .unwrap();
+    assert!(pass.status.success(), "{pass:?}");
+    let sent = received(&hooks, "hook");
+    assert_eq!(sent.len(), 1, "{sent:?}");
+    let text = sent[0].to_string();
+    assert!(text.contains("approval_pending"), "{text}");
+    assert!(text.contains(&format!("{base}/approvals/{id}")), "{text}");
+
+    // Level 1: the department head signs in with the passkey, sees the application with its
+    // first page, and approves.
+    approver_signs_in(&b, &base, "chen.jing").await;
+    let rows = b.execute(TABLE, vec!["waiting".into()]).await.unwrap();
+    assert_eq!(rows.as_array().unwrap().len(), 1, "{rows}");
+    assert!(rows.to_string().contains("供货合同 2026-131"), "{rows}");
+    b.goto(&format!("{base}/approvals/{id}")).await.unwrap();
+    let facts = b
+        .execute(TABLE, vec!["facts".into()])
+        .await
+        .unwrap()
+        .to_string();
+    for shown in [
+        "250000.00 CNY",
+        "zhao.lei",
+        "supplier contract",
+        claims["doc"]["sha256"].as_str().unwrap(),
+    ] {
+        assert!(facts.contains(shown), "{shown} in {facts}");
+    }
+    wait_js(
+        &b,
+        "the first page",
+        "const i = document.getElementById('first-page'); return i && i.complete && i.naturalWidth > 500;",
+    )
+    .await;
+    // The seal's image is where the prepared PDF places it: red pixels on the rendered page.
+    let red = b
+        .execute(
+            "const i = document.getElementById('first-page'); const c = document.createElement('canvas'); c.width = i.naturalWidth; c.height = i.naturalHeight; const x = c.getContext('2d'); x.drawImage(i, 0, 0); const d = x.getImageData(0, 0, c.width, c.height).data; let n = 0; for (let k = 0; k < d.length; k += 4) { if (d[k] > 170 && d[k+1] < 90 && d[k+2] < 90) n++; } return n;",
+            vec![],
+        )
+        .await
+        .unwrap();
+    assert!(
+        red.as_u64().unwrap() > 200,
+        "seal-red pixels on the first page: {red}"
+    );
+    shot(&b, "approval-page.png").await;
+    let (state, said) = decide_in_page(&b, None).await;
+    assert_eq!(state, "pending", "{said}");
+    assert!(said.contains("1 / 2"), "{said}");
+
+    // Level 2, first without user verification (a page that asks for none): the daemon
+    // refuses it at the level that requires it, and nothing is recorded.
+    approver_signs_in(&b, &base, "sun.li").await;
+    b.goto(&format!("{base}/approvals/{id}")).await.unwrap();
+    cdp(
+        &driver,
+        &b,
+        "WebAuthn.setUserVerified",
+        serde_json::json!({"authenticatorId": authenticator, "isUserVerified": false}),
+    )
+    .await;
+    b.execute(
+        "const get = navigator.credentials.get.bind(navigator.credentials); navigator.credentials.get = (o) => { o.publicKey.userVerification = 'discouraged'; return get(o); };",
+        vec![],
+    )
+    .await
+    .unwrap();
+    let (state, said) = decide_in_page(&b, None).await;
+    assert_eq!(state, "refused", "{said}");
+    assert!(said.contains("webauthn_user_verification"), "{said}");
+    assert_eq!(records(&d.db(), Some("application.approved")).len(), 1);
+    cdp(
+        &driver,
+        &b,
+        "WebAuthn.setUserVerified",
+        serde_json::json!({"authenticatorId": authenticator, "isUserVerified": true}),
+    )
+    .await;
+    b.goto(&format!("{base}/approvals/{id}")).await.unwrap();
+    let (state, said) = decide_in_page(&b, None).await;
+    assert_eq!(state, "approved", "{said}");
+
+    // The applicant fetches the whole token and the daemon stamps the PDF with it on SoftHSM.
+    let out = sealctl(&["token", "fetch", &id, "--out", &p("approved.json")]);
+    assert!(out.status.success(), "{out:?}");
+    let out = sealctl(&[
+        "stamp",
+        "--seal",
+        "contract",
+        "--pdf",
+        &p("prepared.pdf"),
+        "--token",
+        &p("approved.json"),
+        "--out",
+        &p("stamped.pdf"),
+    ]);
+    assert!(out.status.success(), "{out:?}");
+    let stamped = records(&d.db(), Some("stamp.completed"));
+    let last = stamped.last().unwrap();
+    assert_eq!(last.jti, id);
+    let approvers: serde_json::Value = serde_json::from_str(&last.approvers).unwrap();
+    assert_eq!(approvers[0]["id"], "chen.jing");
+    assert_eq!(approvers[0]["level"], 1);
+    assert_eq!(approvers[1]["id"], "sun.li");
+    assert_eq!(approvers[1]["level"], 2);
+    assert_eq!(approvers[1]["passkey"]["user_verified"], true);
+    for (kind, n) in [
+        ("application.submitted", 1),
+        ("application.pending", 2),
+        ("application.approved", 2),
+    ] {
+        assert_eq!(records(&d.db(), Some(kind)).len(), n, "{kind}");
+    }
+
+    // A rejection ends another application with its reason; an application of the approver's
+    // own is not theirs to decide.
+    for (applicant, title) in [("zhao.lei", "lease 7"), ("chen.jing", "lease 8")] {
+        let out = sealctl(&[
+            "token",
+            "new",
+            "--sha256",
+            &hex::encode(sha256(title.as_bytes())),
+            "--seal",
+            "contract",
+            "--doc-type",
+            "contract",
+            "--title",
+            title,
+            "--dept",
+            "sales",
+            "--applicant",
+            applicant,
+            "--out",
+            &p(&format!("{title}.json")),
+            "--submit",
+        ]);
+        assert!(out.status.success(), "{out:?}");
+    }
+    let jti_of = |name: &str| {
+        let v: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(w.join(name)).unwrap()).unwrap();
+        let c: serde_json::Value = serde_json::from_slice(
+            &base64::Engine::decode(
+                &base64::engine::general_purpose::URL_SAFE_NO_PAD,
+                v["payload"].as_str().unwrap(),
+            )
+            .unwrap(),
+        )
+        .unwrap();
+        c["jti"].as_str().unwrap().to_owned()
+    };
+    let (lease7, lease8) = (jti_of("lease 7.json"), jti_of("lease 8.json"));
+    approver_signs_in(&b, &base, "chen.jing").await;
+    let rows = b
+        .execute(TABLE, vec!["waiting".into()])
+        .await
+        .unwrap()
+        .to_string();
+    assert!(
+        rows.contains("lease 7") && !rows.contains("lease 8"),
+        "{rows}"
+    );
+    b.goto(&format!("{base}/approvals/{lease8}")).await.unwrap();
+    wait_js(
+        &b,
+        "not mine",
+        "return !!document.getElementById('not-mine');",
+    )
+    .await;
+    b.goto(&format!("{base}/approvals/{lease7}")).await.unwrap();
+    let (state, said) =
+        decide_in_page(&b, Some("the counterparty is not on the supplier list")).await;
+    assert_eq!(state, "rejected", "{said}");
+    let out = sealctl(&["token", "fetch", &lease7]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stdout)
+        .contains("rejected by  chen.jing: the counterparty is not on the supplier list"));
+    let rejected = records(&d.db(), Some("application.rejected"));
+    assert_eq!(rejected.len(), 1);
+    assert_eq!(rejected[0].jti, lease7);
+    let logins = records(&d.db(), Some("console.login"));
+    assert!(logins.iter().filter(|r| r.applicant == "chen.jing").count() >= 2);
+    let (code, out) = audit_verify(&d.db());
+    assert_eq!(code, 0, "{out}");
 }

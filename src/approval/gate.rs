@@ -100,7 +100,7 @@ impl Gate {
         *self.rules.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(rules);
     }
 
-    fn rules(&self) -> Arc<Rules> {
+    pub fn rules(&self) -> Arc<Rules> {
         self.rules.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
@@ -272,7 +272,10 @@ impl FirstPass {
 
 /// `[{"id","role","level","approved_at"}, ...]`; level is the 1-based position of the role in
 /// the matched rule, 0 when the rule does not ask for it.
-fn approvers_json(approvals: &[crate::policy::ApprovalFact], levels: Option<&[String]>) -> String {
+pub(crate) fn approvers_json(
+    approvals: &[crate::policy::ApprovalFact],
+    levels: Option<&[String]>,
+) -> String {
     let list: Vec<serde_json::Value> = approvals
         .iter()
         .map(|a| {

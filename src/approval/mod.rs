@@ -230,6 +230,11 @@ impl TrustStore {
         self.approvers.get(id)
     }
 
+    /// The approval pages' origins (`[webauthn] origins`).
+    pub fn origins(&self) -> &[String] {
+        &self.origins
+    }
+
     /// Whether signature `i` of `token` verifies under `approver`'s key, remembering a success.
     fn verify(&self, token: &Token, i: usize, approver: &Approver) -> bool {
         match &approver.key {
@@ -348,19 +353,29 @@ pub fn evaluate(
     trust: &TrustStore,
     policy: &SealPolicy,
 ) -> Evaluation {
+    match Token::parse(token_bytes) {
+        Ok(token) => evaluate_token(token, seal_id, digest, now, trust, policy),
+        Err(e) => Evaluation {
+            token: None,
+            rule: None,
+            denials: vec![Denial::new(Reason::Malformed, e.0)],
+            approvals: Vec::new(),
+            applicant: String::new(),
+        },
+    }
+}
+
+/// [`evaluate`] of a token already parsed (an application's, which may carry no signature
+/// yet: it is parsed by [`Token::parse_for_signing`]).
+pub fn evaluate_token(
+    token: Token,
+    seal_id: &str,
+    digest: &[u8; 32],
+    now: i64,
+    trust: &TrustStore,
+    policy: &SealPolicy,
+) -> Evaluation {
     let mut denials = Vec::new();
-    let token = match Token::parse(token_bytes) {
-        Ok(t) => t,
-        Err(e) => {
-            return Evaluation {
-                token: None,
-                rule: None,
-                denials: vec![Denial::new(Reason::Malformed, e.0)],
-                approvals: Vec::new(),
-                applicant: String::new(),
-            }
-        }
-    };
     let c = &token.claims;
     let applicant = match normalize_id(&c.applicant) {
         Ok(a) => a,

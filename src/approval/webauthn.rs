@@ -13,7 +13,7 @@
 //! signature over them.
 
 use super::{Denial, Reason};
-use crate::token::{JwsAlg, Token};
+use crate::token::{Assertion, JwsAlg, Token};
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
 use base64::Engine;
 use sha2::Digest;
@@ -194,6 +194,28 @@ pub fn check(
     needs_uv: bool,
     signature_ok: impl FnOnce(&dyn Fn() -> bool) -> bool,
 ) -> Result<Asserted, Denial> {
+    check_with(
+        token,
+        i,
+        &token.challenge(i),
+        passkey,
+        origins,
+        needs_uv,
+        signature_ok,
+    )
+}
+
+/// [`check`] against another challenge than the approval's (a rejection's, see
+/// [`Token::rejection_challenge`]).
+pub fn check_with(
+    token: &Token,
+    i: usize,
+    challenge: &[u8; 32],
+    passkey: &Passkey,
+    origins: &[String],
+    needs_uv: bool,
+    signature_ok: impl FnOnce(&dyn Fn() -> bool) -> bool,
+) -> Result<Asserted, Denial> {
     let sig = &token.signatures[i];
     let kid = &sig.header.kid;
     let Some(a) = &sig.assertion else {
@@ -202,13 +224,40 @@ pub fn check(
             format!("the signature of {kid:?} is not a WebAuthn assertion"),
         ));
     };
+    check_assertion(
+        kid,
+        sig.header.alg,
+        a,
+        &sig.signature,
+        challenge,
+        passkey,
+        origins,
+        needs_uv,
+        signature_ok,
+    )
+}
+
+/// The checks of one assertion `a` with `signature`, made by `kid` under `alg`, for
+/// `challenge` (an approval's, a rejection's, or a login's at the approval page).
+#[allow(clippy::too_many_arguments)]
+pub fn check_assertion(
+    kid: &str,
+    alg: JwsAlg,
+    a: &Assertion,
+    signature: &[u8],
+    challenge: &[u8; 32],
+    passkey: &Passkey,
+    origins: &[String],
+    needs_uv: bool,
+    signature_ok: impl FnOnce(&dyn Fn() -> bool) -> bool,
+) -> Result<Asserted, Denial> {
     let client: ClientData = serde_json::from_slice(&a.client_data_json).map_err(|e| {
         Denial::new(
             Reason::Malformed,
             format!("the client data of {kid:?}'s assertion: {e}"),
         )
     })?;
-    if B64.decode(client.challenge.as_bytes()).ok().as_deref() != Some(&token.challenge(i)[..]) {
+    if B64.decode(client.challenge.as_bytes()).ok().as_deref() != Some(&challenge[..]) {
         return Err(Denial::new(
             Reason::WebauthnChallenge,
             format!(
@@ -271,13 +320,13 @@ pub fn check(
         ));
     }
     let verify = || {
-        if sig.header.alg != passkey.key.alg() {
+        if alg != passkey.key.alg() {
             return false;
         }
         let mut msg = Vec::with_capacity(auth.len() + 32);
         msg.extend_from_slice(auth);
         msg.extend_from_slice(&sha2::Sha256::digest(&a.client_data_json));
-        passkey.key.verify(&msg, &sig.signature)
+        passkey.key.verify(&msg, signature)
     };
     if !signature_ok(&verify) {
         return Err(Denial::new(

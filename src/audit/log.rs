@@ -32,8 +32,11 @@ const REOPEN_INTERVAL: Duration = Duration::from_secs(1);
 /// Records kept for a later batch (alerts, outcomes of stamps whose reply failed) at most.
 const MAX_PENDING: usize = 10_000;
 
-/// A record's detail is cut to this many bytes.
+/// A record's detail is cut to this many bytes...
 const MAX_DETAIL_BYTES: usize = 2048;
+/// ...but an application's, which holds its token as it stands (bounded where it is taken in:
+/// at most 64 KiB, JSON-quoted here), so the log keeps every approval's evidence whole.
+const MAX_APPLICATION_DETAIL_BYTES: usize = 160 * 1024;
 /// A seal name taken from a request is cut to this many bytes.
 const MAX_NAME_BYTES: usize = 256;
 
@@ -685,7 +688,12 @@ impl Writer {
                 seq += 1;
                 r.at_ms = now;
                 // Details quote caller input (seal names, approver ids); keep them bounded.
-                clip(&mut r.detail, MAX_DETAIL_BYTES);
+                let max = if r.kind.starts_with("application.") {
+                    MAX_APPLICATION_DETAIL_BYTES
+                } else {
+                    MAX_DETAIL_BYTES
+                };
+                clip(&mut r.detail, max);
                 clip(&mut r.seal, MAX_NAME_BYTES);
                 r.seal_after(seq, head);
                 head = r.hash;

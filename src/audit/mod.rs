@@ -95,6 +95,17 @@ pub mod kind {
     pub const CONSOLE_LOGOUT: &str = "console.logout";
     pub const CONSOLE_SEARCH: &str = "console.search";
     pub const CONSOLE_EXPORT: &str = "console.export";
+    /// A passkey registered for an approver at the approval page (`applicant` is the approver,
+    /// `detail` the credential and the trust-store entry to add).
+    pub const CONSOLE_PASSKEY_REGISTERED: &str = "console.passkey_registered";
+    /// Applications (docs/approvals.md), `jti` the application's id: submitted (`detail` holds
+    /// the token); waiting for a level (`reason` its role: what alert delivery sends approvers);
+    /// a level approved (`approvers` so far, `detail` the token as it stands); rejected
+    /// (`reason` "rejected", `detail` who and why).
+    pub const APPLICATION_SUBMITTED: &str = "application.submitted";
+    pub const APPLICATION_PENDING: &str = "application.pending";
+    pub const APPLICATION_APPROVED: &str = "application.approved";
+    pub const APPLICATION_REJECTED: &str = "application.rejected";
 }
 
 /// One audit record. Text fields are empty when they do not apply.

@@ -61,6 +61,30 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Invite an approver to register a passkey at the approval page ([approvals]); prints the
+    /// link to send them (good for --hours, once). A new invitation replaces an open one.
+    Invite {
+        #[arg(
+            long,
+            env = "SEALGATE_CONSOLE_CONFIG",
+            default_value = "/etc/sealgate/console.toml"
+        )]
+        config: PathBuf,
+        /// The approver's id in the daemon's trust store...
+        #[arg(long)]
+        approver: String,
+        /// ...their role there...
+        #[arg(long)]
+        role: String,
+        /// ...and department.
+        #[arg(long, default_value = "")]
+        department: String,
+        #[arg(long, default_value_t = 72)]
+        hours: u64,
+        /// Print the link as a QR code too (for a phone).
+        #[arg(long)]
+        qr: bool,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -75,6 +99,38 @@ fn main() -> anyhow::Result<()> {
             password_file,
             json,
         } => add_user(users, name, role, sites, password_file, json),
+        Command::Invite {
+            config,
+            approver,
+            role,
+            department,
+            hours,
+            qr,
+        } => {
+            let config = ConsoleConfig::load(&config)?;
+            let approvals = config
+                .approvals
+                .as_ref()
+                .context("the console configuration has no [approvals]")?;
+            let link = sealgate::console::approvals::invite(
+                approvals,
+                &approver,
+                &role,
+                &department,
+                hours,
+            )?;
+            if qr {
+                let code = qrcode::QrCode::new(link.as_bytes()).context("QR code")?;
+                println!(
+                    "{}",
+                    code.render::<qrcode::render::unicode::Dense1x2>()
+                        .quiet_zone(true)
+                        .build()
+                );
+            }
+            println!("{link}");
+            Ok(())
+        }
         Command::Serve { config } => {
             let config = ConsoleConfig::load(&config)?;
             tokio::runtime::Builder::new_multi_thread()
@@ -220,6 +276,13 @@ async fn serve(config: ConsoleConfig) -> anyhow::Result<()> {
         live,
         outbox: config.outbox.clone(),
         overviews: Default::default(),
+        approvals: config.approvals.clone().map(|a| {
+            sealgate::console::approvals::Approvals::new(
+                a,
+                config.session_minutes as i64 * 60_000,
+                config.idle_minutes as i64 * 60_000,
+            )
+        }),
     });
     tokio::spawn(web::watch_alerts(app.clone(), Duration::from_secs(1)));
     // The overview most auditors open first, made before the first of them asks.

@@ -11,6 +11,7 @@
 //! Owns: the console's configuration, its users, sessions, pages and their data access.
 //! Never: writes stamps, approvals or policy; logs a password, a TOTP seed or a session token.
 
+pub mod approvals;
 pub mod auth;
 pub mod central;
 pub mod data;
@@ -30,6 +31,13 @@ pub enum ConsoleError {
     Log(String),
     #[error("the oversight record could not be made: {0}")]
     Record(String),
+    /// The daemon refused a request of the approval page (its status, reason code, message).
+    #[error("{status}: {message}")]
+    Refused {
+        status: String,
+        reason: String,
+        message: String,
+    },
 }
 
 /// `sealgate-console serve --config FILE`.
@@ -86,6 +94,9 @@ pub struct ConsoleConfig {
     /// How many connections may be open at once.
     #[serde(default = "default_max_connections")]
     pub max_connections: usize,
+    /// The approval page (docs/approvals.md): a site's console only.
+    #[serde(default)]
+    pub approvals: Option<approvals::ApprovalsConfig>,
 }
 
 fn default_silent_after_ms() -> i64 {
@@ -129,6 +140,26 @@ impl ConsoleConfig {
         .filter(|p| p.is_relative())
         {
             *p = base.join(&*p);
+        }
+        if let Some(a) = c.approvals.as_mut() {
+            if a.approvers.is_relative() {
+                a.approvers = base.join(&a.approvers);
+            }
+            if c.hq_database.is_some() {
+                return Err(bad(
+                    "[approvals] is a site's: applications wait at the site's daemon".into(),
+                ));
+            }
+            if a.rp_id.is_empty() || a.rp_id.parse::<std::net::IpAddr>().is_ok() {
+                return Err(bad(
+                    "[approvals] rp_id must be the page's host name (WebAuthn allows no IP address)".into(),
+                ));
+            }
+            if !a.origin.starts_with("https://") || a.origin.ends_with('/') {
+                return Err(bad(
+                    "[approvals] origin is \"https://HOST[:PORT]\", with no path".into(),
+                ));
+            }
         }
         match (&c.db, &c.socket, &c.hq_database) {
             (Some(_), Some(_), None) | (None, None, Some(_)) => {}

@@ -85,6 +85,43 @@ impl Recorder {
                     reason: reason.into(),
                 });
                 let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                match at_daemon(
+                    socket,
+                    *daemon_uid,
+                    &connections[i % connections.len()],
+                    body,
+                )
+                .await
+                {
+                    Ok(response::Body::RecordOversight(o)) => Ok(o.seq),
+                    Ok(_) => Err(ConsoleError::Record("an unexpected reply".into())),
+                    Err(ConsoleError::Refused {
+                        status, message, ..
+                    }) => Err(ConsoleError::Record(format!("{status}: {message}"))),
+                    Err(e) => Err(e),
+                }
+            }
+            Recorder::Central(db) => db
+                .console_event(user, kind, reason, detail, alert)
+                .await
+                .map(|id| id as u64)
+                .map_err(|e| ConsoleError::Record(e.to_string())),
+        }
+    }
+}
+
+impl Recorder {
+    /// Another request of the approval page to the site's daemon (applications); its answer,
+    /// or the daemon's refusal as [`ConsoleError::Refused`].
+    pub async fn call(&self, body: request::Body) -> Result<response::Body, ConsoleError> {
+        match self {
+            Recorder::Daemon {
+                socket,
+                daemon_uid,
+                connections,
+                next,
+            } => {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 at_daemon(
                     socket,
                     *daemon_uid,
@@ -93,11 +130,9 @@ impl Recorder {
                 )
                 .await
             }
-            Recorder::Central(db) => db
-                .console_event(user, kind, reason, detail, alert)
-                .await
-                .map(|id| id as u64)
-                .map_err(|e| ConsoleError::Record(e.to_string())),
+            Recorder::Central(_) => Err(ConsoleError::Record(
+                "headquarters' console has no daemon".into(),
+            )),
         }
     }
 }
@@ -112,7 +147,7 @@ async fn at_daemon(
     daemon_uid: u32,
     client: &Mutex<Option<Client>>,
     body: request::Body,
-) -> Result<u64, ConsoleError> {
+) -> Result<response::Body, ConsoleError> {
     let mut held = client.lock().await;
     for attempt in 0..2 {
         if held.is_none() {
@@ -133,16 +168,19 @@ async fn at_daemon(
         let c = held.as_mut().expect("connected above");
         match tokio::time::timeout(Duration::from_secs(10), c.call(body.clone())).await {
             Ok(Ok(r)) if r.status == Status::Ok as i32 => {
-                return match r.body {
-                    Some(response::Body::RecordOversight(o)) => Ok(o.seq),
-                    _ => Err(ConsoleError::Record("an unexpected reply".into())),
-                }
+                return r
+                    .body
+                    .ok_or_else(|| ConsoleError::Record("an answer without a body".into()));
             }
             Ok(Ok(r)) => {
                 let status = Status::try_from(r.status)
                     .map(|s| s.as_str_name().to_string())
                     .unwrap_or_else(|_| r.status.to_string());
-                return Err(ConsoleError::Record(format!("{status}: {}", r.message)));
+                return Err(ConsoleError::Refused {
+                    status,
+                    reason: r.reason,
+                    message: r.message,
+                });
             }
             Ok(Err(e)) if attempt == 0 => {
                 tracing::info!(error = %e, "the daemon's connection broke; connecting again");
@@ -177,6 +215,8 @@ pub struct App {
     /// Overviews by scope and period, with when they were made and their start; see
     /// [`overview`].
     pub overviews: Overviews,
+    /// The approval page, when `[approvals]` is configured (a site's console only).
+    pub approvals: Option<super::approvals::Approvals>,
 }
 
 /// An overview as made: when (ms), the start of its period (ms), the figures.
@@ -290,7 +330,7 @@ pub async fn watch_alerts(app: Arc<App>, every: Duration) {
     }
 }
 
-fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+pub(super) fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
     headers
         .get_all(header::COOKIE)
         .iter()
@@ -301,7 +341,7 @@ fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
         .map(|(_, v)| v)
 }
 
-fn lang_of(headers: &HeaderMap) -> Lang {
+pub(super) fn lang_of(headers: &HeaderMap) -> Lang {
     match cookie(headers, LANG_COOKIE) {
         Some("en") => Lang::En,
         _ => Lang::Zh,
@@ -368,6 +408,7 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/deliveries", get(deliveries))
         .route("/events", get(events))
         .route("/assets/{name}", get(asset))
+        .merge(super::approvals::router())
         .layer(axum::middleware::from_fn(headers_and_language))
         .with_state(app)
 }
@@ -421,14 +462,14 @@ async fn headers_and_language(
     resp
 }
 
-fn set_cookie(resp: &mut Response, cookie: &str) {
+pub(super) fn set_cookie(resp: &mut Response, cookie: &str) {
     let full = format!("{cookie}; Path=/; Secure; HttpOnly; SameSite=Strict");
     if let Ok(v) = HeaderValue::from_str(&full) {
         resp.headers_mut().append(header::SET_COOKIE, v);
     }
 }
 
-fn page(status: StatusCode, markup: maud::Markup) -> Response {
+pub(super) fn page(status: StatusCode, markup: maud::Markup) -> Response {
     (status, Html(markup.into_string())).into_response()
 }
 
@@ -1009,12 +1050,14 @@ async fn events(State(app): State<Arc<App>>, a: Authed) -> Response {
 const ECHARTS: &[u8] = include_bytes!("../../assets/vendor/echarts/echarts.min.js");
 const CONSOLE_JS: &[u8] = include_bytes!("../../assets/console.js");
 const CONSOLE_CSS: &[u8] = include_bytes!("../../assets/console.css");
+const APPROVALS_JS: &[u8] = include_bytes!("../../assets/approvals.js");
 
 async fn asset(Path(name): Path<String>) -> Response {
     let (body, content_type) = match name.as_str() {
         "echarts.min.js" => (ECHARTS, "text/javascript; charset=utf-8"),
         "console.js" => (CONSOLE_JS, "text/javascript; charset=utf-8"),
         "console.css" => (CONSOLE_CSS, "text/css; charset=utf-8"),
+        "approvals.js" => (APPROVALS_JS, "text/javascript; charset=utf-8"),
         _ => return StatusCode::NOT_FOUND.into_response(),
     };
     (

@@ -199,13 +199,33 @@ pub struct Alert {
     pub site: String,
 }
 
+/// The rule name an application's `application.pending` record is delivered under.
+pub const APPROVAL_PENDING: &str = "approval_pending";
+
 impl Alert {
     fn of(r: &Record) -> Alert {
+        let (rule, detail) = if r.kind == kind::APPLICATION_PENDING {
+            // "contract 2026-131 (zhao.lei): level 2 (executive) waits — https://…/approvals/ID"
+            let d: serde_json::Value = serde_json::from_str(&r.detail).unwrap_or_default();
+            let mut text = format!(
+                "{} ({}): level {} ({}) waits",
+                d["title"].as_str().unwrap_or(&r.jti),
+                r.applicant,
+                d["level"],
+                r.reason
+            );
+            if let Some(link) = d["link"].as_str() {
+                text += &format!(" — {link}");
+            }
+            (APPROVAL_PENDING.to_owned(), text)
+        } else {
+            (r.reason.clone(), r.detail.clone())
+        };
         Alert {
             seq: r.seq,
             at_ms: r.at_ms,
-            rule: r.reason.clone(),
-            detail: r.detail.clone(),
+            rule,
+            detail,
             seal: r.seal.clone(),
             device: r.device.clone(),
             applicant: r.applicant.clone(),
@@ -398,7 +418,10 @@ impl Outbox {
             for a in alerts {
                 let body = serde_json::to_string(a).expect("an alert serializes");
                 for r in routes {
-                    if !r.rules.is_empty() && !r.rules.contains(&a.rule) {
+                    // A route of every alert does not carry approvers' work: approval_pending
+                    // goes only where a route names it.
+                    let named = r.rules.contains(&a.rule);
+                    if !named && (!r.rules.is_empty() || a.rule == APPROVAL_PENDING) {
                         continue;
                     }
                     let window = digest_window(a.at_ms.max(now), r.digest_seconds);
@@ -589,13 +612,19 @@ fn digest_window(at_ms: i64, digest_seconds: u64) -> i64 {
 fn read_alerts(conn: &Connection, after: u64) -> rusqlite::Result<(Vec<Alert>, u64)> {
     let head: i64 = conn.query_row("SELECT COALESCE(max(seq), 0) FROM audit", [], |r| r.get(0))?;
     let mut stmt = conn.prepare_cached(&format!(
-        "SELECT {} FROM audit WHERE kind = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3",
+        "SELECT {} FROM audit WHERE kind IN (?1, ?4) AND seq > ?2 ORDER BY seq LIMIT ?3",
         crate::audit::query::record_columns()
     ))?;
     let alerts: Vec<Alert> = stmt
-        .query_map(params![kind::ALERT, after as i64, READ_BATCH], |row| {
-            crate::audit::query::record_from_row(row)
-        })?
+        .query_map(
+            params![
+                kind::ALERT,
+                after as i64,
+                READ_BATCH,
+                kind::APPLICATION_PENDING
+            ],
+            crate::audit::query::record_from_row,
+        )?
         .map(|r| r.map(|r| Alert::of(&r)))
         .collect::<Result<_, _>>()?;
     // A full batch ends at its last alert; otherwise everything up to the head was looked at.

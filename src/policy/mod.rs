@@ -365,6 +365,26 @@ impl Rule {
         denials
     }
 
+    /// How many levels, from the first, `approvals` fill in policy order (what an application
+    /// waiting for its approvers has so far).
+    pub fn levels_filled(&self, c: &Claims, approvals: &[ApprovalFact]) -> usize {
+        (0..=self.levels.len())
+            .rev()
+            .find(|&n| {
+                let prefix = Rule {
+                    levels: self.levels[..n].to_vec(),
+                    ..self.clone()
+                };
+                prefix.check_levels(c, approvals).is_empty()
+            })
+            .unwrap_or(0)
+    }
+
+    /// Whether the approver of a level with `role` must be from the applicant's department.
+    pub fn department_scoped(&self, role: &str) -> bool {
+        self.dept_scoped.contains(role)
+    }
+
     /// Whether a passkey's approval by someone with `role` must come with user verification:
     /// where the rule says so, or (by default) when the role fills a level above the first.
     pub fn needs_user_verification(&self, role: &str) -> bool {

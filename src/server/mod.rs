@@ -430,6 +430,10 @@ fn request_kind(req: &Request) -> &'static str {
         Some(B::RecordOversight(_)) => "record_oversight",
         Some(B::GrantTerminal(_)) => "grant_terminal",
         Some(B::ApplyPolicy(_)) => "apply_policy",
+        Some(B::SubmitApplication(_)) => "submit_application",
+        Some(B::ListApplications(_)) => "list_applications",
+        Some(B::FetchApplication(_)) => "fetch_application",
+        Some(B::DecideApplication(_)) => "decide_application",
     }
 }
 

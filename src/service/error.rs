@@ -96,6 +96,8 @@ pub enum StartError {
     Reload(String),
     #[error("{0}")]
     Terminal(String),
+    #[error("the applications the log holds: {0}")]
+    Applications(String),
 }
 
 impl ServiceError {

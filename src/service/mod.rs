@@ -13,6 +13,7 @@
 //! | `stamp` | the steps in order, and the reply |
 //! | `refusal` | records of requests refused before authorisation |
 //! | `terminals` | smart-seal terminals' sessions and grants |
+//! | `applications` | approval tokens waiting for their approvers, level by level |
 //! | `admin` | TOTP enrolment and reset, ledger upkeep |
 //! | `status` | Status, ListSeals, DescribeSeal, alerts |
 //! | `setup` | building from the configuration, reloads |
@@ -25,6 +26,7 @@
 //! too. A refusal carries a stable reason code and is recorded.
 
 mod admin;
+mod applications;
 mod authorize;
 mod caller;
 mod check;
@@ -92,6 +94,8 @@ pub struct Service {
     config_dir: std::path::PathBuf,
     /// The fragment from HQ in force; held while one is put in force, and by reloads.
     policy: tokio::sync::Mutex<Option<crate::hq::policy::Fragment>>,
+    /// Applications waiting for their approvers; held while one is submitted or decided.
+    applications: tokio::sync::Mutex<applications::Applications>,
 }
 
 impl Service {
@@ -146,6 +150,8 @@ impl Service {
                 Ok((spec, memory))
             })
             .collect::<Result<Vec<_>, StartError>>()?;
+        let open_applications = applications::Applications::load(&store)
+            .map_err(|e| StartError::Applications(e.to_string()))?;
         let (key, anomaly) = audit_parts(config, &registry)?;
         // The first record of the run says which fragment from HQ it started with.
         let started = match &policy {
@@ -216,6 +222,7 @@ impl Service {
             config_path: config_path.to_owned(),
             config_dir: config_dir.to_owned(),
             policy: tokio::sync::Mutex::new(policy),
+            applications: tokio::sync::Mutex::new(open_applications),
         })
     }
 
@@ -324,6 +331,10 @@ impl Service {
             }
             request::Body::ApplyPolicy(p) => self.apply_policy(caller, p).await,
             request::Body::RecordOversight(o) => self.record_oversight(caller, o).await,
+            request::Body::SubmitApplication(a) => self.submit_application(caller, a).await,
+            request::Body::ListApplications(_) => self.list_applications(caller).await,
+            request::Body::FetchApplication(f) => self.fetch_application(caller, f).await,
+            request::Body::DecideApplication(d) => self.decide_application(caller, d).await,
             request::Body::EnrollMfa(e) => {
                 let user = e.user;
                 let mut record = Record::new(kind::MFA_ENROLLED);

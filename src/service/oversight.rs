@@ -17,6 +17,7 @@ const KINDS: &[&str] = &[
     kind::CONSOLE_SEARCH,
     kind::CONSOLE_EXPORT,
     kind::ALERT_ACKNOWLEDGED,
+    kind::CONSOLE_PASSKEY_REGISTERED,
 ];
 const MAX_USER: usize = 64;
 const MAX_DETAIL: usize = 2000;

@@ -17,7 +17,7 @@ use base64::Engine;
 use clap::{Args as ClapArgs, Parser, Subcommand};
 use sealgate::device::keys::pem;
 use sealgate::protocol::client::Client;
-use sealgate::protocol::{pb, response, status_name, Response, Status};
+use sealgate::protocol::{pb, request, response, status_name, Response, Status};
 use serde_json::json;
 use sha2::{Digest, Sha256};
 use std::path::PathBuf;
@@ -158,6 +158,25 @@ enum TokenCommand {
         /// The token file.
         token: PathBuf,
     },
+    /// Submit a token to the approval page: it waits there for its approvers, level by level
+    /// (docs/approvals.md). Prints the application's id.
+    Submit {
+        /// A PDF prepared by `sealctl pdf prepare` that the token names, shown to approvers.
+        #[arg(long)]
+        pdf: Option<PathBuf>,
+        /// The token file.
+        token: PathBuf,
+    },
+    /// An application's state; once every level approved, the token (written to --out).
+    Fetch {
+        /// Wait until it is approved or rejected.
+        #[arg(long)]
+        wait: bool,
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// The application's id (the token's jti).
+        id: String,
+    },
     /// Ask the daemon whether a stamp with this token would pass, and if not, every reason.
     Check {
         #[arg(long)]
@@ -275,6 +294,9 @@ struct TokenNewArgs {
     /// Where to write the token (stdout when not given).
     #[arg(long)]
     out: Option<PathBuf>,
+    /// Submit it to the approval page as well (needs --out; with --pdf, the PDF goes along).
+    #[arg(long, requires = "out")]
+    submit: bool,
 }
 
 #[derive(ClapArgs)]
@@ -418,6 +440,94 @@ fn write_or_print(out: &Option<PathBuf>, text: &str) -> anyhow::Result<()> {
     }
 }
 
+/// What `token submit` and `token fetch` print of an application.
+fn show_application(a: &pb::Application, json: bool) {
+    if json {
+        println!(
+            "{}",
+            json!({
+                "id": a.id, "state": a.state, "levels": a.levels, "approved": a.approved,
+                "next_role": a.next_role, "next_department": a.next_department,
+                "rule": a.rule, "rejected_by": a.rejected_by, "rejection": a.rejection,
+            })
+        );
+        return;
+    }
+    println!("application {}: {}", a.id, a.state);
+    println!(
+        "levels       {} ({} of {} approved)",
+        a.levels.join(", "),
+        a.approved,
+        a.levels.len()
+    );
+    if !a.next_role.is_empty() {
+        let dept = if a.next_department.is_empty() {
+            String::new()
+        } else {
+            format!(" of {}", a.next_department)
+        };
+        println!("waiting for  a {}{dept}", a.next_role);
+    }
+    if !a.rejected_by.is_empty() {
+        println!("rejected by  {}: {}", a.rejected_by, a.rejection);
+    }
+}
+
+async fn submit_application(
+    client: &mut Client,
+    token: &std::path::Path,
+    pdf: Option<&std::path::Path>,
+    json: bool,
+) -> anyhow::Result<i32> {
+    let read = |p: &std::path::Path| {
+        std::fs::read(p).with_context(|| format!("cannot read {}", p.display()))
+    };
+    let body = request::Body::SubmitApplication(pb::SubmitApplicationRequest {
+        token: read(token)?,
+        document_pdf: pdf.map(read).transpose()?.unwrap_or_default(),
+    });
+    let response::Body::Application(a) = check(client.call(body).await?)? else {
+        bail!("unexpected reply to SubmitApplication");
+    };
+    show_application(&a.application.unwrap_or_default(), json);
+    Ok(0)
+}
+
+async fn fetch_application(
+    client: &mut Client,
+    id: &str,
+    wait: bool,
+    out: Option<&std::path::Path>,
+    json: bool,
+) -> anyhow::Result<i32> {
+    loop {
+        let body = request::Body::FetchApplication(pb::FetchApplicationRequest {
+            application_id: id.into(),
+            document: false,
+        });
+        let response::Body::Application(r) = check(client.call(body).await?)? else {
+            bail!("unexpected reply to FetchApplication");
+        };
+        let a = r.application.unwrap_or_default();
+        if a.state == "pending" && wait {
+            tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+            continue;
+        }
+        show_application(&a, json);
+        return match a.state.as_str() {
+            "approved" => {
+                if let Some(out) = out {
+                    std::fs::write(out, &a.token)
+                        .with_context(|| format!("cannot write {}", out.display()))?;
+                }
+                Ok(0)
+            }
+            "rejected" => Ok(exit::REFUSED),
+            _ => Ok(exit::PENDING),
+        };
+    }
+}
+
 /// Commands that need no daemon.
 fn offline(cli: &Cli) -> anyhow::Result<bool> {
     use sealgate::token::{Amount, Claims, DocClaim, SigningKey, Token};
@@ -484,6 +594,10 @@ fn offline(cli: &Cli) -> anyhow::Result<bool> {
                 }
             };
             write_or_print(&a.out, &Token::unsigned(claims).to_json())?;
+            if a.submit {
+                // Submitted by `run`, which talks to the daemon.
+                return Ok(false);
+            }
         }
         TokenCommand::Sign(a) => {
             let bytes = std::fs::read(&a.token)
@@ -529,7 +643,9 @@ fn offline(cli: &Cli) -> anyhow::Result<bool> {
             let v = json!({"claims": t.claims, "signatures": sigs});
             println!("{}", serde_json::to_string_pretty(&v)?);
         }
-        TokenCommand::Check { .. } => return Ok(false),
+        TokenCommand::Check { .. } | TokenCommand::Submit { .. } | TokenCommand::Fetch { .. } => {
+            return Ok(false)
+        }
     }
     Ok(true)
 }
@@ -611,6 +727,8 @@ mod exit {
     pub const LOCAL: i32 = 2;
     /// The daemon could not be reached, or the connection broke before its answer.
     pub const UNREACHABLE: i32 = 3;
+    /// `token fetch`: the application still waits for an approver.
+    pub const PENDING: i32 = 4;
 }
 
 /// A request the daemon answered with a status other than OK.
@@ -1078,6 +1196,18 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
                 return Ok(exit::REFUSED);
             }
         }
+        Command::Token {
+            command: TokenCommand::New(a),
+        } => {
+            let out = a.out.as_ref().expect("--submit requires --out");
+            return submit_application(&mut client, out, a.pdf.as_deref(), cli.json).await;
+        }
+        Command::Token {
+            command: TokenCommand::Submit { pdf, token },
+        } => return submit_application(&mut client, &token, pdf.as_deref(), cli.json).await,
+        Command::Token {
+            command: TokenCommand::Fetch { wait, out, id },
+        } => return fetch_application(&mut client, &id, wait, out.as_deref(), cli.json).await,
         Command::Token { .. }
         | Command::Audit { .. }
         | Command::Hq { .. }
