@@ -348,3 +348,211 @@ fn a_passkey_needs_origins_and_a_good_cose_key() {
     assert!(!status.success());
     assert!(out.contains("COSE"), "{out}");
 }
+
+/// The last signature entry of a token (JSON), as the approval page sends it.
+fn last_entry(token: &str) -> Vec<u8> {
+    let v: serde_json::Value = serde_json::from_str(token).unwrap();
+    v["signatures"]
+        .as_array()
+        .unwrap()
+        .last()
+        .unwrap()
+        .to_string()
+        .into_bytes()
+}
+
+async fn call(
+    c: &mut sealgate::protocol::client::Client,
+    body: sealgate::protocol::request::Body,
+) -> sealgate::protocol::Response {
+    c.call(body).await.unwrap()
+}
+
+fn application(r: &sealgate::protocol::Response) -> sealgate::protocol::pb::Application {
+    use sealgate::protocol::response::Body;
+    assert_eq!(r.status, Status::Ok as i32, "{} {}", r.reason, r.message);
+    match &r.body {
+        Some(Body::Application(a)) => a.application.clone().unwrap(),
+        other => panic!("not an application: {other:?}"),
+    }
+}
+
+/// Applications at the socket: levels in policy order, each checked before it is recorded; a
+/// passkey level and a key level; a start after kill -9 finds the open ones; the page's rights.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn applications_advance_level_by_level_and_survive_a_crash() {
+    use sealgate::protocol::pb;
+    use sealgate::protocol::request::Body;
+    let keys = tempfile::tempdir().unwrap();
+    let k = keys.path();
+    let mut extra = format!("\n[webauthn]\norigins = [\"{ORIGIN}\"]\n");
+    extra += &register(k, "chen.jing", "dept_head", "sales", "ES256");
+    extra += &register(k, "sun.li", "executive", "management", "EdDSA");
+    // First without the page's right (oversight): an applicant may submit and fetch, no more.
+    let d = Daemon::start(&Opts {
+        extra: extra.clone(),
+        ..Opts::default()
+    });
+    let mut c = d.client().await;
+    let digest = sha256(b"application contract 1");
+    let token = large_contract(&digest).to_json();
+    let submit = |token: &str| {
+        Body::SubmitApplication(pb::SubmitApplicationRequest {
+            token: token.as_bytes().to_vec(),
+            document_pdf: Vec::new(),
+        })
+    };
+    let a = application(&call(&mut c, submit(&token)).await);
+    assert_eq!(
+        (
+            a.state.as_str(),
+            a.next_role.as_str(),
+            a.next_department.as_str(),
+            a.approved
+        ),
+        ("pending", "dept_head", "sales", 0)
+    );
+    let id = a.id.clone();
+    let r = call(
+        &mut c,
+        Body::ListApplications(pb::ListApplicationsRequest {}),
+    )
+    .await;
+    assert_eq!(r.status, Status::PermissionDenied as i32, "{}", r.message);
+    let r = call(
+        &mut c,
+        Body::DecideApplication(pb::DecideApplicationRequest {
+            application_id: id.clone(),
+            signature: last_entry(&approve(k, &token, "chen.jing", &[])),
+            reject_reason: String::new(),
+        }),
+    )
+    .await;
+    assert_eq!(r.status, Status::PermissionDenied as i32, "{}", r.message);
+    let r = call(
+        &mut c,
+        Body::FetchApplication(pb::FetchApplicationRequest {
+            application_id: id.clone(),
+            document: false,
+        }),
+    )
+    .await;
+    assert_eq!(application(&r).state, "pending");
+    // One application per id; a PDF that is not one is refused.
+    let r = call(&mut c, submit(&token)).await;
+    assert_eq!(r.status, Status::InvalidArgument as i32, "{}", r.message);
+    let r = call(
+        &mut c,
+        Body::SubmitApplication(pb::SubmitApplicationRequest {
+            token: large_contract(&sha256(b"x")).to_json().into_bytes(),
+            document_pdf: b"not a pdf".to_vec(),
+        }),
+    )
+    .await;
+    assert_eq!(r.status, Status::InvalidArgument as i32, "{}", r.message);
+    let (_, dir) = d.stop_keeping_state();
+
+    // Now as the approval page (oversight), on the same state.
+    let config = std::fs::read_to_string(dir.path().join("sealgate.toml"))
+        .unwrap()
+        .replacen("admin = true\n", "admin = true\noversight = true\n", 1);
+    let d = Daemon::start_with(dir, &config, &[]).unwrap_or_else(|f| panic!("{f:?}"));
+    let mut c = d.client().await;
+    let decide = |id: &str, entry: Vec<u8>, reason: &str| {
+        Body::DecideApplication(pb::DecideApplicationRequest {
+            application_id: id.into(),
+            signature: entry,
+            reject_reason: reason.into(),
+        })
+    };
+    let list = |r: &sealgate::protocol::Response| match &r.body {
+        Some(sealgate::protocol::response::Body::ListApplications(l)) => l.applications.clone(),
+        _ => panic!("{} {}", r.reason, r.message),
+    };
+    let open = list(
+        &call(
+            &mut c,
+            Body::ListApplications(pb::ListApplicationsRequest {}),
+        )
+        .await,
+    );
+    assert_eq!(
+        open.len(),
+        1,
+        "the open application was rebuilt from the log"
+    );
+    // Out of order: the executive first.
+    let r = call(
+        &mut c,
+        decide(&id, last_entry(&approve(k, &token, "sun.li", &[])), ""),
+    )
+    .await;
+    assert_denied(
+        &r,
+        "level_order",
+        "the executive before the department head",
+    );
+    // An assertion made for another approval.
+    let elsewhere = large_contract(&sha256(b"another contract")).to_json();
+    let r = call(
+        &mut c,
+        decide(
+            &id,
+            last_entry(&approve(k, &elsewhere, "chen.jing", &[])),
+            "",
+        ),
+    )
+    .await;
+    assert_denied(
+        &r,
+        "webauthn_challenge",
+        "an assertion for another document",
+    );
+    // An approval's assertion does not pass as a rejection.
+    let approval = last_entry(&approve(k, &token, "chen.jing", &[]));
+    let r = call(&mut c, decide(&id, approval.clone(), "not needed")).await;
+    assert_denied(&r, "webauthn_challenge", "an approval sent as a rejection");
+    assert_eq!(records(&d, "application.approved", &digest), 0);
+    // Level 1 by passkey.
+    let a = application(&call(&mut c, decide(&id, approval, "")).await);
+    assert_eq!(
+        (a.state.as_str(), a.approved, a.next_role.as_str()),
+        ("pending", 1, "executive")
+    );
+
+    // kill -9; the application is found again with its first level.
+    let d = d.crash_and_restart();
+    let mut c = d.client().await;
+    let open = list(
+        &call(
+            &mut c,
+            Body::ListApplications(pb::ListApplicationsRequest {}),
+        )
+        .await,
+    );
+    assert_eq!((open.len(), open[0].approved), (1, 1));
+    // Level 2 by li.na's key: a passkey level and a key level in one token.
+    let now = String::from_utf8(open[0].token.clone()).unwrap();
+    let a = application(&call(&mut c, decide(&id, last_entry(&approve_by_key(&now)), "")).await);
+    assert_eq!((a.state.as_str(), a.approved), ("approved", 2));
+    let r = call(&mut c, decide(&id, last_entry(&approve_by_key(&now)), "")).await;
+    assert_eq!(r.status, Status::InvalidArgument as i32, "{}", r.message);
+    assert!(r.message.contains("approved already"), "{}", r.message);
+    let r = call(
+        &mut c,
+        Body::FetchApplication(pb::FetchApplicationRequest {
+            application_id: id.clone(),
+            document: false,
+        }),
+    )
+    .await;
+    let done = application(&r);
+    assert_eq!(done.state, "approved");
+    let r = c.stamp("contract", &digest, &done.token, "").await.unwrap();
+    assert_eq!(r.status, Status::Ok as i32, "{} {}", r.reason, r.message);
+    assert_eq!(records(&d, "application.submitted", &digest), 1);
+    assert_eq!(records(&d, "application.pending", &digest), 2);
+    assert_eq!(records(&d, "application.approved", &digest), 2);
+    let (code, out) = audit_verify(&d.db());
+    assert_eq!(code, 0, "{out}");
+}
