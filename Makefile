@@ -27,6 +27,7 @@ install:
 	$(INSTALL) -D -m 0644 docs/headquarters.md $(DESTDIR)$(PREFIX)/share/doc/sealgate/headquarters.md
 	$(INSTALL) -D -m 0644 docs/passkeys.md $(DESTDIR)$(PREFIX)/share/doc/sealgate/passkeys.md
 	$(INSTALL) -D -m 0644 docs/console.md $(DESTDIR)$(PREFIX)/share/doc/sealgate/console.md
+	$(INSTALL) -D -m 0644 docs/approvals.md $(DESTDIR)$(PREFIX)/share/doc/sealgate/approvals.md
 	$(INSTALL) -D -m 0644 proto/sealgate/v1/sealgate.proto $(DESTDIR)$(PREFIX)/share/sealgate/proto/sealgate/v1/sealgate.proto
 	$(INSTALL) -d -m 0750 $(DESTDIR)/etc/sealgate
 

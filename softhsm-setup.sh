@@ -292,6 +292,11 @@ burst_window_seconds = 60
 denial_spike_count = 10
 denial_spike_window_seconds = 60
 
+# The approval pages whose passkey approvals count (docs/approvals.md): the console's own, and
+# the page the walk-through's software passkey names.
+[webauthn]
+origins = ["https://localhost:8443", "https://approvals.demo.test"]
+
 # The trust store: who may approve, in which role and department.
 [[approver]]
 id = "zhang.wei"
@@ -446,6 +451,13 @@ tls_key = "console/tls.key"
 users = "console/users.toml"
 audit_key = "audit-key.pub.pem"
 outbox = "notify/outbox.db"
+
+# The approval page (docs/approvals.md): approvers register a passkey after
+# \`sealgate-console invite\` and approve at https://localhost:8443/approvals.
+[approvals]
+rp_id = "localhost"
+origin = "https://localhost:8443"
+approvers = "console/approvers.toml"
 EOF
 fi
 

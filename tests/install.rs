@@ -39,6 +39,7 @@ fn make_install_lays_out_a_package() {
     assert_eq!(mode("usr/share/doc/sealgate/console.md"), 0o644);
     assert_eq!(mode("usr/share/doc/sealgate/headquarters.md"), 0o644);
     assert_eq!(mode("usr/share/doc/sealgate/passkeys.md"), 0o644);
+    assert_eq!(mode("usr/share/doc/sealgate/approvals.md"), 0o644);
     assert_eq!(
         mode("usr/share/sealgate/device-profiles/softhsm2.toml"),
         0o644
