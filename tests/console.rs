@@ -1796,7 +1796,7 @@ async fn approvers_register_passkeys_and_approve_in_chromium_and_the_daemon_stam
         said.contains(&format!("application {id}: pending")),
         "{said}"
     );
-    assert!(said.contains("waiting for  a dept_head of sales"), "{said}");
+    assert!(said.contains("waiting for  dept_head of sales"), "{said}");
     // Not yet approved: fetching says so.
     let out = sealctl(&["token", "fetch", &id]);
     assert_eq!(out.status.code(), Some(4), "{out:?}");

@@ -616,10 +616,15 @@ impl Service {
                 format!("no approver {kid:?} in the trust store"),
             )
         })?;
-        if approver.revoked {
+        let now = unix_now();
+        let active = |t: i64| {
+            approver.valid_from.is_none_or(|f| t >= f)
+                && approver.valid_until.is_none_or(|u| t <= u)
+        };
+        if approver.revoked || !active(now) {
             return Err(denied(
                 Reason::ApproverRevoked,
-                format!("approver {kid:?} is revoked"),
+                format!("approver {kid:?} is revoked or outside their validity window"),
             ));
         }
         let applicant =

@@ -181,6 +181,43 @@ fn main() {
     ]
     .concat();
     write("request", "session", &[&[0u8][..], &session].concat());
+    // An application: the large contract with its first level signed waits; the passkey's
+    // approval of the executive level completes it (the console's requests).
+    let (level_one, passkey_entry) = {
+        let mut v: serde_json::Value = serde_json::from_slice(&by_passkey).expect("JSON");
+        let entry = v["signatures"]
+            .as_array_mut()
+            .and_then(|s| s.pop())
+            .expect("a passkey signature");
+        (v.to_string().into_bytes(), entry.to_string().into_bytes())
+    };
+    let applications = [
+        frame(
+            1,
+            B::SubmitApplication(pb::SubmitApplicationRequest {
+                token: level_one,
+                document_pdf: Vec::new(),
+            }),
+        ),
+        frame(2, B::ListApplications(pb::ListApplicationsRequest {})),
+        frame(
+            3,
+            B::DecideApplication(pb::DecideApplicationRequest {
+                application_id: "seed-6".into(),
+                signature: passkey_entry,
+                reject_reason: String::new(),
+            }),
+        ),
+        frame(
+            4,
+            B::FetchApplication(pb::FetchApplicationRequest {
+                application_id: "seed-6".into(),
+                document: false,
+            }),
+        ),
+    ]
+    .concat();
+    write("request", "applications", &[&[0u8][..], &applications].concat());
     write("request", "stranger", &[&[1u8][..], &session].concat());
     for (name, seal, token) in [
         ("stamp-contract", "contract", &contract),

@@ -466,7 +466,7 @@ fn show_application(a: &pb::Application, json: bool) {
         } else {
             format!(" of {}", a.next_department)
         };
-        println!("waiting for  a {}{dept}", a.next_role);
+        println!("waiting for  {}{dept}", a.next_role);
     }
     if !a.rejected_by.is_empty() {
         println!("rejected by  {}: {}", a.rejected_by, a.rejection);
