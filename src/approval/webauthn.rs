@@ -171,15 +171,16 @@ pub struct Asserted {
     pub sign_count: u32,
 }
 
-/// The client data fields the checks read (WebAuthn §5.8.1).
+/// The client data fields the checks read (WebAuthn §5.8.1); the approval page's registration
+/// reads them too.
 #[derive(serde::Deserialize)]
-struct ClientData {
+pub struct ClientData {
     #[serde(rename = "type")]
-    kind: String,
-    challenge: String,
-    origin: String,
+    pub kind: String,
+    pub challenge: String,
+    pub origin: String,
     #[serde(rename = "crossOrigin", default)]
-    cross_origin: bool,
+    pub cross_origin: bool,
 }
 
 /// Checks signature `i` of `token`, a WebAuthn assertion by `passkey`, in the order the module

@@ -131,25 +131,11 @@ impl ApproverFile {
 
     /// Writes the file whole, mode 0600 (a temporary file renamed over it).
     pub fn save(&self, path: &std::path::Path) -> Result<(), ConsoleError> {
-        use std::io::Write;
-        use std::os::unix::fs::OpenOptionsExt;
-        let bad = |detail: String| ConsoleError::Config {
+        let text = toml::to_string(self).map_err(|e| ConsoleError::Config {
             path: path.display().to_string(),
-            detail,
-        };
-        let text = toml::to_string(self).map_err(|e| bad(e.to_string()))?;
-        let tmp = path.with_extension("tmp");
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&tmp)
-            .map_err(|e| bad(e.to_string()))?;
-        f.write_all(text.as_bytes())
-            .and_then(|_| f.sync_all())
-            .map_err(|e| bad(e.to_string()))?;
-        std::fs::rename(&tmp, path).map_err(|e| bad(e.to_string()))
+            detail: e.to_string(),
+        })?;
+        super::write_private(path, &text)
     }
 
     fn get(&self, id: &str) -> Option<&ApproverEntry> {
@@ -216,16 +202,7 @@ pub fn check_registration(
     rp_id: &str,
 ) -> Result<Registration, String> {
     use coset::cbor::value::Value;
-    #[derive(Deserialize)]
-    struct ClientData {
-        #[serde(rename = "type")]
-        kind: String,
-        challenge: String,
-        origin: String,
-        #[serde(rename = "crossOrigin", default)]
-        cross_origin: bool,
-    }
-    let c: ClientData =
+    let c: webauthn::ClientData =
         serde_json::from_slice(client_data_json).map_err(|e| format!("client data: {e}"))?;
     if c.kind != "webauthn.create" {
         return Err(format!(
@@ -482,6 +459,31 @@ fn same_origin(app: &Approvals, headers: &HeaderMap, csrf: Option<(&str, &str)>)
     origin_ok && csrf_ok
 }
 
+/// A POST of the page's script before sign-in (registration, sign-in): the page is configured,
+/// the browser's origin is the page's, and the approvers file as it stands.
+#[allow(clippy::result_large_err)]
+fn script_post<'a>(
+    app: &'a App,
+    headers: &HeaderMap,
+) -> Result<(&'a Approvals, ApproverFile), Response> {
+    let a = approvals(app)?;
+    if !same_origin(a, headers, None) {
+        return Err(refused(
+            StatusCode::FORBIDDEN,
+            "origin",
+            "not from this page",
+        ));
+    }
+    let file = a.file().map_err(|e| {
+        refused(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "approvers",
+            &e.to_string(),
+        )
+    })?;
+    Ok((a, file))
+}
+
 #[derive(Deserialize)]
 struct InviteQuery {
     #[serde(default)]
@@ -573,22 +575,9 @@ async fn register(
     headers: HeaderMap,
     Json(form): Json<RegisterForm>,
 ) -> Response {
-    let a = match approvals(&app) {
-        Ok(a) => a,
+    let (a, file) = match script_post(&app, &headers) {
+        Ok(x) => x,
         Err(r) => return r,
-    };
-    if !same_origin(a, &headers, None) {
-        return refused(StatusCode::FORBIDDEN, "origin", "not from this page");
-    }
-    let file = match a.file() {
-        Ok(f) => f,
-        Err(e) => {
-            return refused(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "approvers",
-                &e.to_string(),
-            )
-        }
     };
     let Some(who) = invited(&file, &form.invite) else {
         return refused(
@@ -716,22 +705,9 @@ async fn login_options(
     headers: HeaderMap,
     Json(form): Json<LoginOptionsForm>,
 ) -> Response {
-    let a = match approvals(&app) {
-        Ok(a) => a,
+    let (a, file) = match script_post(&app, &headers) {
+        Ok(x) => x,
         Err(r) => return r,
-    };
-    if !same_origin(a, &headers, None) {
-        return refused(StatusCode::FORBIDDEN, "origin", "not from this page");
-    }
-    let file = match a.file() {
-        Ok(f) => f,
-        Err(e) => {
-            return refused(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "approvers",
-                &e.to_string(),
-            )
-        }
     };
     // An unknown name gets a challenge too (with no credentials), so the answer does not say
     // who is an approver.
@@ -782,13 +758,10 @@ async fn login_finish(
     headers: HeaderMap,
     Json(form): Json<AssertionForm>,
 ) -> Response {
-    let a = match approvals(&app) {
-        Ok(a) => a,
+    let (a, file) = match script_post(&app, &headers) {
+        Ok(x) => x,
         Err(r) => return r,
     };
-    if !same_origin(a, &headers, None) {
-        return refused(StatusCode::FORBIDDEN, "origin", "not from this page");
-    }
     let name: String = form.approver.chars().take(64).collect();
     let fail = |why: &'static str| login_refused(&app, name.clone(), why);
     let Some((assertion, signature)) = form.assertion() else {
@@ -799,16 +772,6 @@ async fn login_finish(
         &format!("login:{}", form.approver),
     ) else {
         return fail("challenge").await;
-    };
-    let file = match a.file() {
-        Ok(f) => f,
-        Err(e) => {
-            return refused(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "approvers",
-                &e.to_string(),
-            )
-        }
     };
     let Some(who) = file.get(&form.approver) else {
         return fail("unknown_user").await;

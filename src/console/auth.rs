@@ -106,25 +106,11 @@ impl UserFile {
 
     /// Writes the file with mode 0600, whole (a temporary file renamed over it).
     pub fn save(&self, path: &Path) -> Result<(), ConsoleError> {
-        use std::io::Write;
-        use std::os::unix::fs::OpenOptionsExt;
-        let bad = |detail: String| ConsoleError::Config {
+        let text = Zeroizing::new(toml::to_string(self).map_err(|e| ConsoleError::Config {
             path: path.display().to_string(),
-            detail,
-        };
-        let text = Zeroizing::new(toml::to_string(self).map_err(|e| bad(e.to_string()))?);
-        let tmp = path.with_extension("tmp");
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&tmp)
-            .map_err(|e| bad(e.to_string()))?;
-        f.write_all(text.as_bytes())
-            .and_then(|_| f.sync_all())
-            .map_err(|e| bad(e.to_string()))?;
-        std::fs::rename(&tmp, path).map_err(|e| bad(e.to_string()))
+            detail: e.to_string(),
+        })?);
+        super::write_private(path, &text)
     }
 }
 

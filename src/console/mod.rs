@@ -22,6 +22,29 @@ use serde::Deserialize;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
+/// Writes `text` to `path` whole, mode 0600: a temporary file, synced, renamed over it (the
+/// user and approvers files hold secrets).
+pub(crate) fn write_private(path: &Path, text: &str) -> Result<(), ConsoleError> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let bad = |detail: String| ConsoleError::Config {
+        path: path.display().to_string(),
+        detail,
+    };
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
+        .map_err(|e| bad(e.to_string()))?;
+    f.write_all(text.as_bytes())
+        .and_then(|_| f.sync_all())
+        .map_err(|e| bad(e.to_string()))?;
+    std::fs::rename(&tmp, path).map_err(|e| bad(e.to_string()))
+}
+
 /// Why the console cannot start or answer.
 #[derive(Debug, thiserror::Error)]
 pub enum ConsoleError {
