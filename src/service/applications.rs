@@ -360,10 +360,7 @@ impl Service {
         let mut r = record_of(kind::APPLICATION_SUBMITTED, &s, caller);
         r.detail = serde_json::json!({ "token": text, "document": document }).to_string();
         let seq = self.audit.append(r).await?;
-        if let Some(p) = pending_record(&s, caller, seq, self.gate.rules().trust.origins().first())
-        {
-            self.audit.append(p).await?;
-        }
+        // Open from the moment its record is durable, as a restart would find it.
         let app = Application {
             id: id.clone(),
             token: text,
@@ -375,6 +372,10 @@ impl Service {
         };
         let wire = app.wire(&self.gate.rules(), now);
         apps.open.insert(id, app);
+        if let Some(p) = pending_record(&s, caller, seq, self.gate.rules().trust.origins().first())
+        {
+            self.audit.append(p).await?;
+        }
         Ok(response::Body::Application(pb::ApplicationResponse {
             application: Some(wire),
             document_pdf: Vec::new(),
@@ -563,14 +564,6 @@ impl Service {
         })
         .to_string();
         self.audit.append(r).await?;
-        if let Some(p) = pending_record(
-            &after,
-            caller,
-            app.submitted_seq,
-            rules.trust.origins().first(),
-        ) {
-            self.audit.append(p).await?;
-        }
         let mut updated = app;
         updated.token = text;
         if complete {
@@ -578,6 +571,14 @@ impl Service {
             apps.open.remove(&id);
         } else {
             apps.open.insert(id, updated.clone());
+        }
+        if let Some(p) = pending_record(
+            &after,
+            caller,
+            updated.submitted_seq,
+            rules.trust.origins().first(),
+        ) {
+            self.audit.append(p).await?;
         }
         Ok(response::Body::Application(pb::ApplicationResponse {
             application: Some(updated.wire(&rules, now)),

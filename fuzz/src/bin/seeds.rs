@@ -217,7 +217,11 @@ fn main() {
         ),
     ]
     .concat();
-    write("request", "applications", &[&[0u8][..], &applications].concat());
+    write(
+        "request",
+        "applications",
+        &[&[0u8][..], &applications].concat(),
+    );
     write("request", "stranger", &[&[1u8][..], &session].concat());
     for (name, seal, token) in [
         ("stamp-contract", "contract", &contract),
