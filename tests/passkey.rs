@@ -550,6 +550,22 @@ async fn applications_advance_level_by_level_and_survive_a_crash() {
     assert_eq!(done.state, "approved");
     let r = c.stamp("contract", &digest, &done.token, "").await.unwrap();
     assert_eq!(r.status, Status::Ok as i32, "{} {}", r.reason, r.message);
+    // The applicant cannot approve their own application.
+    let own = sha256(b"application contract 2");
+    let mut mine = Approval::for_seal("contract", &own);
+    mine.claims.applicant = "chen.jing".into();
+    mine.claims.amount = Some(Amount {
+        value: 12_500_000,
+        currency: "CNY".into(),
+    });
+    let mine = Token::unsigned(mine.claims).to_json();
+    let a = application(&call(&mut c, submit(&mine)).await);
+    let r = call(
+        &mut c,
+        decide(&a.id, last_entry(&approve(k, &mine, "chen.jing", &[])), ""),
+    )
+    .await;
+    assert_denied(&r, "self_approval", "the applicant approving their own");
     assert_eq!(records(&d, "application.submitted", &digest), 1);
     assert_eq!(records(&d, "application.pending", &digest), 2);
     assert_eq!(records(&d, "application.approved", &digest), 2);
