@@ -70,7 +70,10 @@ function register() {
       if (v.ok) {
         say(out, "✔ " + v.credential_id, "registered");
         const pre = document.getElementById("register-entry");
-        pre.textContent = "[[approver]]\nid = \"" + v.approver + "\"\n...\n" + v.trust_store_entry;
+        // The approver's entry in the daemon's trust store (an approver already there keeps
+        // their entry and gets the [[approver.passkey]] part under it).
+        pre.textContent = "[[approver]]\nid = \"" + v.approver + "\"\nrole = \"" + v.role +
+          "\"\ndepartment = \"" + v.department + "\"\n\n" + v.trust_store_entry;
         pre.hidden = false;
       } else {
         say(out, "✘ " + v.reason + ": " + v.message, "refused");

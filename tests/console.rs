@@ -1700,17 +1700,13 @@ async fn approvers_register_passkeys_and_approve_in_chromium_and_the_daemon_stam
             )
             .await
             .unwrap();
-        let entry = shown
-            .as_str()
-            .unwrap()
-            .split("...\n")
-            .nth(1)
-            .unwrap()
-            .to_owned();
-        assert!(entry.contains("rp_id = \"localhost\""), "{entry}");
-        trust += &format!(
-            "\n[[approver]]\nid = \"{id}\"\nrole = \"{role}\"\ndepartment = \"{dept}\"\n\n{entry}"
+        let entry = shown.as_str().unwrap().to_owned();
+        let head = format!(
+            "[[approver]]\nid = \"{id}\"\nrole = \"{role}\"\ndepartment = \"{dept}\"\n\n[[approver.passkey]]\n"
         );
+        assert!(entry.starts_with(&head), "{entry}");
+        assert!(entry.contains("rp_id = \"localhost\""), "{entry}");
+        trust += &format!("\n{entry}");
         // An invitation opens once.
         b.goto(&link).await.unwrap();
         wait_js(&b, "a spent invitation", "return document.body.innerText.includes('No such invitation') || document.body.innerText.includes('邀请无效');").await;

@@ -665,6 +665,8 @@ async fn register(
         serde_json::json!({
             "ok": true,
             "approver": who.id,
+            "role": who.role,
+            "department": who.department,
             "credential_id": reg.passkey.credential_id,
             "trust_store_entry": entry,
         }),
