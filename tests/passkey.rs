@@ -415,7 +415,7 @@ async fn applications_advance_level_by_level_and_survive_a_crash() {
     let id = a.id.clone();
     let r = call(
         &mut c,
-        Body::ListApplications(pb::ListApplicationsRequest {}),
+        Body::ListApplications(pb::ListApplicationsRequest::default()),
     )
     .await;
     assert_eq!(r.status, Status::PermissionDenied as i32, "{}", r.message);
@@ -472,7 +472,7 @@ async fn applications_advance_level_by_level_and_survive_a_crash() {
     let open = list(
         &call(
             &mut c,
-            Body::ListApplications(pb::ListApplicationsRequest {}),
+            Body::ListApplications(pb::ListApplicationsRequest::default()),
         )
         .await,
     );
@@ -526,11 +526,24 @@ async fn applications_advance_level_by_level_and_survive_a_crash() {
     let open = list(
         &call(
             &mut c,
-            Body::ListApplications(pb::ListApplicationsRequest {}),
+            Body::ListApplications(pb::ListApplicationsRequest::default()),
         )
         .await,
     );
     assert_eq!((open.len(), open[0].approved), (1, 1));
+    // As the page asks for one approver: only what waits for their role.
+    for (role, n) in [("executive", 1), ("dept_head", 0)] {
+        let r = call(
+            &mut c,
+            Body::ListApplications(pb::ListApplicationsRequest {
+                role: role.into(),
+                department: "management".into(),
+                limit: 0,
+            }),
+        )
+        .await;
+        assert_eq!(list(&r).len(), n, "{role}");
+    }
     // Level 2 by li.na's key: a passkey level and a key level in one token.
     let now = String::from_utf8(open[0].token.clone()).unwrap();
     let a = application(&call(&mut c, decide(&id, last_entry(&approve_by_key(&now)), "")).await);

@@ -910,7 +910,11 @@ async fn list(State(app): State<Arc<App>>, headers: HeaderMap) -> Response {
     let apps = match app
         .recorder
         .call(request::Body::ListApplications(
-            pb::ListApplicationsRequest {},
+            pb::ListApplicationsRequest {
+                role: who.role.clone(),
+                department: who.department.clone(),
+                limit: 0,
+            },
         ))
         .await
     {

@@ -29,6 +29,9 @@ const MAX_OPEN: usize = 10_000;
 pub const MAX_DOCUMENT: usize = 768 * 1024;
 /// The longest token accepted.
 const MAX_TOKEN: usize = 64 * 1024;
+/// Applications in one ListApplications answer at most (a frame holds them: a token is at most
+/// 64 KiB, but one with two or three levels is a few).
+const MAX_LIST: usize = 200;
 /// A rejection's reason, in bytes.
 const MAX_REASON: usize = 500;
 
@@ -385,16 +388,41 @@ impl Service {
     pub(super) async fn list_applications(
         &self,
         caller: &Caller,
+        req: pb::ListApplicationsRequest,
     ) -> Result<response::Body, ServiceError> {
         must_oversee(caller)?;
+        let limit = match req.limit {
+            0 => MAX_LIST,
+            n => (n as usize).min(MAX_LIST),
+        };
         let rules = self.gate.rules();
         let now = unix_now();
-        let apps = self.applications.lock().await;
-        let mut list: Vec<pb::Application> =
-            apps.open.values().map(|a| a.wire(&rules, now)).collect();
-        list.sort_by_key(|a| a.submitted_seq);
+        let mut open: Vec<Application> = {
+            let apps = self.applications.lock().await;
+            apps.open.values().cloned().collect()
+        };
+        open.sort_by_key(|a| a.submitted_seq);
+        let mut list = Vec::new();
+        let mut more = false;
+        for a in open {
+            let w = a.wire(&rules, now);
+            let wanted = req.role.is_empty()
+                || (w.next_role == req.role
+                    && (w.next_department.is_empty() || w.next_department == req.department));
+            if !wanted {
+                continue;
+            }
+            if list.len() == limit {
+                more = true;
+                break;
+            }
+            list.push(w);
+        }
         Ok(response::Body::ListApplications(
-            pb::ListApplicationsResponse { applications: list },
+            pb::ListApplicationsResponse {
+                applications: list,
+                more,
+            },
         ))
     }
 

@@ -332,7 +332,7 @@ impl Service {
             request::Body::ApplyPolicy(p) => self.apply_policy(caller, p).await,
             request::Body::RecordOversight(o) => self.record_oversight(caller, o).await,
             request::Body::SubmitApplication(a) => self.submit_application(caller, a).await,
-            request::Body::ListApplications(_) => self.list_applications(caller).await,
+            request::Body::ListApplications(l) => self.list_applications(caller, l).await,
             request::Body::FetchApplication(f) => self.fetch_application(caller, f).await,
             request::Body::DecideApplication(d) => self.decide_application(caller, d).await,
             request::Body::EnrollMfa(e) => {

@@ -199,7 +199,10 @@ fn main() {
                 document_pdf: Vec::new(),
             }),
         ),
-        frame(2, B::ListApplications(pb::ListApplicationsRequest {})),
+        frame(
+            2,
+            B::ListApplications(pb::ListApplicationsRequest::default()),
+        ),
         frame(
             3,
             B::DecideApplication(pb::DecideApplicationRequest {
