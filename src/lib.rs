@@ -26,6 +26,7 @@
 pub mod approval;
 pub mod audit;
 pub mod config;
+#[cfg(feature = "console")]
 pub mod console;
 pub mod container;
 pub mod denial;

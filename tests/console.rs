@@ -1,6 +1,7 @@
 //! The auditors' console over a real daemon's log on SoftHSM: every page and filter through its
 //! router (access control, CSRF, expiry, oversight records, fail-closed recording), and the
 //! whole console binary over TLS in Debian's headless Chromium, driven through chromedriver.
+#![cfg(feature = "console")]
 
 mod common;
 

@@ -33,6 +33,7 @@ macro_rules! say {
         }
     };
 }
+#[cfg(feature = "console")]
 pub(crate) use say;
 
 #[derive(clap::Args)]
@@ -212,6 +213,11 @@ pub fn run(args: BenchArgs, json: bool) -> anyhow::Result<()> {
             );
         }
     }
+    #[cfg(not(feature = "console"))]
+    if args.console_records > 0 && args.console_sessions > 0 {
+        say!("the console is not measured: this sealctl was built without its console feature");
+    }
+    #[cfg(feature = "console")]
     if args.console_records > 0 && args.console_sessions > 0 {
         let dir = work.path().join("console");
         std::fs::create_dir(&dir)?;

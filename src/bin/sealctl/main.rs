@@ -6,6 +6,7 @@
 
 mod audit;
 mod bench;
+#[cfg(feature = "console")]
 mod bench_console;
 mod hq;
 mod notify;
