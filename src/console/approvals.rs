@@ -834,6 +834,23 @@ async fn login_finish(
     r
 }
 
+/// A POST of the page's script from a signed-in approver: their session's CSRF token and the
+/// page's origin; the page and the approver's entry.
+#[allow(clippy::result_large_err)]
+fn signed_in_post<'a>(
+    app: &'a App,
+    headers: &HeaderMap,
+    csrf: &str,
+) -> Result<(&'a Approvals, ApproverEntry), Response> {
+    let (s, who) = signed_in(app, headers)
+        .map_err(|_| refused(StatusCode::UNAUTHORIZED, "session", "sign in again"))?;
+    let a = approvals(app)?;
+    if !same_origin(a, headers, Some((csrf, &s.csrf))) {
+        return Err(refused(StatusCode::FORBIDDEN, "csrf", "not from this page"));
+    }
+    Ok((a, who))
+}
+
 /// A refused sign-in: recorded (with why), and answered without saying why.
 async fn login_refused(app: &App, name: String, why: &'static str) -> Response {
     if let Err(e) = app
@@ -1231,14 +1248,10 @@ async fn decision_challenge(
     Path(id): Path<String>,
     Json(form): Json<ChallengeForm>,
 ) -> Response {
-    let (s, who) = match signed_in(&app, &headers) {
+    let (a, who) = match signed_in_post(&app, &headers, &form.csrf) {
         Ok(x) => x,
-        Err(_) => return refused(StatusCode::UNAUTHORIZED, "session", "sign in again"),
+        Err(r) => return r,
     };
-    let a = approvals(&app).expect("signed in");
-    if !same_origin(a, &headers, Some((&form.csrf, &s.csrf))) {
-        return refused(StatusCode::FORBIDDEN, "csrf", "not from this page");
-    }
     let application = match fetch(&app, &id, false).await {
         Ok(r) => r.application.unwrap_or_default(),
         Err(e) => return refused(StatusCode::SERVICE_UNAVAILABLE, "daemon", &e.to_string()),
@@ -1300,14 +1313,10 @@ async fn decide(
     Path(id): Path<String>,
     Json(form): Json<AssertionForm>,
 ) -> Response {
-    let (s, who) = match signed_in(&app, &headers) {
+    let (_, who) = match signed_in_post(&app, &headers, &form.csrf) {
         Ok(x) => x,
-        Err(_) => return refused(StatusCode::UNAUTHORIZED, "session", "sign in again"),
+        Err(r) => return r,
     };
-    let a = approvals(&app).expect("signed in");
-    if !same_origin(a, &headers, Some((&form.csrf, &s.csrf))) {
-        return refused(StatusCode::FORBIDDEN, "csrf", "not from this page");
-    }
     // The page names only the signed-in approver: a header for anyone else is not sent on.
     let header: Option<crate::token::Header> = B64
         .decode(&form.protected)
