@@ -1560,6 +1560,13 @@ async fn cdp(
     v["value"].clone()
 }
 
+/// The claims of a token file.
+fn claims_of(path: &Path) -> sealgate::token::Claims {
+    sealgate::token::Token::parse_for_signing(&std::fs::read(path).unwrap())
+        .unwrap()
+        .claims
+}
+
 /// Clicks the element with this id.
 async fn click(b: &fantoccini::Client, id: &str) {
     b.find(fantoccini::Locator::Id(id))
@@ -1780,15 +1787,8 @@ async fn approvers_register_passkeys_and_approve_in_chromium_and_the_daemon_stam
     ]);
     assert!(out.status.success(), "{out:?}");
     let said = String::from_utf8_lossy(&out.stdout).into_owned();
-    let application: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(w.join("application.json")).unwrap()).unwrap();
-    let payload = base64::Engine::decode(
-        &base64::engine::general_purpose::URL_SAFE_NO_PAD,
-        application["payload"].as_str().unwrap(),
-    )
-    .unwrap();
-    let claims: serde_json::Value = serde_json::from_slice(&payload).unwrap();
-    let id = claims["jti"].as_str().unwrap().to_owned();
+    let claims = claims_of(&w.join("application.json"));
+    let id = claims.jti.clone();
     assert!(
         said.contains(&format!("application {id}: pending")),
         "{said}"
@@ -1843,7 +1843,7 @@ async fn approvers_register_passkeys_and_approve_in_chromium_and_the_daemon_stam
         "250000.00 CNY",
         "zhao.lei",
         "supplier contract",
-        claims["doc"]["sha256"].as_str().unwrap(),
+        &claims.doc.sha256,
     ] {
         assert!(facts.contains(shown), "{shown} in {facts}");
     }
@@ -1958,19 +1958,7 @@ async fn approvers_register_passkeys_and_approve_in_chromium_and_the_daemon_stam
         ]);
         assert!(out.status.success(), "{out:?}");
     }
-    let jti_of = |name: &str| {
-        let v: serde_json::Value =
-            serde_json::from_slice(&std::fs::read(w.join(name)).unwrap()).unwrap();
-        let c: serde_json::Value = serde_json::from_slice(
-            &base64::Engine::decode(
-                &base64::engine::general_purpose::URL_SAFE_NO_PAD,
-                v["payload"].as_str().unwrap(),
-            )
-            .unwrap(),
-        )
-        .unwrap();
-        c["jti"].as_str().unwrap().to_owned()
-    };
+    let jti_of = |name: &str| claims_of(&w.join(name)).jti;
     let (lease7, lease8) = (jti_of("lease 7.json"), jti_of("lease 8.json"));
     approver_signs_in(&b, &base, "chen.jing").await;
     let rows = b
