@@ -1395,6 +1395,68 @@ mod tests {
         assert!(invite(&config, "chen jing\u{200b}", "r", "", 1).is_err());
     }
 
+    fn page(idle_ms: i64) -> Approvals {
+        Approvals::new(
+            ApprovalsConfig {
+                rp_id: "localhost".into(),
+                origin: "https://localhost:8443".into(),
+                approvers: "/nonexistent".into(),
+            },
+            3_600_000,
+            idle_ms,
+        )
+    }
+
+    fn headers(pairs: &[(header::HeaderName, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.insert(k, v.parse().unwrap());
+        }
+        h
+    }
+
+    #[test]
+    fn sessions_challenges_and_posts_are_checked() {
+        let a = page(3_600_000);
+        let token = a.open_session("chen.jing");
+        let cookie = format!("{APPROVER_COOKIE}={token}");
+        let s = a.session(&headers(&[(header::COOKIE, &cookie)])).unwrap();
+        assert_eq!(s.id, "chen.jing");
+        assert!(a
+            .session(&headers(&[(header::COOKIE, "sg_approver=forged")]))
+            .is_none());
+        assert!(a.session(&headers(&[])).is_none());
+        // Idle too long: gone.
+        let idle = page(0);
+        let t = idle.open_session("chen.jing");
+        assert!(idle
+            .session(&headers(&[(
+                header::COOKIE,
+                &format!("{APPROVER_COOKIE}={t}")
+            )]))
+            .is_none());
+        // Posts: the session's CSRF token, and this page's origin when the browser names one.
+        let ours = headers(&[(header::ORIGIN, "https://localhost:8443")]);
+        let theirs = headers(&[(header::ORIGIN, "https://evil.test")]);
+        assert!(same_origin(&a, &ours, Some((&s.csrf, &s.csrf))));
+        assert!(!same_origin(&a, &ours, Some(("", &s.csrf))));
+        assert!(!same_origin(&a, &ours, Some(("forged", &s.csrf))));
+        assert!(!same_origin(&a, &theirs, Some((&s.csrf, &s.csrf))));
+        assert!(!same_origin(&a, &theirs, None));
+        // A challenge is spent once, for what it was handed out for.
+        let client = |c: &[u8; 32]| {
+            serde_json::json!({"type": "webauthn.get", "challenge": B64.encode(c)}).to_string()
+        };
+        let c = a.challenge("login:chen.jing".into());
+        assert!(a.spend(client(&c).as_bytes(), "login:sun.li").is_none());
+        let c = a.challenge("login:chen.jing".into());
+        assert_eq!(a.spend(client(&c).as_bytes(), "login:chen.jing"), Some(c));
+        assert!(a.spend(client(&c).as_bytes(), "login:chen.jing").is_none());
+        assert!(a
+            .spend(client(&[9; 32]).as_bytes(), "login:chen.jing")
+            .is_none());
+    }
+
     #[test]
     fn a_registration_is_checked_field_by_field() {
         // Built by hand: authenticator data with a P-256 COSE key from the vectors.
