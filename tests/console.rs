@@ -1970,6 +1970,16 @@ async fn approvers_register_passkeys_and_approve_in_chromium_and_the_daemon_stam
         rows.contains("lease 7") && !rows.contains("lease 8"),
         "{rows}"
     );
+    // The contract's first page, rendered for chen.jing at level 1, is not shown to them now
+    // that the application waits for nobody.
+    let status = b
+        .execute_async(
+            "const done = arguments[arguments.length - 1]; fetch(arguments[0]).then(r => done(r.status));",
+            vec![format!("/approvals/{id}/page.png").into()],
+        )
+        .await
+        .unwrap();
+    assert_eq!(status, 404, "a decided application's page");
     b.goto(&format!("{base}/approvals/{lease8}")).await.unwrap();
     wait_js(
         &b,

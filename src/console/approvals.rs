@@ -1139,6 +1139,17 @@ async fn first_page(
         Err(r) => return r,
     };
     let a = approvals(&app).expect("signed in");
+    // Whose it is, asked every time: a page rendered for one approver is not another's.
+    let application = match fetch(&app, &id, false).await {
+        Ok(r) => r.application.unwrap_or_default(),
+        Err(e) => return (StatusCode::SERVICE_UNAVAILABLE, e.to_string()).into_response(),
+    };
+    let Some(t) = token_of(&application) else {
+        return StatusCode::CONFLICT.into_response();
+    };
+    if !for_me(&application, &who, &t.claims.applicant) || !application.has_document {
+        return StatusCode::NOT_FOUND.into_response();
+    }
     if let Some(png) = a.pages.lock().expect("pages").get(&id).cloned() {
         return ([(header::CONTENT_TYPE, "image/png")], png.as_ref().clone()).into_response();
     }
@@ -1146,13 +1157,6 @@ async fn first_page(
         Ok(r) => r,
         Err(e) => return (StatusCode::SERVICE_UNAVAILABLE, e.to_string()).into_response(),
     };
-    let application = r.application.unwrap_or_default();
-    let Some(t) = token_of(&application) else {
-        return StatusCode::CONFLICT.into_response();
-    };
-    if !for_me(&application, &who, &t.claims.applicant) || r.document_pdf.is_empty() {
-        return StatusCode::NOT_FOUND.into_response();
-    }
     let want = t.claims.doc.sha256.clone();
     let rendered =
         tokio::task::spawn_blocking(move || render_first_page(&r.document_pdf, &want)).await;
