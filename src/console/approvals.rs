@@ -985,16 +985,10 @@ async fn list(State(app): State<Arc<App>>, headers: HeaderMap) -> Response {
 }
 
 fn money(c: &crate::token::Claims) -> String {
-    match &c.amount {
-        Some(a) => format!(
-            "{}{}.{:02} {}",
-            if a.value < 0 { "-" } else { "" },
-            a.value.unsigned_abs() / 100,
-            a.value.unsigned_abs() % 100,
-            a.currency
-        ),
-        None => String::new(),
-    }
+    c.amount
+        .as_ref()
+        .map(|a| super::pages::minor_units(a.value, &a.currency))
+        .unwrap_or_default()
 }
 
 async fn fetch(

@@ -165,16 +165,19 @@ impl Lang {
 pub use crate::audit::rfc3339 as time;
 
 fn amount(r: &Record) -> String {
-    match r.amount {
-        Some(a) => format!(
-            "{}{}.{:02} {}",
-            if a < 0 { "-" } else { "" },
-            a.unsigned_abs() / 100,
-            a.unsigned_abs() % 100,
-            r.currency
-        ),
-        None => String::new(),
-    }
+    r.amount
+        .map(|a| minor_units(a, &r.currency))
+        .unwrap_or_default()
+}
+
+/// An amount in minor units (fen, cents) as "1234.50 CNY".
+pub fn minor_units(value: i64, currency: &str) -> String {
+    format!(
+        "{}{}.{:02} {currency}",
+        if value < 0 { "-" } else { "" },
+        value.unsigned_abs() / 100,
+        value.unsigned_abs() % 100,
+    )
 }
 
 /// What every page shares: the navigation, the user, the language switch and log-out.
