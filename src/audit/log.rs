@@ -425,6 +425,8 @@ struct Writer {
     witness: Option<Witness>,
     /// Approvals' uses as the log holds them (see [`ledger::LoggedUses`]).
     logged_uses: ledger::LoggedUses,
+    /// Started with the first batch.
+    signer: Option<CheckpointSigner>,
 }
 
 /// How a failed statement leaves the store.
@@ -480,6 +482,89 @@ fn sign_checkpoint(
         error: AuditError::Device(e.to_string()),
         broken: false,
     })
+}
+
+/// Signs checkpoints on a thread of its own, so that the device signs a batch's head while the
+/// writer inserts the batch's rows; the writer waits for the signature before it commits.
+struct CheckpointSigner {
+    tx: Option<mpsc::Sender<SignJob>>,
+}
+
+/// A checkpoint to sign, and where its signature goes.
+struct SignJob {
+    key: AuditKey,
+    seq: u64,
+    prev_seq: u64,
+    head: [u8; 32],
+    at_ms: i64,
+    reply: mpsc::SyncSender<Result<Vec<u8>, Failure>>,
+}
+
+impl CheckpointSigner {
+    fn start() -> CheckpointSigner {
+        let (tx, rx) = mpsc::channel::<SignJob>();
+        let spawned = std::thread::Builder::new()
+            .name("audit-checkpoint".into())
+            .spawn(move || {
+                while let Ok(j) = rx.recv() {
+                    let r = sign_checkpoint(&j.key, j.seq, j.prev_seq, &j.head, j.at_ms);
+                    let _ = j.reply.send(r);
+                }
+            });
+        match spawned {
+            Ok(_) => CheckpointSigner { tx: Some(tx) },
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot start the checkpoint thread; the writer signs checkpoints itself");
+                CheckpointSigner { tx: None }
+            }
+        }
+    }
+
+    /// Starts the signature of a checkpoint; [`PendingSignature::wait`] gives it. Where the
+    /// thread is gone, the signature is made here and now.
+    fn sign(
+        &self,
+        key: &AuditKey,
+        seq: u64,
+        prev_seq: u64,
+        head: [u8; 32],
+        at_ms: i64,
+    ) -> PendingSignature {
+        let (reply, rx) = mpsc::sync_channel(1);
+        let job = SignJob {
+            key: key.clone(),
+            seq,
+            prev_seq,
+            head,
+            at_ms,
+            reply,
+        };
+        let job = match &self.tx {
+            Some(tx) => match tx.send(job) {
+                Ok(()) => return PendingSignature(rx),
+                Err(mpsc::SendError(job)) => job,
+            },
+            None => job,
+        };
+        let _ = job
+            .reply
+            .send(sign_checkpoint(key, seq, prev_seq, &head, at_ms));
+        PendingSignature(rx)
+    }
+}
+
+/// A checkpoint signature on its way.
+struct PendingSignature(mpsc::Receiver<Result<Vec<u8>, Failure>>);
+
+impl PendingSignature {
+    fn wait(self) -> Result<Vec<u8>, Failure> {
+        self.0.recv().unwrap_or_else(|_| {
+            Err(Failure {
+                error: AuditError::Device("the checkpoint's signing thread ended".into()),
+                broken: false,
+            })
+        })
+    }
 }
 
 /// Inserts a record whose seq and hashes are set.
@@ -542,6 +627,7 @@ impl Writer {
             read_only: false,
             witness: None,
             logged_uses: ledger::LoggedUses::default(),
+            signer: None,
         }
     }
 
@@ -664,6 +750,9 @@ impl Writer {
     }
 
     /// One transaction: every record, the ledger for each authorisation, a signed checkpoint.
+    /// The records and their hash chain are settled first (the ledger decides each
+    /// authorisation's kind); the device then signs the new head on the checkpoint thread
+    /// while the rows are inserted, and the transaction commits only with that signature in it.
     #[allow(clippy::type_complexity)]
     fn write(
         &mut self,
@@ -671,11 +760,8 @@ impl Writer {
         entries: &[&Entry],
     ) -> Result<(Vec<Appended>, Vec<Record>), Failure> {
         self.ensure_open()?;
-        let key = self.key.clone();
         let now = now_ms();
-        let mut seq = self.head_seq;
-        let mut head = self.head_hash;
-        let mut committed = Vec::with_capacity(internal.len() + entries.len());
+        let mut records: Vec<Record> = Vec::with_capacity(internal.len() + entries.len());
         let mut results = Vec::with_capacity(entries.len());
         let conn = self.conn.as_mut().expect("opened above");
         self.logged_uses.trim();
@@ -683,68 +769,69 @@ impl Writer {
         // Uses consumed in this batch, counted into `logged_uses` once it has committed.
         let mut used: Vec<(String, u32)> = Vec::new();
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        {
-            let mut push = |mut r: Record| -> Result<u64, rusqlite::Error> {
-                seq += 1;
-                r.at_ms = now;
-                // Details quote caller input (seal names, approver ids); keep them bounded.
-                let max = if r.kind.starts_with("application.") {
-                    MAX_APPLICATION_DETAIL_BYTES
-                } else {
-                    MAX_DETAIL_BYTES
-                };
-                clip(&mut r.detail, max);
-                clip(&mut r.seal, MAX_NAME_BYTES);
-                r.seal_after(seq, head);
-                head = r.hash;
-                insert_record(&tx, &r)?;
-                committed.push(r);
-                Ok(seq)
-            };
-            for r in internal {
-                push(r.clone())?;
-            }
-            for e in entries {
-                match e {
-                    Entry::Record(r) => results.push(Appended::Record {
-                        seq: push((**r).clone())?,
-                    }),
-                    Entry::Authorize(a) => {
-                        let (pending, record) = &**a;
-                        let mut r = record.clone();
-                        match ledger::consume(
-                            &tx,
-                            &pending.as_use(),
-                            now / 1000,
-                            pending.rate_limit,
-                            logged_uses,
-                        )? {
-                            Ok(uses_left) => {
-                                used.push((pending.jti.clone(), pending.count));
-                                // `stamp.authorized`, or `terminal.granted` for a terminal.
-                                results.push(Appended::Authorized {
-                                    seq: push(r)?,
-                                    uses_left,
-                                });
+        // The seq the next record of the batch gets.
+        let next = |records: &Vec<Record>| self.head_seq + records.len() as u64 + 1;
+        records.extend(internal.iter().cloned());
+        for e in entries {
+            match e {
+                Entry::Record(r) => {
+                    results.push(Appended::Record {
+                        seq: next(&records),
+                    });
+                    records.push((**r).clone());
+                }
+                Entry::Authorize(a) => {
+                    let (pending, record) = &**a;
+                    let mut r = record.clone();
+                    match ledger::consume(
+                        &tx,
+                        &pending.as_use(),
+                        now / 1000,
+                        pending.rate_limit,
+                        logged_uses,
+                    )? {
+                        Ok(uses_left) => {
+                            used.push((pending.jti.clone(), pending.count));
+                            // `stamp.authorized`, or `terminal.granted` for a terminal.
+                            results.push(Appended::Authorized {
+                                seq: next(&records),
+                                uses_left,
+                            });
+                        }
+                        Err(denial) => {
+                            r.kind = if r.kind == kind::TERMINAL_GRANTED {
+                                kind::TERMINAL_DENIED
+                            } else {
+                                kind::STAMP_DENIED
                             }
-                            Err(denial) => {
-                                r.kind = if r.kind == kind::TERMINAL_GRANTED {
-                                    kind::TERMINAL_DENIED
-                                } else {
-                                    kind::STAMP_DENIED
-                                }
-                                .into();
-                                r.reason = denial.reason.code().into();
-                                r.detail = denial.detail.clone();
-                                results.push(Appended::Refused {
-                                    seq: push(r)?,
-                                    denial,
-                                });
-                            }
+                            .into();
+                            r.reason = denial.reason.code().into();
+                            r.detail = denial.detail.clone();
+                            results.push(Appended::Refused {
+                                seq: next(&records),
+                                denial,
+                            });
                         }
                     }
+                    records.push(r);
                 }
             }
+        }
+        let mut seq = self.head_seq;
+        let mut head = self.head_hash;
+        for r in &mut records {
+            seq += 1;
+            r.at_ms = now;
+            // Details quote caller input (seal names, approver ids); keep them bounded.
+            let max = if r.kind.starts_with("application.") {
+                MAX_APPLICATION_DETAIL_BYTES
+            } else {
+                MAX_DETAIL_BYTES
+            };
+            clip(&mut r.detail, max);
+            clip(&mut r.seal, MAX_NAME_BYTES);
+            r.seal_after(seq, head);
+            head = r.hash;
         }
         // The checkpoint is signed before the commit, so no committed record is ever without
         // a device signature over it.
@@ -769,7 +856,16 @@ impl Writer {
             }
         }
         crate::crash_point!("audit.before_checkpoint_signature");
-        let signature = sign_checkpoint(&key, latest.seq, latest.prev_seq, &head, now)?;
+        let signature = self
+            .signer
+            .get_or_insert_with(CheckpointSigner::start)
+            .sign(&self.key, latest.seq, latest.prev_seq, head, now);
+        // Every row is inserted (or the insert failed) before the signature is waited for, so
+        // a failed batch never leaves one behind for the next.
+        let inserted = records.iter().try_for_each(|r| insert_record(&tx, r));
+        let signature = signature.wait();
+        inserted?;
+        let signature = signature?;
         crate::crash_point!("audit.after_checkpoint_signature");
         if let Some(old) = replace {
             tx.prepare_cached("DELETE FROM checkpoints WHERE seq = ?1")?
@@ -797,7 +893,7 @@ impl Writer {
         self.head_hash = head;
         self.latest = Some(latest);
         self.update_witness();
-        Ok((results, committed))
+        Ok((results, records))
     }
 
     /// Tells the witness thread the new head. The witness may be behind the log (start-up
