@@ -31,6 +31,7 @@ pub mod console;
 pub mod container;
 pub mod denial;
 pub mod device;
+pub mod handoff;
 pub mod hq;
 pub mod logging;
 pub mod metrics;

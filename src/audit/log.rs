@@ -506,7 +506,7 @@ impl CheckpointSigner {
         let spawned = std::thread::Builder::new()
             .name("audit-checkpoint".into())
             .spawn(move || {
-                while let Ok(j) = rx.recv() {
+                while let Ok(j) = crate::handoff::recv(&rx) {
                     let r = sign_checkpoint(&j.key, j.seq, j.prev_seq, &j.head, j.at_ms);
                     let _ = j.reply.send(r);
                 }
@@ -558,7 +558,7 @@ struct PendingSignature(mpsc::Receiver<Result<Vec<u8>, Failure>>);
 
 impl PendingSignature {
     fn wait(self) -> Result<Vec<u8>, Failure> {
-        self.0.recv().unwrap_or_else(|_| {
+        crate::handoff::recv(&self.0).unwrap_or_else(|_| {
             Err(Failure {
                 error: AuditError::Device("the checkpoint's signing thread ended".into()),
                 broken: false,
@@ -635,7 +635,7 @@ impl Writer {
         let mut stopping = false;
         while !stopping {
             let first = if self.pending.is_empty() {
-                rx.recv().ok()
+                crate::handoff::recv(&rx).ok()
             } else {
                 // While failing, retry the records that must not be lost once a second.
                 let wait = if self.failure.is_some() {
@@ -643,7 +643,7 @@ impl Writer {
                 } else {
                     Duration::ZERO
                 };
-                match rx.recv_timeout(wait) {
+                match crate::handoff::recv_timeout(&rx, wait) {
                     Ok(m) => Some(m),
                     Err(mpsc::RecvTimeoutError::Timeout) => {
                         self.flush_pending();

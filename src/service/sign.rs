@@ -107,7 +107,7 @@ impl Signer {
 /// One signing thread: takes the next stamp, signs, and records the outcome.
 fn work(rx: &Mutex<mpsc::Receiver<Job>>, device: &dyn SealDevice, signing: &AtomicUsize) {
     loop {
-        let next = rx.lock().unwrap_or_else(|p| p.into_inner()).recv();
+        let next = crate::handoff::recv(&rx.lock().unwrap_or_else(|p| p.into_inner()));
         let Ok(job) = next else { return };
         signing.fetch_add(1, Ordering::Relaxed);
         let what = match &job.cms {
