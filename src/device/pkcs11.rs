@@ -221,7 +221,7 @@ impl Pkcs11Device {
         let mut found = Vec::new();
         for spec in &self.specs {
             let (handle, key) = self.find_key(&login, spec)?;
-            handles.push(handle);
+            handles.push(session_copy(&login, handle, spec));
             found.push(key);
         }
         let wrap = match &self.wrap_key_label {
@@ -294,7 +294,9 @@ impl Pkcs11Device {
         spec: &KeySpec,
     ) -> Result<(ObjectHandle, SealKey), ConnectError> {
         let template = |class: ObjectClass| {
-            let mut t = vec![Attribute::Class(class)];
+            // Token objects only: the connection's session copies of keys carry the same
+            // label and id.
+            let mut t = vec![Attribute::Class(class), Attribute::Token(true)];
             if let Some(l) = &spec.label {
                 t.push(Attribute::Label(l.as_bytes().to_vec()));
             }
@@ -605,6 +607,26 @@ impl Pkcs11Device {
 
 /// The mechanism and the data to give `C_Sign` for a signature of `algorithm` over a SHA-256
 /// digest. Shared with the benchmark, which measures the raw device the same way.
+/// A copy of a private key as a session object of the login session: the same key with the
+/// same attributes (still private, sensitive and not extractable, inside the token), gone when
+/// the connection closes. SoftHSM reads a token object's file again before every operation on
+/// it, a session object not: a P-256 signature takes 40-49 µs instead of 61 on the demo token.
+/// A token that does not copy keys (`CKA_COPYABLE` false, or no room) signs with the token
+/// object itself.
+pub fn session_copy(
+    login: &Session,
+    handle: ObjectHandle,
+    what: &dyn std::fmt::Display,
+) -> ObjectHandle {
+    match login.copy_object(handle, &[Attribute::Token(false)]) {
+        Ok(copy) => copy,
+        Err(e) => {
+            tracing::debug!(key = %what, error = %e, "the token keeps no session copy of the key; signing with the token object");
+            handle
+        }
+    }
+}
+
 pub fn sign_mechanism(algorithm: Algorithm, digest: &[u8; 32]) -> (Mechanism<'static>, Vec<u8>) {
     match algorithm {
         Algorithm::EcdsaP256Sha256 => (Mechanism::Ecdsa, digest.to_vec()),

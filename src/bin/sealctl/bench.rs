@@ -425,6 +425,8 @@ fn raw_rate(
         ])?
         .first()
         .with_context(|| format!("no private key {label:?}"))?;
+    // As the daemon signs: with a session copy of the key where the token makes one.
+    let handle = sealgate::device::pkcs11::session_copy(&login, handle, &label);
     let deadline = Instant::now() + Duration::from_secs_f64(seconds);
     let start = Instant::now();
     let counts: Vec<u64> = std::thread::scope(|s| {
