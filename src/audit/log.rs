@@ -95,31 +95,76 @@ const WITNESS_SPACING: Duration = Duration::from_secs(1);
 
 /// The thread that keeps the audit device's witness of the head, off the commit path.
 struct Witness {
-    tx: Option<mpsc::Sender<(u64, [u8; 32])>>,
+    shared: Arc<WitnessSlot>,
     thread: Option<std::thread::JoinHandle<()>>,
+}
+
+/// The newest head for the witness thread. The writer wakes the thread only when it waits for
+/// a head; while it waits out the spacing, a new head just replaces the one in the slot (a
+/// wake for every batch cost the writer a system call and the machine a thread switch).
+#[derive(Default)]
+struct WitnessSlot {
+    state: Mutex<WitnessState>,
+    wake: std::sync::Condvar,
+}
+
+#[derive(Default)]
+struct WitnessState {
+    newest: Option<(u64, [u8; 32])>,
+    /// The thread sleeps until a head comes.
+    idle: bool,
+    /// The writer stops: write the newest head and end.
+    closed: bool,
+}
+
+impl WitnessSlot {
+    fn lock(&self) -> std::sync::MutexGuard<'_, WitnessState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A new head; wakes the thread only where it waits for one.
+    fn put(&self, seq: u64, head: [u8; 32]) {
+        let mut s = self.lock();
+        s.newest = Some((seq, head));
+        if s.idle {
+            self.wake.notify_one();
+        }
+    }
+
+    /// The next head to write, no sooner than `due`; None once closed with nothing left.
+    fn next(&self, due: Option<Instant>) -> Option<(u64, [u8; 32])> {
+        let mut s = self.lock();
+        while s.newest.is_none() && !s.closed {
+            s.idle = true;
+            s = self.wake.wait(s).unwrap_or_else(|p| p.into_inner());
+            s.idle = false;
+        }
+        if let Some(due) = due {
+            while !s.closed {
+                let wait = due.saturating_duration_since(Instant::now());
+                if wait.is_zero() {
+                    break;
+                }
+                s = self
+                    .wake
+                    .wait_timeout(s, wait)
+                    .unwrap_or_else(|p| p.into_inner())
+                    .0;
+            }
+        }
+        s.newest.take()
+    }
 }
 
 impl Witness {
     fn start(device: Arc<dyn SealDevice>, label: String) -> std::io::Result<Witness> {
-        let (tx, rx) = mpsc::channel::<(u64, [u8; 32])>();
+        let shared = Arc::new(WitnessSlot::default());
+        let slot = shared.clone();
         let thread = std::thread::Builder::new()
             .name("audit-witness".into())
             .spawn(move || {
                 let mut last: Option<Instant> = None;
-                while let Ok(mut v) = rx.recv() {
-                    if let Some(t) = last {
-                        let due = t + WITNESS_SPACING;
-                        loop {
-                            let wait = due.saturating_duration_since(Instant::now());
-                            match rx.recv_timeout(wait) {
-                                Ok(newer) => v = newer,
-                                Err(_) => break,
-                            }
-                        }
-                    }
-                    while let Ok(newer) = rx.try_recv() {
-                        v = newer;
-                    }
+                while let Some(v) = slot.next(last.map(|t| t + WITNESS_SPACING)) {
                     if let Err(e) = device.replace_data(&label, &witness_bytes(v.0, &v.1)) {
                         tracing::error!(error = %e, seq = v.0, "the audit device did not take the log's new head");
                     }
@@ -127,23 +172,33 @@ impl Witness {
                 }
             })?;
         Ok(Witness {
-            tx: Some(tx),
+            shared,
             thread: Some(thread),
         })
     }
 
     fn tell(&self, seq: u64, head: [u8; 32]) {
-        if let Some(tx) = &self.tx {
-            let _ = tx.send((seq, head));
-        }
+        self.shared.put(seq, head);
     }
 
     /// Writes the newest head it was told and stops. Blocks.
     fn finish(&mut self) {
-        self.tx.take();
+        self.close();
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
+    }
+
+    fn close(&self) {
+        self.shared.lock().closed = true;
+        self.shared.wake.notify_one();
+    }
+}
+
+impl Drop for Witness {
+    /// A witness replaced (the log re-opened) writes its newest head and ends on its own.
+    fn drop(&mut self) {
+        self.close();
     }
 }
 
@@ -1188,7 +1243,38 @@ impl Writer {
 
 #[cfg(test)]
 mod tests {
-    use super::clip;
+    use super::{clip, WitnessSlot};
+    use std::sync::Arc;
+    use std::time::{Duration, Instant};
+
+    #[test]
+    fn the_witness_takes_the_newest_head_after_the_spacing_and_the_last_on_close() {
+        let slot = Arc::new(WitnessSlot::default());
+        let tell = |slot: &WitnessSlot, seq: u64| slot.put(seq, [seq as u8; 32]);
+        // Idle: a head wakes it.
+        let waiter = {
+            let slot = slot.clone();
+            std::thread::spawn(move || slot.next(None))
+        };
+        while !slot.lock().idle {
+            std::thread::yield_now();
+        }
+        tell(&slot, 1);
+        assert_eq!(waiter.join().unwrap().map(|v| v.0), Some(1));
+        // Within the spacing: heads replace each other; the newest is taken when it is due.
+        let started = Instant::now();
+        let due = started + Duration::from_millis(50);
+        tell(&slot, 2);
+        tell(&slot, 3);
+        assert_eq!(slot.next(Some(due)).map(|v| v.0), Some(3));
+        assert!(started.elapsed() >= Duration::from_millis(50));
+        // Closing cuts the spacing short and hands over what is left, then nothing.
+        tell(&slot, 4);
+        slot.lock().closed = true;
+        let far = Instant::now() + Duration::from_secs(60);
+        assert_eq!(slot.next(Some(far)).map(|v| v.0), Some(4));
+        assert_eq!(slot.next(None), None);
+    }
 
     #[test]
     fn clip_cuts_long_text_at_a_character_boundary() {
