@@ -568,3 +568,90 @@ async fn sealctl_verify_traces_a_p7s_to_its_record_and_names_one_the_log_lacks()
         "{v}"
     );
 }
+
+/// The daemon signs with session copies of its keys (`device::pkcs11::session_copy`). On the
+/// real token: the copy is a session object that stays private, sensitive and not extractable,
+/// and its signature verifies under the key's public half.
+#[test]
+fn a_session_copy_of_a_seal_key_is_as_protected_as_the_key_and_signs_for_it() {
+    use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
+    use cryptoki::object::{Attribute, AttributeType, ObjectClass};
+    use cryptoki::session::UserType;
+    use cryptoki::types::AuthPin;
+    use p256::ecdsa::signature::hazmat::PrehashVerifier;
+    use sha2::Digest;
+    // The demo token's configuration; every test of this file that starts a process passes
+    // the same value.
+    std::env::set_var("SOFTHSM2_CONF", demo().softhsm_conf());
+    let ctx = Pkcs11::new(SOFTHSM).unwrap();
+    ctx.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK))
+        .unwrap();
+    let slot = ctx
+        .get_slots_with_token()
+        .unwrap()
+        .into_iter()
+        .find(|s| {
+            ctx.get_token_info(*s)
+                .is_ok_and(|i| i.label().trim_end() == "sealgate-demo")
+        })
+        .expect("the demo token");
+    let login = ctx.open_ro_session(slot).unwrap();
+    let pin = std::fs::read_to_string(demo().dir.join("user.pin")).unwrap();
+    login
+        .login(UserType::User, Some(&AuthPin::from(pin.trim().to_owned())))
+        .unwrap();
+    let find = |class| {
+        login
+            .find_objects(&[
+                Attribute::Class(class),
+                Attribute::Label(b"contract-seal".to_vec()),
+                Attribute::Token(true),
+            ])
+            .unwrap()[0]
+    };
+    let key = find(ObjectClass::PRIVATE_KEY);
+    let copy = sealgate::device::pkcs11::session_copy(&login, key, &"contract-seal");
+    assert_ne!(copy, key, "SoftHSM makes session copies");
+    let attrs = login
+        .get_attributes(
+            copy,
+            &[
+                AttributeType::Token,
+                AttributeType::Private,
+                AttributeType::Sensitive,
+                AttributeType::Extractable,
+            ],
+        )
+        .unwrap();
+    let flag = |want: AttributeType| {
+        attrs.iter().find_map(|a| match (a, want) {
+            (Attribute::Token(v), AttributeType::Token)
+            | (Attribute::Private(v), AttributeType::Private)
+            | (Attribute::Sensitive(v), AttributeType::Sensitive)
+            | (Attribute::Extractable(v), AttributeType::Extractable) => Some(*v),
+            _ => None,
+        })
+    };
+    assert_eq!(flag(AttributeType::Token), Some(false));
+    assert_eq!(flag(AttributeType::Private), Some(true));
+    assert_eq!(flag(AttributeType::Sensitive), Some(true));
+    assert_eq!(flag(AttributeType::Extractable), Some(false));
+    // Its signature is the key's.
+    let digest: [u8; 32] = sha2::Sha256::digest(b"a contract").into();
+    let (mechanism, data) = sealgate::device::pkcs11::sign_mechanism(
+        sealgate::device::Algorithm::EcdsaP256Sha256,
+        &digest,
+    );
+    let signature = login.sign(&mechanism, copy, &data).unwrap();
+    let public = find(ObjectClass::PUBLIC_KEY);
+    let point = match &login
+        .get_attributes(public, &[AttributeType::EcPoint])
+        .unwrap()[0]
+    {
+        Attribute::EcPoint(der) => der[2..].to_vec(), // an OCTET STRING of 65 bytes
+        other => panic!("no EC point: {other:?}"),
+    };
+    let verifying = p256::ecdsa::VerifyingKey::from_sec1_bytes(&point).unwrap();
+    let signature = p256::ecdsa::Signature::from_slice(&signature).unwrap();
+    verifying.verify_prehash(&digest, &signature).unwrap();
+}
