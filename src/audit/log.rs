@@ -526,17 +526,26 @@ fn sign_checkpoint(
     at_ms: i64,
 ) -> Result<Vec<u8>, Failure> {
     let device = &key.device;
-    if device.health() != Health::Ready {
-        device.recover();
-    }
     let digest: [u8; 32] = {
         use sha2::Digest;
         sha2::Sha256::digest(Checkpoint::message(seq, prev_seq, head, at_ms)).into()
     };
-    device.sign(key.key, &digest).map_err(|e| Failure {
-        error: AuditError::Device(e.to_string()),
+    // A device call that panics fails this checkpoint, not the thread that asked (the writer's
+    // or the checkpoint thread).
+    let signed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        if device.health() != Health::Ready {
+            device.recover();
+        }
+        device.sign(key.key, &digest)
+    }));
+    let failed = |what: String| Failure {
+        error: AuditError::Device(what),
         broken: false,
-    })
+    };
+    match signed {
+        Ok(r) => r.map_err(|e| failed(e.to_string())),
+        Err(_) => Err(failed("the device call panicked".into())),
+    }
 }
 
 /// Signs checkpoints on a thread of its own, so that the device signs a batch's head while the
@@ -1261,9 +1270,83 @@ impl Writer {
 
 #[cfg(test)]
 mod tests {
-    use super::{clip, WitnessSlot};
+    use super::{clip, sign_checkpoint, AuditError, AuditKey, CheckpointSigner, WitnessSlot};
+    use crate::device::profile::DeviceProfile;
+    use crate::device::{Algorithm, DeviceError, Health, SealDevice, SealKey};
+    use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::Arc;
     use std::time::{Duration, Instant};
+
+    /// A device whose first `panics` signatures panic (a bug in a device library).
+    struct Flaky {
+        profile: DeviceProfile,
+        key: SealKey,
+        panics: AtomicUsize,
+    }
+
+    impl SealDevice for Flaky {
+        fn id(&self) -> &str {
+            "flaky"
+        }
+        fn profile(&self) -> &DeviceProfile {
+            &self.profile
+        }
+        fn health(&self) -> Health {
+            Health::Ready
+        }
+        fn key(&self, _key: usize) -> &SealKey {
+            &self.key
+        }
+        fn sign(&self, _key: usize, digest: &[u8; 32]) -> Result<Vec<u8>, DeviceError> {
+            let left = self.panics.load(Ordering::SeqCst);
+            if left > 0 {
+                self.panics.store(left - 1, Ordering::SeqCst);
+                panic!("a device library bug");
+            }
+            Ok(digest.to_vec())
+        }
+        fn recover(&self) {}
+        fn parallelism(&self) -> usize {
+            1
+        }
+    }
+
+    fn flaky(panics: usize) -> AuditKey {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("device-profiles");
+        AuditKey {
+            device: Arc::new(Flaky {
+                profile: DeviceProfile::load(&dir, "softhsm2").unwrap(),
+                key: SealKey {
+                    algorithm: Algorithm::EcdsaP256Sha256,
+                    spki_der: Vec::new(),
+                    certificate_der: None,
+                },
+                panics: AtomicUsize::new(panics),
+            }),
+            key: 0,
+        }
+    }
+
+    fn panicked(r: Result<Vec<u8>, super::Failure>) -> bool {
+        matches!(r, Err(f) if matches!(&f.error, AuditError::Device(m) if m.contains("panicked")))
+    }
+
+    #[test]
+    fn a_device_call_that_panics_fails_one_checkpoint_and_the_next_is_signed() {
+        // On the writer's thread.
+        let key = flaky(1);
+        assert!(panicked(sign_checkpoint(&key, 1, 0, &[7; 32], 0)));
+        assert!(sign_checkpoint(&key, 1, 0, &[7; 32], 0).is_ok());
+        // On the checkpoint thread, which lives on.
+        let key = flaky(1);
+        let thread = CheckpointSigner::start();
+        assert!(thread.tx.is_some());
+        assert!(panicked(thread.sign(&key, 2, 1, [8; 32], 0).wait()));
+        assert!(thread.sign(&key, 2, 1, [8; 32], 0).wait().is_ok());
+        // Without a thread, the signature is made where it is asked for.
+        let none = CheckpointSigner { tx: None };
+        assert!(none.sign(&key, 3, 2, [9; 32], 0).wait().is_ok());
+    }
 
     #[test]
     fn the_witness_takes_the_newest_head_after_the_spacing_and_the_last_on_close() {
