@@ -15,6 +15,7 @@ use sealgate::console::data::SiteLog;
 use sealgate::console::web::{self, App, Recorder};
 use sealgate::protocol::client::Client;
 use std::collections::BTreeSet;
+use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
@@ -908,11 +909,15 @@ fn start_console_with(
     (Console { child, port }, enrolment)
 }
 
-/// chromedriver on a port of its own, driving Debian's Chromium headless.
+/// chromedriver on a port of its own, driving Debian's Chromium headless. It runs in a process
+/// group of its own with the browsers it starts, and the whole group goes when the test ends
+/// (also when it fails before closing its session), so no Chromium outlives its test.
 struct Driver(Child, u16);
 
 impl Drop for Driver {
     fn drop(&mut self) {
+        let group = nix::unistd::Pid::from_raw(-(self.0.id() as i32));
+        let _ = nix::sys::signal::kill(group, nix::sys::signal::Signal::SIGKILL);
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
@@ -922,6 +927,7 @@ fn start_driver() -> Driver {
     let port = free_port();
     let child = Command::new("chromedriver")
         .arg(format!("--port={port}"))
+        .process_group(0)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -2002,4 +2008,5 @@ async fn approvers_register_passkeys_and_approve_in_chromium_and_the_daemon_stam
     assert!(logins.iter().filter(|r| r.applicant == "chen.jing").count() >= 2);
     let (code, out) = audit_verify(&d.db());
     assert_eq!(code, 0, "{out}");
+    b.close().await.unwrap();
 }
