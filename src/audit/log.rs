@@ -528,8 +528,7 @@ fn sign_checkpoint(
         use sha2::Digest;
         sha2::Sha256::digest(Checkpoint::message(seq, prev_seq, head, at_ms)).into()
     };
-    // A device call that panics fails this checkpoint, not the thread that asked (the writer's
-    // or the checkpoint thread).
+    // A device call that panics fails this checkpoint, not the writer's thread.
     let signed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         if device.health() != Health::Ready {
             device.recover();
