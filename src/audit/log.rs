@@ -728,8 +728,8 @@ impl Writer {
 
     /// One transaction: every record, the ledger for each authorisation, a signed checkpoint.
     /// The records and their hash chain are settled first (the ledger decides each
-    /// authorisation's kind); the device then signs the new head on the checkpoint thread
-    /// while the rows are inserted, and the transaction commits only with that signature in it.
+    /// authorisation's kind), the rows inserted, then the device signs the new head, and the
+    /// transaction commits only with that signature in it.
     #[allow(clippy::type_complexity)]
     fn write(
         &mut self,
