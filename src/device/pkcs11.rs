@@ -605,8 +605,6 @@ impl Pkcs11Device {
     }
 }
 
-/// The mechanism and the data to give `C_Sign` for a signature of `algorithm` over a SHA-256
-/// digest. Shared with the benchmark, which measures the raw device the same way.
 /// A copy of a private key as a session object of the login session: the same key with the
 /// same attributes (still private, sensitive and not extractable, inside the token), gone when
 /// the connection closes. SoftHSM reads a token object's file again before every operation on
@@ -627,6 +625,8 @@ pub fn session_copy(
     }
 }
 
+/// The mechanism and the data to give `C_Sign` for a signature of `algorithm` over a SHA-256
+/// digest. Shared with the benchmark, which measures the raw device the same way.
 pub fn sign_mechanism(algorithm: Algorithm, digest: &[u8; 32]) -> (Mechanism<'static>, Vec<u8>) {
     match algorithm {
         Algorithm::EcdsaP256Sha256 => (Mechanism::Ecdsa, digest.to_vec()),
