@@ -131,6 +131,12 @@ impl WitnessSlot {
         }
     }
 
+    /// The writer stops: the thread writes the newest head, if any, and ends.
+    fn close(&self) {
+        self.lock().closed = true;
+        self.wake.notify_one();
+    }
+
     /// The next head to write, no sooner than `due`; None once closed with nothing left.
     fn next(&self, due: Option<Instant>) -> Option<(u64, [u8; 32])> {
         let mut s = self.lock();
@@ -190,8 +196,7 @@ impl Witness {
     }
 
     fn close(&self) {
-        self.shared.lock().closed = true;
-        self.shared.wake.notify_one();
+        self.shared.close();
     }
 }
 
@@ -1254,7 +1259,7 @@ mod tests {
         assert!(started.elapsed() >= Duration::from_millis(50));
         // Closing cuts the spacing short and hands over what is left, then nothing.
         tell(&slot, 4);
-        slot.lock().closed = true;
+        slot.close();
         let far = Instant::now() + Duration::from_secs(60);
         assert_eq!(slot.next(Some(far)).map(|v| v.0), Some(4));
         assert_eq!(slot.next(None), None);
