@@ -655,3 +655,135 @@ fn a_session_copy_of_a_seal_key_is_as_protected_as_the_key_and_signs_for_it() {
     let signature = p256::ecdsa::Signature::from_slice(&signature).unwrap();
     verifying.verify_prehash(&digest, &signature).unwrap();
 }
+
+/// A token that will not copy a key (`CKA_COPYABLE` false, as a token may keep its keys): the
+/// daemon signs with the token object itself, its stamps and the log's checkpoints alike, and
+/// every signature verifies (openssl for the stamps, `sealctl audit verify` for the log).
+#[tokio::test]
+async fn a_key_the_token_will_not_copy_signs_as_the_token_object() {
+    use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
+    use cryptoki::mechanism::Mechanism;
+    use cryptoki::object::Attribute;
+    use cryptoki::session::UserType;
+    use cryptoki::types::AuthPin;
+    let (label, pin) = ("no-key-copies", "27182818");
+    own_token(label, pin);
+    {
+        // This process's own look at the token, closed before the daemon starts.
+        std::env::set_var("SOFTHSM2_CONF", demo().softhsm_conf());
+        let ctx = Pkcs11::new(SOFTHSM).unwrap();
+        ctx.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK))
+            .unwrap();
+        let slot = ctx
+            .get_slots_with_token()
+            .unwrap()
+            .into_iter()
+            .find(|s| {
+                ctx.get_token_info(*s)
+                    .is_ok_and(|i| i.label().trim_end() == label)
+            })
+            .expect("the test's token");
+        let session = ctx.open_rw_session(slot).unwrap();
+        session
+            .login(UserType::User, Some(&AuthPin::from(pin.to_owned())))
+            .unwrap();
+        // SoftHSM takes CKA_COPYABLE only when a key is made: two more keys, made that way.
+        let p256 = vec![0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07];
+        for (i, key) in ["k-kept", "audit-kept"].iter().enumerate() {
+            let named = |mut t: Vec<Attribute>| {
+                t.extend([
+                    Attribute::Token(true),
+                    Attribute::Label(key.as_bytes().to_vec()),
+                    Attribute::Id(vec![0xc0, i as u8]),
+                ]);
+                t
+            };
+            let (_, handle) = session
+                .generate_key_pair(
+                    &Mechanism::EccKeyPairGen,
+                    &named(vec![
+                        Attribute::EcParams(p256.clone()),
+                        Attribute::Verify(true),
+                    ]),
+                    &named(vec![
+                        Attribute::Private(true),
+                        Attribute::Sensitive(true),
+                        Attribute::Extractable(false),
+                        Attribute::Sign(true),
+                        Attribute::Copyable(false),
+                    ]),
+                )
+                .unwrap();
+            assert_eq!(
+                sealgate::device::pkcs11::session_copy(&session, handle, key),
+                handle,
+                "the token copied {key}"
+            );
+        }
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = own_token_config(dir.path(), label, pin)
+        .replace("key_label = \"k\"", "key_label = \"k-kept\"")
+        .replace("key_label = \"audit\"", "key_label = \"audit-kept\"");
+    assert!(config.contains("\"k-kept\"") && config.contains("\"audit-kept\""));
+    config += &format!(
+        "\n[[approver]]\nid = \"zhang.wei\"\nrole = \"dept_head\"\ndepartment = \"sales\"\npublic_key_file = \"{}\"\n",
+        demo().dir.join("approvers/zhang.wei.pub.pem").display()
+    );
+    let d = Daemon::start_with(dir, &config, &[]).unwrap_or_else(|f| panic!("{f:?}"));
+    let mut c = d.client().await;
+    let response::Body::DescribeSeal(seal) = ok(c.describe_seal("s").await.unwrap()) else {
+        panic!("wrong body")
+    };
+    for i in 0..3 {
+        let document = format!("a contract signed with a key that stays put, no. {i}");
+        let s = stamp_ok(&mut c, "s", &sha256(document.as_bytes())).await;
+        assert!(
+            openssl_verify(
+                &s.algorithm,
+                &seal.public_key_spki,
+                document.as_bytes(),
+                &s.signature
+            ),
+            "openssl rejected stamp {i}"
+        );
+    }
+    let (status, dir) = d.stop_keeping_state();
+    assert!(status.success());
+    let db = sealgate::store::db_path(&dir.path().join("state"));
+    // The log verifies under the token's audit key, read out by pkcs11-tool and openssl.
+    let der = dir.path().join("audit-kept.der");
+    let pem = dir.path().join("audit-kept.pem");
+    let run = |cmd: &mut Command| {
+        let out = cmd.output().unwrap();
+        assert!(
+            out.status.success(),
+            "{cmd:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    run(Command::new("pkcs11-tool")
+        .env("SOFTHSM2_CONF", demo().softhsm_conf())
+        .args(["--module", SOFTHSM, "--token-label", label, "--read-object"])
+        .args(["--type", "pubkey", "--label", "audit-kept", "--output-file"])
+        .arg(&der));
+    run(Command::new("openssl")
+        .args(["pkey", "-pubin", "-inform", "DER", "-in"])
+        .arg(&der)
+        .arg("-out")
+        .arg(&pem));
+    let out = Command::new(SEALCTL)
+        .args(["audit", "verify", "--db"])
+        .arg(&db)
+        .arg("--key")
+        .arg(&pem)
+        .output()
+        .unwrap();
+    let report = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{report}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(records(&db, Some("stamp.completed")).len(), 3);
+}
