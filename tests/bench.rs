@@ -45,6 +45,7 @@ fn bench_runs_every_scenario_and_accounts_for_every_stamp() {
         "a. one approval, many uses",
         "b. single-use approvals, two signatures",
         "ceiling from measured costs",
+        "processor time per stamp: daemon",
         "c. one client, sequential",
         "sealctl audit verify: 3000 records",
     ] {
@@ -67,14 +68,16 @@ fn bench_runs_every_scenario_and_accounts_for_every_stamp() {
             assert!(sc["stamps_per_second"].as_f64().unwrap() > 0.0, "{sc}");
             assert!(sc["p99_ms"].as_f64().unwrap() >= sc["p50_ms"].as_f64().unwrap());
             // The daemon's processor time per stamp, read from /proc (null if it could not be).
-            assert!(
-                sc["daemon_cpu_us_per_stamp"]
-                    .as_f64()
-                    .is_some_and(|us| us >= 0.0),
-                "{sc}"
-            );
+            // The daemon's and the clients' processor time per stamp, read from /proc.
+            for who in ["daemon_cpu_us_per_stamp", "clients_cpu_us_per_stamp"] {
+                assert!(sc[who].as_f64().is_some_and(|us| us >= 0.0), "{who}: {sc}");
+            }
         }
         assert!(scenarios[1]["ceiling_per_second"].as_f64().is_some());
+        // What the targets of (a) and (b) allow a stamp to cost the machine.
+        for sc in &scenarios[..2] {
+            assert!(sc["target_cpu_budget_us"].as_f64().unwrap() > 0.0, "{sc}");
+        }
     }
     assert_eq!(figures["audit_log"]["stamp_completed"], 280);
     assert_eq!(figures["audit_verify"]["records"], 3000);

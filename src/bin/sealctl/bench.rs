@@ -165,13 +165,17 @@ pub fn run(args: BenchArgs, json: bool) -> anyhow::Result<()> {
         for (name, what, clients, stamps, standing) in scenarios {
             let tokens = keys.tokens(seal, stamps, standing);
             let cpu_before = cpu_seconds(daemon.child.id());
+            let clients_before = cpu_seconds(std::process::id());
             let r = runtime.block_on(drive(&daemon.socket, seal, clients, tokens))?;
             // The daemon's own processor time per stamp: what other tenants of the machine
-            // do not move, where the rates above move by a third between runs.
-            let cpu_us = match (cpu_before, cpu_seconds(daemon.child.id())) {
+            // do not move, where the rates above move by a third between runs. The clients'
+            // (this process, which does nothing else meanwhile) is on the same cores.
+            let per_stamp = |before: Option<f64>, after: Option<f64>| match (before, after) {
                 (Some(a), Some(b)) if r.ok > 0 => (b - a) / r.ok as f64 * 1e6,
                 _ => f64::NAN,
             };
+            let cpu_us = per_stamp(cpu_before, cpu_seconds(daemon.child.id()));
+            let clients_cpu_us = per_stamp(clients_before, cpu_seconds(std::process::id()));
             total_stamps += r.ok;
             say!(
                 "{name}. {what:<38} {clients:>2} clients  {:>7.0} stamps/s  ratio to raw {:.2}  p50 {:.2} ms  p95 {:.2} ms  p99 {:.2} ms  avg audit batch {:.1}  daemon CPU {cpu_us:.0} µs/stamp",
@@ -187,12 +191,24 @@ pub fn run(args: BenchArgs, json: bool) -> anyhow::Result<()> {
                 "stamps_per_second": r.rate(), "ratio_to_raw": r.rate() / raw,
                 "p50_ms": r.percentile(0.50), "p95_ms": r.percentile(0.95),
                 "p99_ms": r.percentile(0.99), "avg_audit_batch": r.avg_batch,
-                "daemon_cpu_us_per_stamp": cpu_us,
+                "daemon_cpu_us_per_stamp": cpu_us, "clients_cpu_us_per_stamp": clients_cpu_us,
             });
+            let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+            // What a stamp may cost the machine's cores, daemon and clients together, for the
+            // pipeline's target rate ((a) 0.6 of raw, (b) half the ceiling below).
+            let budget = |target_rate: f64| {
+                let budget_us = cores / target_rate * 1e6;
+                say!(
+                    "   processor time per stamp: daemon {cpu_us:.0} + clients {clients_cpu_us:.0} µs; the target rate {target_rate:.0}/s allows {budget_us:.0} µs on {cores} cores"
+                );
+                budget_us
+            };
+            if name == "a" {
+                f["target_cpu_budget_us"] = budget(0.6 * raw).into();
+            }
             if name == "b" {
                 // Per stamp the machine's cores do two approval verifications and one device
                 // signature (SoftHSM signs on the same cores): that is the ceiling.
-                let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
                 let ceiling = cores / (verify_cost + 1.0 / raw1);
                 say!(
                     "   ceiling from measured costs ({cores} cores / (one approval's verifications + 1 signature)): {ceiling:.0}/s; ratio to ceiling {:.2}",
@@ -200,6 +216,7 @@ pub fn run(args: BenchArgs, json: bool) -> anyhow::Result<()> {
                 );
                 f["ceiling_per_second"] = ceiling.into();
                 f["ratio_to_ceiling"] = (r.rate() / ceiling).into();
+                f["target_cpu_budget_us"] = budget(0.5 * ceiling).into();
             }
             scenario_figures.push(f);
         }
