@@ -574,32 +574,10 @@ async fn sealctl_verify_traces_a_p7s_to_its_record_and_names_one_the_log_lacks()
 /// and its signature verifies under the key's public half.
 #[test]
 fn a_session_copy_of_a_seal_key_is_as_protected_as_the_key_and_signs_for_it() {
-    use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
     use cryptoki::object::{Attribute, AttributeType, ObjectClass};
-    use cryptoki::session::UserType;
-    use cryptoki::types::AuthPin;
     use p256::ecdsa::signature::hazmat::PrehashVerifier;
     use sha2::Digest;
-    // The demo token's configuration; every test of this file that starts a process passes
-    // the same value.
-    std::env::set_var("SOFTHSM2_CONF", demo().softhsm_conf());
-    let ctx = Pkcs11::new(SOFTHSM).unwrap();
-    ctx.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK))
-        .unwrap();
-    let slot = ctx
-        .get_slots_with_token()
-        .unwrap()
-        .into_iter()
-        .find(|s| {
-            ctx.get_token_info(*s)
-                .is_ok_and(|i| i.label().trim_end() == "sealgate-demo")
-        })
-        .expect("the demo token");
-    let login = ctx.open_ro_session(slot).unwrap();
-    let pin = std::fs::read_to_string(demo().dir.join("user.pin")).unwrap();
-    login
-        .login(UserType::User, Some(&AuthPin::from(pin.trim().to_owned())))
-        .unwrap();
+    let login = token_session("sealgate-demo", &demo().pin(), false);
     let find = |class| {
         login
             .find_objects(&[
@@ -661,32 +639,13 @@ fn a_session_copy_of_a_seal_key_is_as_protected_as_the_key_and_signs_for_it() {
 /// every signature verifies (openssl for the stamps, `sealctl audit verify` for the log).
 #[tokio::test]
 async fn a_key_the_token_will_not_copy_signs_as_the_token_object() {
-    use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
     use cryptoki::mechanism::Mechanism;
     use cryptoki::object::Attribute;
-    use cryptoki::session::UserType;
-    use cryptoki::types::AuthPin;
     let (label, pin) = ("no-key-copies", "27182818");
     own_token(label, pin);
     {
         // This process's own look at the token, closed before the daemon starts.
-        std::env::set_var("SOFTHSM2_CONF", demo().softhsm_conf());
-        let ctx = Pkcs11::new(SOFTHSM).unwrap();
-        ctx.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK))
-            .unwrap();
-        let slot = ctx
-            .get_slots_with_token()
-            .unwrap()
-            .into_iter()
-            .find(|s| {
-                ctx.get_token_info(*s)
-                    .is_ok_and(|i| i.label().trim_end() == label)
-            })
-            .expect("the test's token");
-        let session = ctx.open_rw_session(slot).unwrap();
-        session
-            .login(UserType::User, Some(&AuthPin::from(pin.to_owned())))
-            .unwrap();
+        let session = token_session(label, pin, true);
         // SoftHSM takes CKA_COPYABLE only when a key is made: two more keys, made that way.
         let p256 = vec![0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07];
         for (i, key) in ["k-kept", "audit-kept"].iter().enumerate() {

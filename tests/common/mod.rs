@@ -170,6 +170,39 @@ pub fn own_token(label: &str, pin: &str) {
     }
 }
 
+/// A session of this process, logged in as the user, on the demo SoftHSM's token `label`
+/// (read-write when `rw`). Sets `SOFTHSM2_CONF` to the demo's, as every test that starts a
+/// process passes it.
+pub fn token_session(label: &str, pin: &str, rw: bool) -> cryptoki::session::Session {
+    use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
+    std::env::set_var("SOFTHSM2_CONF", demo().softhsm_conf());
+    let ctx = Pkcs11::new(SOFTHSM).unwrap();
+    ctx.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK))
+        .unwrap();
+    let slot = ctx
+        .get_slots_with_token()
+        .unwrap()
+        .into_iter()
+        .find(|s| {
+            ctx.get_token_info(*s)
+                .is_ok_and(|i| i.label().trim_end() == label)
+        })
+        .unwrap_or_else(|| panic!("no token {label:?}"));
+    let session = if rw {
+        ctx.open_rw_session(slot)
+    } else {
+        ctx.open_ro_session(slot)
+    }
+    .unwrap();
+    session
+        .login(
+            cryptoki::session::UserType::User,
+            Some(&cryptoki::types::AuthPin::from(pin.to_owned())),
+        )
+        .unwrap();
+    session
+}
+
 /// Writes a PIN file (mode 0600) as the daemon reads it; returns its path.
 pub fn write_pin_file(path: &Path, pin: &str) -> PathBuf {
     std::fs::write(path, format!("{pin}\n")).unwrap();
