@@ -67,7 +67,6 @@ fn bench_runs_every_scenario_and_accounts_for_every_stamp() {
         for sc in scenarios {
             assert!(sc["stamps_per_second"].as_f64().unwrap() > 0.0, "{sc}");
             assert!(sc["p99_ms"].as_f64().unwrap() >= sc["p50_ms"].as_f64().unwrap());
-            // The daemon's processor time per stamp, read from /proc (null if it could not be).
             // The daemon's and the clients' processor time per stamp, read from /proc.
             for who in ["daemon_cpu_us_per_stamp", "clients_cpu_us_per_stamp"] {
                 assert!(sc[who].as_f64().is_some_and(|us| us >= 0.0), "{who}: {sc}");
