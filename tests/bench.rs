@@ -46,6 +46,7 @@ fn bench_runs_every_scenario_and_accounts_for_every_stamp() {
         "b. single-use approvals, two signatures",
         "ceiling from measured costs",
         "processor time per stamp: daemon",
+        "the disk here: an fsync of a page written over takes",
         "c. one client, sequential",
         "sealctl audit verify: 3000 records",
     ] {
@@ -77,6 +78,8 @@ fn bench_runs_every_scenario_and_accounts_for_every_stamp() {
         for sc in &scenarios[..2] {
             assert!(sc["target_cpu_budget_us"].as_f64().unwrap() > 0.0, "{sc}");
         }
+        // And what one of the two fsyncs that (c) waits on costs on this disk.
+        assert!(scenarios[2]["fsync_us_p50"].as_f64().unwrap() > 0.0);
     }
     assert_eq!(figures["audit_log"]["stamp_completed"], 280);
     assert_eq!(figures["audit_verify"]["records"], 3000);
