@@ -16,6 +16,7 @@ use sealgate::device::Algorithm;
 use sealgate::protocol::client::Client;
 use sealgate::protocol::{response, Status};
 use sealgate::token::{Claims, DocClaim, SigningKey, Token};
+use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
@@ -684,7 +685,25 @@ public_key_file = "{demo}/approvers/li.na.pub.pem"
         let config_path = dir.join("sealgate.toml");
         std::fs::write(&config_path, config)?;
         let log = std::fs::File::create(dir.join("sealgated.log"))?;
-        let child = Command::new(sealgated)
+        let mut command = Command::new(sealgated);
+        // The daemon is the bench's own: if the bench is killed (not only interrupted at the
+        // terminal, which reaches the whole process group), the daemon gets SIGTERM and shuts
+        // down rather than holding a token session and its state directory. The signal follows
+        // the thread that started the child, here the bench's main thread.
+        // SAFETY: prctl and getppid are async-signal-safe and touch no memory of ours.
+        let bench = std::process::id();
+        unsafe {
+            command.pre_exec(move || {
+                nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGTERM)?;
+                // The bench may have died before the prctl took effect.
+                if nix::unistd::getppid().as_raw() as u32 != bench {
+                    // An error that needs no allocation, after fork.
+                    return Err(nix::errno::Errno::ESRCH.into());
+                }
+                Ok(())
+            });
+        }
+        let child = command
             .arg("--config")
             .arg(&config_path)
             .env("SEALGATE_LOG", "warn")
