@@ -73,12 +73,8 @@ fn the_demo_keeps_the_office_app_and_the_administrator_apart() {
         std::fs::create_dir(&demo).unwrap();
         std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
         nix::unistd::chown(&demo, Some(nix::unistd::Uid::from_raw(4242)), None).unwrap();
-        let out = std::process::Command::new("bash")
-            .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("softhsm-setup.sh"))
-            .arg(&demo)
+        let out = common::setup_command(&demo)
             .env("HOME", &demo)
-            .env("SEALCTL", common::SEALCTL)
-            .env("SEALGATE_CONSOLE", common::SEALGATE_CONSOLE)
             .uid(4242)
             .gid(4242)
             .output()

@@ -8,7 +8,6 @@ use common::p11kit::{self, P11KitServer};
 use common::*;
 use sealgate::protocol::{pb, response, Status};
 use std::path::Path;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 /// These tests run several processes on the shared demo token at once (daemon, p11-kit
@@ -139,12 +138,7 @@ async fn a_token_that_comes_back_with_other_keys_is_refused() {
     for f in ["user.pin", "so.pin"] {
         std::fs::copy(demo().dir.join(f), other.join(f)).unwrap();
     }
-    let setup = Command::new("bash")
-        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/softhsm-setup.sh"))
-        .arg(&other)
-        .env("SEALCTL", SEALCTL)
-        .output()
-        .unwrap();
+    let setup = setup_command(&other).output().unwrap();
     assert!(setup.status.success());
     let impostor = P11KitServer::start_from(&p11_socket, &other.join("softhsm2.conf"));
 

@@ -195,12 +195,7 @@ fn pin_from_a_systemd_credential_and_socket_group() {
 fn setup_script_run_twice_changes_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let setup = || {
-        let out = std::process::Command::new("bash")
-            .arg(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("softhsm-setup.sh"))
-            .arg(dir.path())
-            .env("SEALCTL", SEALCTL)
-            .output()
-            .unwrap();
+        let out = setup_command(dir.path()).output().unwrap();
         assert!(
             out.status.success(),
             "{}",

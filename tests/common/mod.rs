@@ -79,6 +79,17 @@ pub fn keep_output(text: &str) {
     std::fs::write(evidence_dir().join(name), text).unwrap();
 }
 
+/// `softhsm-setup.sh DIR`, given the binaries of this build: without them the script builds
+/// release binaries of its own with cargo, minutes of a clean machine's time.
+pub fn setup_command(dir: &Path) -> Command {
+    let mut c = Command::new("bash");
+    c.arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("softhsm-setup.sh"))
+        .arg(dir)
+        .env("SEALCTL", SEALCTL)
+        .env("SEALGATE_CONSOLE", SEALGATE_CONSOLE);
+    c
+}
+
 /// Runs softhsm-setup.sh once for this test binary, in a directory left for the process's life.
 pub fn demo() -> &'static Demo {
     static DEMO: OnceLock<Demo> = OnceLock::new();
@@ -88,14 +99,7 @@ pub fn demo() -> &'static Demo {
             .tempdir()
             .unwrap()
             .keep();
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("softhsm-setup.sh");
-        let out = Command::new("bash")
-            .arg(&script)
-            .arg(&dir)
-            .env("SEALCTL", SEALCTL)
-            .env("SEALGATE_CONSOLE", SEALGATE_CONSOLE)
-            .output()
-            .expect("run softhsm-setup.sh");
+        let out = setup_command(&dir).output().expect("run softhsm-setup.sh");
         assert!(
             out.status.success(),
             "softhsm-setup.sh failed: {}{}",
