@@ -57,7 +57,8 @@ fi
 # PIV tests hold a context while they run, so it stays).
 pcscd_pid() {
   local pid
-  pid=$(cat /run/pcscd/pcscd.pid 2>/dev/null) || return 1
+  # pcscd ends its pid file with a NUL byte.
+  pid=$(tr -d '\0' 2>/dev/null </run/pcscd/pcscd.pid) || return 1
   [ "$(cat "/proc/$pid/comm" 2>/dev/null)" = pcscd ] && echo "$pid"
 }
 pcscd_ready() {
