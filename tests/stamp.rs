@@ -746,3 +746,66 @@ async fn a_key_the_token_will_not_copy_signs_as_the_token_object() {
     );
     assert_eq!(records(&db, Some("stamp.completed")).len(), 3);
 }
+
+/// SoftHSM answers GetTokenInfo with CKR_GENERAL_ERROR, and goes on doing so until the module
+/// is initialised again, in a process that read the token's own file (`token.object`) while
+/// another process was writing it; that process's sessions go on signing. The daemon's
+/// probe (once a second) must not take that for a token gone. A torn write is made here by
+/// hand: the file with a new generation and a cut-off body, for a few seconds, then the file
+/// as it was. Every stamp succeeds meanwhile, and the device stays ready.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_torn_read_of_the_tokens_own_file_leaves_it_in_service() {
+    let (label, pin) = ("torn-read", "16180339");
+    own_token(label, pin);
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = own_token_config(dir.path(), label, pin);
+    config += &format!(
+        "\n[[approver]]\nid = \"zhang.wei\"\nrole = \"dept_head\"\ndepartment = \"sales\"\npublic_key_file = \"{}\"\n",
+        demo().dir.join("approvers/zhang.wei.pub.pem").display()
+    );
+    let d = Daemon::start_with(dir, &config, &[]).unwrap_or_else(|f| panic!("{f:?}"));
+    let mut c = d.client().await;
+    stamp_ok(&mut c, "s", &sha256(b"before")).await;
+    // The token's own file: the token directory whose token.object holds the label.
+    let tokens = demo().dir.join("tokens");
+    let file = std::fs::read_dir(&tokens)
+        .unwrap()
+        .map(|e| e.unwrap().path().join("token.object"))
+        .find(|f| {
+            std::fs::read(f).is_ok_and(|b| b.windows(label.len()).any(|w| w == label.as_bytes()))
+        })
+        .expect("the token's file");
+    let whole = std::fs::read(&file).unwrap();
+    // The generation (the first 8 bytes) changed, so readers read the file again, and the
+    // first attribute cut short.
+    let mut torn = whole[..12].to_vec();
+    torn[7] ^= 1;
+    std::fs::write(&file, &torn).unwrap();
+    let started = std::time::Instant::now();
+    let mut stamps = 0;
+    while started.elapsed() < std::time::Duration::from_millis(3500) {
+        let digest =
+            sha256(format!("a stamp while the token's file is torn, no. {stamps}").as_bytes());
+        let r = c
+            .stamp("s", &digest, &token_for("s", &digest), "")
+            .await
+            .unwrap();
+        assert_eq!(
+            r.status,
+            Status::Ok as i32,
+            "stamp {stamps}, {:?} after the tear: {}",
+            started.elapsed(),
+            r.message
+        );
+        stamps += 1;
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    std::fs::write(&file, &whole).unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    stamp_ok(&mut c, "s", &sha256(b"after")).await;
+    let response::Body::DescribeSeal(s) = ok(c.describe_seal("s").await.unwrap()) else {
+        panic!("wrong body")
+    };
+    assert_eq!(s.device_status, pb::DeviceStatus::Ready as i32);
+    assert!(d.stop().success());
+}
