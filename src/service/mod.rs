@@ -192,7 +192,8 @@ impl Service {
             .devices
             .iter()
             .map(|d| {
-                let signer = Signer::start(d.clone()).map_err(|e| {
+                let holds_audit_key = d.id() == registry.audit_key.0.id();
+                let signer = Signer::start(d.clone(), holds_audit_key).map_err(|e| {
                     StartError::Terminal(format!(
                         "device {:?}: cannot start its signing threads: {e}",
                         d.id()
