@@ -1,7 +1,7 @@
 //! `sealctl bench` runs end to end on a small scale: raw signing, the three scenarios against
 //! a daemon of its own, the audit log checked, the verifier timed, and the auditors' console
-//! browsed. (The figures themselves
-//! are not asserted; README's performance section has a full run's.)
+//! browsed (the figures themselves are not asserted; README's performance section has a full
+//! run's); and a bench that is killed takes its daemon with it.
 
 mod common;
 
@@ -91,5 +91,71 @@ fn bench_runs_every_scenario_and_accounts_for_every_stamp() {
     assert_eq!(pages.len(), 6, "{console}");
     for p in pages {
         assert!(p["answers"].as_u64().unwrap() > 0, "{p}");
+    }
+}
+
+/// The daemon is the bench's own: when the bench is killed (SIGKILL, which it cannot catch),
+/// its daemon gets SIGTERM and goes, rather than holding a token session and its state.
+#[test]
+fn a_killed_bench_takes_its_daemon_with_it() {
+    let demo = demo();
+    let mut bench = Command::new(SEALCTL)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .args(["bench", "--demo"])
+        .arg(&demo.dir)
+        .args([
+            "--algorithms",
+            "ecdsa-p256-sha256",
+            "--stamps",
+            "100000",
+            "--raw-seconds",
+            "0.2",
+            "--verify-records",
+            "0",
+            "--console-records",
+            "0",
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // The bench's child `sealgated`, once it runs.
+    let child_of = |parent: u32| -> Option<u32> {
+        std::fs::read_dir("/proc").ok()?.find_map(|e| {
+            let pid: u32 = e.ok()?.file_name().to_str()?.parse().ok()?;
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+            // pid (comm) state ppid ...
+            let (name, rest) = stat.split_once(" (")?.1.rsplit_once(") ")?;
+            let ppid: u32 = rest.split_whitespace().nth(1)?.parse().ok()?;
+            (ppid == parent && name == "sealgated").then_some(pid)
+        })
+    };
+    let started = std::time::Instant::now();
+    let daemon = loop {
+        if let Some(pid) = child_of(bench.id()) {
+            break pid;
+        }
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(60),
+            "the bench started no daemon"
+        );
+        assert!(bench.try_wait().unwrap().is_none(), "the bench ended early");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    bench.kill().unwrap();
+    bench.wait().unwrap();
+    // Gone, or a zombie waiting for whoever adopted it.
+    let gone = || {
+        std::fs::read_to_string(format!("/proc/{daemon}/stat")).map_or(true, |s| {
+            s.rsplit_once(") ").is_some_and(|(_, r)| r.starts_with('Z'))
+        })
+    };
+    let killed = std::time::Instant::now();
+    while !gone() {
+        assert!(
+            killed.elapsed() < std::time::Duration::from_secs(20),
+            "the daemon {daemon} outlived its bench"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
     }
 }
