@@ -1,6 +1,7 @@
 //! Step 4 of a stamp: the device signs. Each device has a queue and as many signing threads as
 //! it has sessions; the audit writer puts an authorised stamp in the queue, a thread signs it
-//! and hands it to step 5 on the same thread.
+//! and hands it to step 5 on the same thread. A stamp alone on the device that holds the audit
+//! key is signed by the writer's thread instead (see [`Signer::submit`]).
 //!
 //! Owns: the device's queue and its bound (requests waiting beyond it are refused as busy
 //! before any use is spent), the counts `sealctl status` shows, reconnecting a device before

@@ -3,13 +3,14 @@
 //! 1. the caller may use the seal (`caller`);
 //! 2. the request and its approval pass (`check`), inline on the connection's task;
 //! 3. the use is consumed and `stamp.authorized` made durable (`authorize`, the audit writer);
-//! 4. the device signs (`sign`, the device's own threads, fed by the writer's commit);
+//! 4. the device signs (`sign`, the device's own threads, fed by the writer's commit; or the
+//!    writer itself, for a stamp alone on the device that holds the audit key);
 //! 5. the outcome is made durable (`outcome`, the writer again), which answers the client;
 //! 6. the reply (here).
 //!
 //! From step 3 on the stamp is a [`Job`] handed from thread to thread (writer → device →
-//! writer → this task): four hand-offs, and it reaches its recorded outcome whether or not
-//! anyone still waits for it.
+//! writer → this task): four hand-offs, two when the writer signs, and it reaches its
+//! recorded outcome whether or not anyone still waits for it.
 
 use super::authorize::authorize;
 use super::caller::Caller;
