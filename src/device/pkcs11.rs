@@ -56,8 +56,6 @@ pub struct Pkcs11Device {
     serial: Mutex<String>,
     /// The token last reported few PIN tries left (count low, final try or locked).
     pin_low: AtomicBool,
-    /// The last probe could not read the token's information (see `probe`).
-    info_failing: AtomicBool,
 }
 
 enum State {
@@ -139,7 +137,6 @@ impl Pkcs11Device {
             last_attempt: Mutex::new(None),
             serial: Mutex::new(String::new()),
             pin_low: AtomicBool::new(false),
-            info_failing: AtomicBool::new(false),
         };
         // A token may take a moment to show up (USB enumeration; SoftHSM drops a token from
         // its slot list while another process rewrites it), so "not reachable" is retried
@@ -778,27 +775,20 @@ impl SealDevice for Pkcs11Device {
         if self.health() != Health::Ready {
             return;
         }
-        // The session answering is the sign of life: a token that went away fails it, and
-        // `with_session` marks the device down. The token's information is read only for
-        // the PIN's flags, and its failure is not a token gone: SoftHSM answers GetTokenInfo
-        // with CKR_GENERAL_ERROR, until the module is initialised again, in a process that
-        // read the token's own file while another process was writing it, and its sessions
-        // go on signing.
         let probed = self.with_session(|conn, session| {
             session.get_session_info()?;
-            Ok(conn.ctx.get_token_info(conn.slot))
+            conn.ctx.get_token_info(conn.slot)
         });
         match probed {
-            Ok(Ok(info)) => {
-                self.info_failing.store(false, Ordering::Relaxed);
-                self.note_pin_flags(&info);
-            }
-            Ok(Err(e)) => {
-                if !self.info_failing.swap(true, Ordering::Relaxed) {
-                    tracing::warn!(device = %self.id, error = %e, "the token's information cannot be read (its PIN's state is not followed until it can); its sessions answer, so it stays in use");
-                }
-            }
-            Err(_) => {}
+            Ok(info) => self.note_pin_flags(&info),
+            // Marked down: try to come back now rather than at the next probe. SoftHSM fails
+            // GetTokenInfo with CKR_GENERAL_ERROR, and then token objects cannot be made (the
+            // log's witness among them), until the module is initialised again, in a process
+            // that read the token's files while another process was writing them; its
+            // sessions go on signing. Only a new C_Initialize mends that, so the device goes
+            // down (stamps are refused, not signed beside a broken witness) and a token that
+            // is still there is back after one reconnection.
+            Err(_) => self.recover(),
         }
     }
 

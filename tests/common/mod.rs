@@ -113,6 +113,10 @@ pub fn demo() -> &'static Demo {
     })
 }
 
+/// Held while a test makes a token ([`own_token`]) or leaves a token's files damaged for a
+/// while: softhsm2-util reads every token of the directory.
+pub static TOKEN_FILES: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 /// A SoftHSM token of its own (in the demo's SoftHSM), for tests that spend PIN tries, so that
 /// a wrong PIN never touches the shared demo token. It holds two P-256 keys: "k" (a seal) and
 /// "audit".
@@ -121,8 +125,7 @@ pub fn own_token(label: &str, pin: &str) {
     // test of this binary is writing at that moment fails it ("Could not get info about the
     // token"). Tokens are made one at a time, and a start that met a daemon's reading is tried
     // again.
-    static MAKING: std::sync::Mutex<()> = std::sync::Mutex::new(());
-    let _one = MAKING.lock().unwrap_or_else(|p| p.into_inner());
+    let _one = TOKEN_FILES.lock().unwrap_or_else(|p| p.into_inner());
     note_secret(pin);
     let run = |args: &[&str]| {
         for attempt in 1.. {
