@@ -253,7 +253,8 @@ enum Reply {
     /// An async caller waits.
     Wait(oneshot::Sender<Result<Appended, AuditError>>),
     /// The next step of a pipeline, run on the writer's thread: it must not block (hand the
-    /// work on through a channel).
+    /// work on through a channel), except on the audit key's device, which the writer waits on
+    /// for every checkpoint anyway (a stamp alone on that device is signed here).
     Then(Then),
 }
 
