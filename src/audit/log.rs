@@ -1168,58 +1168,22 @@ impl Writer {
 #[cfg(test)]
 mod tests {
     use super::{clip, sign_checkpoint, AuditError, AuditKey, WitnessSlot};
-    use crate::device::profile::DeviceProfile;
-    use crate::device::{Algorithm, DeviceError, Health, SealDevice, SealKey};
+    use crate::device::TestDevice;
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::Arc;
     use std::time::{Duration, Instant};
 
     /// A device whose first `panics` signatures panic (a bug in a device library).
-    struct Flaky {
-        profile: DeviceProfile,
-        key: SealKey,
-        panics: AtomicUsize,
-    }
-
-    impl SealDevice for Flaky {
-        fn id(&self) -> &str {
-            "flaky"
-        }
-        fn profile(&self) -> &DeviceProfile {
-            &self.profile
-        }
-        fn health(&self) -> Health {
-            Health::Ready
-        }
-        fn key(&self, _key: usize) -> &SealKey {
-            &self.key
-        }
-        fn sign(&self, _key: usize, digest: &[u8; 32]) -> Result<Vec<u8>, DeviceError> {
-            let left = self.panics.load(Ordering::SeqCst);
-            if left > 0 {
-                self.panics.store(left - 1, Ordering::SeqCst);
-                panic!("a device library bug");
-            }
-            Ok(digest.to_vec())
-        }
-        fn recover(&self) {}
-        fn parallelism(&self) -> usize {
-            1
-        }
-    }
-
     fn flaky(panics: usize) -> AuditKey {
-        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("device-profiles");
+        let left = AtomicUsize::new(panics);
         AuditKey {
-            device: Arc::new(Flaky {
-                profile: DeviceProfile::load(&dir, "softhsm2").unwrap(),
-                key: SealKey {
-                    algorithm: Algorithm::EcdsaP256Sha256,
-                    spki_der: Vec::new(),
-                    certificate_der: None,
-                },
-                panics: AtomicUsize::new(panics),
-            }),
+            device: Arc::new(TestDevice::new("flaky", move |digest| {
+                if left.load(Ordering::SeqCst) > 0 {
+                    left.fetch_sub(1, Ordering::SeqCst);
+                    panic!("a device library bug");
+                }
+                digest.to_vec()
+            })),
             key: 0,
         }
     }

@@ -348,6 +348,62 @@ impl Registry {
     }
 }
 
+/// A device for unit tests of the steps around a device: one P-256 key, always ready, and
+/// whatever signing `sign` does (a digest back, a panic, a note of the thread).
+#[cfg(test)]
+pub(crate) struct TestDevice {
+    id: &'static str,
+    profile: DeviceProfile,
+    key: SealKey,
+    sign: Box<TestSign>,
+}
+
+#[cfg(test)]
+type TestSign = dyn Fn(&[u8; 32]) -> Vec<u8> + Send + Sync;
+
+#[cfg(test)]
+impl TestDevice {
+    pub fn new(
+        id: &'static str,
+        sign: impl Fn(&[u8; 32]) -> Vec<u8> + Send + Sync + 'static,
+    ) -> TestDevice {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("device-profiles");
+        TestDevice {
+            id,
+            profile: DeviceProfile::load(&dir, "softhsm2").unwrap(),
+            key: SealKey {
+                algorithm: Algorithm::EcdsaP256Sha256,
+                spki_der: Vec::new(),
+                certificate_der: None,
+            },
+            sign: Box::new(sign),
+        }
+    }
+}
+
+#[cfg(test)]
+impl SealDevice for TestDevice {
+    fn id(&self) -> &str {
+        self.id
+    }
+    fn profile(&self) -> &DeviceProfile {
+        &self.profile
+    }
+    fn health(&self) -> Health {
+        Health::Ready
+    }
+    fn key(&self, _key: usize) -> &SealKey {
+        &self.key
+    }
+    fn sign(&self, _key: usize, digest: &[u8; 32]) -> Result<Vec<u8>, DeviceError> {
+        Ok((self.sign)(digest))
+    }
+    fn recover(&self) {}
+    fn parallelism(&self) -> usize {
+        1
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

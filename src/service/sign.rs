@@ -160,58 +160,29 @@ mod tests {
     use crate::audit::anomaly::Anomaly;
     use crate::audit::log::{AuditKey, AuditLog};
     use crate::audit::{kind, Record};
-    use crate::device::profile::DeviceProfile;
-    use crate::device::{Algorithm, DeviceError, Health, SealDevice, SealKey};
+    use crate::device::TestDevice;
     use std::sync::{Arc, Mutex};
     use std::time::Instant;
 
     /// A device that notes the name of the thread each signature is made on.
-    struct Noting {
-        profile: DeviceProfile,
-        key: SealKey,
-        threads: Mutex<Vec<String>>,
-    }
-
-    impl SealDevice for Noting {
-        fn id(&self) -> &str {
-            "noting"
-        }
-        fn profile(&self) -> &DeviceProfile {
-            &self.profile
-        }
-        fn health(&self) -> Health {
-            Health::Ready
-        }
-        fn key(&self, _key: usize) -> &SealKey {
-            &self.key
-        }
-        fn sign(&self, _key: usize, digest: &[u8; 32]) -> Result<Vec<u8>, DeviceError> {
+    fn noting() -> (Arc<TestDevice>, Arc<Mutex<Vec<String>>>) {
+        let threads = Arc::new(Mutex::new(Vec::new()));
+        let noted = threads.clone();
+        let device = TestDevice::new("noting", move |digest| {
             let name = std::thread::current().name().unwrap_or("").to_owned();
-            self.threads.lock().unwrap().push(name);
-            Ok(digest.to_vec())
-        }
-        fn recover(&self) {}
-        fn parallelism(&self) -> usize {
-            1
-        }
-    }
-
-    fn noting() -> Arc<Noting> {
-        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("device-profiles");
-        Arc::new(Noting {
-            profile: DeviceProfile::load(&dir, "softhsm2").unwrap(),
-            key: SealKey {
-                algorithm: Algorithm::EcdsaP256Sha256,
-                spki_der: Vec::new(),
-                certificate_der: None,
-            },
-            threads: Mutex::new(Vec::new()),
-        })
+            noted.lock().unwrap().push(name);
+            digest.to_vec()
+        });
+        (Arc::new(device), threads)
     }
 
     /// Hands one stamp to `signer` as the audit writer does, waits for its outcome, and
     /// returns the thread the device signed it on.
-    fn stamp(signer: &Signer, device: &Arc<Noting>, audit: &AuditLog) -> String {
+    fn stamp(
+        signer: &Signer,
+        (device, threads): &(Arc<TestDevice>, Arc<Mutex<Vec<String>>>),
+        audit: &AuditLog,
+    ) -> String {
         let (answer, answered) = tokio::sync::oneshot::channel();
         let mut record = Record::new(kind::STAMP_AUTHORIZED);
         record.seal = "contract".into();
@@ -232,12 +203,12 @@ mod tests {
             _queued: signer.admit().unwrap(),
             _tracked: tokio_util::task::TaskTracker::new().token(),
         };
-        let before = device.threads.lock().unwrap().len();
+        let before = threads.lock().unwrap().len();
         signer.submit(job);
         let stamped = answered.blocking_recv().unwrap().unwrap();
         assert_eq!(stamped.signature, vec![7; 32]);
         // The stamp's signature, then the checkpoint of its outcome's commit (on the writer).
-        let threads = device.threads.lock().unwrap();
+        let threads = threads.lock().unwrap();
         assert!(threads.len() >= before + 2, "{threads:?}");
         threads[before].clone()
     }
@@ -246,7 +217,8 @@ mod tests {
     fn the_writer_signs_a_lone_stamp_on_the_audit_keys_device_and_the_queue_takes_the_rest() {
         let dir = tempfile::tempdir().unwrap();
         let store = crate::store::Store::open(&dir.path().join("state")).unwrap();
-        let device = noting();
+        let noted = noting();
+        let device = noted.0.clone();
         let key = AuditKey {
             device: device.clone(),
             key: 0,
@@ -258,17 +230,17 @@ mod tests {
         // The only stamp on the device that holds the audit key: signed where it was handed
         // over (on the writer's thread, in the daemon).
         let shared = Signer::start(device.clone(), true).unwrap();
-        assert_eq!(stamp(&shared, &device, &audit), here);
+        assert_eq!(stamp(&shared, &noted, &audit), here);
         // Another stamp waiting for the device: the queue's thread signs.
         let other = shared.admit().unwrap();
-        assert_eq!(stamp(&shared, &device, &audit), "sign-noting-0");
+        assert_eq!(stamp(&shared, &noted, &audit), "sign-noting-0");
         drop(other);
-        assert_eq!(stamp(&shared, &device, &audit), here);
+        assert_eq!(stamp(&shared, &noted, &audit), here);
         shared.stop();
 
         // A device without the audit key is never signed on by the writer.
         let apart = Signer::start(device.clone(), false).unwrap();
-        assert_eq!(stamp(&apart, &device, &audit), "sign-noting-0");
+        assert_eq!(stamp(&apart, &noted, &audit), "sign-noting-0");
         apart.stop();
         audit.shutdown();
     }
