@@ -162,6 +162,48 @@ async fn a_token_that_comes_back_with_other_keys_is_refused() {
     impostor.kill();
 }
 
+/// A stamp that comes while another thread is reconnecting its device waits for that
+/// reconnection and is signed, rather than being refused while the token comes back. The
+/// token returns on a server that does not answer at first (stopped): the daemon's device
+/// watcher starts to reconnect and hangs in it; stamps come; then the server answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stamps_that_come_during_a_reconnection_wait_for_it() {
+    use nix::sys::signal::{killpg, Signal};
+    let _turn = ONE_AT_A_TIME.lock().await;
+    let (_work, p11_socket, server) = p11kit::serve_demo_token();
+    let daemon = daemon_with_remote_seal(&p11_socket);
+    let mut c = daemon.client().await;
+    stamp_ok(&mut c, "remote-contract", &sha256(b"before")).await;
+    server.kill();
+    wait_device(&daemon, "remote-hsm", pb::DeviceStatus::Unavailable).await;
+
+    let server = P11KitServer::start(&p11_socket);
+    let group = nix::unistd::Pid::from_raw(server.child.id() as i32);
+    killpg(group, Signal::SIGSTOP).unwrap();
+    // The watcher tries each second: by now it is inside a reconnection that waits on the
+    // server.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let mut stamps = Vec::new();
+    for i in 0..4u8 {
+        let mut c = daemon.client().await;
+        stamps.push(tokio::spawn(async move {
+            let digest = sha256(format!("during the reconnection, no. {i}").as_bytes());
+            let token = token_for("remote-contract", &digest);
+            c.stamp("remote-contract", &digest, &token, "")
+                .await
+                .unwrap()
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    killpg(group, Signal::SIGCONT).unwrap();
+    for s in stamps {
+        let r = s.await.unwrap();
+        assert_eq!(r.status, Status::Ok as i32, "{} {}", r.reason, r.message);
+    }
+    assert!(daemon.stop().success());
+    server.kill();
+}
+
 /// Stamps received by `load` so far, once it has received none for `quiet`.
 async fn wait_until_stalled(load: &Load, quiet: Duration) -> usize {
     let mut last = load.count();

@@ -134,7 +134,8 @@ pub trait SealDevice: Send + Sync {
             self.id()
         )))
     }
-    /// If the device is unavailable, tries once to reach it again. Blocks.
+    /// If the device is unavailable, tries once to reach it again; if another thread is
+    /// trying, waits a bounded while for its outcome. Blocks.
     fn recover(&self);
     /// Checks cheaply that a ready device still answers, marking it unavailable if not, and
     /// refreshes what it reports of its PIN. Blocks.

@@ -32,6 +32,8 @@ use std::time::{Duration, Instant};
 
 /// Reconnection is tried at most this often.
 const RECONNECT_INTERVAL: Duration = Duration::from_millis(500);
+/// How long a thread that finds another reconnecting waits for it.
+const RECONNECT_WAIT: Duration = Duration::from_secs(1);
 /// At start-up, an unreachable token is tried this many more times, this far apart.
 const STARTUP_RETRIES: u32 = 5;
 const STARTUP_RETRY_PAUSE: Duration = Duration::from_millis(100);
@@ -804,8 +806,21 @@ impl SealDevice for Pkcs11Device {
     }
 
     fn recover(&self) {
-        let Ok(mut last) = self.last_attempt.try_lock() else {
-            return; // another thread is reconnecting
+        // Another thread reconnecting: wait for its outcome (up to RECONNECT_WAIT), so that a
+        // stamp that comes meanwhile is signed once the token is back, not refused while it
+        // comes back. Then this thread finds the device up, or down and just tried.
+        let started = Instant::now();
+        let mut last = loop {
+            match self.last_attempt.try_lock() {
+                Ok(last) => break last,
+                Err(std::sync::TryLockError::Poisoned(p)) => break p.into_inner(),
+                Err(std::sync::TryLockError::WouldBlock) => {
+                    if started.elapsed() >= RECONNECT_WAIT {
+                        return;
+                    }
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+            }
         };
         {
             let state = self.state.read().unwrap_or_else(|p| p.into_inner());
