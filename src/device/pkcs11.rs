@@ -774,23 +774,19 @@ impl SealDevice for Pkcs11Device {
     }
 
     fn probe(&self) {
-        if self.health() != Health::Ready {
-            return;
-        }
-        let probed = self.with_session(|conn, session| {
-            session.get_session_info()?;
-            conn.ctx.get_token_info(conn.slot)
-        });
-        match probed {
-            Ok(info) => self.note_pin_flags(&info),
-            // Marked down: try to come back now rather than at the next probe. SoftHSM fails
-            // GetTokenInfo with CKR_GENERAL_ERROR, and then token objects cannot be made (the
-            // log's witness among them), until the module is initialised again, in a process
-            // that read the token's files while another process was writing them; its
-            // sessions go on signing. Only a new C_Initialize mends that, so the device goes
-            // down (stamps are refused, not signed beside a broken witness) and a token that
-            // is still there is back after one reconnection.
-            Err(_) => self.recover(),
+        // SoftHSM fails GetTokenInfo with CKR_GENERAL_ERROR, and then makes no token object
+        // (the log's witness among them), until the module is initialised again, in a
+        // process that read the token's files while another process was writing them; its
+        // sessions go on signing. Only a new C_Initialize mends that, so such a failure takes
+        // the device down like any other: the watcher records it, and the next stamp (which
+        // others wait for, see `recover`) or the watcher's next try reconnects.
+        if self.health() == Health::Ready {
+            if let Ok(info) = self.with_session(|conn, session| {
+                session.get_session_info()?;
+                conn.ctx.get_token_info(conn.slot)
+            }) {
+                self.note_pin_flags(&info);
+            }
         }
     }
 
