@@ -134,8 +134,8 @@ pub trait SealDevice: Send + Sync {
             self.id()
         )))
     }
-    /// If the device is unavailable, tries once to reach it again; if another thread is
-    /// trying, waits a bounded while for its outcome. Blocks.
+    /// If the device is unavailable, tries once to reach it again. Blocks; a PKCS#11 token
+    /// also waits, a bounded while, for a reconnection another thread has under way.
     fn recover(&self);
     /// Checks cheaply that a ready device still answers, marking it unavailable if not, and
     /// refreshes what it reports of its PIN. Blocks.
